@@ -1,0 +1,40 @@
+"""Builds symile_kernels and, where a toolchain is present, its compiled backends.
+
+Install with ``pip install --no-build-isolation -e ".[test]"`` so that the build
+sees the torch already installed (an isolated build would fetch its own).
+Environment switches: SYMILE_KERNELS_NO_EXTENSIONS=1 skips every compiled
+extension (the package then JIT-builds on first use where it can).
+"""
+import os
+
+from setuptools import find_packages, setup
+
+
+def _cpu_extensions():
+    """The C++ CPU backend's extension (issue: fused C++ CPU kernel); none yet."""
+    return []
+
+
+def _cuda_extensions():
+    """The CUDA backend's extension (issue: fused CUDA kernels); none yet."""
+    return []
+
+
+def _extensions():
+    if os.environ.get("SYMILE_KERNELS_NO_EXTENSIONS") == "1":
+        return [], {}
+    ext_modules = _cpu_extensions() + _cuda_extensions()
+    if not ext_modules:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return ext_modules, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["symile_kernels", "symile_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,160 @@
+"""Backend registry and dispatch.
+
+A backend supplies four plain functions (no autograd) over contiguous
+float32/float64 tensors that share one device and dtype; ``tau`` is a 0-dim
+tensor of that dtype on that device (SPEC section 1):
+
+``cube_lse_forward(x, y, z, tau) -> (La, Lb, Lc)``
+    x: (I, d), y: (J, d), z: (K, d); the cube may be rectangular (folded
+    modalities for M > 3, local rows in distributed runs). Returns the log-sum-exp
+    vectors La (I,), Lb (J,), Lc (K,) of the cube ``tau * T[i,j,k]`` reduced over
+    (j,k), (i,k) and (i,j) (SPEC section 2).
+``cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc) -> (dx, dy, dz, dtau)``
+    gLa (I,), gLb (J,), gLc (K,): incoming gradients of La, Lb, Lc. With
+    ``G = gLa[i] e^(tau T - La[i]) + gLb[j] e^(tau T - Lb[j]) + gLc[k] e^(tau T - Lc[k])``
+    returns SPEC section 2's contractions of G: dx, dy, dz shaped like x, y, z
+    and dtau (0-dim). The positive term of G is not included (it is plain torch).
+``pair_lse_forward(a, b, pos, tau) -> L``
+    a, b: (N, d), pos: (N,). ``L[i] = LSE_j l[i, j]`` with ``l[i, j] = tau <a[i], b[j]>``
+    off the diagonal and ``l[i, i] = pos[i]`` (SPEC section 3; CLIP when
+    ``pos[i] = tau <a[i], b[i]>``).
+``pair_lse_backward(a, b, pos, tau, L, gL) -> (da, db, dpos, dtau)``
+    Gradients of ``sum_i gL[i] L[i]``.
+
+Backends are loaded lazily from ``_MODULES``: a module that fails to import, or
+whose ``BACKEND.unavailable_reason(device)`` returns a message, is not usable,
+and asking for it by name raises that message.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+# name -> module that defines ``BACKEND``. Only finished, tested kernels go here.
+_MODULES = {
+    "chunked": "symile_kernels.chunked",
+}
+
+# Preference of ``backend="auto"`` per device type, fastest first.
+_AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "chunked"),
+    "cpu": ("cpu", "chunked"),
+}
+_FALLBACK = "chunked"
+ENV_VAR = "SYMILE_KERNELS_BACKEND"
+NAMES = ("auto", "reference") + tuple(_MODULES)
+
+
+@dataclass
+class Backend:
+    """One implementation of the cube and pair LSE kernels (see module docstring)."""
+
+    name: str
+    cube_lse_forward: Callable
+    cube_lse_backward: Callable
+    pair_lse_forward: Callable
+    pair_lse_backward: Callable
+    # Returns None when the backend can run on ``device``, else why not and how to fix it.
+    unavailable_reason: Callable[[torch.device], Optional[str]] = field(default=lambda device: None)
+    description: str = ""
+
+
+_loaded: dict[str, Backend] = {}
+_load_errors: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _load(name: str) -> Optional[Backend]:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors or name not in _MODULES:
+        return None
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except Exception as exc:  # a missing optional dependency or a failed build
+        _load_errors[name] = f"importing {_MODULES[name]} failed: {type(exc).__name__}: {exc}"
+        return None
+    _loaded[name] = module.BACKEND
+    return module.BACKEND
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot run on ``device``, or None when it can."""
+    if name == "reference":
+        return None
+    if name not in _MODULES:
+        return f"unknown backend {name!r}; known: {', '.join(NAMES)}"
+    backend = _load(name)
+    if backend is None:
+        return _load_errors[name]
+    return backend.unavailable_reason(torch.device(device))
+
+
+def available_backends(device: "torch.device | str | None" = None) -> list[str]:
+    """Names of the backends that can run here.
+
+    With ``device`` None, a backend counts when it runs on the CPU or on the
+    current CUDA device (when there is one). "reference" (the oracle) is always
+    listed last.
+    """
+    devices = [torch.device(device)] if device is not None else [torch.device("cpu")]
+    if device is None and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    names = [n for n in _MODULES if any(unavailable_reason(n, dev) is None for dev in devices)]
+    return names + ["reference"]
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """Turns a ``backend=`` argument (or "auto") into a backend name usable on ``device``.
+
+    The environment variable SYMILE_KERNELS_BACKEND overrides "auto". An
+    explicitly named backend that cannot run raises ValueError with the reason;
+    "auto" falls back to "chunked" with a one-time warning when no faster
+    backend suits the device.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+        if name != "auto":
+            return _require(name, device, source=f"environment variable {ENV_VAR}")
+        order = _AUTO_ORDER.get(device.type, (_FALLBACK,))
+        reasons = []
+        for candidate in order:
+            reason = unavailable_reason(candidate, device) if candidate in _MODULES else "not built in this version"
+            if reason is None:
+                if candidate == _FALLBACK and candidate != order[0]:
+                    _warn_once(device.type, f"symile_kernels: no fused backend for {device.type} tensors "
+                               f"({'; '.join(reasons)}); using the pure-PyTorch 'chunked' backend.")
+                return candidate
+            reasons.append(f"{candidate}: {reason}")
+        raise RuntimeError(f"no backend can run on {device}: {'; '.join(reasons)}")
+    return _require(name, device, source="backend")
+
+
+def _require(name: str, device: torch.device, source: str) -> str:
+    if name not in NAMES:
+        raise ValueError(f"{source} must be one of {', '.join(map(repr, NAMES))}; got {name!r}")
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise ValueError(f"{source}={name!r} cannot run on {device}: {reason}")
+    return name
+
+
+def get(name: str) -> Backend:
+    """The loaded Backend object for a name that ``resolve`` returned."""
+    backend = _load(name)
+    if backend is None:
+        raise ValueError(f"backend {name!r} is not available: {_load_errors.get(name, 'unknown backend')}")
+    return backend
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -1,0 +1,139 @@
+"""The "chunked" backend: pure PyTorch, any device, never holds the cube.
+
+It tiles the M = 3 cube ``tau * T[i,j,k]`` over blocks of anchor rows i and
+partner rows j, each tile a (BLOCK_I, BLOCK_J, K) slab computed as one matrix
+product of the (i, j) row products ``x[i] * y[j]`` with z. The forward keeps
+running log-sum-exps; the backward recomputes each tile from the saved LSE
+vectors (SPEC section 2). Tile sizes come from a memory budget
+(``SYMILE_KERNELS_CHUNK_BYTES``, default 256 MiB of tile workspace), not from
+the machine. This module is the blueprint the compiled kernels follow.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .backends import Backend
+
+DEFAULT_BUDGET_BYTES = 256 * 2 ** 20
+# A tile holds about this many (BLOCK_I * BLOCK_J * K)-sized temporaries at once
+# (logits, exponentials, G): the budget is divided by it.
+_LIVE_TILES = 4
+
+
+def budget_bytes() -> int:
+    """Tile workspace budget in bytes (environment variable SYMILE_KERNELS_CHUNK_BYTES)."""
+    value = os.environ.get("SYMILE_KERNELS_CHUNK_BYTES")
+    if value is None:
+        return DEFAULT_BUDGET_BYTES
+    try:
+        budget = int(value)
+    except ValueError:
+        raise ValueError(f"SYMILE_KERNELS_CHUNK_BYTES must be an integer number of bytes; got {value!r}") from None
+    if budget <= 0:
+        raise ValueError(f"SYMILE_KERNELS_CHUNK_BYTES must be positive; got {budget}")
+    return budget
+
+
+def tile_shape(I: int, J: int, K: int, d: int, element_size: int) -> tuple[int, int]:
+    """(BLOCK_I, BLOCK_J) so that a tile's temporaries fit the budget (at least 1 x 1)."""
+    per_pair = element_size * (_LIVE_TILES * K + 2 * d)  # one (i, j) row: K logit-sized values + products
+    pairs = max(1, budget_bytes() // per_pair)
+    BLOCK_J = min(J, pairs)
+    BLOCK_I = min(I, max(1, pairs // BLOCK_J))
+    return BLOCK_I, BLOCK_J
+
+
+def _tiles(x: Tensor, y: Tensor, z: Tensor):
+    I, J = x.shape[0], y.shape[0]
+    BLOCK_I, BLOCK_J = tile_shape(I, J, z.shape[0], x.shape[1], x.element_size())
+    for i0 in range(0, I, BLOCK_I):
+        for j0 in range(0, J, BLOCK_J):
+            yield slice(i0, min(i0 + BLOCK_I, I)), slice(j0, min(j0 + BLOCK_J, J))
+
+
+def _tile_T(x: Tensor, y: Tensor, z: Tensor, I: slice, J: slice) -> tuple[Tensor, Tensor]:
+    """T[i, j, k] for i in I, j in J, all k: (bi, bj, K), and the row products (bi*bj, d)."""
+    xy = (x[I, None, :] * y[None, J, :]).reshape(-1, x.shape[1])
+    return (xy @ z.T).view(I.stop - I.start, J.stop - J.start, z.shape[0]), xy
+
+
+def cube_lse_forward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    La = x.new_full((x.shape[0],), -torch.inf)
+    Lb = y.new_full((y.shape[0],), -torch.inf)
+    Lc = z.new_full((z.shape[0],), -torch.inf)
+    for I, J in _tiles(x, y, z):
+        S = tau * _tile_T(x, y, z, I, J)[0]
+        # torch.logsumexp subtracts the running maximum, so tau = 100 cannot overflow.
+        La[I] = torch.logaddexp(La[I], torch.logsumexp(S, dim=(1, 2)))
+        Lb[J] = torch.logaddexp(Lb[J], torch.logsumexp(S, dim=(0, 2)))
+        Lc = torch.logaddexp(Lc, torch.logsumexp(S, dim=(0, 1)))
+    return La, Lb, Lc
+
+
+def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, Lb: Tensor, Lc: Tensor,
+                      gLa: Tensor, gLb: Tensor, gLc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dy, dz = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(z)
+    dtau = torch.zeros_like(tau)
+    for I, J in _tiles(x, y, z):
+        T, xy = _tile_T(x, y, z, I, J)
+        S = tau * T
+        G = (gLa[I, None, None] * torch.exp(S - La[I, None, None])
+             + gLb[None, J, None] * torch.exp(S - Lb[None, J, None])
+             + gLc[None, None, :] * torch.exp(S - Lc[None, None, :]))
+        W = G @ z  # (bi, bj, d): W[i, j] = sum_k G[i, j, k] z[k]
+        dx[I] += torch.einsum("ijd,jd->id", W, y[J])
+        dy[J] += torch.einsum("ijd,id->jd", W, x[I])
+        dz += G.reshape(-1, z.shape[0]).T @ xy
+        dtau += (G * T).sum()
+    return tau * dx, tau * dy, tau * dz, dtau
+
+
+def _pair_tiles(N: int, element_size: int):
+    BLOCK_I = max(1, min(N, budget_bytes() // (element_size * _LIVE_TILES * N)))
+    for i0 in range(0, N, BLOCK_I):
+        yield slice(i0, min(i0 + BLOCK_I, N))
+
+
+def _pair_tile_T(a: Tensor, b: Tensor, I: slice) -> tuple[Tensor, Tensor]:
+    """Inner products ``<a[i], b[j]>`` for i in I (bi, N), and the mask of the diagonal i == j."""
+    T = a[I] @ b.T
+    rows = torch.arange(I.start, I.stop, device=a.device)
+    diagonal = rows[:, None] == torch.arange(b.shape[0], device=a.device)[None, :]
+    return T, diagonal
+
+
+def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
+    L = a.new_empty(a.shape[0])
+    for I in _pair_tiles(a.shape[0], a.element_size()):
+        T, diagonal = _pair_tile_T(a, b, I)
+        L[I] = torch.logsumexp(torch.where(diagonal, pos[I, None], tau * T), dim=1)
+    return L
+
+
+def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
+                      gL: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    da, db = torch.zeros_like(a), torch.zeros_like(b)
+    dpos = torch.zeros_like(pos)
+    dtau = torch.zeros_like(tau)
+    for I in _pair_tiles(a.shape[0], a.element_size()):
+        T, diagonal = _pair_tile_T(a, b, I)
+        P = gL[I, None] * torch.exp(torch.where(diagonal, pos[I, None], tau * T) - L[I, None])
+        dpos[I] = P[diagonal]
+        P = P.masked_fill(diagonal, 0)  # the diagonal's logit is pos, not tau <a, b>
+        da[I] = P @ b
+        db += P.T @ a[I]
+        dtau += (P * T).sum()
+    return tau * da, tau * db, dpos, dtau
+
+
+BACKEND = Backend(
+    name="chunked",
+    cube_lse_forward=cube_lse_forward,
+    cube_lse_backward=cube_lse_backward,
+    pair_lse_forward=pair_lse_forward,
+    pair_lse_backward=pair_lse_backward,
+    description="pure PyTorch, any device: tiles over (i, j) blocks, recomputes tiles in backward",
+)

@@ -1,0 +1,191 @@
+"""The public losses: ``symile_loss``, ``clip_loss`` and their Module wrappers.
+
+A thin layer over the LSE operators of ``symile_kernels.ops``: the positive
+logits, the means and the average over anchors are plain torch, so autograd
+handles them (SPEC sections 2 and 3).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import backends, ops, reference
+from ._validation import check_negative_sampling, prepare
+
+# Folded rows per cube_lse call for M > 3: big enough to amortise a call, small
+# next to the N^(M-2) rows of the fold.
+_FOLD_ROWS = 4096
+
+
+def symile_loss(representations: Sequence[Tensor], logit_scale: Union[float, Tensor], *,
+                negative_sampling: str = "n_squared", backend: str = "auto") -> Tensor:
+    """The Symile loss (SPEC sections 2-3) without materialising the logits.
+
+    Args:
+        representations: M >= 2 tensors of shape (N, d), row i of each belonging
+            to tuple i; any floating dtypes (promoted to a common one; bf16/fp16
+            compute in float32), one device.
+        logit_scale: tau > 0, already exponentiated: a float or a 0-dim tensor
+            (gradients flow to it when it requires grad).
+        negative_sampling: "n_squared" (all N^(M-1) candidates per anchor) or
+            "n" (N candidates, permutations drawn from torch's default CPU
+            generator in the order of the reference package ``symile``).
+        backend: "auto", "reference" (the oracle) or a name from
+            ``available_backends()``; SYMILE_KERNELS_BACKEND overrides "auto".
+
+    Returns:
+        0-dim tensor in the promoted input dtype: the mean over anchors m of
+        ``mean_i [LSE_m(i) - tau * MIP(R_1[i], ..., R_M[i])]``.
+
+    Example:
+        >>> x, y, z = (torch.nn.functional.normalize(torch.randn(8, 16), dim=1) for _ in range(3))
+        >>> loss = symile_loss([x, y, z], logit_scale=14.3)
+    """
+    check_negative_sampling(negative_sampling)
+    reps, tau, out_dtype = prepare(representations, logit_scale)
+    name = backends.resolve(backend, reps[0].device)
+    if name == "reference":
+        loss = reference.symile_loss_reference(reps, tau, negative_sampling)
+    elif negative_sampling == "n":
+        loss = _symile_n(reps, tau, name)
+    elif len(reps) == 2:
+        loss = _symmetric_pair(reps[0], reps[1], tau, name)
+    else:
+        loss = _symile_cube(reps, tau, name)
+    return loss.to(out_dtype)
+
+
+def clip_loss(representations: Sequence[Tensor], logit_scale: Union[float, Tensor], *,
+              backend: str = "auto") -> Tensor:
+    """Pairwise CLIP baseline: the sum over modality pairs (a < b) of the symmetric
+    InfoNCE loss ``(CE(tau R_a R_b^T) + CE(tau R_b R_a^T)) / 2``.
+
+    Same arguments and dtype rules as ``symile_loss``; M >= 2 tensors (N, d).
+    Returns a 0-dim tensor.
+    """
+    reps, tau, out_dtype = prepare(representations, logit_scale)
+    name = backends.resolve(backend, reps[0].device)
+    if name == "reference":
+        return reference.clip_loss_reference(reps, tau).to(out_dtype)
+    total = sum(_symmetric_pair(reps[a], reps[b], tau, name)
+                for a in range(len(reps)) for b in range(a + 1, len(reps)))
+    return total.to(out_dtype)
+
+
+def _symmetric_pair(a: Tensor, b: Tensor, tau: Tensor, backend: str) -> Tensor:
+    """Symmetric InfoNCE of two (N, d) tensors: the M = 2 Symile loss."""
+    pos = tau * (a * b).sum(dim=1)
+    La = ops.pair_lse(a, b, pos, tau, backend)
+    Lb = ops.pair_lse(b, a, pos, tau, backend)
+    return ((La - pos).mean() + (Lb - pos).mean()) / 2
+
+
+def _symile_n(reps: list[Tensor], tau: Tensor, backend: str) -> Tensor:
+    """SPEC section 3: per anchor, N candidates from permuted products of the others."""
+    pos = tau * reference.mip(reps)
+    losses = []
+    for m, perms in enumerate(reference.draw_n_permutations(len(reps), reps[0].shape[0])):
+        others = [r for o, r in enumerate(reps) if o != m]
+        shuffled = others[0][perms[0].to(reps[m].device)]
+        for r, perm in zip(others[1:], perms[1:]):
+            shuffled = shuffled * r[perm.to(r.device)]
+        L = ops.pair_lse(reps[m], shuffled.contiguous(), pos, tau, backend)
+        losses.append((L - pos).mean())
+    return sum(losses) / len(reps)
+
+
+def _symile_cube(reps: list[Tensor], tau: Tensor, backend: str) -> Tensor:
+    """SPEC section 2 for M >= 3 through the M = 3 cube.
+
+    For M > 3 the modalities 4..M are folded into the rows of modality 1: the
+    row (l_4, ..., l_M, i) is ``R_1[i] * R_4[l_4] * ... * R_M[l_M]``, so one
+    rectangular cube of N^(M-2) x N x N holds every logit, and each anchor's LSE
+    is a log-sum-exp of the folded rows' La over the other folded indices.
+    """
+    M, N = len(reps), reps[0].shape[0]
+    pos = tau * reference.mip(reps)
+    x, y, z, folded = reps[0], reps[1], reps[2], reps[3:]
+    if not folded:
+        La, Lb, Lc = ops.cube_lse(x, y, z, tau, backend)
+        return (La + Lb + Lc - 3 * pos).mean() / 3
+
+    combos = torch.cartesian_prod(*[torch.arange(N, device=x.device)] * len(folded)).reshape(-1, len(folded))
+    per_call = max(1, _FOLD_ROWS // N)
+    La_parts, Lb_parts, Lc_parts = [], [], []
+    for c0 in range(0, combos.shape[0], per_call):
+        chunk = combos[c0:c0 + per_call]
+        weight = folded[0][chunk[:, 0]]
+        for q in range(1, len(folded)):
+            weight = weight * folded[q][chunk[:, q]]
+        rows = (weight[:, None, :] * x[None, :, :]).reshape(-1, x.shape[1])
+        La_rows, Lb_part, Lc_part = ops.cube_lse(rows, y, z, tau, backend)
+        La_parts.append(La_rows)
+        Lb_parts.append(Lb_part)
+        Lc_parts.append(Lc_part)
+    # La_fold[l_4, ..., l_M, i]: LSE over (j, k) of the folded row.
+    La_fold = torch.cat(La_parts).view(*[N] * len(folded), N)
+    every = tuple(range(La_fold.dim()))
+    L = [torch.logsumexp(La_fold, dim=every[:-1]),
+         torch.logsumexp(torch.stack(Lb_parts), dim=0),
+         torch.logsumexp(torch.stack(Lc_parts), dim=0)]
+    L += [torch.logsumexp(La_fold, dim=tuple(a for a in every if a != q)) for q in range(len(folded))]
+    return sum((Lm - pos).mean() for Lm in L) / M
+
+
+class SymileLoss(nn.Module):
+    """``symile_loss`` as a Module.
+
+    Args:
+        negative_sampling: "n_squared" (default) or "n".
+        backend: "auto" or a backend name (see ``available_backends()``).
+
+    Shape:
+        - representations: M >= 2 tensors (N, d).
+        - logit_scale: float or 0-dim tensor.
+        - Output: 0-dim tensor.
+    """
+
+    def __init__(self, negative_sampling: str = "n_squared", backend: str = "auto"):
+        super().__init__()
+        self.negative_sampling = check_negative_sampling(negative_sampling)
+        self.backend = _check_backend_name(backend)
+
+    def forward(self, representations: Sequence[Tensor], logit_scale: Union[float, Tensor]) -> Tensor:
+        return symile_loss(representations, logit_scale,
+                           negative_sampling=self.negative_sampling, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"negative_sampling={self.negative_sampling!r}, backend={self.backend!r}"
+
+
+class Symile:
+    """Drop-in for the reference package's ``symile.Symile``.
+
+    Same constructor default (``negative_sampling="n"``), called as
+    ``loss_fn(representations, logit_scale)``; for "n" it draws its permutations
+    in the reference package's order, so the same torch seed gives the same value.
+    """
+
+    def __init__(self, negative_sampling: str = "n", backend: str = "auto"):
+        self.negative_sampling = check_negative_sampling(negative_sampling)
+        self.backend = _check_backend_name(backend)
+
+    def forward(self, representations: Sequence[Tensor], logit_scale: Union[float, Tensor]) -> Tensor:
+        return symile_loss(representations, logit_scale,
+                           negative_sampling=self.negative_sampling, backend=self.backend)
+
+    __call__ = forward
+
+    def __repr__(self) -> str:
+        return f"Symile(negative_sampling={self.negative_sampling!r}, backend={self.backend!r})"
+
+
+def _check_backend_name(backend: str) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str; got {type(backend).__name__}")
+    if backend not in backends.NAMES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, backends.NAMES))}; got {backend!r}")
+    return backend

@@ -1,0 +1,104 @@
+"""The torch operators every backend runs behind.
+
+``symile_kernels::cube_lse`` and ``symile_kernels::pair_lse`` are
+``torch.library`` custom ops with fake implementations and autograd, so
+``opcheck`` and ``torch.compile(fullgraph=True)`` see one opaque node per LSE
+whatever backend computes it. The ``backend`` argument names a registered
+backend (see ``symile_kernels.backends``); the op calls that backend's plain
+forward and backward functions.
+
+Only the log-normalisers are custom (as in Inf-CLIP): the positive logits, the
+means and the average over anchors are plain torch in ``symile_kernels.loss``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+
+@torch.library.custom_op("symile_kernels::cube_lse", mutates_args=())
+def cube_lse(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """La (I,), Lb (J,), Lc (K,) of the cube ``tau * sum_d x[i,d] y[j,d] z[k,d]`` (SPEC section 2).
+
+    x: (I, d), y: (J, d), z: (K, d), float32 or float64, contiguous, one device.
+    tau: 0-dim tensor of the same dtype and device.
+    """
+    return tuple(backends.get(backend).cube_lse_forward(x, y, z, tau))
+
+
+@cube_lse.register_fake
+def _(x, y, z, tau, backend):
+    return x.new_empty(x.shape[0]), y.new_empty(y.shape[0]), z.new_empty(z.shape[0])
+
+
+@torch.library.custom_op("symile_kernels::cube_lse_backward", mutates_args=())
+def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, Lb: Tensor, Lc: Tensor,
+                      gLa: Tensor, gLb: Tensor, gLc: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dx, dy, dz (shaped like x, y, z) and dtau (0-dim) of ``sum gLa*La + gLb*Lb + gLc*Lc``."""
+    return tuple(backends.get(backend).cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc))
+
+
+@cube_lse_backward.register_fake
+def _(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, backend):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(z), torch.empty_like(tau)
+
+
+def _cube_setup(ctx, inputs, output):
+    x, y, z, tau, backend = inputs
+    ctx.save_for_backward(x, y, z, tau, *output)
+    ctx.backend = backend
+
+
+def _cube_backward(ctx, gLa, gLb, gLc):
+    x, y, z, tau, La, Lb, Lc = ctx.saved_tensors
+    gLa, gLb, gLc = (torch.zeros_like(L) if g is None else g.contiguous()
+                     for g, L in ((gLa, La), (gLb, Lb), (gLc, Lc)))
+    dx, dy, dz, dtau = cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, ctx.backend)
+    return dx, dy, dz, dtau, None
+
+
+cube_lse.register_autograd(_cube_backward, setup_context=_cube_setup)
+
+
+@torch.library.custom_op("symile_kernels::pair_lse", mutates_args=())
+def pair_lse(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, backend: str) -> Tensor:
+    """L (N,): ``L[i] = LSE_j l[i,j]``, ``l[i,j] = tau <a[i], b[j]>`` for j != i, ``l[i,i] = pos[i]``.
+
+    a, b: (N, d), pos: (N,), float32 or float64, contiguous, one device.
+    tau: 0-dim tensor of the same dtype and device.
+    """
+    return backends.get(backend).pair_lse_forward(a, b, pos, tau)
+
+
+@pair_lse.register_fake
+def _(a, b, pos, tau, backend):
+    return a.new_empty(a.shape[0])
+
+
+@torch.library.custom_op("symile_kernels::pair_lse_backward", mutates_args=())
+def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, gL: Tensor,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """da, db (N, d), dpos (N,) and dtau (0-dim) of ``sum_i gL[i] L[i]``."""
+    return tuple(backends.get(backend).pair_lse_backward(a, b, pos, tau, L, gL))
+
+
+@pair_lse_backward.register_fake
+def _(a, b, pos, tau, L, gL, backend):
+    return torch.empty_like(a), torch.empty_like(b), torch.empty_like(pos), torch.empty_like(tau)
+
+
+def _pair_setup(ctx, inputs, output):
+    a, b, pos, tau, backend = inputs
+    ctx.save_for_backward(a, b, pos, tau, output)
+    ctx.backend = backend
+
+
+def _pair_backward(ctx, gL):
+    a, b, pos, tau, L = ctx.saved_tensors
+    da, db, dpos, dtau = pair_lse_backward(a, b, pos, tau, L, gL.contiguous(), ctx.backend)
+    return da, db, dpos, dtau, None
+
+
+pair_lse.register_autograd(_pair_backward, setup_context=_pair_setup)

@@ -1,0 +1,82 @@
+"""The oracle: SPEC's definitions, materialised, in the inputs' dtype.
+
+Short and obviously right rather than fast: the "n_squared" loss builds the
+whole N^M logit tensor, so keep N small. Tests and benchmarks import these
+functions; nothing re-implements them.
+"""
+from __future__ import annotations
+
+import string
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def mip(representations: Sequence[Tensor]) -> Tensor:
+    """Row-wise multilinear inner product: (N,) from M tensors of shape (N, d)."""
+    product = representations[0]
+    for r in representations[1:]:
+        product = product * r
+    return product.sum(dim=-1)
+
+
+def draw_n_permutations(M: int, N: int) -> list[list[Tensor]]:
+    """The permutations of SPEC section 3, drawn in the reference package's order.
+
+    Returns ``perms[m]``: for anchor m, one ``torch.randperm(N)`` (CPU, default
+    generator) per other modality, in increasing modality order.
+    """
+    return [[torch.randperm(N) for other in range(M) if other != m] for m in range(M)]
+
+
+def cube_logits(representations: Sequence[Tensor], logit_scale: Union[float, Tensor]) -> Tensor:
+    """All N^M logits ``tau * MIP(R_1[i_1], ..., R_M[i_M])`` as an (N,)*M tensor."""
+    letters = string.ascii_letters[: len(representations)]
+    equation = ",".join(f"{c}Z" for c in letters) + "->" + letters
+    return logit_scale * torch.einsum(equation, *representations)
+
+
+def symile_loss_reference(representations: Sequence[Tensor], logit_scale: Union[float, Tensor],
+                          negative_sampling: str = "n_squared") -> Tensor:
+    """The Symile loss of SPEC sections 2 ("n_squared") and 3 ("n").
+
+    representations: M >= 2 tensors (N, d) of one dtype and device.
+    logit_scale: tau > 0, a float or 0-dim tensor.
+    Returns the 0-dim loss; "n" draws from torch's default CPU generator.
+    """
+    M, N = len(representations), representations[0].shape[0]
+    labels = torch.arange(N, device=representations[0].device)
+    if negative_sampling == "n_squared":
+        logits = cube_logits(representations, logit_scale)
+        # The positive (i, ..., i) of anchor row i sits at flat index i * (1 + N + ... + N^(M-2)).
+        stride = sum(N ** p for p in range(M - 1))
+        losses = [F.cross_entropy(logits.movedim(m, 0).reshape(N, -1), labels * stride) for m in range(M)]
+    elif negative_sampling == "n":
+        positive = mip(representations)
+        losses = []
+        for m, perms in enumerate(draw_n_permutations(M, N)):
+            others = [r for o, r in enumerate(representations) if o != m]
+            shuffled = torch.ones_like(representations[m])
+            for r, perm in zip(others, perms):
+                shuffled = shuffled * r[perm.to(r.device)]
+            logits = representations[m] @ shuffled.T
+            logits = torch.where(torch.eye(N, dtype=torch.bool, device=logits.device), positive, logits)
+            losses.append(F.cross_entropy(logit_scale * logits, labels))
+    else:
+        raise ValueError(f"negative_sampling must be 'n' or 'n_squared'; got {negative_sampling!r}")
+    return sum(losses) / M
+
+
+def clip_loss_reference(representations: Sequence[Tensor], logit_scale: Union[float, Tensor]) -> Tensor:
+    """Sum over modality pairs (a < b) of the symmetric InfoNCE loss
+    ``(CE(tau R_a R_b^T) + CE(tau R_b R_a^T)) / 2``."""
+    N = representations[0].shape[0]
+    labels = torch.arange(N, device=representations[0].device)
+    total = 0
+    for a in range(len(representations)):
+        for b in range(a + 1, len(representations)):
+            logits = logit_scale * representations[a] @ representations[b].T
+            total = total + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return total
