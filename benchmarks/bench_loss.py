@@ -1,0 +1,285 @@
+"""Time and peak memory of the Symile loss, one configuration per fresh subprocess.
+
+For each backend x N x d (with M, dtype, sampling mode and device fixed per
+run) it measures the median forward and forward+backward wall time after a
+warm-up, and the peak memory of one forward+backward above the inputs:
+``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the process's peak RSS
+(Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) above its RSS before
+the call, after a tiny warm-up call has loaded the code (one subprocess per
+configuration keeps peaks apart).
+The backend name ``symile`` means the reference package ``symile`` 0.1.0
+(skipped when it is not installed). Model FLOPs follow SPEC section 5 (M = 3,
+"n_squared": 2*N^3*d forward, 6*N^3*d forward+backward), compared with a dense
+matrix product of the same dtype measured in the same run (on the CPU the SPEC
+fixes float32 4096 x 4096).
+
+    python benchmarks/bench_loss.py --backends symile chunked --N 512 --d 64
+    python benchmarks/bench_loss.py --device cuda --dtype bfloat16 --N 1024 4096 --d 256 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_flops(M: int, N: int, d: int, sampling: str, backward: bool) -> "float | None":
+    """SPEC section 5's model FLOPs (M = 3, "n_squared" only; None otherwise)."""
+    if M != 3 or sampling != "n_squared":
+        return None
+    return (6 if backward else 2) * N ** 3 * d
+
+
+def estimated_materialised_bytes(M: int, N: int, d: int, element_size: int) -> int:
+    """Rough peak of the backends that materialise the logits (``symile``, ``reference``).
+
+    The reference package measured 4.9 GB at N = 512, d = 64, float32 (SPEC
+    section 5), about 9.1 N^3 floats; 10 N^M + 6 N^(M-1) d elements covers it.
+    """
+    return element_size * (10 * N ** M + 6 * N ** (M - 1) * d)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timer(device: torch.device):
+    """A function that runs ``fn`` once and returns its wall time in milliseconds."""
+    if device.type == "cuda":
+        def run(fn):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(stop)
+    else:
+        def run(fn):
+            begin = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - begin)
+    return run
+
+
+def _loss_fn(backend: str, sampling: str):
+    if backend == "symile":
+        import symile
+
+        reference_loss = symile.Symile(negative_sampling=sampling)
+        return lambda reps, tau: reference_loss(reps, tau)
+    import symile_kernels
+
+    return lambda reps, tau: symile_kernels.symile_loss(reps, tau, negative_sampling=sampling, backend=backend)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak(device: torch.device) -> int:
+    """Starts a peak-memory window; returns the baseline in bytes."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return _status_kib("VmRSS") * 1024
+    except OSError:  # not Linux: the lifetime peak, an upper bound on the baseline
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        return _status_kib("VmHWM") * 1024
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(config: dict) -> dict:
+    """Runs one configuration in this process; returns its row (see ``main``)."""
+    device = torch.device(config["device"])
+    dtype = DTYPES[config["dtype"]]
+    M, N, d, sampling = config["M"], config["N"], config["d"], config["sampling"]
+    loss_fn = _loss_fn(config["backend"], sampling)
+    torch.manual_seed(0)
+    # A tiny call first loads the code paths, so their pages do not count as the loss's memory.
+    tiny = [torch.randn(3, d, device=device, dtype=dtype, requires_grad=True) for _ in range(M)]
+    loss_fn(tiny, torch.tensor(config["tau"], device=device, requires_grad=True)).backward()
+    reps = [torch.nn.functional.normalize(torch.randn(N, d, device=device), dim=1).to(dtype).requires_grad_()
+            for _ in range(M)]
+    tau = torch.tensor(config["tau"], device=device, requires_grad=True)
+
+    def forward():
+        with torch.no_grad():
+            loss_fn(reps, tau)
+
+    def forward_backward():
+        loss_fn(reps, tau).backward()
+        for t in reps + [tau]:
+            t.grad = None
+
+    _sync(device)
+    baseline = _reset_peak(device)
+    forward_backward()  # also the warm-up of compiled kernels
+    _sync(device)
+    peak = _peak_bytes(device) - baseline
+    timer = _timer(device)
+    for _ in range(config["warmup"]):
+        forward_backward()
+    fwd = [timer(forward) for _ in range(config["repeats"])]
+    fwd_bwd = [timer(forward_backward) for _ in range(config["repeats"])]
+    row = dict(config, status="ok", peak_mb=peak / 2 ** 20,
+               fwd_ms=statistics.median(fwd), fwd_bwd_ms=statistics.median(fwd_bwd),
+               fwd_bwd_min_ms=min(fwd_bwd), fwd_bwd_max_ms=max(fwd_bwd))
+    flops = model_flops(M, N, d, sampling, backward=True)
+    row["model_tflops"] = None if flops is None else flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+    return row
+
+
+def mm_tflops(device: torch.device, dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
+    """Dense ``torch.mm`` rate (TFLOP/s, median of ``repeats``) for size x size operands."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    timer = _timer(device)
+    timer(lambda: torch.mm(a, b))
+    ms = statistics.median(timer(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size ** 3 / (ms * 1e-3) / 1e12
+
+
+def run_in_subprocess(config: dict, timeout: float) -> dict:
+    """``measure(config)`` in a fresh interpreter, so peaks of configurations do not mix."""
+    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(config, status=f"timeout after {timeout:.0f} s")
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    killed = " (killed: out of memory?)" if done.returncode < 0 else ""
+    return dict(config, status=f"failed{killed}: {tail[:200]}")
+
+
+def skip_reason(config: dict, limit_bytes: int) -> "str | None":
+    if config["backend"] == "symile":
+        try:
+            import symile  # noqa: F401
+        except ImportError:
+            return "reference package symile not installed"
+    if config["backend"] in ("symile", "reference"):
+        need = estimated_materialised_bytes(config["M"], config["N"], config["d"], 4)
+        if need > limit_bytes:
+            return f"skipped: needs ~{need / 2 ** 30:.0f} GiB (materialises the logits)"
+    return None
+
+
+def memory_limit_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 7 // 10
+
+
+def machine_info(device: torch.device) -> dict:
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    import symile_kernels
+
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                machine=platform.node(), processor=platform.processor() or platform.machine(),
+                cpu_count=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                symile_kernels=symile_kernels.__version__, git_revision=revision or None)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict], mm_rate: "float | None") -> str:
+    lines = ["| backend | M | N | d | dtype | sampling | fwd ms | fwd+bwd ms | peak MiB | model TFLOP/s | % of mm |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['backend']} | {r['M']} | {r['N']} | {r['d']} | {r['dtype']} | {r['sampling']} "
+                         f"| {r['status']} | | | | |")
+            continue
+        share = None if r["model_tflops"] is None or not mm_rate else 100 * r["model_tflops"] / mm_rate
+        lines.append(f"| {r['backend']} | {r['M']} | {r['N']} | {r['d']} | {r['dtype']} | {r['sampling']} "
+                     f"| {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['peak_mb']:.0f} "
+                     f"| {_fmt(r['model_tflops'], '.3f')} | {_fmt(share, '.0f')} |")
+    if mm_rate:
+        lines.append(f"\nDense matrix product rate (torch.mm 4096 x 4096, same dtype): {mm_rate:.3f} TFLOP/s")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", nargs="+", default=["symile", "chunked"],
+                        help="symile_kernels backends, or 'symile' for the reference package")
+    parser.add_argument("--M", type=int, default=3, help="number of modalities")
+    parser.add_argument("--N", type=int, nargs="+", default=[512], help="batch sizes")
+    parser.add_argument("--d", type=int, nargs="+", default=[64], help="representation sizes")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--sampling", choices=["n_squared", "n"], default="n_squared")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tau", type=float, default=14.3, help="logit_scale (rows are L2-normalised)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    parser.add_argument("--no-mm", action="store_true", help="skip the dense matrix-product rate")
+    parser.add_argument("--json", help="write the rows and machine info to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return []
+    device = torch.device(args.device)
+    limit = memory_limit_bytes(device)
+    rows = []
+    for N in args.N:
+        for d in args.d:
+            for backend in args.backends:
+                config = dict(backend=backend, M=args.M, N=N, d=d, dtype=args.dtype, sampling=args.sampling,
+                              device=args.device, tau=args.tau, repeats=args.repeats, warmup=args.warmup)
+                reason = skip_reason(config, limit)
+                row = dict(config, status=reason) if reason else run_in_subprocess(config, args.timeout)
+                rows.append(row)
+                print(f"{backend} N={N} d={d}: {row['status']}"
+                      + (f", fwd+bwd {row['fwd_bwd_ms']:.1f} ms, peak {row['peak_mb']:.0f} MiB"
+                         if row["status"] == "ok" else ""), file=sys.stderr, flush=True)
+    mm_rate = None if args.no_mm else mm_tflops(device, DTYPES[args.dtype] if device.type == "cuda" else torch.float32)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(info=machine_info(device), argv=sys.argv, mm_tflops=mm_rate, rows=rows), f, indent=1)
+    print(markdown_table(rows, mm_rate))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,750 @@
+// Fused CPU kernels of the "cpu" backend (SPEC sections 2 and 3).
+//
+// Operators (namespace symile_kernels, CPU dispatch key):
+//   cpu_cube_lse_forward(x, y, z, tau) -> (La, Lb, Lc)
+//   cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc) -> (dx, dy, dz, dtau)
+//   cpu_pair_lse_forward(a, b, pos, tau) -> L
+//   cpu_pair_lse_backward(a, b, pos, tau, L, gL) -> (da, db, dpos, dtau)
+// with the semantics of symile_kernels/backends.py. Their fake (meta) kernels are
+// registered in Python (symile_kernels/cpu.py).
+//
+// Layout of the work (the chunked backend, symile_kernels/chunked.py, is the
+// readable blueprint):
+//  * The cube tau*T[i,j,k] is cut into tiles of BLOCK_I x BLOCK_J anchor/partner
+//    row pairs (the rows of XY[(i,j)] = x[i] * y[j]) by BLOCK_K columns; one tile
+//    S = tau * XY @ z[k-block]^T is one BLAS matrix product (ATen -> MKL/OpenBLAS)
+//    into a per-thread workspace, followed by vectorised passes over it while it
+//    is hot in cache. The cube is never held: extra memory is O(N*d + N) plus
+//    per-slice partials and the per-thread tiles.
+//  * The i range is split into a fixed number of slices (contiguous runs of
+//    i-blocks, at most kMaxSlices, independent of the thread count) processed
+//    with at::parallel_for. A slice owns its rows of La and dx; reductions over i
+//    (Lb, Lc, dy, dz, dtau) go to per-slice partial buffers that are combined in
+//    slice order at the end. The reduction order is therefore fixed: the result
+//    does not depend on the number of threads (up to 16 threads; beyond that the
+//    slice count follows the thread count), only on the problem size.
+//  * Log-sum-exps are kept as (m, s) pairs, value = m + log(s), in double, with
+//    a running maximum m, so tau = 100 (logits in [-100, 100]) cannot overflow.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SYMILE_CPU_AVX2 1
+#endif
+
+namespace symile_cpu {
+namespace {
+
+using at::Tensor;
+
+// Largest log-space gap across which one exponential is re-scaled instead of
+// computing a second one (see the forward's column sums and the backward's G).
+// e^-30 * e^-87 (float32's smallest normal) leaves any term lost to underflow
+// below e^-57 relative to the sums it belongs to: far below float32 rounding.
+constexpr double kShareGap = 30.0;
+// Upper bound on the number of i-slices (see the header comment).
+constexpr int64_t kMaxSlices = 16;
+// Tile sizes: BLOCK_I * BLOCK_J ~ kTileRows row pairs, BLOCK_K columns; a float32
+// tile of 256 x 256 is 256 KiB, which stays in a core's L2 cache.
+constexpr int64_t kTileRows = 256;
+constexpr int64_t kBlockK = 256;
+constexpr int64_t kPairBlockI = 64;
+constexpr int64_t kPairBlockJ = 512;
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// ---------------------------------------------------------------------------
+// Log-sum-exp accumulators.
+
+// Adds s2 * e^m2 to the pair (m, s) that stands for s * e^m. NaN propagates.
+inline void lse_add(double& m, double& s, double m2, double s2) {
+  if (std::isnan(m2) || std::isnan(s2)) {
+    m = s = std::numeric_limits<double>::quiet_NaN();
+    return;
+  }
+  if (s2 == 0.0) return;
+  if (m2 <= m) {
+    s += s2 * std::exp(m2 - m);
+  } else {
+    s = (s == 0.0 ? 0.0 : s * std::exp(m - m2)) + s2;
+    m = m2;
+  }
+}
+
+inline double lse_value(double m, double s) { return m + std::log(s); }
+
+// ---------------------------------------------------------------------------
+// Vectorised elementwise passes over one tile row. Every pass computes at most
+// one exponential per element. The float32 versions use AVX2 + FMA when the
+// build targets them (see setup.py: -march=native unless SYMILE_KERNELS_PORTABLE=1);
+// otherwise, and for float64, plain loops with std::exp.
+
+#ifdef SYMILE_CPU_AVX2
+// e^x for 8 floats: Cody-Waite range reduction and Cephes' degree-6 polynomial
+// (about 1 ulp on [-87, 88]). Arguments are clamped to [-88.38, 88.38] (so very
+// negative arguments give 0, never garbage); the clamps take x as the second
+// operand so that a NaN passes through.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
+  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Row maximum of s[0:n], and col_max[k] = max(col_max[k], s[k]).
+template <typename scalar_t>
+inline scalar_t row_col_max(const scalar_t* s, int64_t n, scalar_t* col_max) {
+  scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+  for (int64_t k = 0; k < n; ++k) {
+    m = std::max(m, s[k]);
+    col_max[k] = std::max(col_max[k], s[k]);
+  }
+  return m;
+}
+
+// Returns sum_k e^(s[k] - ref) and adds w * e^(s[k] - ref) to col_sum[k].
+template <typename scalar_t>
+inline double exp_row_col_sum(const scalar_t* s, int64_t n, scalar_t ref, scalar_t w, scalar_t* col_sum) {
+  double total = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const scalar_t e = std::exp(s[k] - ref);
+    total += e;
+    col_sum[k] += w * e;
+  }
+  return total;
+}
+
+// Row maximum.
+template <typename scalar_t>
+inline scalar_t row_max(const scalar_t* s, int64_t n) {
+  scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+  for (int64_t k = 0; k < n; ++k) m = std::max(m, s[k]);
+  return m;
+}
+
+// Returns sum_k e^(s[k] - ref).
+template <typename scalar_t>
+inline double exp_row_sum(const scalar_t* s, int64_t n, scalar_t ref) {
+  double total = 0;
+  for (int64_t k = 0; k < n; ++k) total += std::exp(s[k] - ref);
+  return total;
+}
+
+// In place: s[k] <- scale * e^(s[k] - ref).
+template <typename scalar_t>
+inline void exp_row_scale(scalar_t* s, int64_t n, scalar_t ref, scalar_t scale) {
+  for (int64_t k = 0; k < n; ++k) s[k] = scale * std::exp(s[k] - ref);
+}
+
+// In place, backward's shared form: s[k] <- e^(s[k] - ref) * (a + u * gv[k]).
+template <typename scalar_t>
+inline void g_row_shared(scalar_t* s, int64_t n, scalar_t ref, scalar_t a, scalar_t u, const scalar_t* gv) {
+  for (int64_t k = 0; k < n; ++k) s[k] = std::exp(s[k] - ref) * (a + u * gv[k]);
+}
+
+// In place, backward's two-exponential form: s[k] <- a e^(s[k] - ref) + gLc[k] e^(s[k] - Lc[k]).
+template <typename scalar_t>
+inline void g_row_two(scalar_t* s, int64_t n, scalar_t ref, scalar_t a, const scalar_t* Lc, const scalar_t* gLc) {
+  for (int64_t k = 0; k < n; ++k) s[k] = a * std::exp(s[k] - ref) + gLc[k] * std::exp(s[k] - Lc[k]);
+}
+
+#ifdef SYMILE_CPU_AVX2
+template <>
+inline float row_col_max<float>(const float* s, int64_t n, float* col_max) {
+  __m256 m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v = _mm256_loadu_ps(s + k);
+    m8 = _mm256_max_ps(m8, v);
+    _mm256_storeu_ps(col_max + k, _mm256_max_ps(_mm256_loadu_ps(col_max + k), v));
+  }
+  float m = hmax8(m8);
+  for (; k < n; ++k) {
+    m = std::max(m, s[k]);
+    col_max[k] = std::max(col_max[k], s[k]);
+  }
+  return m;
+}
+
+template <>
+inline double exp_row_col_sum<float>(const float* s, int64_t n, float ref, float w, float* col_sum) {
+  const __m256 ref8 = _mm256_set1_ps(ref), w8 = _mm256_set1_ps(w);
+  __m256 t8 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + k), ref8));
+    t8 = _mm256_add_ps(t8, e);
+    _mm256_storeu_ps(col_sum + k, _mm256_fmadd_ps(w8, e, _mm256_loadu_ps(col_sum + k)));
+  }
+  double total = hsum8(t8);
+  for (; k < n; ++k) {
+    const float e = std::exp(s[k] - ref);
+    total += e;
+    col_sum[k] += w * e;
+  }
+  return total;
+}
+
+template <>
+inline float row_max<float>(const float* s, int64_t n) {
+  __m256 m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + k));
+  float m = hmax8(m8);
+  for (; k < n; ++k) m = std::max(m, s[k]);
+  return m;
+}
+
+template <>
+inline double exp_row_sum<float>(const float* s, int64_t n, float ref) {
+  const __m256 ref8 = _mm256_set1_ps(ref);
+  __m256 t8 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) t8 = _mm256_add_ps(t8, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + k), ref8)));
+  double total = hsum8(t8);
+  for (; k < n; ++k) total += std::exp(s[k] - ref);
+  return total;
+}
+
+template <>
+inline void exp_row_scale<float>(float* s, int64_t n, float ref, float scale) {
+  const __m256 ref8 = _mm256_set1_ps(ref), scale8 = _mm256_set1_ps(scale);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    _mm256_storeu_ps(s + k, _mm256_mul_ps(scale8, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + k), ref8))));
+  for (; k < n; ++k) s[k] = scale * std::exp(s[k] - ref);
+}
+
+template <>
+inline void g_row_shared<float>(float* s, int64_t n, float ref, float a, float u, const float* gv) {
+  const __m256 ref8 = _mm256_set1_ps(ref), a8 = _mm256_set1_ps(a), u8 = _mm256_set1_ps(u);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + k), ref8));
+    _mm256_storeu_ps(s + k, _mm256_mul_ps(e, _mm256_fmadd_ps(u8, _mm256_loadu_ps(gv + k), a8)));
+  }
+  for (; k < n; ++k) s[k] = std::exp(s[k] - ref) * (a + u * gv[k]);
+}
+
+template <>
+inline void g_row_two<float>(float* s, int64_t n, float ref, float a, const float* Lc, const float* gLc) {
+  const __m256 ref8 = _mm256_set1_ps(ref), a8 = _mm256_set1_ps(a);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v = _mm256_loadu_ps(s + k);
+    const __m256 ea = exp8(_mm256_sub_ps(v, ref8));
+    const __m256 ec = exp8(_mm256_sub_ps(v, _mm256_loadu_ps(Lc + k)));
+    _mm256_storeu_ps(s + k, _mm256_fmadd_ps(a8, ea, _mm256_mul_ps(_mm256_loadu_ps(gLc + k), ec)));
+  }
+  for (; k < n; ++k) s[k] = a * std::exp(s[k] - ref) + gLc[k] * std::exp(s[k] - Lc[k]);
+}
+#endif
+
+// ---------------------------------------------------------------------------
+// Input checks (each message names the tensor).
+
+void check_matrix(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "symile_kernels cpu ops: ", name, " must be a CPU tensor; got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "symile_kernels cpu ops: ", name, " must be float32 or float64; got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, "symile_kernels cpu ops: ", name, " must be 2-D (rows, d); got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "symile_kernels cpu ops: ", name, " must be contiguous");
+  TORCH_CHECK(t.size(0) >= 1 && t.size(1) >= 1, "symile_kernels cpu ops: ", name,
+              " must have at least one row and one column; got shape ", t.sizes());
+}
+
+void check_like(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name,
+                c10::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), "symile_kernels cpu ops: ", name, " must be a CPU tensor; got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "symile_kernels cpu ops: ", name, " must have the dtype of ",
+              ref_name, " (", ref.scalar_type(), "); got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "symile_kernels cpu ops: ", name, " must have shape ", shape, "; got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "symile_kernels cpu ops: ", name, " must be contiguous");
+}
+
+void check_cube_inputs(const Tensor& x, const Tensor& y, const Tensor& z, const Tensor& tau) {
+  check_matrix(x, "x");
+  check_like(y, "y", x, "x", {y.size(0), x.size(1)});
+  check_like(z, "z", x, "x", {z.size(0), x.size(1)});
+  check_like(tau, "tau", x, "x", {});
+}
+
+// Range of i-blocks [begin, end) of slice s out of n_slices over n_blocks blocks.
+inline std::pair<int64_t, int64_t> slice_blocks(int64_t s, int64_t n_slices, int64_t n_blocks) {
+  return {s * n_blocks / n_slices, (s + 1) * n_blocks / n_slices};
+}
+
+inline int64_t num_slices(int64_t n_blocks) {
+  return std::max<int64_t>(1, std::min<int64_t>(n_blocks, std::max<int64_t>(kMaxSlices, at::get_num_threads())));
+}
+
+struct CubeBlocks {
+  int64_t BLOCK_I, BLOCK_J, BLOCK_K;
+};
+
+CubeBlocks cube_blocks(int64_t I, int64_t J, int64_t K) {
+  CubeBlocks b;
+  // Small BLOCK_I keeps many i-blocks for the threads; BLOCK_J fills the tile rows.
+  b.BLOCK_I = std::min<int64_t>(I, 4);
+  b.BLOCK_J = std::min<int64_t>(J, std::max<int64_t>(1, kTileRows / b.BLOCK_I));
+  b.BLOCK_K = std::min<int64_t>(K, kBlockK);
+  return b;
+}
+
+// XY[(ii, jj)] = x[i0 + ii] * y[j0 + jj] for a bi x bj block: (bi * bj, d), row-major.
+template <typename scalar_t>
+void fill_xy(const scalar_t* x, const scalar_t* y, int64_t d, int64_t i0, int64_t bi, int64_t j0, int64_t bj,
+             scalar_t* XY) {
+  for (int64_t ii = 0; ii < bi; ++ii) {
+    const scalar_t* xr = x + (i0 + ii) * d;
+    for (int64_t jj = 0; jj < bj; ++jj) {
+      const scalar_t* yr = y + (j0 + jj) * d;
+      scalar_t* out = XY + (ii * bj + jj) * d;
+      for (int64_t c = 0; c < d; ++c) out[c] = xr[c] * yr[c];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Cube forward.
+//
+// One pass over the cube, one exponential per element, shared by the three
+// reductions. For a tile S (rows r = (i, j), columns k):
+//   rm[r] = max_k S[r, k]                E[r, k] = e^(S[r, k] - rm[r])  (<= 1)
+//   La(i), Lb(j) take rs[r] = sum_k E[r, k] at scale rm[r]: exact row sums.
+//   Lc(k) takes cs[k] = sum_r w[r] E[r, k] at scale C = max_r rm[r], with
+//   w[r] = e^(rm[r] - C) <= 1, since w[r] E[r, k] = e^(S[r, k] - C).
+// Why the reuse is safe: nothing overflows (every factor is <= 1); what can
+// underflow is a term e^(S - C) < e^-87. For a column whose tile maximum
+// cm[k] >= C - kShareGap the column's largest term is >= e^-kShareGap, so the
+// lost terms are below e^-(87 - kShareGap) relative to it: invisible in float32.
+// Columns with cm[k] < C - kShareGap (rare: a tile whose rows differ by more than
+// kShareGap in log space) are re-summed with their own maximum as the scale, a
+// second exponential for those columns only.
+template <typename scalar_t>
+void cube_forward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, double tau, Tensor& La, Tensor& Lb,
+                         Tensor& Lc) {
+  const int64_t I = x.size(0), J = y.size(0), K = z.size(0), d = x.size(1);
+  const CubeBlocks blk = cube_blocks(I, J, K);
+  const int64_t n_iblocks = (I + blk.BLOCK_I - 1) / blk.BLOCK_I;
+  const int64_t n_slices = num_slices(n_iblocks);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+
+  // (m, s) accumulators: La owned by the slice holding row i; Lb, Lc per slice.
+  std::vector<double> La_m(I, -kInf), La_s(I, 0.0);
+  std::vector<double> Lb_m(n_slices * J, -kInf), Lb_s(n_slices * J, 0.0);
+  std::vector<double> Lc_m(n_slices * K, -kInf), Lc_s(n_slices * K, 0.0);
+
+  at::parallel_for(0, n_slices, 1, [&](int64_t s_begin, int64_t s_end) {
+    const int64_t R_max = blk.BLOCK_I * blk.BLOCK_J;
+    Tensor XY = at::empty({R_max, d}, x.options());
+    Tensor S = at::empty({R_max * blk.BLOCK_K}, x.options());
+    std::vector<scalar_t> rm(R_max), w(R_max), cm(blk.BLOCK_K), cs(blk.BLOCK_K);
+    std::vector<double> rs(R_max);
+    for (int64_t s = s_begin; s < s_end; ++s) {
+      double* Lb_ms = Lb_m.data() + s * J;
+      double* Lb_ss = Lb_s.data() + s * J;
+      double* Lc_ms = Lc_m.data() + s * K;
+      double* Lc_ss = Lc_s.data() + s * K;
+      const auto blocks = slice_blocks(s, n_slices, n_iblocks);
+      for (int64_t ib = blocks.first; ib < blocks.second; ++ib) {
+        const int64_t i0 = ib * blk.BLOCK_I, bi = std::min(blk.BLOCK_I, I - i0);
+        for (int64_t j0 = 0; j0 < J; j0 += blk.BLOCK_J) {
+          const int64_t bj = std::min(blk.BLOCK_J, J - j0), R = bi * bj;
+          fill_xy(xp, yp, d, i0, bi, j0, bj, XY.data_ptr<scalar_t>());
+          const Tensor XYv = XY.narrow(0, 0, R);
+          for (int64_t k0 = 0; k0 < K; k0 += blk.BLOCK_K) {
+            const int64_t bk = std::min(blk.BLOCK_K, K - k0);
+            Tensor Sv = S.narrow(0, 0, R * bk).view({R, bk});
+            // beta = 0: Sv's old contents are ignored (NaN-safe).
+            at::addmm_out(Sv, Sv, XYv, z.narrow(0, k0, bk).t(), /*beta=*/0, /*alpha=*/tau);
+            scalar_t* Sp = Sv.data_ptr<scalar_t>();
+            std::fill(cm.begin(), cm.begin() + bk, -std::numeric_limits<scalar_t>::infinity());
+            std::fill(cs.begin(), cs.begin() + bk, scalar_t(0));
+            scalar_t C = -std::numeric_limits<scalar_t>::infinity();
+            for (int64_t r = 0; r < R; ++r) {
+              rm[r] = row_col_max(Sp + r * bk, bk, cm.data());
+              C = std::max(C, rm[r]);
+            }
+            for (int64_t r = 0; r < R; ++r) w[r] = std::exp(rm[r] - C);
+            for (int64_t r = 0; r < R; ++r) rs[r] = exp_row_col_sum(Sp + r * bk, bk, rm[r], w[r], cs.data());
+            for (int64_t r = 0; r < R; ++r) {
+              const int64_t i = i0 + r / bj, j = j0 + r % bj;
+              lse_add(La_m[i], La_s[i], rm[r], rs[r]);
+              lse_add(Lb_ms[j], Lb_ss[j], rm[r], rs[r]);
+            }
+            for (int64_t k = 0; k < bk; ++k) {
+              if (cm[k] >= C - kShareGap) {
+                lse_add(Lc_ms[k0 + k], Lc_ss[k0 + k], C, cs[k]);
+              } else {  // the column sits far below the tile's maximum: its own scale
+                double col = 0;
+                for (int64_t r = 0; r < R; ++r) col += std::exp(Sp[r * bk + k] - cm[k]);
+                lse_add(Lc_ms[k0 + k], Lc_ss[k0 + k], cm[k], std::isnan(cs[k]) ? cs[k] : col);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+
+  scalar_t* Lap = La.data_ptr<scalar_t>();
+  scalar_t* Lbp = Lb.data_ptr<scalar_t>();
+  scalar_t* Lcp = Lc.data_ptr<scalar_t>();
+  for (int64_t i = 0; i < I; ++i) Lap[i] = static_cast<scalar_t>(lse_value(La_m[i], La_s[i]));
+  // Slice partials, combined in slice order.
+  for (int64_t j = 0; j < J; ++j) {
+    double m = -kInf, s = 0;
+    for (int64_t sl = 0; sl < n_slices; ++sl) lse_add(m, s, Lb_m[sl * J + j], Lb_s[sl * J + j]);
+    Lbp[j] = static_cast<scalar_t>(lse_value(m, s));
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    double m = -kInf, s = 0;
+    for (int64_t sl = 0; sl < n_slices; ++sl) lse_add(m, s, Lc_m[sl * K + k], Lc_s[sl * K + k]);
+    Lcp[k] = static_cast<scalar_t>(lse_value(m, s));
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> cube_lse_forward(const Tensor& x, const Tensor& y, const Tensor& z,
+                                                    const Tensor& tau) {
+  check_cube_inputs(x, y, z, tau);
+  Tensor La = at::empty({x.size(0)}, x.options());
+  Tensor Lb = at::empty({y.size(0)}, x.options());
+  Tensor Lc = at::empty({z.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cpu_cube_lse_forward", [&] {
+    cube_forward_kernel<scalar_t>(x, y, z, tau.item<double>(), La, Lb, Lc);
+  });
+  return {La, Lb, Lc};
+}
+
+// ---------------------------------------------------------------------------
+// Cube backward.
+//
+// G[r, k] = gLa[i] e^(S - La[i]) + gLb[j] e^(S - Lb[j]) + gLc[k] e^(S - Lc[k]),
+// recomputed per tile from the saved LSE vectors with one exponential per
+// element: with mn[r] = min(La[i], Lb[j]) >= S[r, k] and E = e^(S - mn[r]) <= 1,
+//   G = E * (a[r] + u[r] * gv[k]),   a[r] = gLa e^(mn - La) + gLb e^(mn - Lb),
+//   u[r] = e^(mn[r] - Q), gv[k] = gLc[k] e^(Q - Lc[k]),  Q = max_r mn[r].
+// a and u are <= 1 in magnitude (times the g's); gv is bounded by e^kShareGap as
+// long as Q - min_k Lc[k] <= kShareGap, which the tile checks. An underflowed E
+// (< e^-87) or u (< e^-87) then only drops terms below e^-(87 - kShareGap) times
+// the g's. Tiles failing the check use two exponentials per element.
+// Then W[r] = sum_k G[r, k] z[k] (a BLAS product per k-block), dz += G^T XY,
+// and per row pair dx[i] += y[j] * W[r], dy[j] += x[i] * W[r],
+// dtau += <XY[r], W[r]> (= sum_k G T); dx, dy, dz are scaled by tau at the end.
+template <typename scalar_t>
+void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, double tau, const Tensor& La,
+                          const Tensor& Lb, const Tensor& Lc, const Tensor& gLa, const Tensor& gLb,
+                          const Tensor& gLc, Tensor& dx, Tensor& dy, Tensor& dz, Tensor& dtau) {
+  const int64_t I = x.size(0), J = y.size(0), K = z.size(0), d = x.size(1);
+  const CubeBlocks blk = cube_blocks(I, J, K);
+  const int64_t n_iblocks = (I + blk.BLOCK_I - 1) / blk.BLOCK_I;
+  const int64_t n_slices = num_slices(n_iblocks);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+  const scalar_t* Lap = La.data_ptr<scalar_t>();
+  const scalar_t* Lbp = Lb.data_ptr<scalar_t>();
+  const scalar_t* Lcp = Lc.data_ptr<scalar_t>();
+  const scalar_t* gLap = gLa.data_ptr<scalar_t>();
+  const scalar_t* gLbp = gLb.data_ptr<scalar_t>();
+  const scalar_t* gLcp = gLc.data_ptr<scalar_t>();
+
+  dx.zero_();
+  Tensor dy_part = at::zeros({n_slices, J, d}, x.options());
+  Tensor dz_part = at::zeros({n_slices, K, d}, x.options());
+  std::vector<double> dtau_part(n_slices, 0.0);
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
+
+  at::parallel_for(0, n_slices, 1, [&](int64_t s_begin, int64_t s_end) {
+    const int64_t R_max = blk.BLOCK_I * blk.BLOCK_J;
+    Tensor XY = at::empty({R_max, d}, x.options());
+    Tensor S = at::empty({R_max * blk.BLOCK_K}, x.options());
+    Tensor W = at::empty({R_max, d}, x.options());
+    std::vector<scalar_t> mn(R_max), a(R_max), u(R_max), gv(blk.BLOCK_K);
+    for (int64_t s = s_begin; s < s_end; ++s) {
+      scalar_t* dyp = dy_part[s].data_ptr<scalar_t>();
+      Tensor dzs = dz_part[s];
+      double dtau_acc = 0;
+      const auto blocks = slice_blocks(s, n_slices, n_iblocks);
+      for (int64_t ib = blocks.first; ib < blocks.second; ++ib) {
+        const int64_t i0 = ib * blk.BLOCK_I, bi = std::min(blk.BLOCK_I, I - i0);
+        for (int64_t j0 = 0; j0 < J; j0 += blk.BLOCK_J) {
+          const int64_t bj = std::min(blk.BLOCK_J, J - j0), R = bi * bj;
+          scalar_t* XYp = XY.data_ptr<scalar_t>();
+          fill_xy(xp, yp, d, i0, bi, j0, bj, XYp);
+          const Tensor XYv = XY.narrow(0, 0, R);
+          Tensor Wv = W.narrow(0, 0, R);
+          scalar_t Q = -std::numeric_limits<scalar_t>::infinity();
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t i = i0 + r / bj, j = j0 + r % bj;
+            const double m = std::min<double>(Lap[i], Lbp[j]);
+            mn[r] = static_cast<scalar_t>(m);
+            a[r] = static_cast<scalar_t>(gLap[i] * std::exp(m - Lap[i]) + gLbp[j] * std::exp(m - Lbp[j]));
+            Q = std::max(Q, mn[r]);
+          }
+          for (int64_t r = 0; r < R; ++r) u[r] = std::exp(mn[r] - Q);
+          for (int64_t k0 = 0; k0 < K; k0 += blk.BLOCK_K) {
+            const int64_t bk = std::min(blk.BLOCK_K, K - k0);
+            Tensor Gv = S.narrow(0, 0, R * bk).view({R, bk});
+            const Tensor zk = z.narrow(0, k0, bk);
+            at::addmm_out(Gv, Gv, XYv, zk.t(), /*beta=*/0, /*alpha=*/tau);
+            scalar_t* Gp = Gv.data_ptr<scalar_t>();
+            scalar_t Lc_min = std::numeric_limits<scalar_t>::infinity();
+            for (int64_t k = 0; k < bk; ++k) Lc_min = std::min(Lc_min, Lcp[k0 + k]);
+            if (Q - Lc_min <= kShareGap) {  // false for NaN too
+              for (int64_t k = 0; k < bk; ++k) gv[k] = gLcp[k0 + k] * std::exp(Q - Lcp[k0 + k]);
+              for (int64_t r = 0; r < R; ++r) g_row_shared(Gp + r * bk, bk, mn[r], a[r], u[r], gv.data());
+            } else {
+              for (int64_t r = 0; r < R; ++r) g_row_two(Gp + r * bk, bk, mn[r], a[r], Lcp + k0, gLcp + k0);
+            }
+            // W (+)= G @ z[k-block];  dz[k-block] += G^T @ XY.
+            at::addmm_out(Wv, Wv, Gv, zk, /*beta=*/k0 == 0 ? 0 : 1, /*alpha=*/1);
+            Tensor dzk = dzs.narrow(0, k0, bk);
+            at::addmm_out(dzk, dzk, Gv.t(), XYv, /*beta=*/1, /*alpha=*/1);
+          }
+          const scalar_t* Wp = Wv.data_ptr<scalar_t>();
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t i = i0 + r / bj, j = j0 + r % bj;
+            const scalar_t* xr = xp + i * d;
+            const scalar_t* yr = yp + j * d;
+            const scalar_t* wr = Wp + r * d;
+            const scalar_t* xyr = XYp + r * d;
+            scalar_t* dxr = dxp + i * d;
+            scalar_t* dyr = dyp + j * d;
+            scalar_t t = 0;
+            for (int64_t c = 0; c < d; ++c) {
+              dxr[c] += yr[c] * wr[c];
+              dyr[c] += xr[c] * wr[c];
+              t += xyr[c] * wr[c];
+            }
+            dtau_acc += t;
+          }
+        }
+      }
+      dtau_part[s] = dtau_acc;
+    }
+  });
+
+  dx.mul_(tau);
+  // Slice partials, combined in slice order.
+  at::sum_out(dy, dy_part, {0});
+  dy.mul_(tau);
+  at::sum_out(dz, dz_part, {0});
+  dz.mul_(tau);
+  double t = 0;
+  for (int64_t s = 0; s < n_slices; ++s) t += dtau_part[s];
+  dtau.fill_(t);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cube_lse_backward(const Tensor& x, const Tensor& y, const Tensor& z,
+                                                             const Tensor& tau, const Tensor& La,
+                                                             const Tensor& Lb, const Tensor& Lc,
+                                                             const Tensor& gLa, const Tensor& gLb,
+                                                             const Tensor& gLc) {
+  check_cube_inputs(x, y, z, tau);
+  check_like(La, "La", x, "x", {x.size(0)});
+  check_like(Lb, "Lb", x, "x", {y.size(0)});
+  check_like(Lc, "Lc", x, "x", {z.size(0)});
+  check_like(gLa, "gLa", x, "x", {x.size(0)});
+  check_like(gLb, "gLb", x, "x", {y.size(0)});
+  check_like(gLc, "gLc", x, "x", {z.size(0)});
+  Tensor dx = at::empty_like(x), dy = at::empty_like(y), dz = at::empty_like(z), dtau = at::empty_like(tau);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cpu_cube_lse_backward", [&] {
+    cube_backward_kernel<scalar_t>(x, y, z, tau.item<double>(), La, Lb, Lc, gLa, gLb, gLc, dx, dy, dz, dtau);
+  });
+  return {dx, dy, dz, dtau};
+}
+
+// ---------------------------------------------------------------------------
+// Pair LSE (SPEC section 3 and M = 2): L[i] = LSE_j l[i, j], l[i, j] = tau <a[i], b[j]>
+// off the diagonal and pos[i] on it. Tiles of kPairBlockI rows by kPairBlockJ
+// columns; the N x N logits are never held. Slices as in the cube (db is the
+// reduction over i).
+
+void check_pair_inputs(const Tensor& a, const Tensor& b, const Tensor& pos, const Tensor& tau) {
+  check_matrix(a, "a");
+  check_like(b, "b", a, "a", {a.size(0), a.size(1)});
+  check_like(pos, "pos", a, "a", {a.size(0)});
+  check_like(tau, "tau", a, "a", {});
+}
+
+// S (bi x bj) = tau a[i0:] b[j0:]^T with the diagonal entries replaced by pos.
+template <typename scalar_t>
+Tensor pair_tile(const Tensor& a, const Tensor& b, const scalar_t* posp, double tau, Tensor& S, int64_t i0,
+                 int64_t bi, int64_t j0, int64_t bj) {
+  Tensor Sv = S.narrow(0, 0, bi * bj).view({bi, bj});
+  at::addmm_out(Sv, Sv, a.narrow(0, i0, bi), b.narrow(0, j0, bj).t(), /*beta=*/0, /*alpha=*/tau);
+  scalar_t* Sp = Sv.data_ptr<scalar_t>();
+  for (int64_t ii = 0; ii < bi; ++ii) {
+    const int64_t jj = i0 + ii - j0;
+    if (jj >= 0 && jj < bj) Sp[ii * bj + jj] = posp[i0 + ii];
+  }
+  return Sv;
+}
+
+template <typename scalar_t>
+void pair_forward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, Tensor& L) {
+  const int64_t N = a.size(0);
+  const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(N, kPairBlockJ);
+  const int64_t n_iblocks = (N + BI - 1) / BI;
+  const scalar_t* posp = pos.data_ptr<scalar_t>();
+  scalar_t* Lp = L.data_ptr<scalar_t>();
+  // Each i-block owns its rows of L: no cross-thread reduction.
+  at::parallel_for(0, n_iblocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    Tensor S = at::empty({BI * BJ}, a.options());
+    for (int64_t ib = b_begin; ib < b_end; ++ib) {
+      const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
+      std::vector<double> m(bi, -kInf), s(bi, 0.0);
+      for (int64_t j0 = 0; j0 < N; j0 += BJ) {
+        const int64_t bj = std::min(BJ, N - j0);
+        Tensor Sv = pair_tile<scalar_t>(a, b, posp, tau, S, i0, bi, j0, bj);
+        const scalar_t* Sp = Sv.data_ptr<scalar_t>();
+        for (int64_t ii = 0; ii < bi; ++ii) {
+          const scalar_t rm = row_max(Sp + ii * bj, bj);
+          lse_add(m[ii], s[ii], rm, exp_row_sum(Sp + ii * bj, bj, rm));
+        }
+      }
+      for (int64_t ii = 0; ii < bi; ++ii) Lp[i0 + ii] = static_cast<scalar_t>(lse_value(m[ii], s[ii]));
+    }
+  });
+}
+
+Tensor pair_lse_forward(const Tensor& a, const Tensor& b, const Tensor& pos, const Tensor& tau) {
+  check_pair_inputs(a, b, pos, tau);
+  Tensor L = at::empty({a.size(0)}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cpu_pair_lse_forward", [&] {
+    pair_forward_kernel<scalar_t>(a, b, pos, tau.item<double>(), L);
+  });
+  return L;
+}
+
+// P[i, j] = gL[i] e^(l[i, j] - L[i]) (one exponential per element, <= |gL[i]|);
+// dpos[i] = P[i, i]; with the diagonal zeroed, da = tau P b, db = tau P^T a and
+// dtau = sum_{j != i} P[i, j] <a[i], b[j]> = sum_i <a[i], (P b)[i]>.
+template <typename scalar_t>
+void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, const Tensor& L,
+                          const Tensor& gL, Tensor& da, Tensor& db, Tensor& dpos, Tensor& dtau) {
+  const int64_t N = a.size(0), d = a.size(1);
+  const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(N, kPairBlockJ);
+  const int64_t n_iblocks = (N + BI - 1) / BI;
+  const int64_t n_slices = num_slices(n_iblocks);
+  const scalar_t* posp = pos.data_ptr<scalar_t>();
+  const scalar_t* Lp = L.data_ptr<scalar_t>();
+  const scalar_t* gLp = gL.data_ptr<scalar_t>();
+  const scalar_t* ap = a.data_ptr<scalar_t>();
+  scalar_t* dposp = dpos.data_ptr<scalar_t>();
+  Tensor db_part = at::zeros({n_slices, N, d}, a.options());
+  std::vector<double> dtau_part(n_slices, 0.0);
+
+  at::parallel_for(0, n_slices, 1, [&](int64_t s_begin, int64_t s_end) {
+    Tensor S = at::empty({BI * BJ}, a.options());
+    for (int64_t s = s_begin; s < s_end; ++s) {
+      Tensor dbs = db_part[s];
+      double dtau_acc = 0;
+      const auto blocks = slice_blocks(s, n_slices, n_iblocks);
+      for (int64_t ib = blocks.first; ib < blocks.second; ++ib) {
+        const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
+        Tensor dav = da.narrow(0, i0, bi);  // owned rows; holds P b until scaled by tau
+        const Tensor av = a.narrow(0, i0, bi);
+        for (int64_t j0 = 0; j0 < N; j0 += BJ) {
+          const int64_t bj = std::min(BJ, N - j0);
+          Tensor Pv = pair_tile<scalar_t>(a, b, posp, tau, S, i0, bi, j0, bj);
+          scalar_t* Pp = Pv.data_ptr<scalar_t>();
+          for (int64_t ii = 0; ii < bi; ++ii) exp_row_scale(Pp + ii * bj, bj, Lp[i0 + ii], gLp[i0 + ii]);
+          for (int64_t ii = 0; ii < bi; ++ii) {
+            const int64_t jj = i0 + ii - j0;
+            if (jj >= 0 && jj < bj) {
+              dposp[i0 + ii] = Pp[ii * bj + jj];
+              Pp[ii * bj + jj] = 0;  // the diagonal's logit is pos, not tau <a, b>
+            }
+          }
+          at::addmm_out(dav, dav, Pv, b.narrow(0, j0, bj), /*beta=*/j0 == 0 ? 0 : 1, /*alpha=*/1);
+          Tensor dbj = dbs.narrow(0, j0, bj);
+          at::addmm_out(dbj, dbj, Pv.t(), av, /*beta=*/1, /*alpha=*/1);
+        }
+        const scalar_t* dap = dav.data_ptr<scalar_t>();
+        for (int64_t ii = 0; ii < bi; ++ii) {
+          scalar_t t = 0;
+          for (int64_t c = 0; c < d; ++c) t += ap[(i0 + ii) * d + c] * dap[ii * d + c];
+          dtau_acc += t;
+        }
+        dav.mul_(tau);
+      }
+      dtau_part[s] = dtau_acc;
+    }
+  });
+
+  at::sum_out(db, db_part, {0});
+  db.mul_(tau);
+  double t = 0;
+  for (int64_t s = 0; s < n_slices; ++s) t += dtau_part[s];
+  dtau.fill_(t);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> pair_lse_backward(const Tensor& a, const Tensor& b, const Tensor& pos,
+                                                             const Tensor& tau, const Tensor& L,
+                                                             const Tensor& gL) {
+  check_pair_inputs(a, b, pos, tau);
+  check_like(L, "L", a, "a", {a.size(0)});
+  check_like(gL, "gL", a, "a", {a.size(0)});
+  Tensor da = at::empty_like(a), db = at::empty_like(b), dpos = at::empty_like(pos), dtau = at::empty_like(tau);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cpu_pair_lse_backward", [&] {
+    pair_backward_kernel<scalar_t>(a, b, pos, tau.item<double>(), L, gL, da, db, dpos, dtau);
+  });
+  return {da, db, dpos, dtau};
+}
+
+}  // namespace
+}  // namespace symile_cpu
+
+// FRAGMENT: the symile_kernels namespace is shared with the Python custom ops
+// (symile_kernels/ops.py) and the CUDA backend.
+TORCH_LIBRARY_FRAGMENT(symile_kernels, m) {
+  m.def("cpu_cube_lse_forward(Tensor x, Tensor y, Tensor z, Tensor tau) -> (Tensor, Tensor, Tensor)");
+  m.def("cpu_cube_lse_backward(Tensor x, Tensor y, Tensor z, Tensor tau, Tensor La, Tensor Lb, Tensor Lc, "
+        "Tensor gLa, Tensor gLb, Tensor gLc) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_pair_lse_forward(Tensor a, Tensor b, Tensor pos, Tensor tau) -> Tensor");
+  m.def("cpu_pair_lse_backward(Tensor a, Tensor b, Tensor pos, Tensor tau, Tensor L, Tensor gL) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(symile_kernels, CPU, m) {
+  m.impl("cpu_cube_lse_forward", &symile_cpu::cube_lse_forward);
+  m.impl("cpu_cube_lse_backward", &symile_cpu::cube_lse_backward);
+  m.impl("cpu_pair_lse_forward", &symile_cpu::pair_lse_forward);
+  m.impl("cpu_pair_lse_backward", &symile_cpu::pair_lse_backward);
+}

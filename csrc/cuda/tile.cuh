@@ -1,0 +1,327 @@
+// Device building blocks shared by the cube and pair kernels: tile-product
+// engines (SIMT and WMMA), operand conversion and log-sum-exp helpers.
+// No torch headers: raw pointers and sizes only.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "plan.h"
+
+namespace symile_cuda {
+
+// ---------------------------------------------------------------------------
+// Policies: how a tile product is computed. ``In`` is the operand type in shared
+// memory, ``Acc`` the accumulator (and the type of every LSE and exponential).
+
+template <typename T>
+struct IeeePolicy {
+  using In = T;
+  using Acc = T;
+  static constexpr bool kWmma = false;
+  static constexpr TileConfig cfg = config_for(kIeee, sizeof(T));
+};
+
+struct Tf32Policy {
+  using In = float;
+  using Acc = float;
+  static constexpr bool kWmma = true;
+  static constexpr TileConfig cfg = config_for(kTf32, 4);
+};
+
+struct Bf16Policy {
+  using In = __nv_bfloat16;
+  using Acc = float;
+  static constexpr bool kWmma = true;
+  static constexpr TileConfig cfg = config_for(kBf16, 4);
+};
+
+template <typename In, typename Acc>
+__device__ __forceinline__ In to_in(Acc v) {
+  if constexpr (std::is_same<In, __nv_bfloat16>::value) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return static_cast<In>(v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() {
+  return -static_cast<T>(INFINITY);
+}
+
+__device__ __forceinline__ float exp_(float v) { return expf(v); }
+__device__ __forceinline__ double exp_(double v) { return exp(v); }
+__device__ __forceinline__ float log_(float v) { return logf(v); }
+__device__ __forceinline__ double log_(double v) { return log(v); }
+__device__ __forceinline__ float log1p_(float v) { return log1pf(v); }
+__device__ __forceinline__ double log1p_(double v) { return log1p(v); }
+
+// log(exp(a) + exp(b)) with a running maximum; -inf when both are -inf.
+template <typename T>
+__device__ __forceinline__ T log_add_exp(T a, T b) {
+  const T hi = a > b ? a : b;
+  const T lo = a > b ? b : a;
+  if (hi == neg_inf<T>()) return hi;
+  return hi + log1p_(exp_(lo - hi));
+}
+
+// Merges a tile's (max m, sum of exp(v - m)) into a running (M, S) pair.
+template <typename T>
+__device__ __forceinline__ void merge_running(T& M, T& S, T m, T s) {
+  const T hi = M > m ? M : m;
+  if (hi == neg_inf<T>()) return;
+  S = S * exp_(M - hi) + s * exp_(m - hi);
+  M = hi;
+}
+
+// ---------------------------------------------------------------------------
+// Tile-product engines. C (BM x BN) += A (BM x kred, row-major, ld lda) times
+// B (kred x BN): B_COL means B(k, n) = Bs[n * ldb + k] (rows of z stored
+// row-major), else B(k, n) = Bs[k * ldb + n]. All operands are in shared memory;
+// every thread of the CTA calls every method.
+
+template <typename T, int BM, int BN>
+struct SimtTile {
+  static constexpr int TX = 16;
+  static constexpr int TY = kThreads / TX;
+  static_assert(BM % TY == 0 && BN % TX == 0, "SIMT tile must split over a 16 x 16 thread grid");
+  static constexpr int RM = BM / TY;
+  static constexpr int RN = BN / TX;
+  T acc[RM][RN];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int r = 0; r < RM; ++r)
+#pragma unroll
+      for (int c = 0; c < RN; ++c) acc[r][c] = T(0);
+  }
+
+  template <bool B_COL>
+  __device__ __forceinline__ void mma(const T* As, int lda, const T* Bs, int ldb, int kred) {
+    // Strided ownership (rows ty + r * TY, columns tx + c * TX) keeps a warp's
+    // shared-memory reads on distinct banks or broadcasts.
+    const int tx = threadIdx.x % TX;
+    const int ty = threadIdx.x / TX;
+    for (int kk = 0; kk < kred; ++kk) {
+      T a[RM], b[RN];
+#pragma unroll
+      for (int r = 0; r < RM; ++r) a[r] = As[(ty + r * TY) * lda + kk];
+#pragma unroll
+      for (int c = 0; c < RN; ++c) b[c] = B_COL ? Bs[(tx + c * TX) * ldb + kk] : Bs[kk * ldb + tx + c * TX];
+#pragma unroll
+      for (int r = 0; r < RM; ++r)
+#pragma unroll
+        for (int c = 0; c < RN; ++c) acc[r][c] = fma(a[r], b[c], acc[r][c]);
+    }
+  }
+
+  __device__ __forceinline__ void store(T* Cs, int ldc) const {
+    const int tx = threadIdx.x % TX;
+    const int ty = threadIdx.x / TX;
+#pragma unroll
+    for (int r = 0; r < RM; ++r)
+#pragma unroll
+      for (int c = 0; c < RN; ++c) Cs[(ty + r * TY) * ldc + tx + c * TX] = acc[r][c];
+  }
+};
+
+template <typename In, int BM, int BN>
+struct WmmaTile {
+  // TF32 fragments are m16n16k8 over float storage; bf16 fragments m16n16k16.
+  static constexpr bool kTf32 = std::is_same<In, float>::value;
+  static constexpr int WK = kTf32 ? 8 : 16;
+  using FragT = typename std::conditional<kTf32, nvcuda::wmma::precision::tf32, In>::type;
+  static constexpr int WARPS = kThreads / 32;
+  static constexpr int TILES_N = BN / 16;
+  static constexpr int TILES = (BM / 16) * TILES_N;
+  static_assert(BM % 16 == 0 && BN % 16 == 0 && TILES % WARPS == 0, "WMMA tile must split into 16 x 16 pieces per warp");
+  static constexpr int PER_WARP = TILES / WARPS;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, WK, float> acc[PER_WARP];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int q = 0; q < PER_WARP; ++q) nvcuda::wmma::fill_fragment(acc[q], 0.0f);
+  }
+
+  template <bool B_COL>
+  __device__ __forceinline__ void mma(const In* As, int lda, const In* Bs, int ldb, int kred) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // bf16 and TF32 fragments need sm_80; the binding refuses older devices
+#else
+    using namespace nvcuda;
+    using BLayout = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
+    const int warp = threadIdx.x / 32;
+    for (int kk = 0; kk < kred; kk += WK) {
+#pragma unroll
+      for (int q = 0; q < PER_WARP; ++q) {
+        const int t = warp + q * WARPS;
+        const int tm = t / TILES_N;
+        const int tn = t % TILES_N;
+        wmma::fragment<wmma::matrix_a, 16, 16, WK, FragT, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, WK, FragT, BLayout> b;
+        wmma::load_matrix_sync(a, As + tm * 16 * lda + kk, lda);
+        wmma::load_matrix_sync(b, B_COL ? Bs + tn * 16 * ldb + kk : Bs + kk * ldb + tn * 16, ldb);
+        if constexpr (kTf32) {
+#pragma unroll
+          for (int e = 0; e < a.num_elements; ++e) a.x[e] = wmma::__float_to_tf32(a.x[e]);
+#pragma unroll
+          for (int e = 0; e < b.num_elements; ++e) b.x[e] = wmma::__float_to_tf32(b.x[e]);
+        }
+        wmma::mma_sync(acc[q], a, b, acc[q]);
+      }
+    }
+#endif
+  }
+
+  __device__ __forceinline__ void store(float* Cs, int ldc) const {
+    const int warp = threadIdx.x / 32;
+#pragma unroll
+    for (int q = 0; q < PER_WARP; ++q) {
+      const int t = warp + q * WARPS;
+      nvcuda::wmma::store_matrix_sync(Cs + (t / TILES_N) * 16 * ldc + (t % TILES_N) * 16, acc[q], ldc,
+                                      nvcuda::wmma::mem_row_major);
+    }
+  }
+};
+
+template <typename Policy, int BM, int BN>
+using TileFor = typename std::conditional<Policy::kWmma, WmmaTile<typename Policy::In, BM, BN>,
+                                          SimtTile<typename Policy::Acc, BM, BN>>::type;
+
+// ---------------------------------------------------------------------------
+// Operand loaders: copy a rows x BLOCK_D chunk into shared memory, zero outside
+// the tensors (tails of rows and of d are handled here, not by padded copies).
+
+// Rows of an (n, D) tensor: dst[r][dd] = src[row0 + r][d0 + dd].
+template <typename In, typename Acc, typename T>
+__device__ __forceinline__ void load_rows(In* dst, int ld, int rows, int cols, const T* __restrict__ src,
+                                          int64_t row0, int64_t n, int64_t d0, int64_t D) {
+  for (int e = threadIdx.x; e < rows * cols; e += kThreads) {
+    const int r = e / cols;
+    const int dd = e % cols;
+    const int64_t row = row0 + r;
+    const int64_t col = d0 + dd;
+    const Acc v = (row < n && col < D) ? static_cast<Acc>(src[row * D + col]) : Acc(0);
+    dst[r * ld + dd] = to_in<In, Acc>(v);
+  }
+}
+
+// Row products of BLOCK_I x BLOCK_J pairs: dst[p][dd] = A[a0 + p / BJ][d] * B[b0 + p % BJ][d].
+template <typename In, typename Acc, typename T, int BI, int BJ>
+__device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, const T* __restrict__ A,
+                                                   const T* __restrict__ B, int64_t a0, int64_t NA, int64_t b0,
+                                                   int64_t NB, int64_t d0, int64_t D) {
+  for (int e = threadIdx.x; e < BI * BJ * cols; e += kThreads) {
+    const int p = e / cols;
+    const int dd = e % cols;
+    const int64_t a = a0 + p / BJ;
+    const int64_t b = b0 + p % BJ;
+    const int64_t col = d0 + dd;
+    Acc v = Acc(0);
+    if (a < NA && b < NB && col < D) v = static_cast<Acc>(A[a * D + col]) * static_cast<Acc>(B[b * D + col]);
+    dst[p * ld + dd] = to_in<In, Acc>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Row and column log-sum-exp of a shared-memory tile (masked entries hold -inf).
+// Each of rows (or cols) gets kThreads / rows adjacent lanes; the result goes to
+// the lane with q == 0 through butterfly shuffles, so every thread must call.
+
+template <typename Acc, int ROWS, int COLS>
+__device__ __forceinline__ void tile_row_stats(const Acc* S, int ld, int& row, Acc& m, Acc& s, bool& leader) {
+  constexpr int TPR = kThreads / ROWS;
+  static_assert(TPR >= 1 && TPR <= 32 && (TPR & (TPR - 1)) == 0, "lanes per row must be a power of two <= 32");
+  row = threadIdx.x / TPR;
+  const int q = threadIdx.x % TPR;
+  m = neg_inf<Acc>();
+  for (int c = q; c < COLS; c += TPR) m = fmax(m, S[row * ld + c]);
+#pragma unroll
+  for (int off = TPR / 2; off > 0; off /= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
+  s = Acc(0);
+  if (m != neg_inf<Acc>()) {
+    for (int c = q; c < COLS; c += TPR) s += exp_(S[row * ld + c] - m);
+  }
+#pragma unroll
+  for (int off = TPR / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+  leader = q == 0;
+}
+
+template <typename Acc, int ROWS, int COLS>
+__device__ __forceinline__ void tile_col_stats(const Acc* S, int ld, int& col, Acc& m, Acc& s, bool& leader) {
+  constexpr int TPC = kThreads / COLS;
+  static_assert(TPC >= 1 && TPC <= 32 && (TPC & (TPC - 1)) == 0, "lanes per column must be a power of two <= 32");
+  col = threadIdx.x / TPC;
+  const int q = threadIdx.x % TPC;
+  m = neg_inf<Acc>();
+  for (int r = q; r < ROWS; r += TPC) m = fmax(m, S[r * ld + col]);
+#pragma unroll
+  for (int off = TPC / 2; off > 0; off /= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
+  s = Acc(0);
+  if (m != neg_inf<Acc>()) {
+    for (int r = q; r < ROWS; r += TPC) s += exp_(S[r * ld + col] - m);
+  }
+#pragma unroll
+  for (int off = TPC / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+  leader = q == 0;
+}
+
+// Deterministic block sum (fixed tree order); every thread calls, thread 0 gets the sum.
+template <typename Acc>
+__device__ __forceinline__ Acc block_sum(Acc v, Acc* red) {
+  red[threadIdx.x] = v;
+  __syncthreads();
+#pragma unroll
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) red[threadIdx.x] += red[threadIdx.x + stride];
+    __syncthreads();
+  }
+  return red[0];
+}
+
+// ---------------------------------------------------------------------------
+// Small helper kernels.
+
+template <typename T>
+__global__ void fill_kernel(T* __restrict__ out, int64_t n, T value) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    out[e] = value;
+  }
+}
+
+// out[n] = LSE over r < R of part[r * N + n], in the fixed order r = 0, 1, ...
+template <typename T>
+__global__ void combine_lse_kernel(const T* __restrict__ part, int64_t R, int64_t N, T* __restrict__ out) {
+  for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
+    T m = neg_inf<T>();
+    for (int64_t r = 0; r < R; ++r) m = fmax(m, part[r * N + n]);
+    T s = T(0);
+    if (m != neg_inf<T>()) {
+      for (int64_t r = 0; r < R; ++r) s += exp_(part[r * N + n] - m);
+    }
+    out[n] = m == neg_inf<T>() ? m : m + log_(s);
+  }
+}
+
+// out[0] = sum of part[0..n) in a fixed order (one CTA).
+template <typename T>
+__global__ void sum_kernel(const T* __restrict__ part, int64_t n, T* __restrict__ out) {
+  __shared__ T red[kThreads];
+  T v = T(0);
+  for (int64_t e = threadIdx.x; e < n; e += kThreads) v += part[e];
+  const T total = block_sum<T>(v, red);
+  if (threadIdx.x == 0) out[0] = total;
+}
+
+inline unsigned grid_for(int64_t n) {
+  const int64_t blocks = ceil_div(n, kThreads);
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks));
+}
+
+}  // namespace symile_cuda

@@ -1,0 +1,301 @@
+"""Training and zero-shot evaluation of one run.
+
+The pieces are kept apart so ``torch.nn.parallel.DistributedDataParallel``
+can wrap them later without changes here:
+
+- ``batch_indices`` is the only place that decides which rows a process sees
+  (``rank`` / ``world_size`` slice every global batch);
+- ``train_step`` takes the (possibly wrapped) model, the optimizer, one batch
+  and the loss function, and calls the model's ``forward`` once;
+- ``evaluate`` unwraps the model and scores every candidate.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import backends, clip_loss, mip_similarity, symile_loss
+from . import data
+from .model import ENCODERS, Encoders, unwrap
+
+LOSSES = ("symile", "clip")
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one run (one point of a sweep).
+
+    ``p_hat`` and ``d_v`` apply to task "xor"; ``w``, ``classes``,
+    ``class_dim`` and ``noise`` to "m3-synthetic". ``negative_sampling``
+    applies to the Symile loss only.
+    """
+
+    task: str = "xor"
+    loss: str = "symile"
+    negative_sampling: str = "n_squared"
+    backend: str = "auto"
+    p_hat: float = 1.0
+    d_v: int = 2
+    w: int = 4
+    classes: int = 1000
+    class_dim: int = 32
+    noise: float = 0.1
+    missing_prob: float = 0.0
+    eval_missing_prob: float = 0.0
+    d: int = 16
+    encoder: str = "linear"
+    hidden: int = 64
+    batch_size: int = 100
+    epochs: int = 4
+    lr: float = 0.1
+    weight_decay: float = 0.01
+    logit_scale_init: float = -0.3
+    train_n: int = 10000
+    test_n: int = 5000
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> "RunConfig":
+        """Raises ValueError naming the offending option; returns self."""
+        def bad(name: str, expected: str, value) -> ValueError:
+            return ValueError(f"{name} must be {expected}; got {value!r}")
+
+        if self.task not in data.TASKS:
+            raise bad("task", "one of " + ", ".join(map(repr, data.TASKS)), self.task)
+        if self.loss not in LOSSES:
+            raise bad("loss", "one of " + ", ".join(map(repr, LOSSES)), self.loss)
+        if self.negative_sampling not in ("n", "n_squared"):
+            raise bad("negative_sampling", "'n' or 'n_squared'", self.negative_sampling)
+        if self.backend not in backends.NAMES:
+            raise bad("backend", "one of " + ", ".join(map(repr, backends.NAMES)), self.backend)
+        if self.encoder not in ENCODERS:
+            raise bad("encoder", "one of " + ", ".join(map(repr, ENCODERS)), self.encoder)
+        for name, lo, hi, closed in (("p_hat", 0.0, 1.0, True), ("missing_prob", 0.0, 1.0, False),
+                                     ("eval_missing_prob", 0.0, 1.0, False)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and lo <= value and (
+                value <= hi if closed else value < hi)
+            if not ok:
+                raise bad(name, f"in [{lo:g}, {hi:g}{']' if closed else ')'}", value)
+        for name, low in (("d_v", 1), ("w", 2), ("classes", 2), ("class_dim", 1), ("d", 1), ("hidden", 1),
+                          ("batch_size", 2), ("epochs", 1), ("test_n", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise bad(name, f"an integer >= {low}", value)
+        if self.d_v > 16:
+            raise bad("d_v", "at most 16 (the test scores all 2^d_v candidates)", self.d_v)
+        if isinstance(self.train_n, bool) or not isinstance(self.train_n, int) or self.train_n < self.batch_size:
+            raise bad("train_n", f"an integer >= batch_size ({self.batch_size})", self.train_n)
+        for name in ("lr", "noise", "weight_decay"):
+            value = getattr(self, name)
+            positive = name == "lr"
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise bad(name, "a positive finite number" if positive else "a finite number >= 0", value)
+        if not math.isfinite(self.logit_scale_init):
+            raise bad("logit_scale_init", "finite", self.logit_scale_init)
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise bad("device", "a torch device such as 'cpu' or 'cuda:0'", self.device) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise bad("device", "available; CUDA is not available here, use 'cpu'", self.device)
+        return self
+
+    def input_sizes(self) -> Dict[str, int]:
+        return data.input_sizes(self.task, d_v=self.d_v, w=self.w, class_dim=self.class_dim)
+
+    @property
+    def chance_accuracy(self) -> float:
+        return 2.0 ** -self.d_v if self.task == "xor" else 1.0 / self.classes
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def make_split(config: RunConfig, which: str) -> data.Split:
+    """The "train" split (missing_prob applied to every modality) or the "test"
+    split (eval_missing_prob applied to the query modalities) of ``config``."""
+    gen = data.generator(config.seed, which)
+    if config.task == "xor":
+        split = data.xor_split(config.train_n if which == "train" else config.test_n, config.d_v, config.p_hat, gen)
+    else:
+        table = data.class_vectors(config.classes, config.class_dim, config.seed)
+        split = data.m3_split(config.train_n if which == "train" else config.test_n, config.w, config.noise,
+                              table, gen)
+    if which == "train":
+        return data.hide(split, config.missing_prob, data.generator(config.seed, "train-missing"))
+    return data.hide(split, config.eval_missing_prob, data.generator(config.seed, "test-missing"),
+                     modalities=split.queries)
+
+
+def make_model(config: RunConfig) -> Encoders:
+    """Fresh encoders; initialised from torch's global generator (seed it first)."""
+    return Encoders(config.input_sizes(), config.d, encoder=config.encoder, hidden=config.hidden,
+                    logit_scale_init=config.logit_scale_init)
+
+
+def make_loss_fn(config: RunConfig) -> Callable:
+    """``loss_fn(reps, logit_scale) -> 0-dim loss`` through the public API."""
+    if config.loss == "symile":
+        return functools.partial(symile_loss, negative_sampling=config.negative_sampling, backend=config.backend)
+    return functools.partial(clip_loss, backend=config.backend)
+
+
+def batch_indices(n: int, batch_size: int, gen: torch.Generator, rank: int = 0,
+                  world_size: int = 1) -> Iterator[Tensor]:
+    """One epoch of shuffled row indices: global batches of ``batch_size`` rows,
+    each split into ``world_size`` equal slices of which this process takes
+    slice ``rank``. The last incomplete global batch is dropped (a smaller
+    batch would change the loss's number of negatives)."""
+    order = torch.randperm(n, generator=gen)
+    per_rank = batch_size // world_size
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield order[start + rank * per_rank:start + (rank + 1) * per_rank]
+
+
+def to_device(batch: Dict[str, Dict[str, Tensor]], device: torch.device) -> Dict[str, Dict[str, Tensor]]:
+    return {key: {m: v.to(device) for m, v in part.items()} for key, part in batch.items()}
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Dict[str, Dict[str, Tensor]],
+               loss_fn: Callable) -> Tensor:
+    """One optimisation step on one batch; returns the detached loss (no host sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    reps, logit_scale = model(batch["inputs"], batch["missing"])
+    loss = loss_fn(reps, logit_scale)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def scores(model: nn.Module, split: data.Split, index: Tensor, loss: str, device: torch.device) -> Tensor:
+    """(B, K) zero-shot scores of the rows ``index`` against every candidate.
+
+    Symile: the MIP of the query representations with the candidate's.
+    CLIP: the sum over query modalities of the pairwise dot products with the
+    candidate (the query-query term is the same for every candidate).
+    """
+    encoders = unwrap(model)
+    candidates = encoders.encode(split.target, split.candidates.to(device),
+                                 torch.zeros(split.candidates.shape[0], device=device))
+    queries = [encoders.encode(m, split.inputs[m][index].to(device), split.missing[m][index].to(device))
+               for m in split.queries]
+    if loss == "symile":
+        return mip_similarity(candidates, queries)
+    return sum(q @ candidates.T for q in queries)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: data.Split, loss: str, device: torch.device, batch_size: int = 4096) -> float:
+    """Zero-shot accuracy: fraction of rows whose argmax score is the true label."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(split)))
+        pred = scores(model, split, index, loss, device).argmax(dim=1).cpu()
+        correct += int((pred == split.labels[index]).sum())
+    model.train(was_training)
+    return correct / len(split)
+
+
+def record(config: RunConfig, resolved_backend: str, test_accuracy: float, train_seconds: float,
+           final_loss: Optional[float], logit_scale: float) -> Dict:
+    """One entry of results.json's ``runs``."""
+    entry = {"task": config.task, "loss": config.loss,
+             "negative_sampling": config.negative_sampling if config.loss == "symile" else None,
+             "backend": resolved_backend}
+    if config.task == "xor":
+        entry.update(p_hat=config.p_hat, d_v=config.d_v)
+    else:
+        entry.update(w=config.w, classes=config.classes, noise=config.noise)
+    entry.update(missing_prob=config.missing_prob, eval_missing_prob=config.eval_missing_prob, seed=config.seed,
+                 test_accuracy=test_accuracy, chance_accuracy=config.chance_accuracy,
+                 train_seconds=train_seconds, final_train_loss=final_loss, logit_scale=logit_scale,
+                 config=asdict(config))
+    return entry
+
+
+def train_run(config: RunConfig, progress=None) -> Tuple[Dict, Encoders]:
+    """Trains one run from scratch and evaluates it on its held-out test split.
+
+    Deterministic on the CPU for a given config: data come from generators
+    seeded by ``config.seed``; model init and the "n" sampling permutations use
+    torch's global generator, seeded here and restored afterwards.
+
+    Args:
+        config: the run (validated here).
+        progress: optional ``report.Progress``-like object with ``update(loss)``.
+
+    Returns:
+        (the results.json entry, the trained Encoders).
+    """
+    config.validate()
+    device = torch.device(config.device)
+    resolved = backends.resolve(config.backend, device)
+    train, test = make_split(config, "train"), make_split(config, "test")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = make_model(config).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        loss_fn = make_loss_fn(config)
+        shuffle = data.generator(config.seed, "train")
+        model.train()
+        start = time.perf_counter()
+        final_loss = None
+        for _ in range(config.epochs):
+            total, steps = torch.zeros((), device=device), 0
+            for index in batch_indices(len(train), config.batch_size, shuffle):
+                loss = train_step(model, optimizer, to_device(train.batch(index), device), loss_fn)
+                total += loss
+                steps += 1
+                if progress is not None:
+                    progress.update(loss)
+            final_loss = float(total) / steps
+        train_seconds = time.perf_counter() - start
+    accuracy = evaluate(model, test, config.loss, device)
+    entry = record(config, resolved, accuracy, train_seconds, final_loss, float(model.log_tau.exp()))
+    return entry, model
+
+
+def evaluate_checkpoint(path: str, device: Optional[str] = None,
+                        eval_missing_prob: Optional[float] = None) -> Tuple[Dict, Encoders]:
+    """Loads a checkpoint written by ``save_checkpoint`` and evaluates it on its
+    test split, drawn again from the stored seed. Returns (entry, model); the
+    entry carries the checkpoint's train_seconds and ``"eval_only": True``."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path!r} is not a symile_kernels.train checkpoint (format {CHECKPOINT_FORMAT})")
+    config = RunConfig.from_dict(checkpoint["config"])
+    if device is not None:
+        config.device = device
+    if eval_missing_prob is not None:
+        config.eval_missing_prob = eval_missing_prob
+    config.validate()
+    dev = torch.device(config.device)
+    model = make_model(config)
+    model.load_state_dict(checkpoint["model"])
+    model.to(dev)
+    test = make_split(config, "test")
+    accuracy = evaluate(model, test, config.loss, dev)
+    entry = record(config, backends.resolve(config.backend, dev), accuracy, checkpoint["train_seconds"],
+                   checkpoint.get("final_train_loss"), float(model.log_tau.exp()))
+    entry["eval_only"] = True
+    entry["checkpoint"] = str(path)
+    return entry, model
+
+
+def save_checkpoint(path, model: nn.Module, config: RunConfig, entry: Dict) -> None:
+    """Writes the weights, the config and the training time (loadable with weights_only=True)."""
+    torch.save({"format": CHECKPOINT_FORMAT, "config": asdict(config), "model": unwrap(model).state_dict(),
+                "train_seconds": entry["train_seconds"], "final_train_loss": entry["final_train_loss"]}, path)

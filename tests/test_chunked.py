@@ -1,0 +1,179 @@
+"""The pure-PyTorch ``chunked`` backend against the float64 oracle."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import symile_kernels
+from symile_kernels import ops, symile_loss
+from symile_kernels.chunked import tile_shape
+
+from oracle_check import INPUT_KINDS, check_against_oracle, make_inputs
+
+SIZES_N = (1, 2, 7, 33, 130)
+SIZES_D = (1, 3, 48)
+DTYPES = (torch.float64, torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", SIZES_D)
+@pytest.mark.parametrize("N", SIZES_N)
+def test_cube_matches_oracle(N, d, dtype):
+    check_against_oracle("chunked", make_inputs("unit", 3, N, d), 100.0, dtype=dtype)
+
+
+@pytest.mark.parametrize("kind,tau", INPUT_KINDS)
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+def test_input_kinds(kind, tau, dtype):
+    check_against_oracle("chunked", make_inputs(kind, 3, 33, 48), tau, dtype=dtype)
+
+
+@pytest.mark.parametrize("M,N,d", [(2, 33, 48), (2, 1, 3), (4, 7, 3), (4, 13, 48), (5, 5, 3)])
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+def test_other_modality_counts(M, N, d, dtype):
+    check_against_oracle("chunked", make_inputs("unit", M, N, d), 14.3, dtype=dtype)
+
+
+@pytest.mark.parametrize("M,N,d", [(2, 33, 5), (3, 130, 48), (3, 7, 1), (5, 33, 3)])
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+def test_n_sampling(M, N, d, dtype):
+    check_against_oracle("chunked", make_inputs("unit", M, N, d), 100.0, dtype=dtype, negative_sampling="n", seed=7)
+
+
+@pytest.mark.parametrize("M", (2, 3, 4))
+def test_clip_loss(M):
+    check_against_oracle("chunked", make_inputs("unit", M, 33, 48), 14.3, loss="clip")
+
+
+@pytest.mark.parametrize("budget", (1, 5000, 40000))
+def test_many_tiles(monkeypatch, budget):
+    # A tiny workspace budget forces tiles smaller than the cube in both i and j.
+    monkeypatch.setenv("SYMILE_KERNELS_CHUNK_BYTES", str(budget))
+    block_i, block_j = tile_shape(33, 33, 33, 5, 8)
+    assert block_i * block_j < 33 * 33
+    check_against_oracle("chunked", make_inputs("unit", 3, 33, 5), 100.0)
+    check_against_oracle("chunked", make_inputs("unit", 4, 7, 5), 14.3)
+    check_against_oracle("chunked", make_inputs("gaussian", 3, 33, 5), 1.0, negative_sampling="n")
+
+
+def test_bad_budget(monkeypatch):
+    monkeypatch.setenv("SYMILE_KERNELS_CHUNK_BYTES", "lots")
+    with pytest.raises(ValueError, match="SYMILE_KERNELS_CHUNK_BYTES"):
+        symile_loss(make_inputs("unit", 3, 4, 2), 1.0, backend="chunked")
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("negative_sampling", ("n_squared", "n"))
+def test_never_holds_the_cube(monkeypatch, negative_sampling):
+    N, d = 64, 8
+    monkeypatch.setenv("SYMILE_KERNELS_CHUNK_BYTES", str(4 * 8 * N * N))  # room for about N^2 values per tile
+    reps = [r.requires_grad_() for r in make_inputs("unit", 3, N, d)]
+    with LargestTensor() as mode:
+        symile_loss(reps, 14.3, negative_sampling=negative_sampling, backend="chunked").backward()
+    assert mode.largest <= 2 * N * N, f"a tensor of {mode.largest} elements (the cube has {N ** 3})"
+
+
+def test_gradcheck_ops():
+    x, y, z = (torch.randn(n, 3, dtype=torch.float64, requires_grad=True) for n in (4, 3, 5))  # rectangular cube
+    tau = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.cube_lse(*a, "chunked"), (x, y, z, tau))
+    a, b = (torch.randn(5, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    pos = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: ops.pair_lse(*t, "chunked"), (a, b, pos, tau))
+
+
+@pytest.mark.parametrize("negative_sampling", ("n_squared", "n"))
+@pytest.mark.parametrize("M", (2, 3, 4))
+def test_gradcheck_loss(M, negative_sampling):
+    reps = [torch.randn(4, 3, dtype=torch.float64, requires_grad=True) for _ in range(M)]
+    tau = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+
+    def loss(*args):
+        torch.manual_seed(0)
+        return symile_loss(list(args[:-1]), args[-1], negative_sampling=negative_sampling, backend="chunked")
+
+    assert torch.autograd.gradcheck(loss, (*reps, tau))
+
+
+def test_opcheck():
+    x, y, z = (torch.randn(n, 6, dtype=torch.float64, requires_grad=True) for n in (5, 4, 3))
+    tau = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.symile_kernels.cube_lse.default, (x, y, z, tau, "chunked"))
+    a, b = (torch.randn(5, 6, requires_grad=True) for _ in range(2))
+    pos = torch.randn(5, requires_grad=True)
+    torch.library.opcheck(torch.ops.symile_kernels.pair_lse.default, (a, b, pos, tau.float(), "chunked"))
+
+
+def test_non_contiguous_inputs():
+    reps = make_inputs("unit", 3, 33, 48)
+    strided = [torch.randn(96, 33, dtype=torch.float64).T[:, ::2] for _ in reps]  # (33, 48), non-contiguous
+    for s, r in zip(strided, reps):
+        s.copy_(r)
+    assert not strided[0].is_contiguous()
+    check_against_oracle("chunked", strided, 14.3)
+
+
+def test_logit_scale_float_and_tensor_agree():
+    reps = make_inputs("unit", 3, 9, 5)
+    as_float = symile_loss(reps, 14.3, backend="chunked")
+    as_tensor = symile_loss(reps, torch.tensor(14.3, dtype=torch.float64), backend="chunked")
+    assert float(as_float) == float(as_tensor)
+
+
+def test_inputs_left_unmodified():
+    reps = [r.requires_grad_() for r in make_inputs("unit", 4, 7, 5)]
+    tau = torch.tensor(10.0, requires_grad=True)
+    before = [r.detach().clone() for r in reps] + [tau.detach().clone()]
+    for negative_sampling in ("n_squared", "n"):
+        symile_loss(reps, tau, negative_sampling=negative_sampling, backend="chunked").backward()
+    for t, b in zip(reps + [tau], before):
+        assert torch.equal(t.detach(), b)
+
+
+@pytest.mark.parametrize("negative_sampling", ("n_squared", "n"))
+@pytest.mark.parametrize("M", (2, 3, 4))
+def test_single_tuple_has_zero_loss_and_gradients(M, negative_sampling):
+    reps = [torch.randn(1, 5, dtype=torch.float64, requires_grad=True) for _ in range(M)]
+    tau = torch.tensor(30.0, dtype=torch.float64, requires_grad=True)
+    loss = symile_loss(reps, tau, negative_sampling=negative_sampling, backend="chunked")
+    grads = torch.autograd.grad(loss, reps + [tau])
+    # Zero up to rounding: the cube's T (a matrix product) and the positive MIP sum in different orders.
+    assert abs(float(loss.detach())) <= 1e-12 * 30
+    assert all(float(g.abs().max()) <= 1e-12 * 30 for g in grads)
+
+
+def test_mixed_dtypes_promote():
+    reps = make_inputs("unit", 3, 7, 5)
+    mixed = [reps[0].float().requires_grad_(), reps[1].bfloat16().requires_grad_(), reps[2].float().requires_grad_()]
+    loss = symile_loss(mixed, 14.3, backend="chunked")
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert [r.grad.dtype for r in mixed] == [torch.float32, torch.bfloat16, torch.float32]
+
+
+def test_compile_fullgraph():
+    reps = [r.float() for r in make_inputs("unit", 3, 9, 8)]
+    weights = torch.nn.Linear(8, 8)
+
+    def step(reps, tau):
+        return symile_loss([weights(r) for r in reps], tau, backend="chunked")
+
+    tau = torch.tensor(14.3)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager = step(reps, tau)
+    assert torch.allclose(compiled(reps, tau), eager, rtol=1e-5, atol=1e-6)
+    compiled(reps, tau).backward()
+    assert weights.weight.grad is not None and torch.isfinite(weights.weight.grad).all()
