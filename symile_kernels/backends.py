@@ -15,9 +15,11 @@ tensor of that dtype on that device (SPEC section 1):
     returns SPEC section 2's contractions of G: dx, dy, dz shaped like x, y, z
     and dtau (0-dim). The positive term of G is not included (it is plain torch).
 ``pair_lse_forward(a, b, pos, tau) -> L``
-    a, b: (N, d), pos: (N,). ``L[i] = LSE_j l[i, j]`` with ``l[i, j] = tau <a[i], b[j]>``
-    off the diagonal and ``l[i, i] = pos[i]`` (SPEC section 3; CLIP when
-    ``pos[i] = tau <a[i], b[i]>``).
+    a: (I, d), b: (J, d) with I <= J, pos: (I,). ``L[i] = LSE_j l[i, j]`` over the
+    J columns, with ``l[i, j] = tau <a[i], b[j]>`` off the diagonal and
+    ``l[i, i] = pos[i]`` (SPEC section 3; CLIP when ``pos[i] = tau <a[i], b[i]>``).
+    I < J happens in distributed runs: a process's local rows against the global
+    batch, rotated so that each row's positive column is its own index.
 ``pair_lse_backward(a, b, pos, tau, L, gL) -> (da, db, dpos, dtau)``
     Gradients of ``sum_i gL[i] L[i]``.
 
@@ -38,6 +40,7 @@ import torch
 # name -> module that defines ``BACKEND``. Only finished, tested kernels go here.
 _MODULES = {
     "chunked": "symile_kernels.chunked",
+    "triton": "symile_kernels.triton",
 }
 
 # Preference of ``backend="auto"`` per device type, fastest first.

@@ -91,14 +91,15 @@ def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, 
     return tau * dx, tau * dy, tau * dz, dtau
 
 
-def _pair_tiles(N: int, element_size: int):
-    BLOCK_I = max(1, min(N, budget_bytes() // (element_size * _LIVE_TILES * N)))
-    for i0 in range(0, N, BLOCK_I):
-        yield slice(i0, min(i0 + BLOCK_I, N))
+def _pair_tiles(a: Tensor, b: Tensor):
+    I, J = a.shape[0], b.shape[0]
+    BLOCK_I = max(1, min(I, budget_bytes() // (a.element_size() * _LIVE_TILES * J)))
+    for i0 in range(0, I, BLOCK_I):
+        yield slice(i0, min(i0 + BLOCK_I, I))
 
 
 def _pair_tile_T(a: Tensor, b: Tensor, I: slice) -> tuple[Tensor, Tensor]:
-    """Inner products ``<a[i], b[j]>`` for i in I (bi, N), and the mask of the diagonal i == j."""
+    """Inner products ``<a[i], b[j]>`` for i in I (bi, J), and the mask of the diagonal i == j."""
     T = a[I] @ b.T
     rows = torch.arange(I.start, I.stop, device=a.device)
     diagonal = rows[:, None] == torch.arange(b.shape[0], device=a.device)[None, :]
@@ -107,7 +108,7 @@ def _pair_tile_T(a: Tensor, b: Tensor, I: slice) -> tuple[Tensor, Tensor]:
 
 def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
     L = a.new_empty(a.shape[0])
-    for I in _pair_tiles(a.shape[0], a.element_size()):
+    for I in _pair_tiles(a, b):
         T, diagonal = _pair_tile_T(a, b, I)
         L[I] = torch.logsumexp(torch.where(diagonal, pos[I, None], tau * T), dim=1)
     return L
@@ -118,7 +119,7 @@ def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
     da, db = torch.zeros_like(a), torch.zeros_like(b)
     dpos = torch.zeros_like(pos)
     dtau = torch.zeros_like(tau)
-    for I in _pair_tiles(a.shape[0], a.element_size()):
+    for I in _pair_tiles(a, b):
         T, diagonal = _pair_tile_T(a, b, I)
         P = gL[I, None] * torch.exp(torch.where(diagonal, pos[I, None], tau * T) - L[I, None])
         dpos[I] = P[diagonal]

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from . import backends, ops, reference
 from ._validation import check_negative_sampling, prepare
+from .distributed import Shard, make_shard
 
 # Folded rows per cube_lse call for M > 3: big enough to amortise a call, small
 # next to the N^(M-2) rows of the fold.
@@ -21,7 +22,8 @@ _FOLD_ROWS = 4096
 
 
 def symile_loss(representations: Sequence[Tensor], logit_scale: Union[float, Tensor], *,
-                negative_sampling: str = "n_squared", backend: str = "auto") -> Tensor:
+                negative_sampling: str = "n_squared", backend: str = "auto", gather: bool = False,
+                process_group=None) -> Tensor:
     """The Symile loss (SPEC sections 2-3) without materialising the logits.
 
     Args:
@@ -35,10 +37,18 @@ def symile_loss(representations: Sequence[Tensor], logit_scale: Union[float, Ten
             generator in the order of the reference package ``symile``).
         backend: "auto", "reference" (the oracle) or a name from
             ``available_backends()``; SYMILE_KERNELS_BACKEND overrides "auto".
+        gather: each process of ``process_group`` (default: the whole world)
+            passes its local (n, d) slice of a global batch, every process the
+            same n; the loss contrasts against the whole global batch and
+            returns this process's share, so that the mean over processes is the
+            single-process loss of the global batch and DistributedDataParallel's
+            gradient averaging gives the single-process gradients (SPEC section
+            7). "n" then needs the same torch seed on every process.
 
     Returns:
         0-dim tensor in the promoted input dtype: the mean over anchors m of
-        ``mean_i [LSE_m(i) - tau * MIP(R_1[i], ..., R_M[i])]``.
+        ``mean_i [LSE_m(i) - tau * MIP(R_1[i], ..., R_M[i])]``, i over this
+        process's rows.
 
     Example:
         >>> x, y, z = (torch.nn.functional.normalize(torch.randn(8, 16), dim=1) for _ in range(3))
@@ -47,73 +57,83 @@ def symile_loss(representations: Sequence[Tensor], logit_scale: Union[float, Ten
     check_negative_sampling(negative_sampling)
     reps, tau, out_dtype = prepare(representations, logit_scale)
     name = backends.resolve(backend, reps[0].device)
+    shard = make_shard(gather, process_group, *reps[0].shape, reps[0].device)
     if name == "reference":
-        loss = reference.symile_loss_reference(reps, tau, negative_sampling)
+        loss = reference.symile_loss_reference([shard.gather(r) for r in reps], tau, negative_sampling,
+                                               rows=shard.rows)
     elif negative_sampling == "n":
-        loss = _symile_n(reps, tau, name)
+        loss = _symile_n(reps, tau, name, shard)
     elif len(reps) == 2:
-        loss = _symmetric_pair(reps[0], reps[1], tau, name)
+        loss = _symmetric_pair(reps[0], reps[1], tau, name, shard)
     else:
-        loss = _symile_cube(reps, tau, name)
+        loss = _symile_cube(reps, tau, name, shard)
     return loss.to(out_dtype)
 
 
 def clip_loss(representations: Sequence[Tensor], logit_scale: Union[float, Tensor], *,
-              backend: str = "auto") -> Tensor:
+              backend: str = "auto", gather: bool = False, process_group=None) -> Tensor:
     """Pairwise CLIP baseline: the sum over modality pairs (a < b) of the symmetric
     InfoNCE loss ``(CE(tau R_a R_b^T) + CE(tau R_b R_a^T)) / 2``.
 
-    Same arguments and dtype rules as ``symile_loss``; M >= 2 tensors (N, d).
-    Returns a 0-dim tensor.
+    Same arguments, dtype rules and ``gather`` semantics as ``symile_loss``;
+    M >= 2 tensors (N, d). Returns a 0-dim tensor.
     """
     reps, tau, out_dtype = prepare(representations, logit_scale)
     name = backends.resolve(backend, reps[0].device)
+    shard = make_shard(gather, process_group, *reps[0].shape, reps[0].device)
     if name == "reference":
-        return reference.clip_loss_reference(reps, tau).to(out_dtype)
-    total = sum(_symmetric_pair(reps[a], reps[b], tau, name)
-                for a in range(len(reps)) for b in range(a + 1, len(reps)))
+        total = reference.clip_loss_reference([shard.gather(r) for r in reps], tau, rows=shard.rows)
+    else:
+        total = sum(_symmetric_pair(reps[a], reps[b], tau, name, shard)
+                    for a in range(len(reps)) for b in range(a + 1, len(reps)))
     return total.to(out_dtype)
 
 
-def _symmetric_pair(a: Tensor, b: Tensor, tau: Tensor, backend: str) -> Tensor:
-    """Symmetric InfoNCE of two (N, d) tensors: the M = 2 Symile loss."""
+def _symmetric_pair(a: Tensor, b: Tensor, tau: Tensor, backend: str, shard: Shard) -> Tensor:
+    """Symmetric InfoNCE of two (n, d) tensors: the M = 2 Symile loss of the local rows."""
     pos = tau * (a * b).sum(dim=1)
-    La = ops.pair_lse(a, b, pos, tau, backend)
-    Lb = ops.pair_lse(b, a, pos, tau, backend)
+    La = ops.pair_lse(a, shard.roll_to_local(shard.gather(b)), pos, tau, backend)
+    Lb = ops.pair_lse(b, shard.roll_to_local(shard.gather(a)), pos, tau, backend)
     return ((La - pos).mean() + (Lb - pos).mean()) / 2
 
 
-def _symile_n(reps: list[Tensor], tau: Tensor, backend: str) -> Tensor:
+def _symile_n(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) -> Tensor:
     """SPEC section 3: per anchor, N candidates from permuted products of the others."""
     pos = tau * reference.mip(reps)
+    everyone = [shard.gather(r) for r in reps]
     losses = []
-    for m, perms in enumerate(reference.draw_n_permutations(len(reps), reps[0].shape[0])):
-        others = [r for o, r in enumerate(reps) if o != m]
+    for m, perms in enumerate(reference.draw_n_permutations(len(reps), shard.N)):
+        others = [r for o, r in enumerate(everyone) if o != m]
         shuffled = others[0][perms[0].to(reps[m].device)]
         for r, perm in zip(others[1:], perms[1:]):
             shuffled = shuffled * r[perm.to(r.device)]
-        L = ops.pair_lse(reps[m], shuffled.contiguous(), pos, tau, backend)
+        L = ops.pair_lse(reps[m], shard.roll_to_local(shuffled).contiguous(), pos, tau, backend)
         losses.append((L - pos).mean())
     return sum(losses) / len(reps)
 
 
-def _symile_cube(reps: list[Tensor], tau: Tensor, backend: str) -> Tensor:
+def _symile_cube(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) -> Tensor:
     """SPEC section 2 for M >= 3 through the M = 3 cube.
 
     For M > 3 the modalities 4..M are folded into the rows of modality 1: the
     row (l_4, ..., l_M, i) is ``R_1[i] * R_4[l_4] * ... * R_M[l_M]``, so one
     rectangular cube of N^(M-2) x N x N holds every logit, and each anchor's LSE
     is a log-sum-exp of the folded rows' La over the other folded indices.
+    Across processes the cube is split by the local rows i of modality 1: La is
+    complete, every other anchor's LSE is partial and combined over processes.
     """
-    M, N = len(reps), reps[0].shape[0]
+    M = len(reps)
     pos = tau * reference.mip(reps)
-    x, y, z, folded = reps[0], reps[1], reps[2], reps[3:]
+    x = reps[0]
+    y, z, *folded = [shard.gather(r) for r in reps[1:]]
     if not folded:
         La, Lb, Lc = ops.cube_lse(x, y, z, tau, backend)
-        return (La + Lb + Lc - 3 * pos).mean() / 3
+        L = [La, shard.local(shard.combine_lse(Lb)), shard.local(shard.combine_lse(Lc))]
+        return sum((Lm - pos).mean() for Lm in L) / 3
 
+    N = shard.N
     combos = torch.cartesian_prod(*[torch.arange(N, device=x.device)] * len(folded)).reshape(-1, len(folded))
-    per_call = max(1, _FOLD_ROWS // N)
+    per_call = max(1, _FOLD_ROWS // x.shape[0])
     La_parts, Lb_parts, Lc_parts = [], [], []
     for c0 in range(0, combos.shape[0], per_call):
         chunk = combos[c0:c0 + per_call]
@@ -125,13 +145,12 @@ def _symile_cube(reps: list[Tensor], tau: Tensor, backend: str) -> Tensor:
         La_parts.append(La_rows)
         Lb_parts.append(Lb_part)
         Lc_parts.append(Lc_part)
-    # La_fold[l_4, ..., l_M, i]: LSE over (j, k) of the folded row.
-    La_fold = torch.cat(La_parts).view(*[N] * len(folded), N)
+    # La_fold[l_4, ..., l_M, i]: LSE over (j, k) of the folded row, i local.
+    La_fold = torch.cat(La_parts).view(*[N] * len(folded), x.shape[0])
     every = tuple(range(La_fold.dim()))
-    L = [torch.logsumexp(La_fold, dim=every[:-1]),
-         torch.logsumexp(torch.stack(Lb_parts), dim=0),
-         torch.logsumexp(torch.stack(Lc_parts), dim=0)]
-    L += [torch.logsumexp(La_fold, dim=tuple(a for a in every if a != q)) for q in range(len(folded))]
+    partial = [torch.logsumexp(torch.stack(Lb_parts), dim=0), torch.logsumexp(torch.stack(Lc_parts), dim=0)]
+    partial += [torch.logsumexp(La_fold, dim=tuple(a for a in every if a != q)) for q in range(len(folded))]
+    L = [torch.logsumexp(La_fold, dim=every[:-1])] + [shard.local(shard.combine_lse(p)) for p in partial]
     return sum((Lm - pos).mean() for Lm in L) / M
 
 
@@ -148,17 +167,19 @@ class SymileLoss(nn.Module):
         - Output: 0-dim tensor.
     """
 
-    def __init__(self, negative_sampling: str = "n_squared", backend: str = "auto"):
+    def __init__(self, negative_sampling: str = "n_squared", backend: str = "auto", gather: bool = False,
+                 process_group=None):
         super().__init__()
         self.negative_sampling = check_negative_sampling(negative_sampling)
         self.backend = _check_backend_name(backend)
+        self.gather, self.process_group = gather, process_group
 
     def forward(self, representations: Sequence[Tensor], logit_scale: Union[float, Tensor]) -> Tensor:
-        return symile_loss(representations, logit_scale,
-                           negative_sampling=self.negative_sampling, backend=self.backend)
+        return symile_loss(representations, logit_scale, negative_sampling=self.negative_sampling,
+                           backend=self.backend, gather=self.gather, process_group=self.process_group)
 
     def extra_repr(self) -> str:
-        return f"negative_sampling={self.negative_sampling!r}, backend={self.backend!r}"
+        return f"negative_sampling={self.negative_sampling!r}, backend={self.backend!r}, gather={self.gather}"
 
 
 class Symile:
@@ -169,13 +190,15 @@ class Symile:
     in the reference package's order, so the same torch seed gives the same value.
     """
 
-    def __init__(self, negative_sampling: str = "n", backend: str = "auto"):
+    def __init__(self, negative_sampling: str = "n", backend: str = "auto", gather: bool = False,
+                 process_group=None):
         self.negative_sampling = check_negative_sampling(negative_sampling)
         self.backend = _check_backend_name(backend)
+        self.gather, self.process_group = gather, process_group
 
     def forward(self, representations: Sequence[Tensor], logit_scale: Union[float, Tensor]) -> Tensor:
-        return symile_loss(representations, logit_scale,
-                           negative_sampling=self.negative_sampling, backend=self.backend)
+        return symile_loss(representations, logit_scale, negative_sampling=self.negative_sampling,
+                           backend=self.backend, gather=self.gather, process_group=self.process_group)
 
     __call__ = forward
 

@@ -64,9 +64,9 @@ cube_lse.register_autograd(_cube_backward, setup_context=_cube_setup)
 
 @torch.library.custom_op("symile_kernels::pair_lse", mutates_args=())
 def pair_lse(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, backend: str) -> Tensor:
-    """L (N,): ``L[i] = LSE_j l[i,j]``, ``l[i,j] = tau <a[i], b[j]>`` for j != i, ``l[i,i] = pos[i]``.
+    """L (I,): ``L[i] = LSE_j l[i,j]``, ``l[i,j] = tau <a[i], b[j]>`` for j != i, ``l[i,i] = pos[i]``.
 
-    a, b: (N, d), pos: (N,), float32 or float64, contiguous, one device.
+    a: (I, d), b: (J, d) with I <= J, pos: (I,), float32 or float64, contiguous, one device.
     tau: 0-dim tensor of the same dtype and device.
     """
     return backends.get(backend).pair_lse_forward(a, b, pos, tau)
@@ -80,7 +80,7 @@ def _(a, b, pos, tau, backend):
 @torch.library.custom_op("symile_kernels::pair_lse_backward", mutates_args=())
 def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, gL: Tensor,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """da, db (N, d), dpos (N,) and dtau (0-dim) of ``sum_i gL[i] L[i]``."""
+    """da (I, d), db (J, d), dpos (I,) and dtau (0-dim) of ``sum_i gL[i] L[i]``."""
     return tuple(backends.get(backend).pair_lse_backward(a, b, pos, tau, L, gL))
 
 

@@ -39,11 +39,13 @@ def cube_logits(representations: Sequence[Tensor], logit_scale: Union[float, Ten
 
 
 def symile_loss_reference(representations: Sequence[Tensor], logit_scale: Union[float, Tensor],
-                          negative_sampling: str = "n_squared") -> Tensor:
+                          negative_sampling: str = "n_squared", rows: slice = slice(None)) -> Tensor:
     """The Symile loss of SPEC sections 2 ("n_squared") and 3 ("n").
 
     representations: M >= 2 tensors (N, d) of one dtype and device.
     logit_scale: tau > 0, a float or 0-dim tensor.
+    rows: the anchor rows the mean runs over (all by default; one process's
+    share in a distributed batch, SPEC section 7).
     Returns the 0-dim loss; "n" draws from torch's default CPU generator.
     """
     M, N = len(representations), representations[0].shape[0]
@@ -52,7 +54,8 @@ def symile_loss_reference(representations: Sequence[Tensor], logit_scale: Union[
         logits = cube_logits(representations, logit_scale)
         # The positive (i, ..., i) of anchor row i sits at flat index i * (1 + N + ... + N^(M-2)).
         stride = sum(N ** p for p in range(M - 1))
-        losses = [F.cross_entropy(logits.movedim(m, 0).reshape(N, -1), labels * stride) for m in range(M)]
+        losses = [F.cross_entropy(logits.movedim(m, 0).reshape(N, -1)[rows], labels[rows] * stride)
+                  for m in range(M)]
     elif negative_sampling == "n":
         positive = mip(representations)
         losses = []
@@ -63,20 +66,22 @@ def symile_loss_reference(representations: Sequence[Tensor], logit_scale: Union[
                 shuffled = shuffled * r[perm.to(r.device)]
             logits = representations[m] @ shuffled.T
             logits = torch.where(torch.eye(N, dtype=torch.bool, device=logits.device), positive, logits)
-            losses.append(F.cross_entropy(logit_scale * logits, labels))
+            losses.append(F.cross_entropy(logit_scale * logits[rows], labels[rows]))
     else:
         raise ValueError(f"negative_sampling must be 'n' or 'n_squared'; got {negative_sampling!r}")
     return sum(losses) / M
 
 
-def clip_loss_reference(representations: Sequence[Tensor], logit_scale: Union[float, Tensor]) -> Tensor:
+def clip_loss_reference(representations: Sequence[Tensor], logit_scale: Union[float, Tensor],
+                        rows: slice = slice(None)) -> Tensor:
     """Sum over modality pairs (a < b) of the symmetric InfoNCE loss
-    ``(CE(tau R_a R_b^T) + CE(tau R_b R_a^T)) / 2``."""
+    ``(CE(tau R_a R_b^T) + CE(tau R_b R_a^T)) / 2``, anchor rows ``rows`` only."""
     N = representations[0].shape[0]
     labels = torch.arange(N, device=representations[0].device)
     total = 0
     for a in range(len(representations)):
         for b in range(a + 1, len(representations)):
             logits = logit_scale * representations[a] @ representations[b].T
-            total = total + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            total = total + (F.cross_entropy(logits[rows], labels[rows])
+                             + F.cross_entropy(logits.T[rows], labels[rows])) / 2
     return total

@@ -1,0 +1,102 @@
+"""Global-batch losses across processes (SPEC section 7).
+
+With ``gather=True`` each process passes its local (n, d) slice of a global
+batch of N = world_size * n rows. ``Shard`` describes that slice and supplies
+the two collectives the losses need, both differentiable:
+
+- ``gather(t)``: the global (N, ...) tensor from every process's (n, ...) part;
+  its backward sums each process's gradient for a part and returns it to the
+  part's owner (an all-reduce, which gloo and NCCL both have).
+- ``combine_lse(part)``: the log-sum-exp over processes of partial LSE vectors,
+  so one cube split by rows of x yields the global Lb and Lc.
+
+Without ``gather`` the loss uses a one-process shard, whose
+collectives are the identity, so one code path serves both.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: Tensor, shard: "Shard") -> Tensor:
+        ctx.shard, ctx.length = shard, tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(shard.world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=shard.group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        shard = ctx.shard
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=shard.group)
+        return grad[shard.rank * ctx.length:(shard.rank + 1) * ctx.length], None
+
+
+class Shard:
+    """This process's rows ``[offset, offset + n)`` of a global batch of N rows."""
+
+    def __init__(self, n: int, world_size: int = 1, rank: int = 0, group=None):
+        self.n, self.world_size, self.rank, self.group = n, world_size, rank, group
+        self.N = n * world_size
+        self.offset = n * rank
+        self.rows = slice(self.offset, self.offset + n)
+
+    def gather(self, t: Tensor) -> Tensor:
+        """(r, ...) local part -> (world_size * r, ...) global tensor, parts ordered by rank."""
+        return t if self.world_size == 1 else _AllGather.apply(t, self)
+
+    def combine_lse(self, part: Tensor) -> Tensor:
+        """LSE over processes of each process's partial LSE vector (same shape)."""
+        if self.world_size == 1:
+            return part
+        return torch.logsumexp(self.gather(part[None]), dim=0)
+
+    def local(self, t: Tensor) -> Tensor:
+        """This process's rows of a global (N, ...) tensor."""
+        return t if self.world_size == 1 else t[self.rows]
+
+    def roll_to_local(self, t: Tensor) -> Tensor:
+        """Rows of a global tensor rotated so that row ``offset + i`` comes first for i = 0:
+        the local row i then faces its positive partner at column i."""
+        return t if self.offset == 0 else torch.roll(t, -self.offset, dims=0)
+
+
+
+def make_shard(gather: bool, process_group, local_rows: int, d: int, device: torch.device) -> Shard:
+    """The shard of this process: a one-process shard unless ``gather``.
+
+    Raises TypeError for a non-bool ``gather``, RuntimeError when ``gather`` is
+    set without an initialised default (or given) process group, and ValueError
+    when processes hold different numbers of rows or features.
+    """
+    if not isinstance(gather, bool):
+        raise TypeError(f"gather must be a bool; got {type(gather).__name__}")
+    if not gather:
+        if process_group is not None:
+            raise ValueError("process_group is only used with gather=True")
+        return Shard(local_rows)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("gather=True needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group, e.g. under torchrun)")
+    world_size = dist.get_world_size(group=process_group)
+    rank = dist.get_rank(group=process_group)
+    shapes = torch.tensor([local_rows, d], device=_collective_device(process_group, device))
+    every = [torch.empty_like(shapes) for _ in range(world_size)]
+    dist.all_gather(every, shapes, group=process_group)
+    every = [tuple(int(v) for v in s) for s in every]
+    if len(set(every)) != 1:
+        raise ValueError(f"gather=True needs the same local (N, d) on every process; got {every} by rank "
+                         "(give each process an equal share of the global batch, e.g. drop_last=True)")
+    return Shard(local_rows, world_size, rank, process_group)
+
+
+def _collective_device(group, device: torch.device) -> torch.device:
+    # NCCL moves CUDA tensors only; gloo takes CPU (and CUDA) tensors.
+    backend = dist.get_backend(group)
+    return device if backend == "nccl" else torch.device("cpu")
