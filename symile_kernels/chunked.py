@@ -5,7 +5,7 @@ partner rows j, each tile a (BLOCK_I, BLOCK_J, K) slab computed as one matrix
 product of the (i, j) row products ``x[i] * y[j]`` with z. The forward keeps
 running log-sum-exps; the backward recomputes each tile from the saved LSE
 vectors (SPEC section 2). Tile sizes come from a memory budget
-(``SYMILE_KERNELS_CHUNK_BYTES``, default 256 MiB of tile workspace), not from
+(``SYMILE_KERNELS_CHUNK_BYTES``, default 128 MiB of tile workspace), not from
 the machine. This module is the blueprint the compiled kernels follow.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .backends import Backend
 
-DEFAULT_BUDGET_BYTES = 256 * 2 ** 20
+DEFAULT_BUDGET_BYTES = 128 * 2 ** 20
 # A tile holds about this many (BLOCK_I * BLOCK_J * K)-sized temporaries at once
 # (logits, exponentials, G): the budget is divided by it.
 _LIVE_TILES = 4
@@ -80,14 +80,17 @@ def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, 
     for I, J in _tiles(x, y, z):
         T, xy = _tile_T(x, y, z, I, J)
         S = tau * T
-        G = (gLa[I, None, None] * torch.exp(S - La[I, None, None])
-             + gLb[None, J, None] * torch.exp(S - Lb[None, J, None])
-             + gLc[None, None, :] * torch.exp(S - Lc[None, None, :]))
+        # G = sum over anchors of g_L * exp(S - L), built in place: one tile-sized temporary.
+        G = (S - La[I, None, None]).exp_().mul_(gLa[I, None, None])
+        E = (S - Lb[None, J, None]).exp_().mul_(gLb[None, J, None])
+        G += E
+        torch.sub(S, Lc[None, None, :], out=E).exp_().mul_(gLc[None, None, :])
+        G += E
         W = G @ z  # (bi, bj, d): W[i, j] = sum_k G[i, j, k] z[k]
-        dx[I] += torch.einsum("ijd,jd->id", W, y[J])
-        dy[J] += torch.einsum("ijd,id->jd", W, x[I])
-        dz += G.reshape(-1, z.shape[0]).T @ xy
-        dtau += (G * T).sum()
+        dx[I] += (W * y[None, J]).sum(dim=1)  # N^2 d work in all: small next to the cube's N^3 d
+        dy[J] += (W * x[I, None]).sum(dim=0)
+        dz += G.view(-1, z.shape[0]).T @ xy
+        dtau += torch.dot(G.view(-1), T.view(-1))
     return tau * dx, tau * dy, tau * dz, dtau
 
 
