@@ -88,14 +88,12 @@ def _check_positive_finite(value: float) -> None:
 
 
 def prepare(representations: Sequence[Tensor], logit_scale: Union[float, Tensor]):
-    """Validated inputs in compute form.
+    """Validated inputs.
 
-    Returns ``(reps, tau, out_dtype)``: reps are contiguous (N, d) tensors in the
-    compute dtype (float32 or float64), tau a 0-dim tensor of that dtype on their
-    device, out_dtype the promoted input dtype the loss is returned in.
+    Returns ``(reps, tau)``: reps are contiguous (N, d) tensors in the promoted
+    input dtype (the dtype the loss is returned in), tau a 0-dim tensor of the
+    compute dtype (``compute_dtype`` of it: float32 or float64) on their device.
     """
     reps = check_representations(representations)
-    out_dtype = reps[0].dtype
-    dtype = compute_dtype(out_dtype)
-    tau = check_logit_scale(logit_scale, dtype, reps[0].device)
-    return [r.to(dtype).contiguous() for r in reps], tau, out_dtype
+    tau = check_logit_scale(logit_scale, compute_dtype(reps[0].dtype), reps[0].device)
+    return [r.contiguous() for r in reps], tau

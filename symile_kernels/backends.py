@@ -41,11 +41,13 @@ import torch
 _MODULES = {
     "chunked": "symile_kernels.chunked",
     "triton": "symile_kernels.triton",
+    "cuda": "symile_kernels.cuda",
+    "cpu": "symile_kernels.cpu",
 }
 
 # Preference of ``backend="auto"`` per device type, fastest first.
 _AUTO_ORDER = {
-    "cuda": ("cuda", "triton", "chunked"),
+    "cuda": ("triton", "cuda", "chunked"),
     "cpu": ("cpu", "chunked"),
 }
 _FALLBACK = "chunked"
@@ -65,6 +67,10 @@ class Backend:
     # Returns None when the backend can run on ``device``, else why not and how to fix it.
     unavailable_reason: Callable[[torch.device], Optional[str]] = field(default=lambda device: None)
     description: str = ""
+    # True when the four functions also take bf16/fp16 x, y, z (a, b) with float32
+    # tau and pos: products in that dtype, float32 accumulation and LSE vectors,
+    # gradients in the input dtype. Otherwise such inputs are upcast to float32 first.
+    accepts_low_precision: bool = False
 
 
 _loaded: dict[str, Backend] = {}

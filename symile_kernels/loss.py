@@ -55,8 +55,7 @@ def symile_loss(representations: Sequence[Tensor], logit_scale: Union[float, Ten
         >>> loss = symile_loss([x, y, z], logit_scale=14.3)
     """
     check_negative_sampling(negative_sampling)
-    reps, tau, out_dtype = prepare(representations, logit_scale)
-    name = backends.resolve(backend, reps[0].device)
+    reps, tau, name, out_dtype = _prepare(representations, logit_scale, backend)
     shard = make_shard(gather, process_group, *reps[0].shape, reps[0].device)
     if name == "reference":
         loss = reference.symile_loss_reference([shard.gather(r) for r in reps], tau, negative_sampling,
@@ -78,8 +77,7 @@ def clip_loss(representations: Sequence[Tensor], logit_scale: Union[float, Tenso
     Same arguments, dtype rules and ``gather`` semantics as ``symile_loss``;
     M >= 2 tensors (N, d). Returns a 0-dim tensor.
     """
-    reps, tau, out_dtype = prepare(representations, logit_scale)
-    name = backends.resolve(backend, reps[0].device)
+    reps, tau, name, out_dtype = _prepare(representations, logit_scale, backend)
     shard = make_shard(gather, process_group, *reps[0].shape, reps[0].device)
     if name == "reference":
         total = reference.clip_loss_reference([shard.gather(r) for r in reps], tau, rows=shard.rows)
@@ -89,9 +87,30 @@ def clip_loss(representations: Sequence[Tensor], logit_scale: Union[float, Tenso
     return total.to(out_dtype)
 
 
+def _prepare(representations, logit_scale, backend: str):
+    """Validated inputs, the backend name, and the dtype the loss is returned in.
+
+    bf16/fp16 inputs stay in their dtype for backends that accept low precision
+    (tensor-core products, float32 accumulation); otherwise every input is cast
+    to tau's compute dtype (float32 or float64).
+    """
+    reps, tau = prepare(representations, logit_scale)
+    name = backends.resolve(backend, reps[0].device)
+    out_dtype = reps[0].dtype
+    low_precision = out_dtype in (torch.bfloat16, torch.float16)
+    if not (low_precision and name != "reference" and backends.get(name).accepts_low_precision):
+        reps = [r.to(tau.dtype) for r in reps]
+    return reps, tau, name, out_dtype
+
+
+def _positive(reps: list[Tensor], tau: Tensor) -> Tensor:
+    """The positive logits ``tau * MIP(R_1[i], ..., R_M[i])`` (n,), in tau's dtype."""
+    return tau * reference.mip([r.to(tau.dtype) for r in reps])
+
+
 def _symmetric_pair(a: Tensor, b: Tensor, tau: Tensor, backend: str, shard: Shard) -> Tensor:
     """Symmetric InfoNCE of two (n, d) tensors: the M = 2 Symile loss of the local rows."""
-    pos = tau * (a * b).sum(dim=1)
+    pos = _positive([a, b], tau)
     La = ops.pair_lse(a, shard.roll_to_local(shard.gather(b)), pos, tau, backend)
     Lb = ops.pair_lse(b, shard.roll_to_local(shard.gather(a)), pos, tau, backend)
     return ((La - pos).mean() + (Lb - pos).mean()) / 2
@@ -99,7 +118,7 @@ def _symmetric_pair(a: Tensor, b: Tensor, tau: Tensor, backend: str, shard: Shar
 
 def _symile_n(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) -> Tensor:
     """SPEC section 3: per anchor, N candidates from permuted products of the others."""
-    pos = tau * reference.mip(reps)
+    pos = _positive(reps, tau)
     everyone = [shard.gather(r) for r in reps]
     losses = []
     for m, perms in enumerate(reference.draw_n_permutations(len(reps), shard.N)):
@@ -123,7 +142,7 @@ def _symile_cube(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) ->
     complete, every other anchor's LSE is partial and combined over processes.
     """
     M = len(reps)
-    pos = tau * reference.mip(reps)
+    pos = _positive(reps, tau)
     x = reps[0]
     y, z, *folded = [shard.gather(r) for r in reps[1:]]
     if not folded:

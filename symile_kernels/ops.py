@@ -22,15 +22,17 @@ from . import backends
 def cube_lse(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """La (I,), Lb (J,), Lc (K,) of the cube ``tau * sum_d x[i,d] y[j,d] z[k,d]`` (SPEC section 2).
 
-    x: (I, d), y: (J, d), z: (K, d), float32 or float64, contiguous, one device.
-    tau: 0-dim tensor of the same dtype and device.
+    x: (I, d), y: (J, d), z: (K, d), float32 or float64 (bf16/fp16 for backends that
+    accept low precision), contiguous, one device.
+    tau: 0-dim tensor of the compute dtype (float32 or float64), same device; the
+    LSE vectors come back in that dtype.
     """
     return tuple(backends.get(backend).cube_lse_forward(x, y, z, tau))
 
 
 @cube_lse.register_fake
 def _(x, y, z, tau, backend):
-    return x.new_empty(x.shape[0]), y.new_empty(y.shape[0]), z.new_empty(z.shape[0])
+    return tuple(t.new_empty(t.shape[0], dtype=tau.dtype) for t in (x, y, z))
 
 
 @torch.library.custom_op("symile_kernels::cube_lse_backward", mutates_args=())
@@ -66,15 +68,16 @@ cube_lse.register_autograd(_cube_backward, setup_context=_cube_setup)
 def pair_lse(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, backend: str) -> Tensor:
     """L (I,): ``L[i] = LSE_j l[i,j]``, ``l[i,j] = tau <a[i], b[j]>`` for j != i, ``l[i,i] = pos[i]``.
 
-    a: (I, d), b: (J, d) with I <= J, pos: (I,), float32 or float64, contiguous, one device.
-    tau: 0-dim tensor of the same dtype and device.
+    a: (I, d), b: (J, d) with I <= J, float32 or float64 (bf16/fp16 for backends that
+    accept low precision), contiguous, one device.
+    pos: (I,) and tau (0-dim), of the compute dtype (float32 or float64); L comes back in it.
     """
     return backends.get(backend).pair_lse_forward(a, b, pos, tau)
 
 
 @pair_lse.register_fake
 def _(a, b, pos, tau, backend):
-    return a.new_empty(a.shape[0])
+    return pos.new_empty(a.shape[0])
 
 
 @torch.library.custom_op("symile_kernels::pair_lse_backward", mutates_args=())

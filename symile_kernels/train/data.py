@@ -7,8 +7,8 @@ drawn from a ``torch.Generator`` seeded from ``(seed, split)``, so the test set
 of a run can be drawn again, bit for bit, from its seed alone
 (``--eval-only --checkpoint``).
 
-Task ``xor`` (the Symile paper's binary experiment, section 5.1)
-----------------------------------------------------------------
+Task ``xor`` (the Symile paper's synthetic binary XOR experiment)
+------------------------------------------------------------------
 Three modalities a, b, c, each a vector of ``d_v`` bits::
 
     a[j], b[j] ~ Bernoulli(1/2)             independently, j = 1..d_v

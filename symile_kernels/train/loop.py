@@ -28,6 +28,14 @@ LOSSES = ("symile", "clip")
 CHECKPOINT_FORMAT = 1
 
 
+class ConfigError(ValueError):
+    """A bad RunConfig value; ``field`` names the option, ``reason`` says what was expected and what came."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field} {reason}")
+        self.field, self.reason = field, reason
+
+
 @dataclass
 class RunConfig:
     """Everything that defines one run (one point of a sweep).
@@ -64,8 +72,8 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Raises ValueError naming the offending option; returns self."""
-        def bad(name: str, expected: str, value) -> ValueError:
-            return ValueError(f"{name} must be {expected}; got {value!r}")
+        def bad(name: str, expected: str, value) -> ConfigError:
+            return ConfigError(name, f"must be {expected}; got {value!r}")
 
         if self.task not in data.TASKS:
             raise bad("task", "one of " + ", ".join(map(repr, data.TASKS)), self.task)
@@ -156,6 +164,8 @@ def batch_indices(n: int, batch_size: int, gen: torch.Generator, rank: int = 0,
     each split into ``world_size`` equal slices of which this process takes
     slice ``rank``. The last incomplete global batch is dropped (a smaller
     batch would change the loss's number of negatives)."""
+    if batch_size % world_size:
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of world_size ({world_size})")
     order = torch.randperm(n, generator=gen)
     per_rank = batch_size // world_size
     for start in range(0, n - batch_size + 1, batch_size):
@@ -264,7 +274,7 @@ def train_run(config: RunConfig, progress=None) -> Tuple[Dict, Encoders]:
             final_loss = float(total) / steps
         train_seconds = time.perf_counter() - start
     accuracy = evaluate(model, test, config.loss, device)
-    entry = record(config, resolved, accuracy, train_seconds, final_loss, float(model.log_tau.exp()))
+    entry = record(config, resolved, accuracy, train_seconds, final_loss, float(model.log_tau.detach().exp()))
     return entry, model
 
 
@@ -289,7 +299,7 @@ def evaluate_checkpoint(path: str, device: Optional[str] = None,
     test = make_split(config, "test")
     accuracy = evaluate(model, test, config.loss, dev)
     entry = record(config, backends.resolve(config.backend, dev), accuracy, checkpoint["train_seconds"],
-                   checkpoint.get("final_train_loss"), float(model.log_tau.exp()))
+                   checkpoint.get("final_train_loss"), float(model.log_tau.detach().exp()))
     entry["eval_only"] = True
     entry["checkpoint"] = str(path)
     return entry, model

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 import triton.language as tl
 
 # True when the kernels of this subpackage were decorated in interpreter mode.
@@ -22,26 +21,62 @@ FORWARD_SHARE_SPREAD = 60.0
 BACKWARD_SHARE_SPREAD = 40.0
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input_precision: TF32 for float32 only when torch allows it (as torch.mm does)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRETED:
+def dot_precision(dtype: torch.dtype):
+    """``tl.dot``'s input_precision: for float32, TF32 only when torch allows it (as torch.mm does),
+    else IEEE; None (the dtype's own tensor-core products) for bf16/fp16."""
+    if dtype != torch.float32:
+        return None
+    if torch.backends.cuda.matmul.allow_tf32 and not INTERPRETED:
         return "tf32"
     return "ieee"
 
 
-def acc_dtype(dtype: torch.dtype):
-    """Accumulation and LSE dtype inside the kernels: float32 (float64 never reaches them)."""
-    return tl.float32
+_DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def block_d(d: int, cap: int) -> int:
-    """Feature-chunk width: the next power of two of d (>= 16, tl.dot's minimum), at most ``cap``."""
-    return max(16, min(cap, triton.next_power_of_2(d)))
+def dot_dtype(dtype: torch.dtype):
+    """Operand dtype of ``tl.dot`` for inputs of ``dtype`` (accumulation is always float32).
+
+    The interpreter's bf16/fp16 ``tl.dot`` is wrong in Triton 3.9 (it reads the
+    16-bit operands as garbage), so under the interpreter low-precision inputs
+    are multiplied in float32; compiled kernels use the input dtype.
+    """
+    if dtype not in _DOT_DTYPES:
+        raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 tensors; got {dtype}")
+    return tl.float32 if INTERPRETED else _DOT_DTYPES[dtype]
 
 
-def size_bucket(*sizes: int) -> int:
-    """Autotuning key for the problem size: tuning once per power of two up to 4096."""
-    return min(triton.next_power_of_2(max(sizes)), 4096)
+def autotune_enabled() -> bool:
+    """False when SYMILE_KERNELS_TRITON_AUTOTUNE=0: the first configuration of each list runs
+    untuned (tests, quick checks: half the compilations and no tuning runs)."""
+    return os.environ.get("SYMILE_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+
+# Problems with fewer rows than TUNE_MIN_ROWS run the first configuration untuned
+# (tuning on them says nothing, and the choice is cached per D, not per N); larger
+# first calls tune on a TUNE_ROWS-row prefix so that tuning costs milliseconds.
+TUNE_MIN_ROWS = 512
+TUNE_ROWS = 2048
+_prefix_tuned: set = set()
+
+
+def should_tune(rows: int) -> bool:
+    return autotune_enabled() and rows >= TUNE_MIN_ROWS
+
+
+def tune_on_prefix(op: str, *tensors: torch.Tensor) -> int:
+    """Rows of the prefix problem to tune on first (0: none needed): once per op, device,
+    dtype, feature size and precision, when the call is larger than TUNE_ROWS."""
+    first = tensors[0]
+    if first.device.type != "cuda" or INTERPRETED or not autotune_enabled():
+        return 0
+    if max(t.shape[0] for t in tensors) <= TUNE_ROWS:
+        return 0
+    key = (op, first.device.index, first.dtype, first.shape[1], dot_precision(first.dtype))
+    if key in _prefix_tuned:
+        return 0
+    _prefix_tuned.add(key)
+    return TUNE_ROWS
 
 
 def target_programs(device: torch.device) -> int:

@@ -1,0 +1,193 @@
+"""Command line of the reference trainer: ``python -m symile_kernels.train`` or ``symile-train``.
+
+Trains every combination of ``--loss`` x ``--p-hat`` (task xor) or ``--loss`` x
+``--w`` (task m3-synthetic), evaluates each zero-shot on held-out data, and
+writes to ``--out``: ``results.json``, ``checkpoints/<run>.pt`` and
+``accuracy.png`` (with the optional ``matplotlib``). A summary table goes to
+stdout at the end; progress goes to stderr unless ``--quiet``.
+
+``--eval-only --checkpoint PATH [PATH ...]`` evaluates saved runs again on
+their test split (drawn again from the stored seed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields, replace
+from typing import List, Optional
+
+import torch
+
+from .. import backends
+from . import data, loop, report
+from .loop import RunConfig
+from .model import ENCODERS
+
+# Defaults that differ between tasks; everything else is RunConfig's default.
+TASK_DEFAULTS = {
+    "xor": {},
+    "m3-synthetic": {"d": 64, "lr": 0.05, "epochs": 3, "batch_size": 128, "train_n": 10000,
+                     "logit_scale_init": 0.0},
+}
+_DEFAULT = RunConfig()
+
+
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="symile-train",
+        description="Train Symile and CLIP encoders with symile_kernels' losses on synthetic data where "
+                    "higher-order information matters, and report zero-shot test accuracy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    task = p.add_argument_group("task")
+    task.add_argument("--task", choices=data.TASKS, default="xor", help="data-generating process")
+    task.add_argument("--p-hat", type=float, nargs="+", default=[1.0], metavar="P",
+                      help="xor: probability that c = a XOR b (else c = a); several values make a sweep")
+    task.add_argument("--d-v", type=int, default=_DEFAULT.d_v, help="xor: bits per vector (2^d_v candidates)")
+    task.add_argument("--w", type=int, nargs="+", default=[_DEFAULT.w], metavar="W",
+                      help="m3-synthetic: number of languages; several values make a sweep")
+    task.add_argument("--classes", type=int, default=_DEFAULT.classes, help="m3-synthetic: number of classes C")
+    task.add_argument("--class-dim", type=int, default=_DEFAULT.class_dim, help="m3-synthetic: class vector size")
+    task.add_argument("--noise", type=float, default=_DEFAULT.noise,
+                      help="m3-synthetic: std of the Gaussian noise on audio and image")
+    task.add_argument("--missing-prob", type=float, default=0.0, metavar="Q",
+                      help="hide each modality of each training sample with probability Q (in [0, 1))")
+    task.add_argument("--eval-missing-prob", type=float, default=0.0, metavar="Q",
+                      help="hide each query modality of each test sample with probability Q (in [0, 1))")
+    task.add_argument("--train-n", type=int, default=None, help="training samples [task default]")
+    task.add_argument("--test-n", type=int, default=_DEFAULT.test_n, help="held-out test samples")
+
+    model = p.add_argument_group("model and loss")
+    model.add_argument("--loss", choices=loop.LOSSES, nargs="+", default=["symile", "clip"],
+                       help="losses to train; several make a sweep")
+    model.add_argument("--negative-sampling", choices=("n", "n_squared"), default=_DEFAULT.negative_sampling,
+                       help="Symile negatives: N per anchor ('n') or all N^2 ('n_squared')")
+    model.add_argument("--backend", choices=backends.NAMES, default="auto", help="symile_kernels backend")
+    model.add_argument("--d", type=int, default=None, help="representation size [task default]")
+    model.add_argument("--encoder", choices=ENCODERS, default=_DEFAULT.encoder, help="encoder per modality")
+    model.add_argument("--hidden", type=int, default=_DEFAULT.hidden, help="hidden units of the mlp encoder")
+    model.add_argument("--logit-scale-init", type=float, default=None,
+                       help="initial log tau (learned; logit_scale = exp) [task default]")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=int, default=None, help="batch size N [task default]")
+    opt.add_argument("--epochs", type=int, default=None, help="passes over the training set [task default]")
+    opt.add_argument("--lr", type=float, default=None, help="AdamW learning rate [task default]")
+    opt.add_argument("--weight-decay", type=float, default=_DEFAULT.weight_decay, help="AdamW weight decay")
+    opt.add_argument("--seed", type=int, default=_DEFAULT.seed, help="seed of data, init and sampling")
+    opt.add_argument("--device", default="cpu", help="torch device")
+    opt.add_argument("--threads", type=int, default=1,
+                     help="torch CPU threads while the command runs (0: torch's default); the models are "
+                          "small, so more threads mostly add synchronisation, badly so on a busy machine")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default="symile-train-out", metavar="DIR",
+                     help="directory for results.json, checkpoints/ and accuracy.png")
+    out.add_argument("--quiet", action="store_true", help="no progress display")
+    out.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint instead of training")
+    out.add_argument("--checkpoint", nargs="+", metavar="PATH", help="checkpoints to evaluate (--eval-only)")
+    return p
+
+
+def configs_from_args(args: argparse.Namespace) -> List[RunConfig]:
+    """One validated RunConfig per point of the sweep, in table order
+    (setting outer, loss inner). Raises loop.ConfigError naming the field."""
+    defaults = {f.name: getattr(_DEFAULT, f.name) for f in fields(RunConfig)}
+    defaults.update(TASK_DEFAULTS[args.task])
+    chosen = {}
+    for f in fields(RunConfig):
+        if f.name in ("p_hat", "w", "loss", "task"):
+            continue
+        value = getattr(args, f.name, None)
+        chosen[f.name] = defaults[f.name] if value is None else value
+    base = RunConfig(task=args.task, **chosen)
+    settings = [("p_hat", v) for v in args.p_hat] if args.task == "xor" else [("w", v) for v in args.w]
+    configs = [replace(base, **{name: value}, loss=loss) for name, value in settings for loss in args.loss]
+    for config in configs:
+        config.validate()
+    return configs
+
+
+def run_name(config: RunConfig) -> str:
+    setting = f"p_hat{config.p_hat:g}" if config.task == "xor" else f"w{config.w}"
+    negatives = f"-{config.negative_sampling}" if config.loss == "symile" else ""
+    return f"{config.task}-{config.loss}{negatives}-{setting}-q{config.missing_prob:g}-seed{config.seed}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns the exit status (errors in arguments exit with status 2)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.checkpoint and not args.eval_only:
+        parser.error("argument --checkpoint: only used with --eval-only")
+    if args.eval_only and not args.checkpoint:
+        parser.error("argument --eval-only: needs --checkpoint PATH")
+    if args.threads < 0:
+        parser.error(f"argument --threads: must be >= 0; got {args.threads}")
+    try:
+        configs = configs_from_args(args)
+    except loop.ConfigError as exc:
+        parser.error(f"argument {_option(exc.field)}: {exc.reason}")
+    for path in args.checkpoint or ():
+        if not os.path.isfile(path):
+            parser.error(f"argument --checkpoint: no such file {path!r}")
+    os.makedirs(args.out, exist_ok=True)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv, configs, parser)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, argv: List[str], configs: List[RunConfig],
+         parser: argparse.ArgumentParser) -> int:
+    runs = []
+    if args.eval_only:
+        for path in args.checkpoint:
+            try:
+                entry, _ = loop.evaluate_checkpoint(
+                    path, device=args.device, eval_missing_prob=args.eval_missing_prob or None)
+            except loop.ConfigError as exc:
+                parser.error(f"argument {_option(exc.field)}: {exc.reason}")
+            except ValueError as exc:
+                parser.error(f"argument --checkpoint: {exc}")
+            runs.append(entry)
+            if not args.quiet:
+                print(f"{path}: test accuracy {entry['test_accuracy']:.4f}", file=sys.stderr)
+    else:
+        checkpoints = os.path.join(args.out, "checkpoints")
+        os.makedirs(checkpoints, exist_ok=True)
+        for number, config in enumerate(configs, 1):
+            name = run_name(config)
+            steps = config.epochs * (config.train_n // config.batch_size)
+            progress = report.Progress(steps, f"[{number}/{len(configs)}] {name}", quiet=args.quiet)
+            try:
+                entry, model = loop.train_run(config, progress)
+            finally:
+                progress.close()
+            path = os.path.join(checkpoints, name + ".pt")
+            loop.save_checkpoint(path, model, config, entry)
+            entry["checkpoint"] = path
+            runs.append(entry)
+            if not args.quiet:
+                print(f"[{number}/{len(configs)}] {name}: test accuracy {entry['test_accuracy']:.4f} "
+                      f"(chance {entry['chance_accuracy']:.4g}), {entry['train_seconds']:.1f} s", file=sys.stderr)
+
+    results = os.path.join(args.out, "results.json")
+    report.write_results(results, runs, argv)
+    print(report.format_table(runs))
+    print(f"results: {results}")
+    if not args.eval_only:
+        plot = os.path.join(args.out, "accuracy.png")
+        if report.plot_accuracy(runs, plot):
+            print(f"plot: {plot}")
+        else:
+            print("plot: skipped (install matplotlib, e.g. pip install 'symile_kernels[train]')")
+    return 0

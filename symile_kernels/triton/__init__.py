@@ -1,0 +1,74 @@
+"""The "triton" backend: fused Triton kernels for the cube and pair LSEs.
+
+* ``cube.py``: La, Lb, Lc of the M = 3 cube in one pass without writing the
+  cube, and the backward in three row-owning passes (deterministic, no atomics),
+  one exponential per cube element and pass shared across the anchors (SPEC
+  sections 2 and 5).
+* ``pair.py``: the tiled row LSE of "n" sampling and M = 2 (SPEC section 3).
+
+Devices: CUDA tensors run compiled kernels, autotuned once per feature size,
+dtype and precision on the first call with at least 512 rows (on a 2048-row
+prefix when larger; Hopper and older GPUs get different configuration lists;
+SYMILE_KERNELS_TRITON_AUTOTUNE=0 runs each list's first configuration untuned). CPU tensors run the same kernels through
+Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this
+subpackage was imported (slow: for tests at small N).
+
+Dtypes: float32 (IEEE products, TF32 when ``torch.backends.cuda.matmul.allow_tf32``
+is True), and bf16/fp16 when a caller passes them (tensor-core products,
+float32 accumulation; outputs LSE in float32). float64 is not supported by
+``tl.dot`` in Triton 3.6: float64 calls run the "chunked" backend's functions.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton  # noqa: F401  (a missing Triton makes the backend unavailable, with the import error)
+
+from .. import chunked
+from ..backends import Backend
+from . import _launch, cube, pair
+
+
+def _unavailable_reason(device: torch.device) -> Optional[str]:
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "torch has no CUDA device"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1" and _launch.INTERPRETED:
+            return None
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return ("TRITON_INTERPRET=1 was set after symile_kernels.triton was imported; set it before the "
+                    "first use of the backend (it is read when the kernels are decorated)")
+        return "Triton kernels need a CUDA device; for CPU tensors set TRITON_INTERPRET=1 (slow interpreter)"
+    return f"Triton kernels run on CUDA devices (or the CPU with TRITON_INTERPRET=1), not {device.type}"
+
+
+def _float64_to_chunked(triton_fn, chunked_fn):
+    """float64 runs ``chunked_fn``; other dtypes ``triton_fn``, on the inputs' GPU (Triton
+    launches on the current device and stream)."""
+    def run(*tensors):
+        if tensors[0].dtype == torch.float64:
+            return chunked_fn(*tensors)
+        if tensors[0].is_cuda:
+            with torch.cuda.device(tensors[0].device):
+                return triton_fn(*tensors)
+        return triton_fn(*tensors)
+    run.__name__ = triton_fn.__name__
+    run.__doc__ = triton_fn.__doc__
+    return run
+
+
+BACKEND = Backend(
+    name="triton",
+    cube_lse_forward=_float64_to_chunked(cube.cube_lse_forward, chunked.cube_lse_forward),
+    cube_lse_backward=_float64_to_chunked(cube.cube_lse_backward, chunked.cube_lse_backward),
+    pair_lse_forward=_float64_to_chunked(pair.pair_lse_forward, chunked.pair_lse_forward),
+    pair_lse_backward=_float64_to_chunked(pair.pair_lse_backward, chunked.pair_lse_backward),
+    unavailable_reason=_unavailable_reason,
+    description="fused Triton kernels (CUDA; CPU through TRITON_INTERPRET=1): one pass forward, three "
+                "row-owning passes backward, shared exponentials; float64 runs the chunked code",
+    # bf16/fp16 tensors go straight to the kernels: tensor-core products, float32 LSEs
+    # and accumulation, gradients returned in the input dtype.
+    accepts_low_precision=True,
+)

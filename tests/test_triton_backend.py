@@ -1,0 +1,271 @@
+"""The Triton backend against the float64 oracle (SPEC section 6).
+
+With CUDA the tests run the compiled kernels on the GPU at larger sizes. Without
+CUDA they run the same kernels on CPU tensors through Triton's interpreter at
+small sizes. ``TRITON_INTERPRET=1`` must be set before the kernels are
+decorated (when ``symile_kernels.triton`` is first imported), and setting it in
+this process would leak into other test modules, so ``test_interpreter_run``
+reruns this file in a child pytest with it set; in the parent the kernel tests
+skip with a pointer to that child, whose output shows each of them.
+"""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from symile_kernels import available_backends, backends, symile_loss  # noqa: E402
+from symile_kernels import chunked  # noqa: E402
+
+from oracle_check import check_against_oracle, make_inputs, relative_error  # noqa: E402
+
+_CHILD_ENV = "SYMILE_KERNELS_TRITON_TEST_CHILD"
+CUDA = torch.cuda.is_available()
+CHILD = not CUDA and os.environ.get(_CHILD_ENV) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+RUN_KERNELS = CUDA or CHILD
+DEVICE = "cuda" if CUDA else "cpu"
+
+kernels = pytest.mark.skipif(not RUN_KERNELS, reason="ran in the TRITON_INTERPRET=1 child of test_interpreter_run")
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+# The interpreter evaluates log(0) on masked lanes in numpy; the kernels mask those results.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning",
+                                        "ignore:invalid value encountered:RuntimeWarning")
+
+# (N, d, tau, dtype): the interpreter is slow (N <= 33, d <= 48); the GPU adds block-crossing sizes.
+# bf16 here means bf16 inputs to the public API (which computes in float32) at bf16 tolerances.
+CUBE_CASES = [(1, 3, 1.0, torch.float32), (7, 48, 100.0, torch.float32), (33, 3, 100.0, torch.float32),
+              (20, 48, 1.0, torch.float32), (7, 48, 100.0, torch.bfloat16)]
+if CUDA:
+    CUBE_CASES += [(N, d, tau, dtype) for N in (129, 257) for d in (3, 200, 256) for tau in (1.0, 100.0)
+                   for dtype in (torch.float32, torch.bfloat16)]
+N_CASES = [(3, 33, 48), (2, 33, 5), (4, 7, 3)] + ([(3, 1025, 59), (2, 4097, 256)] if CUDA else [])
+
+
+@kernels
+@pytest.mark.parametrize("N,d,tau,dtype", CUBE_CASES, ids=str)
+def test_cube_matches_oracle(N, d, tau, dtype):
+    check_against_oracle("triton", make_inputs("unit", 3, N, d), tau, dtype=dtype, device=DEVICE)
+
+
+@kernels
+@pytest.mark.parametrize("kind,tau", [("gaussian", 1.0), ("ties", 14.3), ("huge_row", 1.0)])
+def test_input_kinds(kind, tau):
+    check_against_oracle("triton", make_inputs(kind, 3, 13 if not CUDA else 131, 5), tau,
+                         dtype=torch.float32, device=DEVICE)
+
+
+@kernels
+@pytest.mark.parametrize("M,N,d", [(4, 5, 3)] + ([(4, 23, 48), (5, 9, 17)] if CUDA else []))
+def test_rectangular_cube_from_folded_modalities(M, N, d):
+    # M > 3 folds modalities into x's rows: I = N^(M-2) rows against J = K = N.
+    check_against_oracle("triton", make_inputs("unit", M, N, d), 14.3, dtype=torch.float32, device=DEVICE)
+
+
+@kernels
+@pytest.mark.parametrize("M,N,d", N_CASES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_n_sampling_and_pairs(M, N, d, dtype):
+    check_against_oracle("triton", make_inputs("unit", M, N, d), 100.0, dtype=dtype,
+                         negative_sampling="n", device=DEVICE, seed=7)
+
+
+@kernels
+def test_clip_loss():
+    check_against_oracle("triton", make_inputs("unit", 3, 20, 48), 14.3, loss="clip", device=DEVICE)
+
+
+def _adversarial(N: int, d: int) -> list:
+    """Unit rows concentrated on one feature with alternating signs: logits near +-tau,
+    so at tau = 100 tiles span 200 in the logits and the shared exponential must fall back."""
+    e = torch.zeros(d, dtype=torch.float64)
+    e[0] = 1.0
+    signs = torch.tensor([1.0 if i % 3 else -1.0 for i in range(N)], dtype=torch.float64)
+    reps = [signs[:, None] * e + 0.05 * torch.randn(N, d, dtype=torch.float64) for _ in range(3)]
+    reps[2] = reps[2].flip(0)
+    return [torch.nn.functional.normalize(r, dim=1) for r in reps]
+
+
+@kernels
+@pytest.mark.parametrize("force_fallback", (False, True))
+def test_shared_exponential_and_its_fallback(monkeypatch, force_fallback):
+    from symile_kernels.triton import cube
+
+    if force_fallback:  # no tile may share: every tile takes the second-exponential path
+        monkeypatch.setattr(cube, "FORWARD_SHARE_SPREAD", -1.0)
+        monkeypatch.setattr(cube, "BACKWARD_SHARE_SPREAD", -1.0)
+        reps = make_inputs("unit", 3, 19, 48)
+    else:  # logits span [-100, 100]: some tiles share, the wide ones fall back
+        reps = _adversarial(19 if not CUDA else 300, 48)
+    check_against_oracle("triton", reps, 100.0, dtype=torch.float32, device=DEVICE)
+
+
+def _close(out, ref, tol):
+    for o, r in zip(out, ref):
+        err = relative_error(o, r)
+        assert err <= tol, f"relative error {err:.3g} > {tol}"
+
+
+@kernels
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_low_precision_backend_functions(dtype):
+    # The backend functions take bf16/fp16 tensors directly (tensor-core products on a
+    # GPU; float32 products under the interpreter) with float32 LSEs: compared with the
+    # chunked backend in float64 on the same rounded values (SPEC: 2e-2 loss, 5e-2 grads).
+    from symile_kernels.triton import BACKEND
+
+    I, J, K, d = (13, 11, 9, 20) if not CUDA else (301, 129, 257, 200)
+    x, y, z = (torch.nn.functional.normalize(torch.randn(n, d), dim=1).to(DEVICE, dtype) for n in (I, J, K))
+    tau = torch.tensor(14.3, device=DEVICE)
+    exact = [t.double().cpu() for t in (x, y, z)]
+    L = BACKEND.cube_lse_forward(x, y, z, tau)
+    assert all(v.dtype == torch.float32 for v in L)
+    L_ref = chunked.cube_lse_forward(*exact, tau.double().cpu())
+    _close(L, L_ref, 2e-2)
+    g = [torch.rand(n, device=DEVICE) for n in (I, J, K)]
+    grads = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g)
+    assert [t.dtype for t in grads[:3]] == [dtype] * 3
+    _close(grads, chunked.cube_lse_backward(*exact, tau.double().cpu(), *L_ref, *[v.double().cpu() for v in g]),
+           5e-2)
+    pos = tau * (x.float() * y[:1].float()).sum(1)
+    a, b = x, x.flip(0).contiguous()
+    P = BACKEND.pair_lse_forward(a, b, pos, tau)
+    P_ref = chunked.pair_lse_forward(a.double().cpu(), b.double().cpu(), pos.double().cpu(), tau.double().cpu())
+    _close([P], [P_ref], 2e-2)
+
+
+@kernels
+@pytest.mark.parametrize("I,J,d", [(5, 19, 20), (19, 19, 3)] + ([(300, 1031, 256)] if CUDA else []))
+def test_rectangular_pair_lse(I, J, d):
+    # Distributed runs pass a process's I local rows against the J rows of the gathered batch.
+    from symile_kernels.triton import BACKEND
+
+    a, b = (torch.nn.functional.normalize(torch.randn(n, d), dim=1).to(DEVICE) for n in (I, J))
+    tau = torch.tensor(100.0, device=DEVICE)
+    pos = tau * (a * b[:I]).sum(1)
+    L = BACKEND.pair_lse_forward(a, b, pos, tau)
+    exact = [t.double().cpu() for t in (a, b, pos, tau)]
+    L_ref = chunked.pair_lse_forward(*exact)
+    _close([L], [L_ref], 1e-5)
+    gL = torch.rand(I, device=DEVICE)
+    _close(BACKEND.pair_lse_backward(a, b, pos, tau, L, gL),
+           chunked.pair_lse_backward(*exact, L_ref, gL.double().cpu()), 1e-4)
+
+
+@kernels
+def test_float64_runs_the_chunked_code():
+    check_against_oracle("triton", make_inputs("unit", 3, 7, 3), 100.0, dtype=torch.float64, device=DEVICE)
+    check_against_oracle("triton", make_inputs("unit", 3, 7, 3), 100.0, dtype=torch.float64, device=DEVICE,
+                         negative_sampling="n")
+
+
+@kernels
+def test_deterministic():
+    reps = [r.float().to(DEVICE).requires_grad_() for r in make_inputs("unit", 3, 13 if not CUDA else 700, 40)]
+    tau = torch.tensor(30.0, device=DEVICE, requires_grad=True)
+    results = []
+    for _ in range(2):
+        loss = symile_loss(reps, tau, backend="triton")
+        results.append([loss.detach()] + list(torch.autograd.grad(loss, reps + [tau])))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+@kernels
+def test_opcheck():
+    N, d = (5, 3) if not CUDA else (67, 40)
+    x, y, z = (torch.nn.functional.normalize(torch.randn(N, d), dim=1).to(DEVICE).requires_grad_() for _ in range(3))
+    tau = torch.tensor(14.3, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.symile_kernels.cube_lse.default, (x, y, z, tau, "triton"))
+    pos = (tau * (x * y).sum(1)).detach().requires_grad_()
+    torch.library.opcheck(torch.ops.symile_kernels.pair_lse.default, (x, y, pos, tau, "triton"))
+
+
+@kernels
+def test_listed_but_never_auto_on_cpu():
+    assert "triton" in available_backends(DEVICE)
+    if not CUDA:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # auto's one-time fallback warning
+            assert backends.resolve("auto", torch.device("cpu")) != "triton"
+
+
+@gpu_only
+def test_tf32():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        check_against_oracle("triton", make_inputs("unit", 3, 257, 256), 100.0, dtype=torch.float32,
+                             tolerance="tf32", device=DEVICE)
+        check_against_oracle("triton", make_inputs("unit", 3, 513, 64), 14.3, dtype=torch.float32,
+                             tolerance="tf32", device=DEVICE, negative_sampling="n")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_large_cube_against_chunked_float64(dtype):
+    # Many programs, splits and autotuned tiles: compared with the chunked backend in float64.
+    N, d = 1031, 256
+    tol_loss, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
+    x, y, z = (torch.nn.functional.normalize(torch.randn(N, d, device="cuda"), dim=1).to(dtype) for _ in range(3))
+    tau = torch.tensor(14.3, device="cuda")
+    exact = [t.double() for t in (x, y, z)]
+    from symile_kernels.triton import BACKEND
+
+    L = BACKEND.cube_lse_forward(x, y, z, tau)
+    L_ref = chunked.cube_lse_forward(*exact, tau.double())
+    _close(L, L_ref, tol_loss)
+    g = [torch.rand(N, device="cuda") / N for _ in range(3)]
+    grads = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g)
+    _close(grads, chunked.cube_lse_backward(*exact, tau.double(), *L_ref, *[v.double() for v in g]), tol_grad)
+
+
+@pytest.mark.skipif(CUDA or CHILD, reason="the CPU parent only")
+def test_unavailable_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert "triton" not in available_backends("cpu")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        symile_loss(make_inputs("unit", 3, 4, 3), 1.0, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert backends.resolve("auto", torch.device("cpu")) != "triton"
+
+
+@pytest.mark.skipif(CUDA or CHILD, reason="the CPU parent only; with CUDA the tests run directly")
+def test_interpreter_run():
+    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_ENV: "1"})
+    env.pop(backends.ENV_VAR, None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
+                           os.path.abspath(__file__)], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=900)
+    print(done.stdout[-6000:])
+    assert done.returncode == 0, f"interpreter run failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+@pytest.mark.skipif(CHILD, reason="runs in the parent process")
+def test_gpu_suite_cpu_smoke(tmp_path):
+    # The GPU suite's plumbing (pytest step, both benchmark workers, tables, JSON) at tiny CPU sizes.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", backends.ENV_VAR)}
+    done = subprocess.run([sys.executable, os.path.join("benchmarks", "gpu_suite.py"), str(tmp_path), "--cpu-smoke"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert results["tests"]["returncode"] == 0 and "collected" in results["tests"]["summary"]
+    assert [(r["level"], r["status"]) for r in results["rows"]] == [("kernel", "ok"), ("loss", "ok"), ("loss", "ok")]
+    assert all(r["fwd_bwd_ms"] > 0 for r in results["rows"])
+    assert set(results["mm_tflops"]) == {"float32", "bfloat16"}
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| chunked | 3 | 8 | 8 | bfloat16 |" in markdown and "| reference | 3 | 8 | 8 | bfloat16 |" in markdown
+    assert done.stdout.strip().endswith(markdown.strip().splitlines()[-1])
+    assert (tmp_path / "tests.log").read_text().startswith(sys.executable)
