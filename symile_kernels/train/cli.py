@@ -8,6 +8,12 @@ stdout at the end; progress goes to stderr unless ``--quiet``.
 
 ``--eval-only --checkpoint PATH [PATH ...]`` evaluates saved runs again on
 their test split (drawn again from the stored seed).
+
+Under ``torchrun --nproc_per_node=P -m symile_kernels.train ...`` the runs are
+data-parallel (``symile_kernels.train.parallel``): gloo on the CPU, NCCL with
+``--device cuda`` (process i on ``cuda:LOCAL_RANK``); ``--batch-size`` is the
+global batch and must be a multiple of P; rank 0 alone shows progress, prints
+and writes ``--out``. ``--eval-only`` runs on rank 0 alone.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import List, Optional
 import torch
 
 from .. import backends
-from . import data, loop, report
+from . import data, loop, parallel, report
 from .loop import RunConfig
 from .model import ENCODERS
 
@@ -67,19 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--negative-sampling", choices=("n", "n_squared"), default=_DEFAULT.negative_sampling,
                        help="Symile negatives: N per anchor ('n') or all N^2 ('n_squared')")
     model.add_argument("--backend", choices=backends.NAMES, default="auto", help="symile_kernels backend")
-    model.add_argument("--d", type=int, default=None, help="representation size [task default]")
+    # --dim: torchrun's own parser rejects "--d" as an ambiguous abbreviation of its options.
+    model.add_argument("--d", "--dim", dest="d", type=int, default=None,
+                       help="representation size; spell it --dim under torchrun [task default]")
     model.add_argument("--encoder", choices=ENCODERS, default=_DEFAULT.encoder, help="encoder per modality")
     model.add_argument("--hidden", type=int, default=_DEFAULT.hidden, help="hidden units of the mlp encoder")
     model.add_argument("--logit-scale-init", type=float, default=None,
                        help="initial log tau (learned; logit_scale = exp) [task default]")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=int, default=None, help="batch size N [task default]")
+    opt.add_argument("--batch-size", type=int, default=None,
+                     help="batch size N, the global batch under torchrun [task default]")
     opt.add_argument("--epochs", type=int, default=None, help="passes over the training set [task default]")
     opt.add_argument("--lr", type=float, default=None, help="AdamW learning rate [task default]")
     opt.add_argument("--weight-decay", type=float, default=_DEFAULT.weight_decay, help="AdamW weight decay")
     opt.add_argument("--seed", type=int, default=_DEFAULT.seed, help="seed of data, init and sampling")
-    opt.add_argument("--device", default="cpu", help="torch device")
+    opt.add_argument("--device", default="cpu",
+                     help="torch device; under torchrun 'cuda' puts each process on cuda:LOCAL_RANK")
     opt.add_argument("--threads", type=int, default=1,
                      help="torch CPU threads while the command runs (0: torch's default); the models are "
                           "small, so more threads mostly add synchronisation, badly so on a busy machine")
@@ -136,19 +146,42 @@ def main(argv: Optional[List[str]] = None) -> int:
     for path in args.checkpoint or ():
         if not os.path.isfile(path):
             parser.error(f"argument --checkpoint: no such file {path!r}")
-    os.makedirs(args.out, exist_ok=True)
+    # Every process of a torchrun job parses the same argv, so all of them stop
+    # here alike, before any of them waits on the others.
+    context = parallel.environment()
+    if args.eval_only and not context.is_main:
+        return 0  # evaluation needs one process: rank 0 does it
+    distributed = parallel.launched() and not args.eval_only
+    if distributed:
+        device = torch.device(args.device)
+        if device.type == "cuda" and device.index is not None and context.world_size > 1:
+            parser.error(f"argument --device: under torchrun each process uses cuda:LOCAL_RANK; "
+                         f"pass 'cuda', not {args.device!r}")
+        for config in configs:
+            if config.batch_size % context.world_size:
+                parser.error(f"argument --batch-size: the global batch must be a multiple of the number of "
+                             f"processes ({context.world_size}); got {config.batch_size}")
+        device = parallel.process_device(args.device, context)
+        configs = [replace(config, device=str(device)) for config in configs]
+    if context.is_main:
+        os.makedirs(args.out, exist_ok=True)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _run(args, argv, configs, parser)
+        if distributed:
+            context = parallel.init(device)
+        return _run(args, argv, configs, parser, context)
     finally:
+        if distributed:
+            parallel.shutdown()
         torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace, argv: List[str], configs: List[RunConfig],
-         parser: argparse.ArgumentParser) -> int:
+         parser: argparse.ArgumentParser, context: parallel.Context) -> int:
     runs = []
+    main_process = context.is_main
     if args.eval_only:
         for path in args.checkpoint:
             try:
@@ -163,15 +196,19 @@ def _run(args: argparse.Namespace, argv: List[str], configs: List[RunConfig],
                 print(f"{path}: test accuracy {entry['test_accuracy']:.4f}", file=sys.stderr)
     else:
         checkpoints = os.path.join(args.out, "checkpoints")
-        os.makedirs(checkpoints, exist_ok=True)
+        if main_process:
+            os.makedirs(checkpoints, exist_ok=True)
         for number, config in enumerate(configs, 1):
             name = run_name(config)
             steps = config.epochs * (config.train_n // config.batch_size)
-            progress = report.Progress(steps, f"[{number}/{len(configs)}] {name}", quiet=args.quiet)
+            progress = report.Progress(steps, f"[{number}/{len(configs)}] {name}",
+                                       quiet=args.quiet or not main_process)
             try:
                 entry, model = loop.train_run(config, progress)
             finally:
                 progress.close()
+            if not main_process:
+                continue
             path = os.path.join(checkpoints, name + ".pt")
             loop.save_checkpoint(path, model, config, entry)
             entry["checkpoint"] = path
@@ -180,6 +217,8 @@ def _run(args: argparse.Namespace, argv: List[str], configs: List[RunConfig],
                 print(f"[{number}/{len(configs)}] {name}: test accuracy {entry['test_accuracy']:.4f} "
                       f"(chance {entry['chance_accuracy']:.4g}), {entry['train_seconds']:.1f} s", file=sys.stderr)
 
+    if not main_process:
+        return 0
     results = os.path.join(args.out, "results.json")
     report.write_results(results, runs, argv)
     print(report.format_table(runs))

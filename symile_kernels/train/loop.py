@@ -1,7 +1,8 @@
 """Training and zero-shot evaluation of one run.
 
-The pieces are kept apart so ``torch.nn.parallel.DistributedDataParallel``
-can wrap them later without changes here:
+Under torchrun (``symile_kernels.train.parallel``) ``train_run`` wraps the
+model in ``torch.nn.parallel.DistributedDataParallel``; the pieces it uses are
+kept apart for that:
 
 - ``batch_indices`` is the only place that decides which rows a process sees
   (``rank`` / ``world_size`` slice every global batch);
@@ -19,9 +20,10 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import backends, clip_loss, mip_similarity, symile_loss
-from . import data
+from . import data, parallel
 from .model import ENCODERS, Encoders, unwrap
 
 LOSSES = ("symile", "clip")
@@ -151,11 +153,15 @@ def make_model(config: RunConfig) -> Encoders:
                     logit_scale_init=config.logit_scale_init)
 
 
-def make_loss_fn(config: RunConfig) -> Callable:
-    """``loss_fn(reps, logit_scale) -> 0-dim loss`` through the public API."""
+def make_loss_fn(config: RunConfig, gather: bool = False) -> Callable:
+    """``loss_fn(reps, logit_scale) -> 0-dim loss`` through the public API.
+
+    With ``gather`` each process passes its local rows and gets its share of
+    the global-batch loss (the mean over processes is the global loss)."""
     if config.loss == "symile":
-        return functools.partial(symile_loss, negative_sampling=config.negative_sampling, backend=config.backend)
-    return functools.partial(clip_loss, backend=config.backend)
+        return functools.partial(symile_loss, negative_sampling=config.negative_sampling, backend=config.backend,
+                                 gather=gather)
+    return functools.partial(clip_loss, backend=config.backend, gather=gather)
 
 
 def batch_indices(n: int, batch_size: int, gen: torch.Generator, rank: int = 0,
@@ -220,8 +226,9 @@ def evaluate(model: nn.Module, split: data.Split, loss: str, device: torch.devic
 
 
 def record(config: RunConfig, resolved_backend: str, test_accuracy: float, train_seconds: float,
-           final_loss: Optional[float], logit_scale: float) -> Dict:
-    """One entry of results.json's ``runs``."""
+           final_loss: Optional[float], logit_scale: float, world_size: int = 1) -> Dict:
+    """One entry of results.json's ``runs``; ``world_size`` is the number of
+    training processes (``config.batch_size`` is the global batch)."""
     entry = {"task": config.task, "loss": config.loss,
              "negative_sampling": config.negative_sampling if config.loss == "symile" else None,
              "backend": resolved_backend}
@@ -232,7 +239,7 @@ def record(config: RunConfig, resolved_backend: str, test_accuracy: float, train
     entry.update(missing_prob=config.missing_prob, eval_missing_prob=config.eval_missing_prob, seed=config.seed,
                  test_accuracy=test_accuracy, chance_accuracy=config.chance_accuracy,
                  train_seconds=train_seconds, final_train_loss=final_loss, logit_scale=logit_scale,
-                 config=asdict(config))
+                 world_size=world_size, config=asdict(config))
     return entry
 
 
@@ -243,39 +250,63 @@ def train_run(config: RunConfig, progress=None) -> Tuple[Dict, Encoders]:
     seeded by ``config.seed``; model init and the "n" sampling permutations use
     torch's global generator, seeded here and restored afterwards.
 
+    Data-parallel when a default process group of several processes is
+    initialised (torchrun; see ``parallel``): every process builds the same
+    data and model from the same seeds, trains a DistributedDataParallel
+    wrapper on its ``config.batch_size / world_size`` rows of every global
+    batch with the global-batch loss (``gather=True``), and the same seed at
+    every loss call keeps "n" sampling's permutations identical everywhere.
+    Rank 0 evaluates; every process returns the same entry.
+
     Args:
-        config: the run (validated here).
-        progress: optional ``report.Progress``-like object with ``update(loss)``.
+        config: the run (validated here); ``batch_size`` is the global batch.
+        progress: optional ``report.Progress``-like object with ``update(loss)``;
+            it receives the global-batch loss.
 
     Returns:
-        (the results.json entry, the trained Encoders).
+        (the results.json entry, the trained Encoders, unwrapped).
     """
     config.validate()
+    context = parallel.current()
+    if config.batch_size % context.world_size:
+        raise ConfigError("batch_size", f"must be a multiple of the number of processes ({context.world_size}): "
+                                        f"it is the global batch; got {config.batch_size}")
     device = torch.device(config.device)
     resolved = backends.resolve(config.backend, device)
     train, test = make_split(config, "train"), make_split(config, "test")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = make_model(config).to(device)
+        encoders = make_model(config).to(device)
+        model = encoders
+        if context.distributed:
+            # Same seed, same init everywhere; DDP also broadcasts rank 0's weights.
+            # One device per process: DDP needs its index on CUDA (None: the module's own device).
+            model = DistributedDataParallel(
+                encoders, device_ids=[device.index] if device.type == "cuda" and device.index is not None else None)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        loss_fn = make_loss_fn(config)
+        loss_fn = make_loss_fn(config, gather=context.distributed)
         shuffle = data.generator(config.seed, "train")
         model.train()
         start = time.perf_counter()
         final_loss = None
         for _ in range(config.epochs):
             total, steps = torch.zeros((), device=device), 0
-            for index in batch_indices(len(train), config.batch_size, shuffle):
-                loss = train_step(model, optimizer, to_device(train.batch(index), device), loss_fn)
+            for index in batch_indices(len(train), config.batch_size, shuffle, context.rank, context.world_size):
+                # This process's share of the loss; the mean over processes is the global-batch loss.
+                loss = parallel.mean(train_step(model, optimizer, to_device(train.batch(index), device), loss_fn),
+                                     context)
                 total += loss
                 steps += 1
                 if progress is not None:
                     progress.update(loss)
             final_loss = float(total) / steps
         train_seconds = time.perf_counter() - start
-    accuracy = evaluate(model, test, config.loss, device)
-    entry = record(config, resolved, accuracy, train_seconds, final_loss, float(model.log_tau.detach().exp()))
-    return entry, model
+    # The weights are identical on every process (same averaged gradients, same optimizer).
+    accuracy = evaluate(encoders, test, config.loss, device) if context.is_main else None
+    accuracy = parallel.broadcast_float(accuracy, context, device)
+    entry = record(config, resolved, accuracy, train_seconds, final_loss, float(encoders.log_tau.detach().exp()),
+                   world_size=context.world_size)
+    return entry, encoders
 
 
 def evaluate_checkpoint(path: str, device: Optional[str] = None,
@@ -299,7 +330,8 @@ def evaluate_checkpoint(path: str, device: Optional[str] = None,
     test = make_split(config, "test")
     accuracy = evaluate(model, test, config.loss, dev)
     entry = record(config, backends.resolve(config.backend, dev), accuracy, checkpoint["train_seconds"],
-                   checkpoint.get("final_train_loss"), float(model.log_tau.detach().exp()))
+                   checkpoint.get("final_train_loss"), float(model.log_tau.detach().exp()),
+                   world_size=checkpoint.get("world_size", 1))
     entry["eval_only"] = True
     entry["checkpoint"] = str(path)
     return entry, model
@@ -308,4 +340,5 @@ def evaluate_checkpoint(path: str, device: Optional[str] = None,
 def save_checkpoint(path, model: nn.Module, config: RunConfig, entry: Dict) -> None:
     """Writes the weights, the config and the training time (loadable with weights_only=True)."""
     torch.save({"format": CHECKPOINT_FORMAT, "config": asdict(config), "model": unwrap(model).state_dict(),
-                "train_seconds": entry["train_seconds"], "final_train_loss": entry["final_train_loss"]}, path)
+                "train_seconds": entry["train_seconds"], "final_train_loss": entry["final_train_loss"],
+                "world_size": entry.get("world_size", 1)}, path)
