@@ -15,9 +15,9 @@
 namespace symile_cuda {
 namespace {
 
-template <typename T, typename Policy>
+template <typename T, typename TIn, typename Policy>
 __global__ void __launch_bounds__(kThreads)
-    cube_forward_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ z,
+    cube_forward_kernel(const TIn* __restrict__ x, const TIn* __restrict__ y, const TIn* __restrict__ z,
                         const T* __restrict__ tau_ptr, int64_t I, int64_t J, int64_t K, int64_t D,
                         CubeForwardPlan plan, T* __restrict__ La_part, T* __restrict__ Lb_part,
                         T* __restrict__ Lc_part) {
@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr ForwardLayout lay = forward_layout(c);
   static_assert(BLOCK_I <= 32 && BLOCK_J <= 32 && BP <= kThreads, "per-row bookkeeping uses one thread per row");
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  SK_DYNAMIC_SMEM(smem);
   Acc* S = reinterpret_cast<Acc*>(smem + lay.S);
   In* P = reinterpret_cast<In*>(smem + lay.P);
   In* Zs = reinterpret_cast<In*>(smem + lay.Z);
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads)
         TileFor<Policy, BP, BLOCK_K> acc;
         acc.zero();
         for (int64_t d0 = 0; d0 < D; d0 += BLOCK_D) {
-          load_pair_products<In, Acc, T, BLOCK_I, BLOCK_J>(P, ldP, BLOCK_D, x, y, i0, I, j0, J, d0, D);
+          load_pair_products<In, Acc, TIn, BLOCK_I, BLOCK_J>(P, ldP, BLOCK_D, x, y, i0, I, j0, J, d0, D);
           load_rows<In, Acc>(Zs, ldP, BLOCK_K, BLOCK_D, z, k0, K, d0, D);
           __syncthreads();
           acc.template mma<true>(P, ldP, Zs, ldP, BLOCK_D);
@@ -128,13 +128,13 @@ __global__ void __launch_bounds__(kThreads)
 // symmetric in the three roles, so one kernel serves dx, dy and dz) and, when
 // dtau_part is given, this CTA's share of dtau = sum_a <A[a], dA[a]> / tau.
 // CTA u owns rows [a0, a0 + BLOCK_I) and columns [dw0, dw0 + BLOCK_DW) of dA.
-template <typename T, typename Policy>
+template <typename T, typename TIn, typename Policy>
 __global__ void __launch_bounds__(kThreads)
-    cube_backward_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ C,
+    cube_backward_kernel(const TIn* __restrict__ A, const TIn* __restrict__ B, const TIn* __restrict__ C,
                          const T* __restrict__ tau_ptr, const T* __restrict__ LA, const T* __restrict__ LB,
                          const T* __restrict__ LC, const T* __restrict__ gA, const T* __restrict__ gB,
                          const T* __restrict__ gC, int64_t NA, int64_t NB, int64_t NC, int64_t D, int64_t num_dw,
-                         T* __restrict__ dA, T* __restrict__ dtau_part) {
+                         TIn* __restrict__ dA, T* __restrict__ dtau_part) {
   using In = typename Policy::In;
   using Acc = typename Policy::Acc;
   constexpr TileConfig c = Policy::cfg;
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int ldW = BLOCK_DW + c.pad_acc;
   constexpr BackwardLayout lay = backward_layout(c);
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  SK_DYNAMIC_SMEM(smem);
   Acc* S = reinterpret_cast<Acc*>(smem + lay.S);
   In* G = reinterpret_cast<In*>(smem + lay.G);
   In* P = reinterpret_cast<In*>(smem + lay.P);
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
       TileFor<Policy, BP, BLOCK_K> s;
       s.zero();
       for (int64_t d0 = 0; d0 < D; d0 += BLOCK_D) {
-        load_pair_products<In, Acc, T, BLOCK_I, BLOCK_J>(P, ldP, BLOCK_D, A, B, a0, NA, b0, NB, d0, D);
+        load_pair_products<In, Acc, TIn, BLOCK_I, BLOCK_J>(P, ldP, BLOCK_D, A, B, a0, NA, b0, NB, d0, D);
         load_rows<In, Acc>(Cd, ldP, BLOCK_K, BLOCK_D, C, c0, NC, d0, D);
         __syncthreads();
         s.template mma<true>(P, ldP, Cd, ldP, BLOCK_D);
@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(kThreads)
         Acc v = dA_s[e];
         for (int bb = 0; bb < BLOCK_J; ++bb) {
           const int64_t b = b0 + bb;
-          if (b < NB) v += static_cast<Acc>(B[b * D + col]) * W[(aa * BLOCK_J + bb) * ldW + dd];
+          if (b < NB) v += to_acc<Acc>(B[b * D + col]) * W[(aa * BLOCK_J + bb) * ldW + dd];
         }
         dA_s[e] = v;
       }
@@ -247,8 +247,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t col = dw0 + e % BLOCK_DW;
     if (a < NA && col < D) {
       const Acc v = dA_s[e];
-      dA[a * D + col] = static_cast<T>(tau * v);
-      part += static_cast<Acc>(A[a * D + col]) * v;
+      dA[a * D + col] = from_acc<TIn>(tau * v);
+      part += to_acc<Acc>(A[a * D + col]) * v;
     }
   }
   if (dtau_part != nullptr) {  // uniform over the CTA, so block_sum's barriers are safe
@@ -257,34 +257,34 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, typename Policy>
-cudaError_t launch_forward(const T* x, const T* y, const T* z, const T* tau, int64_t I, int64_t J, int64_t K,
+template <typename T, typename TIn, typename Policy>
+cudaError_t launch_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K,
                            int64_t D, const CubeForwardPlan& plan, T* La_part, T* Lb_part, T* Lc_part, T* La,
                            T* Lb, T* Lc, cudaStream_t stream) {
   if (plan.smem != forward_layout(Policy::cfg).total || plan.ctas < 1 || plan.ctas > INT32_MAX) {
     return cudaErrorInvalidValue;  // the plan was made for another mode
   }
-  auto kernel = cube_forward_kernel<T, Policy>;
+  auto kernel = cube_forward_kernel<T, TIn, Policy>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(plan.smem));
   if (err != cudaSuccess) return err;
   const T minus_inf = -std::numeric_limits<T>::infinity();
-  fill_kernel<T><<<grid_for(plan.ctas * J), kThreads, 0, stream>>>(Lb_part, plan.ctas * J, minus_inf);
-  fill_kernel<T><<<grid_for(plan.ctas * K), kThreads, 0, stream>>>(Lc_part, plan.ctas * K, minus_inf);
-  kernel<<<static_cast<unsigned>(plan.ctas), kThreads, plan.smem, stream>>>(x, y, z, tau, I, J, K, D, plan,
+  SK_LAUNCH(fill_kernel<T>, grid_for(plan.ctas * J), 0, stream, Lb_part, plan.ctas * J, minus_inf);
+  SK_LAUNCH(fill_kernel<T>, grid_for(plan.ctas * K), 0, stream, Lc_part, plan.ctas * K, minus_inf);
+  SK_LAUNCH(kernel, static_cast<unsigned>(plan.ctas), plan.smem, stream, x, y, z, tau, I, J, K, D, plan,
                                                                              La_part, Lb_part, Lc_part);
-  combine_lse_kernel<T><<<grid_for(I), kThreads, 0, stream>>>(La_part, plan.num_js, I, La);
-  combine_lse_kernel<T><<<grid_for(J), kThreads, 0, stream>>>(Lb_part, plan.ctas, J, Lb);
-  combine_lse_kernel<T><<<grid_for(K), kThreads, 0, stream>>>(Lc_part, plan.ctas, K, Lc);
+  SK_LAUNCH(combine_lse_kernel<T>, grid_for(I), 0, stream, La_part, plan.num_js, I, La);
+  SK_LAUNCH(combine_lse_kernel<T>, grid_for(J), 0, stream, Lb_part, plan.ctas, J, Lb);
+  SK_LAUNCH(combine_lse_kernel<T>, grid_for(K), 0, stream, Lc_part, plan.ctas, K, Lc);
   return cudaGetLastError();
 }
 
-template <typename T, typename Policy>
-cudaError_t launch_backward(const T* x, const T* y, const T* z, const T* tau, const T* La, const T* Lb, const T* Lc,
-                            const T* gLa, const T* gLb, const T* gLc, int64_t I, int64_t J, int64_t K, int64_t D,
-                            T* dtau_part, T* dx, T* dy, T* dz, T* dtau, cudaStream_t stream) {
+template <typename T, typename TIn, typename Policy>
+cudaError_t launch_backward(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La, const T* Lb,
+                            const T* Lc, const T* gLa, const T* gLb, const T* gLc, int64_t I, int64_t J, int64_t K,
+                            int64_t D, T* dtau_part, TIn* dx, TIn* dy, TIn* dz, T* dtau, cudaStream_t stream) {
   constexpr TileConfig c = Policy::cfg;
-  auto kernel = cube_backward_kernel<T, Policy>;
+  auto kernel = cube_backward_kernel<T, TIn, Policy>;
   const BackwardPlan px = plan_backward(I, D, c.BLOCK_I, c);
   const BackwardPlan py = plan_backward(J, D, c.BLOCK_I, c);
   const BackwardPlan pz = plan_backward(K, D, c.BLOCK_I, c);
@@ -293,82 +293,87 @@ cudaError_t launch_backward(const T* x, const T* y, const T* z, const T* tau, co
                                          static_cast<int>(px.smem));
   if (err != cudaSuccess) return err;
   // The three anchors: G is symmetric under permuting (x, La, gLa), (y, Lb, gLb), (z, Lc, gLc).
-  kernel<<<static_cast<unsigned>(px.units), kThreads, px.smem, stream>>>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc,
+  SK_LAUNCH(kernel, static_cast<unsigned>(px.units), px.smem, stream, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc,
                                                                          I, J, K, D, px.num_dw, dx, dtau_part);
-  kernel<<<static_cast<unsigned>(py.units), kThreads, py.smem, stream>>>(y, x, z, tau, Lb, La, Lc, gLb, gLa, gLc,
+  SK_LAUNCH(kernel, static_cast<unsigned>(py.units), py.smem, stream, y, x, z, tau, Lb, La, Lc, gLb, gLa, gLc,
                                                                          J, I, K, D, py.num_dw, dy, nullptr);
-  kernel<<<static_cast<unsigned>(pz.units), kThreads, pz.smem, stream>>>(z, x, y, tau, Lc, La, Lb, gLc, gLa, gLb,
+  SK_LAUNCH(kernel, static_cast<unsigned>(pz.units), pz.smem, stream, z, x, y, tau, Lc, La, Lb, gLc, gLa, gLb,
                                                                          K, I, J, D, pz.num_dw, dz, nullptr);
-  sum_kernel<T><<<1, kThreads, 0, stream>>>(dtau_part, px.units, dtau);
+  SK_LAUNCH(sum_kernel<T>, 1, 0, stream, dtau_part, px.units, dtau);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-template <typename T>
-cudaError_t cube_lse_forward(const T* x, const T* y, const T* z, const T* tau, int64_t I, int64_t J, int64_t K,
+// Float32/float64 tensors run the policy ``mode`` names; bf16 tensors run bf16 tiles and
+// fp16 tensors TF32 tiles (exact for fp16 values), both with float32 accumulation.
+template <typename T, typename TIn>
+cudaError_t cube_lse_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K,
                              int64_t D, int mode, const CubeForwardPlan& plan, T* La_part, T* Lb_part, T* Lc_part,
                              T* La, T* Lb, T* Lc, cudaStream_t stream) {
-  if constexpr (sizeof(T) == 8) {
-    if (mode != kIeee) return cudaErrorInvalidValue;
-    return launch_forward<T, IeeePolicy<T>>(x, y, z, tau, I, J, K, D, plan, La_part, Lb_part, Lc_part, La, Lb, Lc,
-                                            stream);
+#define SK_FORWARD(POLICY) \
+  launch_forward<T, TIn, POLICY>(x, y, z, tau, I, J, K, D, plan, La_part, Lb_part, Lc_part, La, Lb, Lc, stream)
+  if constexpr (std::is_same<TIn, __nv_bfloat16>::value) {
+    return SK_FORWARD(Bf16Policy);
+  } else if constexpr (std::is_same<TIn, __half>::value) {
+    return SK_FORWARD(Tf32Policy);
+  } else if constexpr (sizeof(T) == 8) {
+    return mode == kIeee ? SK_FORWARD(IeeePolicy<T>) : cudaErrorInvalidValue;
   } else {
     switch (mode) {
       case kIeee:
-        return launch_forward<T, IeeePolicy<T>>(x, y, z, tau, I, J, K, D, plan, La_part, Lb_part, Lc_part, La, Lb,
-                                                Lc, stream);
+        return SK_FORWARD(IeeePolicy<T>);
       case kTf32:
-        return launch_forward<T, Tf32Policy>(x, y, z, tau, I, J, K, D, plan, La_part, Lb_part, Lc_part, La, Lb, Lc,
-                                             stream);
+        return SK_FORWARD(Tf32Policy);
       case kBf16:
-        return launch_forward<T, Bf16Policy>(x, y, z, tau, I, J, K, D, plan, La_part, Lb_part, Lc_part, La, Lb, Lc,
-                                             stream);
+        return SK_FORWARD(Bf16Policy);
       default:
         return cudaErrorInvalidValue;
     }
   }
+#undef SK_FORWARD
 }
 
-template <typename T>
-cudaError_t cube_lse_backward(const T* x, const T* y, const T* z, const T* tau, const T* La, const T* Lb,
+template <typename T, typename TIn>
+cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La, const T* Lb,
                               const T* Lc, const T* gLa, const T* gLb, const T* gLc, int64_t I, int64_t J,
-                              int64_t K, int64_t D, int mode, T* dtau_part, T* dx, T* dy, T* dz, T* dtau,
+                              int64_t K, int64_t D, int mode, T* dtau_part, TIn* dx, TIn* dy, TIn* dz, T* dtau,
                               cudaStream_t stream) {
-  if constexpr (sizeof(T) == 8) {
-    if (mode != kIeee) return cudaErrorInvalidValue;
-    return launch_backward<T, IeeePolicy<T>>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, dtau_part, dx, dy,
-                                             dz, dtau, stream);
+#define SK_BACKWARD(POLICY)                                                                                    \
+  launch_backward<T, TIn, POLICY>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, dtau_part, dx, dy, dz, \
+                                  dtau, stream)
+  if constexpr (std::is_same<TIn, __nv_bfloat16>::value) {
+    return SK_BACKWARD(Bf16Policy);
+  } else if constexpr (std::is_same<TIn, __half>::value) {
+    return SK_BACKWARD(Tf32Policy);
+  } else if constexpr (sizeof(T) == 8) {
+    return mode == kIeee ? SK_BACKWARD(IeeePolicy<T>) : cudaErrorInvalidValue;
   } else {
     switch (mode) {
       case kIeee:
-        return launch_backward<T, IeeePolicy<T>>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, dtau_part, dx,
-                                                 dy, dz, dtau, stream);
+        return SK_BACKWARD(IeeePolicy<T>);
       case kTf32:
-        return launch_backward<T, Tf32Policy>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, dtau_part, dx,
-                                              dy, dz, dtau, stream);
+        return SK_BACKWARD(Tf32Policy);
       case kBf16:
-        return launch_backward<T, Bf16Policy>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, dtau_part, dx,
-                                              dy, dz, dtau, stream);
+        return SK_BACKWARD(Bf16Policy);
       default:
         return cudaErrorInvalidValue;
     }
   }
+#undef SK_BACKWARD
 }
 
-template cudaError_t cube_lse_forward<float>(const float*, const float*, const float*, const float*, int64_t,
-                                             int64_t, int64_t, int64_t, int, const CubeForwardPlan&, float*, float*,
-                                             float*, float*, float*, float*, cudaStream_t);
-template cudaError_t cube_lse_forward<double>(const double*, const double*, const double*, const double*, int64_t,
-                                              int64_t, int64_t, int64_t, int, const CubeForwardPlan&, double*,
-                                              double*, double*, double*, double*, double*, cudaStream_t);
-template cudaError_t cube_lse_backward<float>(const float*, const float*, const float*, const float*, const float*,
-                                              const float*, const float*, const float*, const float*, const float*,
-                                              int64_t, int64_t, int64_t, int64_t, int, float*, float*, float*, float*,
-                                              float*, cudaStream_t);
-template cudaError_t cube_lse_backward<double>(const double*, const double*, const double*, const double*,
-                                               const double*, const double*, const double*, const double*,
-                                               const double*, const double*, int64_t, int64_t, int64_t, int64_t, int,
-                                               double*, double*, double*, double*, double*, cudaStream_t);
+#define SK_INSTANTIATE(T, TIn)                                                                                      \
+  template cudaError_t cube_lse_forward<T, TIn>(const TIn*, const TIn*, const TIn*, const T*, int64_t, int64_t,     \
+                                                int64_t, int64_t, int, const CubeForwardPlan&, T*, T*, T*, T*, T*, \
+                                                T*, cudaStream_t);                                                  \
+  template cudaError_t cube_lse_backward<T, TIn>(const TIn*, const TIn*, const TIn*, const T*, const T*, const T*, \
+                                                 const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, \
+                                                 int64_t, int, T*, TIn*, TIn*, TIn*, T*, cudaStream_t);
+SK_INSTANTIATE(float, float)
+SK_INSTANTIATE(double, double)
+SK_INSTANTIATE(float, __nv_bfloat16)
+SK_INSTANTIATE(float, __half)
+#undef SK_INSTANTIATE
 
 }  // namespace symile_cuda

@@ -1,11 +1,20 @@
 // Launchers of the CUDA backend: raw device pointers, sizes and a stream, no torch.
 // Every launcher returns the first CUDA error it met (cudaSuccess otherwise);
 // the caller checks it. All tensors are contiguous, row-major, on the current
-// device; T is float or double; tau points to one device scalar (read by the
-// kernels, so no host synchronisation).
+// device. T (float or double) is the compute dtype of tau, pos and every LSE and
+// gradient vector; TIn is the dtype of the rows x, y, z (a, b) and of their
+// gradients: T itself, or __nv_bfloat16 / __half with T = float (tensor-core
+// tiles, float32 accumulation; ``mode`` is then ignored). tau points to one
+// device scalar (read by the kernels, so no host synchronisation).
 #pragma once
 
+#ifdef SYMILE_CUDA_EMULATE
+#include "emu/cuda_emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
@@ -15,31 +24,32 @@ namespace symile_cuda {
 
 // La (I,), Lb (J,), Lc (K,) of the cube tau * T[i,j,k] (SPEC section 2).
 // Workspace: La_part (plan.num_js * I), Lb_part (plan.ctas * J), Lc_part (plan.ctas * K)
-// from plan_cube_forward(I, J, K, config_for(mode, sizeof(T)), num_sms).
-template <typename T>
-cudaError_t cube_lse_forward(const T* x, const T* y, const T* z, const T* tau, int64_t I, int64_t J, int64_t K,
+// from plan_cube_forward(I, J, K, config_for(effective_mode(mode, sizeof(TIn)), sizeof(T)), num_sms).
+template <typename T, typename TIn>
+cudaError_t cube_lse_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K,
                              int64_t D, int mode, const CubeForwardPlan& plan, T* La_part, T* Lb_part, T* Lc_part,
                              T* La, T* Lb, T* Lc, cudaStream_t stream);
 
 // dx (I, D), dy (J, D), dz (K, D) and dtau (one scalar) of
 // sum gLa * La + gLb * Lb + gLc * Lc (SPEC section 2 without the positive term).
 // Workspace: dtau_part (plan_backward(I, D, BLOCK_I, cfg).units).
-template <typename T>
-cudaError_t cube_lse_backward(const T* x, const T* y, const T* z, const T* tau, const T* La, const T* Lb,
+template <typename T, typename TIn>
+cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La, const T* Lb,
                               const T* Lc, const T* gLa, const T* gLb, const T* gLc, int64_t I, int64_t J,
-                              int64_t K, int64_t D, int mode, T* dtau_part, T* dx, T* dy, T* dz, T* dtau,
+                              int64_t K, int64_t D, int mode, T* dtau_part, TIn* dx, TIn* dy, TIn* dz, T* dtau,
                               cudaStream_t stream);
 
-// L (N,): L[i] = LSE_j l[i, j], l[i, j] = tau <a[i], b[j]> (j != i), l[i, i] = pos[i] (SPEC section 3).
-template <typename T>
-cudaError_t pair_lse_forward(const T* a, const T* b, const T* pos, const T* tau, int64_t N, int64_t D, int mode,
-                             T* L, cudaStream_t stream);
+// a (I, D), b (J, D) with I <= J, pos (I,). L (I,): L[i] = LSE_{j < J} l[i, j],
+// l[i, j] = tau <a[i], b[j]> (j != i), l[i, i] = pos[i] (SPEC section 3).
+template <typename T, typename TIn>
+cudaError_t pair_lse_forward(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I, int64_t J, int64_t D,
+                             int mode, T* L, cudaStream_t stream);
 
-// da, db (N, D), dpos (N,) and dtau of sum_i gL[i] L[i].
-// Workspace: dtau_part (plan_backward(N, D, BP, cfg).units).
-template <typename T>
-cudaError_t pair_lse_backward(const T* a, const T* b, const T* pos, const T* tau, const T* L, const T* gL,
-                              int64_t N, int64_t D, int mode, T* dtau_part, T* da, T* db, T* dpos, T* dtau,
-                              cudaStream_t stream);
+// da (I, D), db (J, D), dpos (I,) and dtau of sum_i gL[i] L[i].
+// Workspace: dtau_part (plan_backward(I, D, tile_pairs(cfg), cfg).units).
+template <typename T, typename TIn>
+cudaError_t pair_lse_backward(const TIn* a, const TIn* b, const T* pos, const T* tau, const T* L, const T* gL,
+                              int64_t I, int64_t J, int64_t D, int mode, T* dtau_part, TIn* da, TIn* db, T* dpos,
+                              T* dtau, cudaStream_t stream);
 
 }  // namespace symile_cuda

@@ -187,6 +187,12 @@ inline PairForwardPlan plan_pair_forward(int64_t N, const TileConfig& c) {
 // Argument checks shared by the binding and the unit tests. Each returns an
 // empty string when the arguments are fine, else a message naming the argument.
 
+// The mode a tensor dtype runs: 16-bit rows (elem_size 2) run bf16 tiles when
+// they are bf16 and TF32 tiles when fp16 (exact for fp16 values), whatever mode says.
+SK_HD constexpr int effective_mode(int mode, int elem_size, bool is_bf16) {
+  return elem_size != 2 ? mode : (is_bf16 ? kBf16 : kTf32);
+}
+
 inline std::string check_mode(int64_t mode, int elem_size) {
   if (mode != kIeee && mode != kTf32 && mode != kBf16) {
     return "mode must be 0 (IEEE), 1 (TF32) or 2 (bf16 tiles); got " + std::to_string(mode);
@@ -194,8 +200,9 @@ inline std::string check_mode(int64_t mode, int elem_size) {
   if (elem_size == 8 && mode != kIeee) {
     return "mode " + std::to_string(mode) + " (tensor-core tiles) needs float32 tensors; float64 runs only mode 0 (IEEE)";
   }
-  if (elem_size != 4 && elem_size != 8) {
-    return "tensors must be float32 or float64; got an element of " + std::to_string(elem_size) + " bytes";
+  if (elem_size != 2 && elem_size != 4 && elem_size != 8) {
+    return "tensors must be float32, float64, bfloat16 or float16; got an element of " + std::to_string(elem_size) +
+           " bytes";
   }
   return "";
 }
@@ -211,6 +218,16 @@ inline std::string check_sizes(int64_t I, int64_t J, int64_t K, int64_t D) {
   for (int q = 0; q < 3; ++q) {
     if (sizes[q] >= kMaxRows) return std::string(names[q]) + " must be < 2^31; got " + std::to_string(sizes[q]);
   }
+  return "";
+}
+
+// Pair ops: a (I, d) against b (J, d), I <= J.
+inline std::string check_pair_sizes(int64_t I, int64_t J, int64_t D) {
+  const int64_t kMaxRows = int64_t(1) << 31;
+  if (I < 1) return "a.size(0) (I) must be >= 1; got " + std::to_string(I);
+  if (J < I) return "b.size(0) (J) must be >= a.size(0) (I) = " + std::to_string(I) + "; got " + std::to_string(J);
+  if (D < 1) return "the feature size d must be >= 1; got " + std::to_string(D);
+  if (J >= kMaxRows) return "b.size(0) (J) must be < 2^31; got " + std::to_string(J);
   return "";
 }
 

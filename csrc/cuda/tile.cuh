@@ -3,9 +3,19 @@
 // No torch headers: raw pointers and sizes only.
 #pragma once
 
+#ifdef SYMILE_CUDA_EMULATE
+// CPU tests only: host threads stand in for a CTA (csrc/cuda/emu/cuda_emu.h).
+#include "emu/cuda_emu.h"
+#else
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+
+// The CTA's dynamic shared memory, and a launch of kThreads threads per CTA.
+#define SK_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#define SK_LAUNCH(kernel, grid, smem, stream, ...) kernel<<<(grid), kThreads, (smem), (stream)>>>(__VA_ARGS__)
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -47,6 +57,30 @@ __device__ __forceinline__ In to_in(Acc v) {
     return __float2bfloat16_rn(v);
   } else {
     return static_cast<In>(v);
+  }
+}
+
+// Global-memory elements to and from the accumulator type. Explicit, because torch
+// builds with __CUDA_NO_BFLOAT16_CONVERSIONS__ / __CUDA_NO_HALF_CONVERSIONS__.
+template <typename Acc, typename V>
+__device__ __forceinline__ Acc to_acc(V v) {
+  if constexpr (std::is_same<V, __nv_bfloat16>::value) {
+    return static_cast<Acc>(__bfloat162float(v));
+  } else if constexpr (std::is_same<V, __half>::value) {
+    return static_cast<Acc>(__half2float(v));
+  } else {
+    return static_cast<Acc>(v);
+  }
+}
+
+template <typename V, typename Acc>
+__device__ __forceinline__ V from_acc(Acc v) {
+  if constexpr (std::is_same<V, __nv_bfloat16>::value) {
+    return __float2bfloat16_rn(static_cast<float>(v));
+  } else if constexpr (std::is_same<V, __half>::value) {
+    return __float2half_rn(static_cast<float>(v));
+  } else {
+    return static_cast<V>(v);
   }
 }
 
@@ -207,7 +241,7 @@ __device__ __forceinline__ void load_rows(In* dst, int ld, int rows, int cols, c
     const int dd = e % cols;
     const int64_t row = row0 + r;
     const int64_t col = d0 + dd;
-    const Acc v = (row < n && col < D) ? static_cast<Acc>(src[row * D + col]) : Acc(0);
+    const Acc v = (row < n && col < D) ? to_acc<Acc>(src[row * D + col]) : Acc(0);
     dst[r * ld + dd] = to_in<In, Acc>(v);
   }
 }
@@ -224,7 +258,7 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
     const int64_t b = b0 + p % BJ;
     const int64_t col = d0 + dd;
     Acc v = Acc(0);
-    if (a < NA && b < NB && col < D) v = static_cast<Acc>(A[a * D + col]) * static_cast<Acc>(B[b * D + col]);
+    if (a < NA && b < NB && col < D) v = to_acc<Acc>(A[a * D + col]) * to_acc<Acc>(B[b * D + col]);
     dst[p * ld + dd] = to_in<In, Acc>(v);
   }
 }
@@ -275,11 +309,12 @@ __device__ __forceinline__ void tile_col_stats(const Acc* S, int ld, int& col, A
 // Deterministic block sum (fixed tree order); every thread calls, thread 0 gets the sum.
 template <typename Acc>
 __device__ __forceinline__ Acc block_sum(Acc v, Acc* red) {
-  red[threadIdx.x] = v;
+  const int t = threadIdx.x;
+  red[t] = v;
   __syncthreads();
 #pragma unroll
   for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) red[threadIdx.x] += red[threadIdx.x + stride];
+    if (t < stride) red[t] += red[t + stride];
     __syncthreads();
   }
   return red[0];

@@ -1,0 +1,258 @@
+// A host-thread emulation of the small CUDA subset the kernels use, so that the
+// real kernel sources (cube.cu, pair.cu) run on a CPU in tests: one std::thread
+// per CUDA thread, one CTA at a time, __syncthreads as a std::barrier over the
+// CTA, warp shuffles through a per-warp buffer and barrier, and WMMA fragments
+// that hold the whole 16 x 16 tile in every lane (the documented pointer
+// alignment and ldm rules are checked, so a layout that would be undefined on a
+// GPU aborts here). Shared memory starts filled with 0xFF bytes (NaN) so a read
+// before a write shows. Not part of the extension: compiled only with
+// -DSYMILE_CUDA_EMULATE by tests/test_cuda_backend.py.
+#pragma once
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+using std::fma;
+using std::fmax;
+
+struct EmuDim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local EmuDim3 threadIdx, blockIdx, gridDim, blockDim;
+
+// ---------------------------------------------------------------------------
+// Runtime API stand-ins.
+using cudaError_t = int;
+constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorInvalidValue = 1;
+constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
+using cudaStream_t = void*;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+namespace symile_emu {
+
+constexpr int kBlockThreads = 256;
+constexpr int kWarps = kBlockThreads / 32;
+constexpr int kSmemOptin = 232448;  // H100's per-block opt-in limit
+
+struct Block {
+  std::barrier<> all{kBlockThreads};
+  std::unique_ptr<std::barrier<>> warp[kWarps];
+  alignas(16) double shfl[kWarps][32];
+  unsigned char* smem = nullptr;
+  Block() {
+    for (auto& w : warp) w = std::make_unique<std::barrier<>>(32);
+  }
+};
+
+inline thread_local Block* tls_block = nullptr;
+inline cudaError_t last_error = cudaSuccess;
+
+inline unsigned char* dynamic_smem() { return tls_block->smem; }
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "cuda_emu: %s (block %u, thread %u)\n", what, blockIdx.x, threadIdx.x);
+  std::abort();
+}
+
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), int64_t grid, std::size_t smem_bytes, A... args) {
+  static_assert(sizeof...(P) == sizeof...(A), "kernel argument count");
+  if (grid < 1 || grid > INT32_MAX) {
+    last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  for (int64_t b = 0; b < grid; ++b) {
+    Block block;
+    const std::size_t bytes = smem_bytes == 0 ? 128 : (smem_bytes + 127) / 128 * 128;
+    unsigned char* smem = static_cast<unsigned char*>(::operator new(bytes, std::align_val_t(128)));
+    std::memset(smem, 0xFF, bytes);
+    block.smem = smem;
+    std::vector<std::thread> threads;
+    threads.reserve(kBlockThreads);
+    for (int t = 0; t < kBlockThreads; ++t) {
+      threads.emplace_back([&, t, b] {
+        threadIdx.x = static_cast<unsigned>(t);
+        blockIdx.x = static_cast<unsigned>(b);
+        gridDim.x = static_cast<unsigned>(grid);
+        blockDim.x = kBlockThreads;
+        tls_block = &block;
+        kernel(static_cast<P>(args)...);
+      });
+    }
+    for (auto& th : threads) th.join();
+    ::operator delete(smem, std::align_val_t(128));
+  }
+}
+
+}  // namespace symile_emu
+
+#define SK_DYNAMIC_SMEM(name) unsigned char* name = ::symile_emu::dynamic_smem()
+#define SK_LAUNCH(kernel, grid, smem, stream, ...) \
+  ((void)(stream), ::symile_emu::launch((kernel), static_cast<int64_t>(grid), (smem), __VA_ARGS__))
+
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int value) {
+  return value <= symile_emu::kSmemOptin ? cudaSuccess : cudaErrorInvalidValue;
+}
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = symile_emu::last_error;
+  symile_emu::last_error = cudaSuccess;
+  return e;
+}
+
+inline void __syncthreads() { symile_emu::tls_block->all.arrive_and_wait(); }
+[[noreturn]] inline void __trap() { symile_emu::fail("__trap"); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  static_assert(sizeof(T) <= sizeof(double), "shuffle of at most 8 bytes");
+  if (mask != 0xffffffffu) symile_emu::fail("only full-warp shuffles are emulated");
+  symile_emu::Block* b = symile_emu::tls_block;
+  const int lane = threadIdx.x % 32;
+  const int w = threadIdx.x / 32;
+  T* buf = reinterpret_cast<T*>(b->shfl[w]);
+  buf[lane] = v;
+  b->warp[w]->arrive_and_wait();
+  const T r = buf[lane ^ lane_mask];
+  b->warp[w]->arrive_and_wait();
+  return r;
+}
+
+// ---------------------------------------------------------------------------
+// bf16 with round-to-nearest-even conversion.
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return __nv_bfloat16{static_cast<uint16_t>((u >> 16) | 0x40)};
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return __nv_bfloat16{static_cast<uint16_t>(u >> 16)};
+}
+inline float __bfloat162float(__nv_bfloat16 h) {
+  const uint32_t u = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// IEEE half through the compiler's _Float16 (round to nearest even).
+struct __half {
+  uint16_t bits;
+};
+inline __half __float2half_rn(float f) {
+  const _Float16 h = static_cast<_Float16>(f);
+  __half r;
+  std::memcpy(&r.bits, &h, 2);
+  return r;
+}
+inline float __half2float(__half h) {
+  _Float16 v;
+  std::memcpy(&v, &h.bits, 2);
+  return static_cast<float>(v);
+}
+
+// ---------------------------------------------------------------------------
+// WMMA: every lane holds the whole tile; stores are done by lane 0.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int R = std::is_same<Use, matrix_b>::value ? K : M;
+  static constexpr int C = std::is_same<Use, matrix_a>::value ? K : N;
+  static constexpr int num_elements = R * C;
+  float x[R * C];
+};
+
+// Round to TF32 (10 explicit mantissa bits), to nearest with ties away, as cvt.rna.tf32.f32.
+inline float __float_to_tf32(float f) {
+  if (!std::isfinite(f)) return f;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x1000u) & ~0x1FFFu;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float emu_value(float v) { return v; }
+inline float emu_value(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+inline void check_pointer(const void* ptr, unsigned ldm, std::size_t elem) {
+  // CUDA C++ guide, WMMA: mptr 256-bit aligned; ldm a multiple of 8 (16-bit) or 4 (32-bit) elements.
+  if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0) symile_emu::fail("WMMA pointer not 256-bit aligned");
+  if ((ldm * elem) % 16 != 0) symile_emu::fail("WMMA ldm not a multiple of 16 bytes");
+}
+
+template <typename F>
+inline void fill_fragment(F& f, float v) {
+  for (int e = 0; e < F::num_elements; ++e) f.x[e] = v;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout, typename P>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* ptr, unsigned ldm) {
+  static_assert(std::is_same<T, precision::tf32>::value ? std::is_same<P, float>::value : std::is_same<T, P>::value,
+                "fragment and pointer types");
+  using Frag = fragment<Use, M, N, K, T, Layout>;
+  check_pointer(ptr, ldm, sizeof(P));
+  for (int r = 0; r < Frag::R; ++r)
+    for (int c = 0; c < Frag::C; ++c)
+      f.x[r * Frag::C + c] = emu_value(std::is_same<Layout, row_major>::value ? ptr[r * ldm + c] : ptr[c * ldm + r]);
+}
+
+template <int M, int N, int K, typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+                     const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  float out[M * N];
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      float v = c.x[m * N + n];
+      for (int k = 0; k < K; ++k) v += a.x[m * K + k] * b.x[k * N + n];
+      out[m * N + n] = v;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+template <int M, int N, int K>
+inline void store_matrix_sync(float* ptr, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
+  check_pointer(ptr, ldm, sizeof(float));
+  if (threadIdx.x % 32 != 0) return;
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) {
+      if (layout == mem_row_major) {
+        ptr[r * ldm + c] = f.x[r * N + c];
+      } else {
+        ptr[c * ldm + r] = f.x[r * N + c];
+      }
+    }
+}
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,77 @@
+// C entry points over the launchers for the CPU emulation (ctypes in
+// tests/test_cuda_backend.py). Workspaces start as NaN so a partial that is read
+// before it is written shows in the results. num_sms sets the forward's launch
+// geometry (j-splits and units per CTA), so tests can exercise several.
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../launch.h"
+
+namespace {
+
+using namespace symile_cuda;
+
+template <typename T>
+std::vector<T> nan_buffer(int64_t n) {
+  return std::vector<T>(static_cast<std::size_t>(n), std::numeric_limits<T>::quiet_NaN());
+}
+
+template <typename T, typename TIn>
+int cube_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K, int64_t D,
+                 int mode, int num_sms, T* La, T* Lb, T* Lc) {
+  const int eff = effective_mode(mode, sizeof(TIn), std::is_same<TIn, __nv_bfloat16>::value);
+  const CubeForwardPlan plan = plan_cube_forward(I, J, K, config_for(eff, sizeof(T)), num_sms);
+  auto la = nan_buffer<T>(plan.num_js * I), lb = nan_buffer<T>(plan.ctas * J), lc = nan_buffer<T>(plan.ctas * K);
+  return cube_lse_forward<T, TIn>(x, y, z, tau, I, J, K, D, mode, plan, la.data(), lb.data(), lc.data(), La, Lb, Lc,
+                                  nullptr);
+}
+
+template <typename T, typename TIn>
+int cube_backward(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La, const T* Lb, const T* Lc,
+                  const T* gLa, const T* gLb, const T* gLc, int64_t I, int64_t J, int64_t K, int64_t D, int mode,
+                  TIn* dx, TIn* dy, TIn* dz, T* dtau) {
+  const TileConfig cfg = config_for(effective_mode(mode, sizeof(TIn), std::is_same<TIn, __nv_bfloat16>::value),
+                                    sizeof(T));
+  auto part = nan_buffer<T>(plan_backward(I, D, cfg.BLOCK_I, cfg).units);
+  return cube_lse_backward<T, TIn>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, mode, part.data(), dx, dy, dz,
+                                   dtau, nullptr);
+}
+
+template <typename T, typename TIn>
+int pair_backward(const TIn* a, const TIn* b, const T* pos, const T* tau, const T* L, const T* gL, int64_t I,
+                  int64_t J, int64_t D, int mode, TIn* da, TIn* db, T* dpos, T* dtau) {
+  const TileConfig cfg = config_for(effective_mode(mode, sizeof(TIn), std::is_same<TIn, __nv_bfloat16>::value),
+                                    sizeof(T));
+  auto part = nan_buffer<T>(plan_backward(I, D, tile_pairs(cfg), cfg).units);
+  return pair_lse_backward<T, TIn>(a, b, pos, tau, L, gL, I, J, D, mode, part.data(), da, db, dpos, dtau, nullptr);
+}
+
+}  // namespace
+
+#define SK_EMU_ENTRY_POINTS(T, TIn, SUFFIX)                                                                        \
+  extern "C" int emu_cube_forward_##SUFFIX(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I,     \
+                                          int64_t J, int64_t K, int64_t D, int mode, int num_sms, T* La, T* Lb,    \
+                                          T* Lc) {                                                                 \
+    return cube_forward<T, TIn>(x, y, z, tau, I, J, K, D, mode, num_sms, La, Lb, Lc);                              \
+  }                                                                                                                \
+  extern "C" int emu_cube_backward_##SUFFIX(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La,  \
+                                           const T* Lb, const T* Lc, const T* gLa, const T* gLb, const T* gLc,     \
+                                           int64_t I, int64_t J, int64_t K, int64_t D, int mode, TIn* dx, TIn* dy, \
+                                           TIn* dz, T* dtau) {                                                     \
+    return cube_backward<T, TIn>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, mode, dx, dy, dz, dtau);     \
+  }                                                                                                                \
+  extern "C" int emu_pair_forward_##SUFFIX(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I,      \
+                                          int64_t J, int64_t D, int mode, T* L) {                                  \
+    return symile_cuda::pair_lse_forward<T, TIn>(a, b, pos, tau, I, J, D, mode, L, nullptr);                       \
+  }                                                                                                                \
+  extern "C" int emu_pair_backward_##SUFFIX(const TIn* a, const TIn* b, const T* pos, const T* tau, const T* L,   \
+                                           const T* gL, int64_t I, int64_t J, int64_t D, int mode, TIn* da,        \
+                                           TIn* db, T* dpos, T* dtau) {                                            \
+    return pair_backward<T, TIn>(a, b, pos, tau, L, gL, I, J, D, mode, da, db, dpos, dtau);                        \
+  }
+
+SK_EMU_ENTRY_POINTS(float, float, f32)
+SK_EMU_ENTRY_POINTS(double, double, f64)
+SK_EMU_ENTRY_POINTS(float, __nv_bfloat16, bf16)
+SK_EMU_ENTRY_POINTS(float, __half, f16)

@@ -1,0 +1,160 @@
+// Host-only unit test of plan.h (tile configurations, shared-memory layouts,
+// launch geometry, argument checks). Built and run with g++ by
+// tests/test_cuda_backend.py; needs no GPU and no CUDA headers.
+// Prints one line per failed check and exits non-zero when any failed.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "plan.h"
+
+using namespace symile_cuda;
+
+static int failures = 0;
+
+#define EXPECT(cond, ...)                                    \
+  do {                                                       \
+    if (!(cond)) {                                           \
+      ++failures;                                            \
+      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                              \
+      std::printf("\n");                                     \
+    }                                                        \
+  } while (0)
+
+static bool pow2_at_most_32(int v) { return v >= 1 && v <= 32 && (v & (v - 1)) == 0; }
+
+static void check_config(int mode, int elem) {
+  const TileConfig c = config_for(mode, elem);
+  const int BP = tile_pairs(c);
+  const char* name = elem == 8 ? "f64" : mode == kTf32 ? "tf32" : mode == kBf16 ? "bf16" : "f32";
+  const bool wmma = elem == 4 && mode != kIeee;
+  EXPECT(kThreads % BP == 0 && pow2_at_most_32(kThreads / BP), "%s: lanes per tile row", name);
+  EXPECT(kThreads % c.BLOCK_K == 0 && pow2_at_most_32(kThreads / c.BLOCK_K), "%s: lanes per tile column", name);
+  EXPECT(c.BLOCK_K <= BP, "%s: column statistics fit the BP-sized vectors", name);
+  EXPECT(c.BLOCK_I <= 32 && c.BLOCK_J <= 32, "%s: per-row bookkeeping threads", name);
+  // SIMT engine: a 16 x 16 thread grid.
+  EXPECT(BP % 16 == 0 && c.BLOCK_K % 16 == 0 && c.BLOCK_DW % 16 == 0, "%s: tile sides split over 16 threads", name);
+  if (wmma) {
+    const int wk = mode == kTf32 ? 8 : 16;
+    EXPECT(c.BLOCK_D % wk == 0 && c.BLOCK_K % wk == 0, "%s: reductions are whole WMMA k-steps", name);
+    EXPECT(((BP / 16) * (c.BLOCK_K / 16)) % (kThreads / 32) == 0, "%s: logit tile pieces per warp", name);
+    EXPECT(((BP / 16) * (c.BLOCK_DW / 16)) % (kThreads / 32) == 0, "%s: W tile pieces per warp", name);
+    // ldm: a multiple of 16 bytes; 16 rows of any operand keep 32-byte alignment.
+    const int lds_in[] = {c.BLOCK_D + c.pad_in, c.BLOCK_K + c.pad_in, c.BLOCK_DW + c.pad_in};
+    for (int ld : lds_in) EXPECT(ld * c.in_size % 16 == 0, "%s: operand ldm %d", name, ld);
+    const int lds_acc[] = {c.BLOCK_K + c.pad_acc, c.BLOCK_DW + c.pad_acc};
+    for (int ld : lds_acc) EXPECT(ld * c.acc_size % 16 == 0, "%s: accumulator ldm %d", name, ld);
+    EXPECT(16 * c.in_size % 32 == 0 || wk * c.in_size % 32 == 0, "%s: k offsets stay 32-byte aligned", name);
+  }
+  const ForwardLayout f = forward_layout(c);
+  const BackwardLayout b = backward_layout(c);
+  const std::size_t fo[] = {f.S, f.P, f.Z, f.pair_m, f.pair_s, f.row_l, f.total};
+  for (std::size_t o : fo) EXPECT(o % kSmemAlign == 0, "%s: forward offset %zu aligned", name, o);
+  const std::size_t bo[] = {b.S, b.G, b.P, b.Cd, b.Cw, b.W, b.dA, b.LA, b.gA, b.LB, b.gB, b.LC, b.gC, b.red, b.total};
+  for (std::size_t o : bo) EXPECT(o % kSmemAlign == 0, "%s: backward offset %zu aligned", name, o);
+  EXPECT(f.total <= kSmemLimit, "%s: forward needs %zu bytes", name, f.total);
+  EXPECT(b.total <= kSmemLimit, "%s: backward needs %zu bytes", name, b.total);
+  // Regions follow each other without overlap; W (stored after the k loop) may only reuse S..Cw.
+  const std::size_t cw_end = b.Cw + tile_bytes(c.BLOCK_K, c.BLOCK_DW, c.pad_in, c.in_size);
+  const std::size_t w_end = b.W + tile_bytes(BP, c.BLOCK_DW, c.pad_acc, c.acc_size);
+  EXPECT(b.dA >= cw_end && b.dA >= w_end, "%s: dA after the S..Cw / W union", name);
+  EXPECT(b.G >= b.S + tile_bytes(BP, c.BLOCK_K, c.pad_acc, c.acc_size), "%s: G after S", name);
+  EXPECT(b.P >= b.G + tile_bytes(BP, c.BLOCK_K, c.pad_in, c.in_size), "%s: P after G", name);
+  EXPECT(b.red + tile_bytes(1, kThreads, 0, c.acc_size) <= b.total, "%s: reduction buffer inside", name);
+  EXPECT(f.Z >= f.P + tile_bytes(BP, c.BLOCK_D, c.pad_in, c.in_size), "%s: Z after P", name);
+  EXPECT(f.row_l + tile_bytes(1, BP, 0, c.acc_size) <= f.total, "%s: forward vectors inside", name);
+}
+
+static void check_forward_plan(int64_t I, int64_t J, int64_t K, int sms, const TileConfig& c) {
+  const CubeForwardPlan p = plan_cube_forward(I, J, K, c, sms);
+  EXPECT(p.num_ib == ceil_div(I, c.BLOCK_I) && p.num_jb == ceil_div(J, c.BLOCK_J), "I=%lld J=%lld block counts",
+         (long long)I, (long long)J);
+  EXPECT(p.num_js >= 1 && p.num_js <= p.num_jb, "num_js=%lld within [1, %lld]", (long long)p.num_js,
+         (long long)p.num_jb);
+  EXPECT(p.units == p.num_ib * p.num_js, "units");
+  EXPECT(p.ctas >= 1 && p.ctas <= 4 * (int64_t)sms, "ctas=%lld for %d SMs", (long long)p.ctas, sms);
+  EXPECT(p.ctas * p.units_per_cta >= p.units && (p.ctas - 1) * p.units_per_cta < p.units,
+         "every CTA gets work, every unit a CTA (units=%lld ctas=%lld per=%lld)", (long long)p.units,
+         (long long)p.ctas, (long long)p.units_per_cta);
+  // Walk the kernel's grid-stride loop: every (i-block, j-block) is visited exactly once.
+  std::vector<int> seen(static_cast<std::size_t>(p.num_ib * p.num_jb), 0);
+  for (int64_t cta = 0; cta < p.ctas; ++cta) {
+    for (int64_t u = cta; u < p.units; u += p.ctas) {
+      const int64_t ib = u / p.num_js, js = u % p.num_js;
+      const int64_t first = split_begin(js, p.num_jb, p.num_js), last = split_begin(js + 1, p.num_jb, p.num_js);
+      EXPECT(last > first, "split %lld of %lld is empty", (long long)js, (long long)p.num_js);
+      for (int64_t jb = first; jb < last; ++jb) ++seen[static_cast<std::size_t>(ib * p.num_jb + jb)];
+    }
+  }
+  int64_t wrong = 0;
+  for (int s : seen) wrong += s != 1;
+  EXPECT(wrong == 0, "I=%lld J=%lld sms=%d: %lld tiles not visited exactly once", (long long)I, (long long)J, sms,
+         (long long)wrong);
+  EXPECT(split_begin(p.num_js, p.num_jb, p.num_js) == p.num_jb, "splits end at the last j-block");
+  EXPECT(p.smem == forward_layout(c).total, "forward smem");
+}
+
+static void check_backward_plan(int64_t rows, int64_t D, int64_t per, const TileConfig& c) {
+  const BackwardPlan p = plan_backward(rows, D, per, c);
+  EXPECT(p.num_ab * per >= rows && (p.num_ab - 1) * per < rows, "row blocks cover %lld rows", (long long)rows);
+  EXPECT(p.num_dw * c.BLOCK_DW >= D && (p.num_dw - 1) * c.BLOCK_DW < D, "column chunks cover d=%lld", (long long)D);
+  EXPECT(p.units == p.num_ab * p.num_dw, "units");
+  // Unit u owns rows [(u / num_dw) * per, ...) and columns [(u % num_dw) * BLOCK_DW, ...): a bijection.
+  std::vector<int> seen(static_cast<std::size_t>(p.num_ab * p.num_dw), 0);
+  for (int64_t u = 0; u < p.units; ++u) ++seen[static_cast<std::size_t>((u / p.num_dw) * p.num_dw + u % p.num_dw)];
+  int64_t wrong = 0;
+  for (int s : seen) wrong += s != 1;
+  EXPECT(wrong == 0, "backward units own disjoint outputs");
+}
+
+int main() {
+  const int modes[][2] = {{kIeee, 4}, {kTf32, 4}, {kBf16, 4}, {kIeee, 8}};
+  for (const auto& m : modes) check_config(m[0], m[1]);
+
+  const int64_t sizes[] = {1, 2, 3, 7, 16, 17, 33, 64, 129, 1000, 4096};
+  const int sms_list[] = {1, 3, 108, 132};
+  for (const auto& m : modes) {
+    const TileConfig c = config_for(m[0], m[1]);
+    for (int64_t I : sizes)
+      for (int64_t J : {int64_t(1), int64_t(5), int64_t(33), int64_t(4096)})
+        for (int sms : sms_list) check_forward_plan(I, J, 7, sms, c);
+    for (int64_t rows : sizes)
+      for (int64_t D : {int64_t(1), int64_t(3), int64_t(48), int64_t(200), int64_t(256), int64_t(1000)}) {
+        check_backward_plan(rows, D, c.BLOCK_I, c);
+        check_backward_plan(rows, D, tile_pairs(c), c);
+      }
+  }
+  // Big sizes keep 64-bit arithmetic: N = 16384 at d = 256, and an N^2 * d past 2^31.
+  const TileConfig f32 = config_for(kIeee, 4);
+  const CubeForwardPlan big = plan_cube_forward(16384, 16384, 16384, f32, 132);
+  EXPECT(big.units == 4096 && big.ctas <= 528, "N=16384 plan: units=%lld ctas=%lld", (long long)big.units,
+         (long long)big.ctas);
+  EXPECT(big.ctas * 16384 * 4 < (int64_t(1) << 28), "N=16384 partial buffers stay small");
+  const BackwardPlan bigb = plan_backward(16384, 256, f32.BLOCK_I, f32);
+  EXPECT(bigb.units == 4096 * 2, "N=16384 backward units=%lld", (long long)bigb.units);
+
+  // Argument checks.
+  EXPECT(check_mode(0, 4).empty() && check_mode(1, 4).empty() && check_mode(2, 4).empty() && check_mode(0, 8).empty(),
+         "valid modes accepted");
+  EXPECT(check_mode(3, 4).find("mode must be 0") != std::string::npos, "bad mode named");
+  EXPECT(check_mode(1, 8).find("float32") != std::string::npos, "TF32 on float64 refused");
+  EXPECT(check_mode(0, 2).empty() && check_mode(1, 2).empty(), "16-bit tensors accepted");
+  EXPECT(check_mode(0, 3).find("bfloat16 or float16") != std::string::npos, "odd element sizes refused");
+  EXPECT(effective_mode(kIeee, 2, true) == kBf16 && effective_mode(kIeee, 2, false) == kTf32 &&
+             effective_mode(kTf32, 4, false) == kTf32 && effective_mode(kIeee, 8, false) == kIeee,
+         "16-bit rows choose their tensor-core tiles");
+  EXPECT(check_sizes(3, 4, 5, 6).empty(), "valid sizes accepted");
+  EXPECT(check_sizes(0, 4, 5, 6).find("x.size(0)") != std::string::npos, "empty x named");
+  EXPECT(check_sizes(3, 4, 0, 6).find("z.size(0)") != std::string::npos, "empty z named");
+  EXPECT(check_sizes(3, 4, 5, 0).find("feature size d") != std::string::npos, "d = 0 named");
+  EXPECT(check_sizes(int64_t(1) << 31, 4, 5, 6).find("2^31") != std::string::npos, "huge I refused");
+  EXPECT(check_pair_sizes(3, 3, 2).empty() && check_pair_sizes(3, 8, 2).empty(), "valid pair sizes accepted");
+  EXPECT(check_pair_sizes(4, 3, 2).find("b.size(0) (J) must be >= a.size(0)") != std::string::npos, "J < I refused");
+  EXPECT(check_pair_sizes(0, 3, 2).find("a.size(0)") != std::string::npos, "empty a named");
+  EXPECT(check_pair_sizes(3, 3, 0).find("feature size d") != std::string::npos, "pair d = 0 named");
+  EXPECT(check_smem(1000, 999).find("1000 bytes") != std::string::npos && check_smem(999, 999).empty(), "smem check");
+
+  if (failures == 0) std::printf("plan_test: all checks passed\n");
+  return failures == 0 ? 0 : 1;
+}

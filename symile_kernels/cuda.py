@@ -1,0 +1,243 @@
+"""The "cuda" backend: fused CUDA C++ kernels (csrc/cuda/) for CUDA tensors.
+
+The kernels (``cube.cu``, ``pair.cu``; torch-free launchers in ``launch.h``,
+tile planning in ``plan.h``) are torch operators in the ``symile_kernels``
+namespace (CUDA dispatch key, ``binding.cpp``), with fake implementations
+registered here:
+
+``cuda_cube_lse_forward(x, y, z, tau, mode) -> (La, Lb, Lc)``
+    x: (I, d), y: (J, d), z: (K, d): float32, float64, bf16 or fp16, contiguous,
+    one CUDA device; tau: 0-dim, of the compute dtype (the rows' dtype; float32
+    for bf16/fp16 rows). La (I,), Lb (J,), Lc (K,) in the compute dtype: SPEC
+    section 2's log-sum-exps of ``tau * T`` by online (running-max) LSE over
+    tiles; the cube is never stored.
+``cuda_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, mode) -> (dx, dy, dz, dtau)``
+``cuda_pair_lse_forward(a, b, pos, tau, mode) -> L`` and
+``cuda_pair_lse_backward(a, b, pos, tau, L, gL, mode) -> (da, db, dpos, dtau)``
+    as in ``symile_kernels.backends`` (a: (I, d), b: (J, d) with I <= J); gradients
+    of the rows come back in the rows' dtype, the others in the compute dtype.
+
+``mode`` chooses the tile products: 0 IEEE (SIMT FMAs in the tensors' dtype; the
+only mode for float64), 1 TF32 tensor cores, 2 bf16 tensor cores (float32
+tensors rounded to bf16 tiles in shared memory); accumulation, exponentials and
+LSEs are float32 (float64 for float64 tensors). bf16 and fp16 rows (the loss
+layer passes them unconverted, ``accepts_low_precision``) ignore ``mode``: bf16
+rows run bf16 tiles, fp16 rows TF32 tiles (exact for fp16 values). The backend uses mode 1 for
+float32 when torch allows TF32 matrix products
+(``torch.backends.cuda.matmul.allow_tf32`` or ``fp32_precision == "tf32"``),
+else mode 0; SYMILE_KERNELS_CUDA_MATH=ieee|tf32|bf16 overrides that for float32.
+Results are deterministic: every output row has one owning CTA and partial LSEs
+are combined in a fixed order (no float atomics).
+
+The compiled library comes from, in order: the extension that
+``pip install --no-build-isolation -e .`` built on a machine with CUDA torch and
+nvcc (``symile_kernels._cuda_kernels``), else a JIT build of the sources with
+``torch.utils.cpp_extension.load`` (ninja, nvcc; into TORCH_EXTENSIONS_DIR; for
+the visible GPUs' architectures unless TORCH_CUDA_ARCH_LIST says otherwise),
+which prints one line when it starts. SYMILE_KERNELS_NO_JIT=1 disables the JIT
+build. When neither works, ``BACKEND.unavailable_reason`` says why, "cuda" is
+left out of ``available_backends()``, and ``backend="cuda"`` raises that message.
+Devices: compute capability 8.0 or newer (Ampere, Ada, Hopper, Blackwell).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import Backend
+
+EXTENSION = "symile_kernels._cuda_kernels"
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+SOURCES = ("binding.cpp", "cube.cu", "pair.cu")
+MODES = {"ieee": 0, "tf32": 1, "bf16": 2}
+MATH_ENV = "SYMILE_KERNELS_CUDA_MATH"
+_OPS = ("cuda_cube_lse_forward", "cuda_cube_lse_backward", "cuda_pair_lse_forward", "cuda_pair_lse_backward")
+
+_lock = threading.Lock()
+_state: dict = {"done": False, "reason": None, "origin": None}
+
+
+def nvcc_flags() -> list[str]:
+    """nvcc flags of the JIT build (setup.py uses the same)."""
+    return ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+def _registered() -> bool:
+    """Whether a copy of the library is already loaded in this process."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"symile_kernels::{_OPS[0]}", "CUDA")
+    except RuntimeError:  # the operator does not exist yet
+        return False
+
+
+def _load_prebuilt() -> Optional[str]:
+    spec = importlib.util.find_spec(EXTENSION)
+    if spec is None or spec.origin is None:
+        return f"the extension {EXTENSION} was not built"
+    try:
+        torch.ops.load_library(spec.origin)
+    except Exception as exc:  # built against another torch or CUDA, say
+        return f"loading {spec.origin} failed: {exc}"
+    _state["origin"] = spec.origin
+    return None
+
+
+def _jit_build() -> Optional[str]:
+    if os.environ.get("SYMILE_KERNELS_NO_JIT") == "1":
+        return "the JIT build is disabled (SYMILE_KERNELS_NO_JIT=1)"
+    sources = [SOURCE_DIR / name for name in SOURCES]
+    missing = [str(s) for s in sources if not s.exists()]
+    if missing:
+        return f"its sources {', '.join(missing)} are not there to JIT-build (install from a source checkout)"
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME, load, verify_ninja_availability
+
+        verify_ninja_availability()
+    except Exception as exc:
+        return f"JIT-building needs ninja ({exc}); pip install ninja"
+    if CUDA_HOME is None and shutil.which("nvcc") is None:
+        return "JIT-building needs the CUDA toolkit (nvcc); set CUDA_HOME or put nvcc on PATH"
+    print(f"symile_kernels: JIT-building the CUDA backend from {SOURCE_DIR} (once, a minute or two)...",
+          file=sys.stderr, flush=True)
+    try:
+        load(name="symile_kernels_cuda", sources=[str(s) for s in sources], extra_cflags=["-O3"],
+             extra_cuda_cflags=nvcc_flags(), extra_include_paths=[str(SOURCE_DIR)], is_python_module=False,
+             verbose=os.environ.get("SYMILE_KERNELS_VERBOSE_BUILD") == "1")
+    except Exception as exc:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        return "JIT-building it failed: " + " | ".join(lines[-3:])
+    _state["origin"] = "JIT build (torch extension cache)"
+    return None
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("symile_kernels::cuda_cube_lse_forward")
+    def _(x, y, z, tau, mode):
+        return tuple(t.new_empty(t.shape[0], dtype=tau.dtype) for t in (x, y, z))
+
+    @torch.library.register_fake("symile_kernels::cuda_cube_lse_backward")
+    def _(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, mode):
+        return torch.empty_like(x), torch.empty_like(y), torch.empty_like(z), torch.empty_like(tau)
+
+    @torch.library.register_fake("symile_kernels::cuda_pair_lse_forward")
+    def _(a, b, pos, tau, mode):
+        return pos.new_empty(a.shape[0])
+
+    @torch.library.register_fake("symile_kernels::cuda_pair_lse_backward")
+    def _(a, b, pos, tau, L, gL, mode):
+        return torch.empty_like(a), torch.empty_like(b), torch.empty_like(pos), torch.empty_like(tau)
+
+
+def load_reason() -> Optional[str]:
+    """Loads the compiled operators once (prebuilt, else JIT); None when they are usable,
+    else why not and how to fix it. Call it only where torch has CUDA."""
+    if _state["done"]:
+        return _state["reason"]
+    with _lock:
+        if not _state["done"]:
+            reason = None
+            if not _registered():
+                prebuilt = _load_prebuilt()
+                if prebuilt is not None:
+                    jit = _jit_build()
+                    if jit is not None:
+                        reason = (f"the CUDA extension is unavailable: {prebuilt}, and {jit}. Build it with "
+                                  "`pip install --no-build-isolation -e .` on a machine with CUDA torch and nvcc")
+            if reason is None:
+                _register_fakes()
+            _state["reason"] = reason
+            _state["done"] = True
+    return _state["reason"]
+
+
+def _ops():
+    reason = load_reason()
+    if reason is not None:
+        raise RuntimeError(f"symile_kernels 'cuda' backend: {reason}")
+    return torch.ops.symile_kernels
+
+
+def _tf32_allowed() -> bool:
+    matmul = torch.backends.cuda.matmul
+    if getattr(matmul, "fp32_precision", None) == "tf32":
+        return True
+    return bool(matmul.allow_tf32)
+
+
+def math_mode(dtype: torch.dtype) -> int:
+    """The ``mode`` argument the backend passes for tensors of ``dtype`` (see the module docstring)."""
+    if dtype != torch.float32:  # float64 runs IEEE; bf16/fp16 rows choose their own tiles
+        return MODES["ieee"]
+    choice = os.environ.get(MATH_ENV)
+    if choice:
+        if choice not in MODES:
+            raise ValueError(f"{MATH_ENV} must be one of {', '.join(MODES)}; got {choice!r}")
+        return MODES[choice]
+    return MODES["tf32"] if _tf32_allowed() else MODES["ieee"]
+
+
+def cube_lse_forward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(_ops().cuda_cube_lse_forward(x, y, z, tau, math_mode(x.dtype)))
+
+
+def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, Lb: Tensor, Lc: Tensor,
+                      gLa: Tensor, gLb: Tensor, gLc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_ops().cuda_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, math_mode(x.dtype)))
+
+
+def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
+    return _ops().cuda_pair_lse_forward(a, b, pos, tau, math_mode(a.dtype))
+
+
+def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
+                      gL: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_ops().cuda_pair_lse_backward(a, b, pos, tau, L, gL, math_mode(a.dtype)))
+
+
+_device_reasons: dict = {}
+
+
+def _unavailable_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"the 'cuda' backend runs on CUDA tensors only; got {device.type} tensors"
+    # Cached per device: after the first (eager) call, dispatch under torch.compile is a dict lookup.
+    if device.index in _device_reasons:
+        return _device_reasons[device.index]
+    reason = _device_reason(device)
+    if reason is None or torch.version.cuda is None or not torch.cuda.is_available():
+        _device_reasons[device.index] = reason
+    return reason
+
+
+def _device_reason(device: torch.device) -> Optional[str]:
+    if torch.version.cuda is None:
+        return f"this torch build ({torch.__version__}) has no CUDA support"
+    if not torch.cuda.is_available():
+        return "torch finds no CUDA device"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        return (f"the CUDA kernels need compute capability >= 8.0 (Ampere or newer); "
+                f"{torch.cuda.get_device_name(index)} has {major}.{minor}")
+    return load_reason()
+
+
+BACKEND = Backend(
+    name="cuda",
+    cube_lse_forward=cube_lse_forward,
+    cube_lse_backward=cube_lse_backward,
+    pair_lse_forward=pair_lse_forward,
+    pair_lse_backward=pair_lse_backward,
+    unavailable_reason=_unavailable_reason,
+    accepts_low_precision=True,
+    description="fused CUDA C++ (csrc/cuda): tiled online LSE, WMMA (TF32/bf16) or IEEE SIMT tile products, "
+                "row-owning backward passes (deterministic)",
+)
