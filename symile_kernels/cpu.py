@@ -43,23 +43,33 @@ _state: dict = {"done": False, "reason": None, "origin": None}
 
 
 def compile_flags() -> list[str]:
-    """C++ flags of the JIT build (setup.py uses the same): -O3, plus -march=native
-    unless SYMILE_KERNELS_PORTABLE=1."""
-    flags = ["-O3"]
+    """C++ flags of the JIT build (setup.py uses the same): -O3, -fopenmp on Linux
+    (without it at::parallel_for runs serially), and -march=native unless
+    SYMILE_KERNELS_PORTABLE=1."""
+    flags = ["-O3"] + _openmp()
     if os.environ.get("SYMILE_KERNELS_PORTABLE") != "1":
         flags.append("-march=native")
     return flags
 
 
+def _openmp() -> list[str]:
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def _registered() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"symile_kernels::{_OPS[0]}", "CPU")
+    """Whether a copy of the library is already loaded in this process (loading a
+    second one would register the operators twice)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"symile_kernels::{_OPS[0]}", "CPU")
+    except RuntimeError:  # the operator does not exist yet
+        return False
 
 
 def _load_prebuilt() -> Optional[str]:
     """Loads the setup.py-built library; returns why not, or None when loaded."""
     spec = importlib.util.find_spec(EXTENSION)
     if spec is None or spec.origin is None:
-        return "the extension symile_kernels._cpu_kernels was not built"
+        return f"the extension {EXTENSION} was not built"
     try:
         torch.ops.load_library(spec.origin)
     except Exception as exc:  # built against another torch, say
@@ -84,7 +94,7 @@ def _jit_build() -> Optional[str]:
           file=sys.stderr, flush=True)
     try:
         load(name="symile_kernels_cpu", sources=[str(_SOURCE)], extra_cflags=compile_flags(),
-             is_python_module=False, verbose=False)
+             extra_ldflags=_openmp(), is_python_module=False, verbose=False)
     except Exception as exc:
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         return "JIT-building it failed (a C++17 compiler is needed): " + " | ".join(lines[-3:])
@@ -125,8 +135,9 @@ def load_reason() -> Optional[str]:
                     if jit is not None:
                         reason = (f"the C++ CPU extension is unavailable: {prebuilt}, and {jit}. Build it with "
                                   "`pip install --no-build-isolation -e .` where a C++ compiler is present")
-            if reason is None:
+            if reason is None and _state.get("fakes") is None:
                 _register_fakes()
+                _state["fakes"] = True
             _state["reason"] = reason
             _state["done"] = True
     return _state["reason"]

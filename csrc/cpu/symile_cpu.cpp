@@ -17,19 +17,23 @@
 //    is hot in cache. The cube is never held: extra memory is O(N*d + N) plus
 //    per-slice partials and the per-thread tiles.
 //  * The i range is split into a fixed number of slices (contiguous runs of
-//    i-blocks, at most kMaxSlices, independent of the thread count) processed
-//    with at::parallel_for. A slice owns its rows of La and dx; reductions over i
-//    (Lb, Lc, dy, dz, dtau) go to per-slice partial buffers that are combined in
-//    slice order at the end. The reduction order is therefore fixed: the result
-//    does not depend on the number of threads (up to 16 threads; beyond that the
-//    slice count follows the thread count), only on the problem size.
+//    i-blocks, at most kMaxSlices, independent of the thread count) that the
+//    at::parallel_for threads take one at a time from a shared counter. A slice
+//    owns its rows of La and dx; reductions over i (Lb, Lc, dy, dz, dtau) go to
+//    per-slice partial buffers that are combined in slice order at the end. The
+//    reduction order is therefore fixed: the result does not depend on the number
+//    of threads (up to 16 threads; beyond that the slice count follows the thread
+//    count), only on the problem size. The extension must be compiled with
+//    -fopenmp for at::parallel_for to use more than one thread (setup.py does).
 //  * Log-sum-exps are kept as (m, s) pairs, value = m + log(s), in double, with
 //    a running maximum m, so tau = 100 (logits in [-100, 100]) cannot overflow.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -40,8 +44,28 @@
 #define SYMILE_CPU_AVX2 1
 #endif
 
+// MKL's per-thread thread count, when torch's BLAS is MKL (weak: absent elsewhere).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace symile_cpu {
 namespace {
+
+// Inside a parallel region every BLAS call must stay on its own thread: a nested
+// MKL team per tile product oversubscribes the cores (and, with OpenMP's active
+// waiting, stalls for seconds on a loaded machine).
+// Also carries the caller's thread-local state (autograd off, dispatch keys
+// excluded by the custom-op machinery) into the OpenMP worker threads, which
+// would otherwise run the tile products as autograd-visible ops.
+struct SequentialBlas {
+  at::ThreadLocalStateGuard tls;
+  int previous = 0;
+  explicit SequentialBlas(const at::ThreadLocalState& state) : tls(state) {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
 
 using at::Tensor;
 
@@ -124,17 +148,6 @@ inline float hmax8(__m256 v) {
 }
 #endif
 
-// Row maximum of s[0:n], and col_max[k] = max(col_max[k], s[k]).
-template <typename scalar_t>
-inline scalar_t row_col_max(const scalar_t* s, int64_t n, scalar_t* col_max) {
-  scalar_t m = -std::numeric_limits<scalar_t>::infinity();
-  for (int64_t k = 0; k < n; ++k) {
-    m = std::max(m, s[k]);
-    col_max[k] = std::max(col_max[k], s[k]);
-  }
-  return m;
-}
-
 // Returns sum_k e^(s[k] - ref) and adds w * e^(s[k] - ref) to col_sum[k].
 template <typename scalar_t>
 inline double exp_row_col_sum(const scalar_t* s, int64_t n, scalar_t ref, scalar_t w, scalar_t* col_sum) {
@@ -182,23 +195,6 @@ inline void g_row_two(scalar_t* s, int64_t n, scalar_t ref, scalar_t a, const sc
 }
 
 #ifdef SYMILE_CPU_AVX2
-template <>
-inline float row_col_max<float>(const float* s, int64_t n, float* col_max) {
-  __m256 m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256 v = _mm256_loadu_ps(s + k);
-    m8 = _mm256_max_ps(m8, v);
-    _mm256_storeu_ps(col_max + k, _mm256_max_ps(_mm256_loadu_ps(col_max + k), v));
-  }
-  float m = hmax8(m8);
-  for (; k < n; ++k) {
-    m = std::max(m, s[k]);
-    col_max[k] = std::max(col_max[k], s[k]);
-  }
-  return m;
-}
-
 template <>
 inline double exp_row_col_sum<float>(const float* s, int64_t n, float ref, float w, float* col_sum) {
   const __m256 ref8 = _mm256_set1_ps(ref), w8 = _mm256_set1_ps(w);
@@ -307,6 +303,15 @@ inline std::pair<int64_t, int64_t> slice_blocks(int64_t s, int64_t n_slices, int
   return {s * n_blocks / n_slices, (s + 1) * n_blocks / n_slices};
 }
 
+// Work items (slices, blocks) are handed out dynamically: at::parallel_for starts
+// one worker per thread and each worker takes the next item from a shared
+// counter, so a thread slowed by another process on its core takes fewer items
+// instead of holding the others up. An item's computation does not depend on
+// which thread runs it, so results stay deterministic.
+inline int64_t num_workers(int64_t n_items) {
+  return std::max<int64_t>(1, std::min<int64_t>(n_items, at::get_num_threads()));
+}
+
 inline int64_t num_slices(int64_t n_blocks) {
   return std::max<int64_t>(1, std::min<int64_t>(n_blocks, std::max<int64_t>(kMaxSlices, at::get_num_threads())));
 }
@@ -318,6 +323,8 @@ struct CubeBlocks {
 CubeBlocks cube_blocks(int64_t I, int64_t J, int64_t K) {
   CubeBlocks b;
   // Small BLOCK_I keeps many i-blocks for the threads; BLOCK_J fills the tile rows.
+  // (256 x 256 tiles with BLOCK_I = 4 measured best among 128..1024 rows, 128..512
+  // columns and BLOCK_I 4 or 8 at N = 512, d = 64.)
   b.BLOCK_I = std::min<int64_t>(I, 4);
   b.BLOCK_J = std::min<int64_t>(J, std::max<int64_t>(1, kTileRows / b.BLOCK_I));
   b.BLOCK_K = std::min<int64_t>(K, kBlockK);
@@ -348,12 +355,12 @@ void fill_xy(const scalar_t* x, const scalar_t* y, int64_t d, int64_t i0, int64_
 //   Lc(k) takes cs[k] = sum_r w[r] E[r, k] at scale C = max_r rm[r], with
 //   w[r] = e^(rm[r] - C) <= 1, since w[r] E[r, k] = e^(S[r, k] - C).
 // Why the reuse is safe: nothing overflows (every factor is <= 1); what can
-// underflow is a term e^(S - C) < e^-87. For a column whose tile maximum
-// cm[k] >= C - kShareGap the column's largest term is >= e^-kShareGap, so the
-// lost terms are below e^-(87 - kShareGap) relative to it: invisible in float32.
-// Columns with cm[k] < C - kShareGap (rare: a tile whose rows differ by more than
-// kShareGap in log space) are re-summed with their own maximum as the scale, a
-// second exponential for those columns only.
+// underflow is a term e^(S - C) < e^-87. A column whose sum passes
+// cs[k] >= R e^-kShareGap has its largest term e^(cm[k] - C) >= cs[k] / R >=
+// e^-kShareGap, so the lost terms are below R e^-(87 - kShareGap) relative to
+// it: invisible in float32. Columns below that floor (rare: a tile whose rows
+// differ by more than kShareGap in log space) are re-summed with their own
+// maximum as the scale, a second exponential for those columns only.
 template <typename scalar_t>
 void cube_forward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, double tau, Tensor& La, Tensor& Lb,
                          Tensor& Lc) {
@@ -369,13 +376,16 @@ void cube_forward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, doub
   std::vector<double> Lb_m(n_slices * J, -kInf), Lb_s(n_slices * J, 0.0);
   std::vector<double> Lc_m(n_slices * K, -kInf), Lc_s(n_slices * K, 0.0);
 
-  at::parallel_for(0, n_slices, 1, [&](int64_t s_begin, int64_t s_end) {
+  std::atomic<int64_t> next_slice{0};
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, num_workers(n_slices), 1, [&](int64_t, int64_t) {
+    SequentialBlas sequential_blas(caller_state);
     const int64_t R_max = blk.BLOCK_I * blk.BLOCK_J;
     Tensor XY = at::empty({R_max, d}, x.options());
     Tensor S = at::empty({R_max * blk.BLOCK_K}, x.options());
-    std::vector<scalar_t> rm(R_max), w(R_max), cm(blk.BLOCK_K), cs(blk.BLOCK_K);
+    std::vector<scalar_t> rm(R_max), w(R_max), cs(blk.BLOCK_K);
     std::vector<double> rs(R_max);
-    for (int64_t s = s_begin; s < s_end; ++s) {
+    for (int64_t s = next_slice++; s < n_slices; s = next_slice++) {
       double* Lb_ms = Lb_m.data() + s * J;
       double* Lb_ss = Lb_s.data() + s * J;
       double* Lc_ms = Lc_m.data() + s * K;
@@ -393,11 +403,10 @@ void cube_forward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, doub
             // beta = 0: Sv's old contents are ignored (NaN-safe).
             at::addmm_out(Sv, Sv, XYv, z.narrow(0, k0, bk).t(), /*beta=*/0, /*alpha=*/tau);
             scalar_t* Sp = Sv.data_ptr<scalar_t>();
-            std::fill(cm.begin(), cm.begin() + bk, -std::numeric_limits<scalar_t>::infinity());
             std::fill(cs.begin(), cs.begin() + bk, scalar_t(0));
             scalar_t C = -std::numeric_limits<scalar_t>::infinity();
             for (int64_t r = 0; r < R; ++r) {
-              rm[r] = row_col_max(Sp + r * bk, bk, cm.data());
+              rm[r] = row_max(Sp + r * bk, bk);
               C = std::max(C, rm[r]);
             }
             for (int64_t r = 0; r < R; ++r) w[r] = std::exp(rm[r] - C);
@@ -407,13 +416,18 @@ void cube_forward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, doub
               lse_add(La_m[i], La_s[i], rm[r], rs[r]);
               lse_add(Lb_ms[j], Lb_ss[j], rm[r], rs[r]);
             }
+            // cs[k] <= R e^(cm[k] - C) with cm[k] the column's maximum, so cs[k] >= col_floor
+            // proves cm[k] >= C - kShareGap - log(R) (see above); other columns are re-summed.
+            const double col_floor = R * std::exp(-kShareGap);
             for (int64_t k = 0; k < bk; ++k) {
-              if (cm[k] >= C - kShareGap) {
+              if (!(cs[k] < col_floor)) {  // NaN goes this way and propagates
                 lse_add(Lc_ms[k0 + k], Lc_ss[k0 + k], C, cs[k]);
               } else {  // the column sits far below the tile's maximum: its own scale
+                scalar_t cm = -std::numeric_limits<scalar_t>::infinity();
+                for (int64_t r = 0; r < R; ++r) cm = std::max(cm, Sp[r * bk + k]);
                 double col = 0;
-                for (int64_t r = 0; r < R; ++r) col += std::exp(Sp[r * bk + k] - cm[k]);
-                lse_add(Lc_ms[k0 + k], Lc_ss[k0 + k], cm[k], std::isnan(cs[k]) ? cs[k] : col);
+                for (int64_t r = 0; r < R; ++r) col += std::exp(Sp[r * bk + k] - cm);
+                lse_add(Lc_ms[k0 + k], Lc_ss[k0 + k], cm, col);
               }
             }
           }
@@ -489,13 +503,16 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
   std::vector<double> dtau_part(n_slices, 0.0);
   scalar_t* dxp = dx.data_ptr<scalar_t>();
 
-  at::parallel_for(0, n_slices, 1, [&](int64_t s_begin, int64_t s_end) {
+  std::atomic<int64_t> next_slice{0};
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, num_workers(n_slices), 1, [&](int64_t, int64_t) {
+    SequentialBlas sequential_blas(caller_state);
     const int64_t R_max = blk.BLOCK_I * blk.BLOCK_J;
     Tensor XY = at::empty({R_max, d}, x.options());
     Tensor S = at::empty({R_max * blk.BLOCK_K}, x.options());
     Tensor W = at::empty({R_max, d}, x.options());
     std::vector<scalar_t> mn(R_max), a(R_max), u(R_max), gv(blk.BLOCK_K);
-    for (int64_t s = s_begin; s < s_end; ++s) {
+    for (int64_t s = next_slice++; s < n_slices; s = next_slice++) {
       scalar_t* dyp = dy_part[s].data_ptr<scalar_t>();
       Tensor dzs = dz_part[s];
       double dtau_acc = 0;
@@ -591,13 +608,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cube_lse_backward(const Tensor& x, co
 
 // ---------------------------------------------------------------------------
 // Pair LSE (SPEC section 3 and M = 2): L[i] = LSE_j l[i, j], l[i, j] = tau <a[i], b[j]>
-// off the diagonal and pos[i] on it. Tiles of kPairBlockI rows by kPairBlockJ
-// columns; the N x N logits are never held. Slices as in the cube (db is the
+// off the diagonal and pos[i] on it; a has I rows, b has J >= I (a process's local
+// rows against the global batch). Tiles of kPairBlockI rows by kPairBlockJ
+// columns; the I x J logits are never held. Slices as in the cube (db is the
 // reduction over i).
 
 void check_pair_inputs(const Tensor& a, const Tensor& b, const Tensor& pos, const Tensor& tau) {
   check_matrix(a, "a");
-  check_like(b, "b", a, "a", {a.size(0), a.size(1)});
+  check_like(b, "b", a, "a", {b.size(0), a.size(1)});
+  TORCH_CHECK(b.size(0) >= a.size(0), "symile_kernels cpu ops: b must have at least as many rows as a (",
+              a.size(0), "); got ", b.size(0));
   check_like(pos, "pos", a, "a", {a.size(0)});
   check_like(tau, "tau", a, "a", {});
 }
@@ -618,19 +638,22 @@ Tensor pair_tile(const Tensor& a, const Tensor& b, const scalar_t* posp, double 
 
 template <typename scalar_t>
 void pair_forward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, Tensor& L) {
-  const int64_t N = a.size(0);
-  const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(N, kPairBlockJ);
+  const int64_t N = a.size(0), J = b.size(0);
+  const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(J, kPairBlockJ);
   const int64_t n_iblocks = (N + BI - 1) / BI;
   const scalar_t* posp = pos.data_ptr<scalar_t>();
   scalar_t* Lp = L.data_ptr<scalar_t>();
   // Each i-block owns its rows of L: no cross-thread reduction.
-  at::parallel_for(0, n_iblocks, 1, [&](int64_t b_begin, int64_t b_end) {
+  std::atomic<int64_t> next_block{0};
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, num_workers(n_iblocks), 1, [&](int64_t, int64_t) {
+    SequentialBlas sequential_blas(caller_state);
     Tensor S = at::empty({BI * BJ}, a.options());
-    for (int64_t ib = b_begin; ib < b_end; ++ib) {
+    for (int64_t ib = next_block++; ib < n_iblocks; ib = next_block++) {
       const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
       std::vector<double> m(bi, -kInf), s(bi, 0.0);
-      for (int64_t j0 = 0; j0 < N; j0 += BJ) {
-        const int64_t bj = std::min(BJ, N - j0);
+      for (int64_t j0 = 0; j0 < J; j0 += BJ) {
+        const int64_t bj = std::min(BJ, J - j0);
         Tensor Sv = pair_tile<scalar_t>(a, b, posp, tau, S, i0, bi, j0, bj);
         const scalar_t* Sp = Sv.data_ptr<scalar_t>();
         for (int64_t ii = 0; ii < bi; ++ii) {
@@ -658,8 +681,8 @@ Tensor pair_lse_forward(const Tensor& a, const Tensor& b, const Tensor& pos, con
 template <typename scalar_t>
 void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, const Tensor& L,
                           const Tensor& gL, Tensor& da, Tensor& db, Tensor& dpos, Tensor& dtau) {
-  const int64_t N = a.size(0), d = a.size(1);
-  const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(N, kPairBlockJ);
+  const int64_t N = a.size(0), J = b.size(0), d = a.size(1);
+  const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(J, kPairBlockJ);
   const int64_t n_iblocks = (N + BI - 1) / BI;
   const int64_t n_slices = num_slices(n_iblocks);
   const scalar_t* posp = pos.data_ptr<scalar_t>();
@@ -667,12 +690,15 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
   const scalar_t* gLp = gL.data_ptr<scalar_t>();
   const scalar_t* ap = a.data_ptr<scalar_t>();
   scalar_t* dposp = dpos.data_ptr<scalar_t>();
-  Tensor db_part = at::zeros({n_slices, N, d}, a.options());
+  Tensor db_part = at::zeros({n_slices, J, d}, a.options());
   std::vector<double> dtau_part(n_slices, 0.0);
 
-  at::parallel_for(0, n_slices, 1, [&](int64_t s_begin, int64_t s_end) {
+  std::atomic<int64_t> next_slice{0};
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, num_workers(n_slices), 1, [&](int64_t, int64_t) {
+    SequentialBlas sequential_blas(caller_state);
     Tensor S = at::empty({BI * BJ}, a.options());
-    for (int64_t s = s_begin; s < s_end; ++s) {
+    for (int64_t s = next_slice++; s < n_slices; s = next_slice++) {
       Tensor dbs = db_part[s];
       double dtau_acc = 0;
       const auto blocks = slice_blocks(s, n_slices, n_iblocks);
@@ -680,8 +706,8 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
         const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
         Tensor dav = da.narrow(0, i0, bi);  // owned rows; holds P b until scaled by tau
         const Tensor av = a.narrow(0, i0, bi);
-        for (int64_t j0 = 0; j0 < N; j0 += BJ) {
-          const int64_t bj = std::min(BJ, N - j0);
+        for (int64_t j0 = 0; j0 < J; j0 += BJ) {
+          const int64_t bj = std::min(BJ, J - j0);
           Tensor Pv = pair_tile<scalar_t>(a, b, posp, tau, S, i0, bi, j0, bj);
           scalar_t* Pp = Pv.data_ptr<scalar_t>();
           for (int64_t ii = 0; ii < bi; ++ii) exp_row_scale(Pp + ii * bj, bj, Lp[i0 + ii], gLp[i0 + ii]);

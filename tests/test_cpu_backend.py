@@ -1,0 +1,312 @@
+"""The fused C++ CPU backend (backend="cpu", csrc/cpu/symile_cpu.cpp) against the float64 oracle.
+
+Skipped as a whole, with the reason, when the extension can neither be loaded
+nor JIT-built here.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import symile_kernels
+from symile_kernels import cpu as cpu_backend
+from symile_kernels.reference import symile_loss_reference, clip_loss_reference
+
+_REASON = cpu_backend.load_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU backend unavailable: {_REASON}")
+
+OPS = torch.ops.symile_kernels
+
+# SPEC section 6: (loss, gradients) relative tolerances per compute mode.
+TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}
+
+# (N, d, tau, rows): awkward sizes, tau up to 100 with unit rows, ties, one huge row.
+CUBE_CASES = [
+    (1, 3, 1.0, "unit"),
+    (2, 1, 14.3, "unit"),
+    (7, 48, 100.0, "unit"),
+    (33, 200, 100.0, "unit"),
+    (129, 48, 14.3, "unit"),
+    (33, 3, 1.0, "gauss"),
+    (7, 48, 1.0, "ties"),
+    (33, 48, 100.0, "ties"),
+    (33, 48, 14.3, "huge"),
+    (33, 48, 100.0, "huge"),
+    (33, 48, 100.0, "faint"),
+]
+DTYPES = (torch.float64, torch.float32)
+
+
+def rel(out, ref):
+    """||out - ref|| / ||ref||; the floor 1e-3 keeps an exactly-zero reference (N = 1: every
+    gradient is 0) from turning rounding noise into an infinite relative error."""
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-3)).item()
+
+
+def make_reps(M, N, d, rows, dtype=torch.float64):
+    """M fresh (N, d) float64 representations of the given kind, cast to ``dtype``."""
+    reps = [torch.randn(N, d, dtype=torch.float64) for _ in range(M)]
+    if rows in ("unit", "ties", "huge"):
+        reps = [F.normalize(r, dim=1) for r in reps]
+    if rows == "ties":  # every row of each modality repeats one of two rows
+        reps = [r[torch.arange(N) % 2] for r in reps]
+    if rows == "huge":  # one row ten times longer: logits up to 10 tau
+        reps[0][N // 2] *= 10
+    if rows == "faint":  # rows near one direction (logits near tau) but one faint last-modality row
+        # (logits near 0): tiles span > 30 in log space, which takes the kernels' second-exponential paths.
+        direction = torch.zeros(d, dtype=torch.float64)
+        direction[d // 2] = 1  # a basis vector: the multilinear product of three copies is 1
+        reps = [F.normalize(direction + 0.1 / d ** 0.5 * torch.randn(N, d, dtype=torch.float64), dim=1)
+                for _ in range(M)]
+        reps[-1][N // 3] *= 1e-3
+    return [r.to(dtype) for r in reps]
+
+
+def loss_and_grads(fn, reps, tau, gout):
+    reps = [r.detach().clone().requires_grad_(True) for r in reps]
+    tau_t = torch.tensor(tau, dtype=reps[0].dtype if reps[0].dtype != torch.bfloat16 else torch.float32,
+                         requires_grad=True)
+    loss = fn(reps, tau_t)
+    (loss * gout).backward()
+    return loss.detach(), [r.grad for r in reps] + [tau_t.grad]
+
+
+def check_against_oracle(reps, tau, negative_sampling="n_squared", seed=None):
+    dtype = reps[0].dtype
+    gout = torch.rand(()).item() + 0.5  # a random grad_output of the scalar loss
+
+    def ours(r, t):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return symile_kernels.symile_loss(r, t, negative_sampling=negative_sampling, backend="cpu")
+
+    def oracle(r, t):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return symile_loss_reference(r, t, negative_sampling)
+
+    loss, grads = loss_and_grads(ours, reps, tau, gout)
+    ref_loss, ref_grads = loss_and_grads(oracle, [r.double() for r in reps], tau, gout)
+    assert loss.dtype == dtype
+    assert all(g.dtype == (dtype if i < len(reps) else grads[-1].dtype) for i, g in enumerate(grads))
+    loss_tol, grad_tol = TOL[dtype]
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert rel(loss, ref_loss) < loss_tol, (rel(loss, ref_loss), loss_tol)
+    for name, g, ref in zip([f"d{m}" for m in range(len(reps))] + ["dtau"], grads, ref_grads):
+        assert rel(g, ref) < grad_tol, (name, rel(g, ref), grad_tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,d,tau,rows", CUBE_CASES)
+def test_m3_n_squared_matches_oracle(N, d, tau, rows, dtype):
+    check_against_oracle(make_reps(3, N, d, rows, dtype), tau)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,d,tau,rows", [(7, 5, 14.3, "unit"), (5, 48, 100.0, "unit"), (6, 3, 1.0, "gauss"),
+                                          (6, 8, 100.0, "faint")])
+def test_m4_n_squared_matches_oracle(N, d, tau, rows, dtype):
+    check_against_oracle(make_reps(4, N, d, rows, dtype), tau)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,d,tau,rows", [(3, 33, 48, 100.0, "unit"), (3, 129, 200, 14.3, "unit"),
+                                            (4, 7, 3, 1.0, "gauss"), (3, 33, 48, 14.3, "huge")])
+def test_n_sampling_matches_oracle_with_same_seed(M, N, d, tau, rows, dtype):
+    check_against_oracle(make_reps(M, N, d, rows, dtype), tau, negative_sampling="n", seed=1234 + N)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,d,tau,rows", [(1, 3, 1.0, "unit"), (33, 48, 100.0, "unit"), (129, 200, 14.3, "ties"),
+                                          (600, 7, 1.0, "gauss"), (33, 8, 100.0, "faint")])
+def test_m2_clip_matches_oracle(N, d, tau, rows, dtype):
+    check_against_oracle(make_reps(2, N, d, rows, dtype), tau)
+
+
+def test_clip_loss_matches_oracle():
+    reps = make_reps(3, 33, 48, "unit")
+    ours = symile_kernels.clip_loss(reps, 14.3, backend="cpu")
+    assert rel(ours, clip_loss_reference(reps, 14.3)) < TOL[torch.float64][0]
+
+
+@pytest.mark.parametrize("negative_sampling", ["n_squared", "n"])
+def test_bf16_inputs_give_bf16_grads(negative_sampling):
+    reps = make_reps(3, 33, 48, "unit", torch.bfloat16)
+    check_against_oracle(reps, 14.3, negative_sampling, seed=7 if negative_sampling == "n" else None)
+
+
+@pytest.mark.parametrize("M,negative_sampling", [(3, "n_squared"), (4, "n_squared"), (3, "n"), (2, "n_squared")])
+def test_gradcheck_float64(M, negative_sampling):
+    reps = [r.requires_grad_(True) for r in make_reps(M, 4, 3, "gauss")]
+    tau = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+
+    def fn(*args):
+        torch.manual_seed(0)  # the same permutations at every evaluation ("n")
+        return symile_kernels.symile_loss(list(args[:-1]), args[-1], negative_sampling=negative_sampling,
+                                          backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (*reps, tau))
+
+
+def test_raw_ops_gradcheck_rectangular():
+    """The cube ops alone on a rectangular cube (I != J != K), with random incoming gradients."""
+    x, y, z = (torch.randn(n, 3, dtype=torch.float64, requires_grad=True) for n in (5, 3, 4))
+    tau = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    gL = [torch.randn(n, dtype=torch.float64) for n in (5, 3, 4)]
+
+    def fn(x, y, z, tau):
+        La, Lb, Lc = OPS.cube_lse(x, y, z, tau, "cpu")
+        return (La * gL[0]).sum() + (Lb * gL[1]).sum() + (Lc * gL[2]).sum()
+
+    assert torch.autograd.gradcheck(fn, (x, y, z, tau))
+    # The pair ops on I < J: a process's local rows against the global batch.
+    a, b = (torch.randn(n, 3, dtype=torch.float64, requires_grad=True) for n in (4, 6))
+    pos = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, pos, tau: (OPS.pair_lse(a, b, pos, tau, "cpu") * gL[0][:4]).sum(),
+                                    (a, b, pos, tau))
+
+
+def test_rectangular_cube_matches_chunked():
+    from symile_kernels import chunked
+    x, y, z = (F.normalize(torch.randn(n, 48, dtype=torch.float64), dim=1) for n in (300, 7, 33))
+    tau = torch.tensor(100.0, dtype=torch.float64)
+    g = [torch.randn(n, dtype=torch.float64) for n in (300, 7, 33)]
+    ref = chunked.cube_lse_forward(x, y, z, tau)
+    ref_grads = chunked.cube_lse_backward(x, y, z, tau, *ref, *g)
+    for dtype in DTYPES:
+        c = [t.to(dtype) for t in (x, y, z, tau)]
+        out = OPS.cpu_cube_lse_forward(*c)
+        grads = OPS.cpu_cube_lse_backward(*c, *[t.to(dtype) for t in (*ref, *g)])
+        loss_tol, grad_tol = TOL[dtype]
+        for o, r in zip(out, ref):
+            assert rel(o, r) < loss_tol
+        for o, r in zip(grads, ref_grads):
+            assert rel(o, r) < grad_tol
+
+
+def test_thread_count_does_not_change_results():
+    x, y, z = (F.normalize(torch.randn(129, 48), dim=1) for _ in range(3))
+    tau = torch.tensor(14.3)
+    g = [torch.randn(129) for _ in range(3)]
+    a, b = x, y
+    pos = tau * (a * b).sum(1)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            L = OPS.cpu_cube_lse_forward(x, y, z, tau)
+            grads = OPS.cpu_cube_lse_backward(x, y, z, tau, *L, *g)
+            P = OPS.cpu_pair_lse_forward(a, b, pos, tau)
+            pgrads = OPS.cpu_pair_lse_backward(a, b, pos, tau, P, g[0])
+            results.append([*L, *grads, P, *pgrads])
+    finally:
+        torch.set_num_threads(previous)
+    for one, two in zip(*results):
+        assert rel(two, one) < 1e-6  # float32 rounding, nothing more
+
+
+def test_opcheck_raw_cpp_ops():
+    x, y, z = (torch.randn(n, 5) for n in (7, 4, 6))
+    tau = torch.tensor(3.0)
+    L = OPS.cpu_cube_lse_forward(x, y, z, tau)
+    g = [torch.randn(n) for n in (7, 4, 6)]
+    torch.library.opcheck(OPS.cpu_cube_lse_forward, (x, y, z, tau))
+    torch.library.opcheck(OPS.cpu_cube_lse_backward, (x, y, z, tau, *L, *g))
+    a, b = torch.randn(9, 5), torch.randn(9, 5)
+    pos = torch.randn(9)
+    P = OPS.cpu_pair_lse_forward(a, b, pos, tau)
+    torch.library.opcheck(OPS.cpu_pair_lse_forward, (a, b, pos, tau))
+    torch.library.opcheck(OPS.cpu_pair_lse_backward, (a, b, pos, tau, P, g[0][:1].expand(9).contiguous()))
+
+
+def test_opcheck_generic_ops_with_cpu_backend():
+    x, y, z = (torch.randn(n, 5, dtype=torch.float64, requires_grad=True) for n in (7, 4, 6))
+    tau = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(OPS.cube_lse, (x, y, z, tau, "cpu"))
+    a, b = (torch.randn(9, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    pos = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(OPS.pair_lse, (a, b, pos, tau, "cpu"))
+
+
+@pytest.mark.parametrize("negative_sampling", ["n_squared", "n"])
+def test_torch_compile_fullgraph(negative_sampling):
+    torch._dynamo.reset()
+    reps = make_reps(3, 9, 6, "unit", torch.float32)
+
+    def step(x, y, z, log_tau):
+        return 2 * symile_kernels.symile_loss([x, y, z], log_tau.exp(), negative_sampling=negative_sampling,
+                                              backend="cpu")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        args = [r.clone().requires_grad_(True) for r in reps] + [torch.tensor(2.0, requires_grad=True)]
+        torch.manual_seed(3)
+        loss = fn(*args)
+        loss.backward()
+        results.append([loss.detach()] + [a.grad for a in args])
+    for eager, comp in zip(*results):
+        assert rel(comp, eager) < 1e-6
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read the resident set size")
+def test_repeated_calls_do_not_grow_memory():
+    reps = [r.requires_grad_(True) for r in make_reps(3, 256, 64, "unit", torch.float32)]
+
+    def step():
+        for r in reps:
+            r.grad = None
+        symile_kernels.symile_loss(reps, 14.3, backend="cpu").backward()
+        symile_kernels.symile_loss(reps[:2], 14.3, backend="cpu").backward()
+
+    for _ in range(3):
+        step()
+    before = _rss_bytes()
+    for _ in range(15):
+        step()
+    growth = _rss_bytes() - before
+    # The per-call workspace at this size is about 3 MB; a leak of it per call would be 45 MB.
+    assert growth < 16 * 2 ** 20, f"resident memory grew by {growth / 2 ** 20:.1f} MiB over 15 calls"
+
+
+def test_bad_inputs_to_raw_ops_name_the_tensor():
+    x, y, z = (torch.randn(5, 4) for _ in range(3))
+    tau = torch.tensor(1.0)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        OPS.cpu_cube_lse_forward(torch.randn(4, 5).t(), y, z, tau)
+    with pytest.raises(RuntimeError, match="y must have the dtype of x"):
+        OPS.cpu_cube_lse_forward(x, y.double(), z, tau)
+    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+        OPS.cpu_cube_lse_forward(x.int(), y, z, tau)
+    with pytest.raises(RuntimeError, match="z must have shape"):
+        OPS.cpu_cube_lse_forward(x, y, torch.randn(5, 3), tau)
+    with pytest.raises(RuntimeError, match="tau must have shape"):
+        OPS.cpu_cube_lse_forward(x, y, z, tau.reshape(1))
+    L = OPS.cpu_cube_lse_forward(x, y, z, tau)
+    with pytest.raises(RuntimeError, match="gLb must have the dtype of x"):
+        OPS.cpu_cube_lse_backward(x, y, z, tau, *L, L[0], L[1].double(), L[2])
+    with pytest.raises(RuntimeError, match="pos must have shape"):
+        OPS.cpu_pair_lse_forward(x, y, torch.randn(4), tau)
+    with pytest.raises(RuntimeError, match="b must be contiguous"):
+        OPS.cpu_pair_lse_forward(x, torch.randn(4, 5).t(), torch.randn(5), tau)
+
+
+def test_nan_input_gives_nan_not_a_number():
+    x, y, z = (torch.randn(33, 8) for _ in range(3))
+    x[3, 2] = float("nan")
+    La, Lb, Lc = OPS.cpu_cube_lse_forward(x, y, z, torch.tensor(1.0))
+    assert torch.isnan(La[3]) and torch.isnan(Lb).all() and torch.isnan(Lc).all()
+
+
+def test_backend_is_listed_and_refuses_other_devices():
+    assert "cpu" in symile_kernels.available_backends("cpu")
+    reason = cpu_backend.BACKEND.unavailable_reason(torch.device("meta"))
+    assert reason is not None and "CPU tensors only" in reason
