@@ -41,17 +41,15 @@ Devices: compute capability 8.0 or newer (Ampere, Ada, Hopper, Blackwell).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
-import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ._extension import CompiledOps, jit_build
 from .backends import Backend
 
 EXTENSION = "symile_kernels._cuda_kernels"
@@ -61,61 +59,20 @@ MODES = {"ieee": 0, "tf32": 1, "bf16": 2}
 MATH_ENV = "SYMILE_KERNELS_CUDA_MATH"
 _OPS = ("cuda_cube_lse_forward", "cuda_cube_lse_backward", "cuda_pair_lse_forward", "cuda_pair_lse_backward")
 
-_lock = threading.Lock()
-_state: dict = {"done": False, "reason": None, "origin": None}
-
-
 def nvcc_flags() -> list[str]:
     """nvcc flags of the JIT build (setup.py uses the same)."""
     return ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
-def _registered() -> bool:
-    """Whether a copy of the library is already loaded in this process."""
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"symile_kernels::{_OPS[0]}", "CUDA")
-    except RuntimeError:  # the operator does not exist yet
-        return False
-
-
-def _load_prebuilt() -> Optional[str]:
-    spec = importlib.util.find_spec(EXTENSION)
-    if spec is None or spec.origin is None:
-        return f"the extension {EXTENSION} was not built"
-    try:
-        torch.ops.load_library(spec.origin)
-    except Exception as exc:  # built against another torch or CUDA, say
-        return f"loading {spec.origin} failed: {exc}"
-    _state["origin"] = spec.origin
-    return None
-
-
 def _jit_build() -> Optional[str]:
-    if os.environ.get("SYMILE_KERNELS_NO_JIT") == "1":
-        return "the JIT build is disabled (SYMILE_KERNELS_NO_JIT=1)"
-    sources = [SOURCE_DIR / name for name in SOURCES]
-    missing = [str(s) for s in sources if not s.exists()]
-    if missing:
-        return f"its sources {', '.join(missing)} are not there to JIT-build (install from a source checkout)"
-    try:
-        from torch.utils.cpp_extension import CUDA_HOME, load, verify_ninja_availability
+    from torch.utils.cpp_extension import CUDA_HOME
 
-        verify_ninja_availability()
-    except Exception as exc:
-        return f"JIT-building needs ninja ({exc}); pip install ninja"
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         return "JIT-building needs the CUDA toolkit (nvcc); set CUDA_HOME or put nvcc on PATH"
-    print(f"symile_kernels: JIT-building the CUDA backend from {SOURCE_DIR} (once, a minute or two)...",
-          file=sys.stderr, flush=True)
-    try:
-        load(name="symile_kernels_cuda", sources=[str(s) for s in sources], extra_cflags=["-O3"],
-             extra_cuda_cflags=nvcc_flags(), extra_include_paths=[str(SOURCE_DIR)], is_python_module=False,
-             verbose=os.environ.get("SYMILE_KERNELS_VERBOSE_BUILD") == "1")
-    except Exception as exc:
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        return "JIT-building it failed: " + " | ".join(lines[-3:])
-    _state["origin"] = "JIT build (torch extension cache)"
-    return None
+    return jit_build("CUDA backend", [SOURCE_DIR / name for name in SOURCES], "nvcc or the C++ compiler failed",
+                     name="symile_kernels_cuda", extra_cflags=["-O3"], extra_cuda_cflags=nvcc_flags(),
+                     extra_include_paths=[str(SOURCE_DIR)],
+                     verbose=os.environ.get("SYMILE_KERNELS_VERBOSE_BUILD") == "1")
 
 
 def _register_fakes() -> None:
@@ -136,33 +93,10 @@ def _register_fakes() -> None:
         return torch.empty_like(a), torch.empty_like(b), torch.empty_like(pos), torch.empty_like(tau)
 
 
-def load_reason() -> Optional[str]:
-    """Loads the compiled operators once (prebuilt, else JIT); None when they are usable,
-    else why not and how to fix it. Call it only where torch has CUDA."""
-    if _state["done"]:
-        return _state["reason"]
-    with _lock:
-        if not _state["done"]:
-            reason = None
-            if not _registered():
-                prebuilt = _load_prebuilt()
-                if prebuilt is not None:
-                    jit = _jit_build()
-                    if jit is not None:
-                        reason = (f"the CUDA extension is unavailable: {prebuilt}, and {jit}. Build it with "
-                                  "`pip install --no-build-isolation -e .` on a machine with CUDA torch and nvcc")
-            if reason is None:
-                _register_fakes()
-            _state["reason"] = reason
-            _state["done"] = True
-    return _state["reason"]
-
-
-def _ops():
-    reason = load_reason()
-    if reason is not None:
-        raise RuntimeError(f"symile_kernels 'cuda' backend: {reason}")
-    return torch.ops.symile_kernels
+_LIBRARY = CompiledOps("CUDA extension", EXTENSION, _OPS[0], "CUDA", _jit_build, _register_fakes,
+                       "Build it with `pip install --no-build-isolation -e .` on a machine with CUDA torch and nvcc")
+load_reason = _LIBRARY.load_reason  # call it only where torch has CUDA
+_ops = _LIBRARY.ops
 
 
 def _tf32_allowed() -> bool:
