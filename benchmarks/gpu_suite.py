@@ -47,8 +47,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from bench_loss import (DTYPES, machine_info, markdown_table, memory_limit_bytes, mm_tflops,  # noqa: E402
-                        run_in_subprocess, skip_reason)
+from bench_loss import (DTYPES, _timer, machine_info, markdown_table, memory_limit_bytes,  # noqa: E402
+                        mm_tflops, run_in_subprocess, skip_reason)
 
 D = 256
 TAU = 14.3
@@ -159,19 +159,6 @@ def dropped_reason(config: dict, smoke: bool) -> "str | None":
 
 # ---------------------------------------------------------------- kernel-level worker
 
-def _events_ms(device: torch.device, fn) -> float:
-    if device.type == "cuda":
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(stop)
-    begin = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - begin)
-
-
 def measure_kernel(config: dict) -> dict:
     """One fused backend's cube_lse_forward/backward on (N, d) tensors of the config's dtype."""
     from symile_kernels import backends
@@ -204,10 +191,11 @@ def measure_kernel(config: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
     # The first timed run also gives the peak (one run is all N = 16384 can afford).
-    fwd_bwd = [_events_ms(device, forward_backward)]
+    timer = _timer(device)  # CUDA events on a GPU
+    fwd_bwd = [timer(forward_backward)]
     peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else 0
-    fwd_bwd += [_events_ms(device, forward_backward) for _ in range(config["repeats"] - 1)]
-    fwd = [_events_ms(device, forward) for _ in range(max(1, config["repeats"]))]
+    fwd_bwd += [timer(forward_backward) for _ in range(config["repeats"] - 1)]
+    fwd = [timer(forward) for _ in range(max(1, config["repeats"]))]
     row = dict(config, status="ok", peak_mb=peak / 2 ** 20, fwd_ms=statistics.median(fwd),
                fwd_bwd_ms=statistics.median(fwd_bwd), fwd_bwd_min_ms=min(fwd_bwd), fwd_bwd_max_ms=max(fwd_bwd))
     row["model_tflops"] = 6 * N ** 3 * d / (row["fwd_bwd_ms"] * 1e-3) / 1e12
