@@ -148,7 +148,7 @@ def _symile_cube(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) ->
     if not folded:
         La, Lb, Lc = ops.cube_lse(x, y, z, tau, backend)
         L = [La, shard.local(shard.combine_lse(Lb)), shard.local(shard.combine_lse(Lc))]
-        return sum((Lm - pos).mean() for Lm in L) / 3
+        return sum((Lm - pos).mean() for Lm in L) / M
 
     N = shard.N
     combos = torch.cartesian_prod(*[torch.arange(N, device=x.device)] * len(folded)).reshape(-1, len(folded))
