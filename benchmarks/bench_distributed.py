@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import socket
 import statistics
 import sys
@@ -25,8 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import _peak_bytes, _reset_peak, machine_info  # noqa: E402
+from symile_kernels.benchmarking import machine_info, peak_bytes, reset_peak
 
 
 def _count_cube_elements(backend_name: str) -> list[int]:
@@ -70,10 +68,10 @@ def _worker(rank, world_size, port, config, queue):
     # A tiny call first loads the code paths, so their pages do not count as the loss's memory.
     step([r[:2].detach().clone().requires_grad_() for r in reps])
     device = torch.device("cpu")
-    baseline = _reset_peak(device)
+    baseline = reset_peak(device)
     counter[0] = 0
     step()
-    peak = _peak_bytes(device) - baseline
+    peak = peak_bytes(device) - baseline
     cube_elements = counter[0]
     times = []
     for _ in range(config["repeats"]):

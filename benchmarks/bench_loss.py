@@ -8,10 +8,10 @@ warm-up, and the peak memory of one forward+backward above the inputs:
 the call, after a tiny warm-up call has loaded the code (one subprocess per
 configuration keeps peaks apart).
 The backend name ``symile`` means the reference package ``symile`` 0.1.0
-(skipped when it is not installed). Model FLOPs follow SPEC section 5 (M = 3,
-"n_squared": 2*N^3*d forward, 6*N^3*d forward+backward), compared with a dense
-matrix product of the same dtype measured in the same run (on the CPU the SPEC
-fixes float32 4096 x 4096).
+(skipped when it is not installed). Model FLOPs follow docs/math.md section 5
+(``symile_kernels.benchmarking.model_flops``), compared with a dense matrix
+product of the same dtype measured in the same run (on the CPU, float32
+4096 x 4096). Timing and memory helpers live in ``symile_kernels.benchmarking``.
 
     python benchmarks/bench_loss.py --backends symile chunked --N 512 --d 64
     python benchmarks/bench_loss.py --device cuda --dtype bfloat16 --N 1024 4096 --d 256 --json out.json
@@ -19,58 +19,25 @@ fixes float32 4096 x 4096).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def model_flops(M: int, N: int, d: int, sampling: str, backward: bool) -> "float | None":
-    """SPEC section 5's model FLOPs (M = 3, "n_squared" only; None otherwise)."""
-    if M != 3 or sampling != "n_squared":
-        return None
-    return (6 if backward else 2) * N ** 3 * d
+from symile_kernels.benchmarking import (DTYPES, machine_info, median_ms, memory_limit_bytes, mm_tflops,
+                                        model_flops, peak_bytes, reset_peak, sync)
 
 
 def estimated_materialised_bytes(M: int, N: int, d: int, element_size: int) -> int:
     """Rough peak of the backends that materialise the logits (``symile``, ``reference``).
 
-    The reference package measured 4.9 GB at N = 512, d = 64, float32 (SPEC
+    The reference package measured 4.9 GB at N = 512, d = 64, float32 (docs/math.md
     section 5), about 9.1 N^3 floats; 10 N^M + 6 N^(M-1) d elements covers it.
     """
     return element_size * (10 * N ** M + 6 * N ** (M - 1) * d)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timer(device: torch.device):
-    """A function that runs ``fn`` once and returns its wall time in milliseconds."""
-    if device.type == "cuda":
-        def run(fn):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize(device)
-            return start.elapsed_time(stop)
-    else:
-        def run(fn):
-            begin = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - begin)
-    return run
 
 
 def _loss_fn(backend: str, sampling: str):
@@ -82,36 +49,6 @@ def _loss_fn(backend: str, sampling: str):
     import symile_kernels
 
     return lambda reps, tau: symile_kernels.symile_loss(reps, tau, negative_sampling=sampling, backend=backend)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak(device: torch.device) -> int:
-    """Starts a peak-memory window; returns the baseline in bytes."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return _status_kib("VmRSS") * 1024
-    except OSError:  # not Linux: the lifetime peak, an upper bound on the baseline
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        return _status_kib("VmHWM") * 1024
-    except (OSError, KeyError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(config: dict) -> dict:
@@ -137,32 +74,19 @@ def measure(config: dict) -> dict:
         for t in reps + [tau]:
             t.grad = None
 
-    _sync(device)
-    baseline = _reset_peak(device)
+    sync(device)
+    baseline = reset_peak(device)
     forward_backward()  # also the warm-up of compiled kernels
-    _sync(device)
-    peak = _peak_bytes(device) - baseline
-    timer = _timer(device)
-    for _ in range(config["warmup"]):
-        forward_backward()
-    fwd = [timer(forward) for _ in range(config["repeats"])]
-    fwd_bwd = [timer(forward_backward) for _ in range(config["repeats"])]
+    sync(device)
+    peak = peak_bytes(device) - baseline
+    fwd = median_ms(forward, device, config["repeats"], warmup=config["warmup"])
+    fwd_bwd = median_ms(forward_backward, device, config["repeats"])
     row = dict(config, status="ok", peak_mb=peak / 2 ** 20,
                fwd_ms=statistics.median(fwd), fwd_bwd_ms=statistics.median(fwd_bwd),
                fwd_bwd_min_ms=min(fwd_bwd), fwd_bwd_max_ms=max(fwd_bwd))
     flops = model_flops(M, N, d, sampling, backward=True)
     row["model_tflops"] = None if flops is None else flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
     return row
-
-
-def mm_tflops(device: torch.device, dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
-    """Dense ``torch.mm`` rate (TFLOP/s, median of ``repeats``) for size x size operands."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    timer = _timer(device)
-    timer(lambda: torch.mm(a, b))
-    ms = statistics.median(timer(lambda: torch.mm(a, b)) for _ in range(repeats))
-    return 2 * size ** 3 / (ms * 1e-3) / 1e12
 
 
 def run_in_subprocess(config: dict, timeout: float) -> dict:
@@ -191,26 +115,6 @@ def skip_reason(config: dict, limit_bytes: int) -> "str | None":
         if need > limit_bytes:
             return f"skipped: needs ~{need / 2 ** 30:.0f} GiB (materialises the logits)"
     return None
-
-
-def memory_limit_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 7 // 10
-
-
-def machine_info(device: torch.device) -> dict:
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    import symile_kernels
-
-    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                machine=platform.node(), processor=platform.processor() or platform.machine(),
-                cpu_count=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                symile_kernels=symile_kernels.__version__, git_revision=revision or None)
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _fmt(value, spec: str) -> str:

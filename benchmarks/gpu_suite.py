@@ -47,8 +47,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from bench_loss import (DTYPES, _timer, machine_info, markdown_table, memory_limit_bytes,  # noqa: E402
-                        mm_tflops, run_in_subprocess, skip_reason)
+from bench_loss import markdown_table, run_in_subprocess, skip_reason  # noqa: E402  (the script's own rows)
+
+from symile_kernels.benchmarking import DTYPES, machine_info, memory_limit_bytes, mm_tflops, time_ms  # noqa: E402
 
 D = 256
 TAU = 14.3
@@ -191,7 +192,9 @@ def measure_kernel(config: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
     # The first timed run also gives the peak (one run is all N = 16384 can afford).
-    timer = _timer(device)  # CUDA events on a GPU
+    def timer(fn):
+        return time_ms(fn, device)  # CUDA events on a GPU
+
     fwd_bwd = [timer(forward_backward)]
     peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else 0
     fwd_bwd += [timer(forward_backward) for _ in range(config["repeats"] - 1)]
