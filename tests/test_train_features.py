@@ -381,3 +381,22 @@ def test_example_file_reproduces_m3_synthetic(tmp_path, capsys):
         found[loss] = entry["test_top1"]
     assert found["symile"] >= 1 / M3_TINY["w"] + 0.2
     assert found["clip"] <= 1 / M3_TINY["w"] + 0.1
+
+
+def test_two_processes_train_on_features_like_one(tmp_path):
+    """Under torchrun every process reads the same splits from the file; rank 0 reports."""
+    from test_train_distributed import _torchrun
+    path = tmp_path / "m3.npz"
+    assert make_features.main(["--out", str(path), "--classes", "20", "--class-dim", "8", "--train-n", "1024",
+                               "--test-n", "200"]) == 0
+    argv = ["--task", "features", "--features", str(path), "--target", "image", "--split-key", "split",
+            "--candidates-key", "candidates", "--loss", "symile", "--dim", "16", "--epochs", "1",
+            "--batch-size", "64", "--quiet"]
+    done = _torchrun(2, [*argv, "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr[-5000:]
+    [two] = json.loads((tmp_path / "two" / "results.json").read_text())["runs"]
+    assert cli.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    [one] = json.loads((tmp_path / "one" / "results.json").read_text())["runs"]
+    assert two["world_size"] == 2 and two["test_candidates"] == one["test_candidates"] == 20
+    assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-4)
+    assert abs(two["test_top1"] - one["test_top1"]) <= 0.02 and abs(two["test_mrr"] - one["test_mrr"]) <= 0.02
