@@ -8,6 +8,7 @@ except the reproduction check (a few seconds per run).
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 
@@ -18,17 +19,10 @@ import torch
 from symile_kernels.train import cli, data, features, loop, make_features, retrieval
 from symile_kernels.train.feature_files import FeatureError, open_arrays
 from symile_kernels.train.loop import RunConfig
+from test_train import one_thread  # noqa: F401  (the trainer tests' autouse fixture: one torch thread)
 
 SIZES = {"a": 5, "b": 3, "c": 4}
 TINY = ["--batch-size", "16", "--epochs", "1", "--d", "8", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def arrays(n=120, seed=0):
@@ -51,11 +45,33 @@ def write(path, named, fmt):
     elif fmt == "pt":
         torch.save({k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in named.items()}, f"{path}.pt")
         return [f"{path}.pt"]
-    elif fmt == "safetensors":
-        safetensors_numpy = pytest.importorskip("safetensors.numpy")
-        safetensors_numpy.save_file(named, f"{path}.safetensors")
+    elif fmt.startswith("safetensors"):
+        save_safetensors(named, f"{path}.safetensors", use_package=fmt == "safetensors")
         return [f"{path}.safetensors"]
     return [f"{path}.npz"]
+
+
+def save_safetensors(named, path, use_package=True):
+    """Writes numpy arrays with the ``safetensors`` package, or, where the
+    optional package is missing (CI), by its published layout: a little-endian
+    u64 header size, a JSON header of dtype / shape / data_offsets, the data."""
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        use_package = False
+    if use_package:
+        return save_file(named, path)
+    names = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<f8"): "F64", np.dtype("<i8"): "I64"}
+    header, blobs, offset = {}, [], 0
+    for key, value in named.items():
+        blob = np.ascontiguousarray(value).tobytes()
+        header[key] = {"dtype": names[value.dtype], "shape": list(value.shape),
+                       "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
 def features_config(paths, **kw):
@@ -67,7 +83,7 @@ def features_config(paths, **kw):
 
 # ---------------------------------------------------------------- file formats
 
-@pytest.mark.parametrize("fmt", ["npz", "npz-compressed", "safetensors", "pt", "npy"])
+@pytest.mark.parametrize("fmt", ["npz", "npz-compressed", "safetensors", "safetensors-layout", "pt", "npy"])
 def test_every_format_gives_the_same_batches(fmt, tmp_path):
     named = arrays()
     paths = write(tmp_path / "f", named, fmt)
@@ -81,7 +97,7 @@ def test_every_format_gives_the_same_batches(fmt, tmp_path):
         assert batch["missing"][m].sum() == 0
     stored = open_arrays(paths)["a"].load()
     # .npy, stored .npz members and .safetensors are mapped, not read.
-    assert isinstance(stored, np.memmap) == (fmt in ("npy", "npz", "safetensors"))
+    assert isinstance(stored, np.memmap) == (fmt in ("npy", "npz", "safetensors", "safetensors-layout"))
 
 
 def test_bfloat16_and_float16_features_are_widened(tmp_path):
@@ -91,7 +107,11 @@ def test_bfloat16_and_float16_features_are_widened(tmp_path):
     assert found["a"].dtype_name == "bfloat16"
     assert np.array_equal(found["a"].rows(slice(0, 40)), values.to(torch.bfloat16).float().numpy())
     assert np.array_equal(found["b"].rows(np.arange(40)), values.half().float().numpy())
+
+
+def test_bfloat16_safetensors_written_by_the_package_are_widened(tmp_path):
     st = pytest.importorskip("safetensors.torch")
+    values = torch.randn(40, 3)
     st.save_file({"a": values.to(torch.bfloat16).contiguous()}, str(tmp_path / "g.safetensors"))
     mapped = open_arrays([str(tmp_path / "g.safetensors")])["a"]
     assert np.array_equal(mapped.rows(np.array([3, 1])), values.to(torch.bfloat16).float().numpy()[[3, 1]])

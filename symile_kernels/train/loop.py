@@ -398,9 +398,9 @@ def evaluate_checkpoint(path: str, device: Optional[str] = None,
     model = make_model(config)
     model.load_state_dict(checkpoint["model"])
     model.to(dev)
-    entry = record(config, backends.resolve(config.backend, dev), evaluate_run(model, config, dev), checkpoint["train_seconds"],
-                   checkpoint.get("final_train_loss"), float(model.log_tau.detach().exp()),
-                   world_size=checkpoint.get("world_size", 1))
+    entry = record(config, backends.resolve(config.backend, dev), evaluate_run(model, config, dev),
+                   checkpoint["train_seconds"], checkpoint.get("final_train_loss"),
+                   float(model.log_tau.detach().exp()), world_size=checkpoint.get("world_size", 1))
     entry["eval_only"] = True
     entry["checkpoint"] = str(path)
     return entry, model
