@@ -420,3 +420,13 @@ def test_two_processes_train_on_features_like_one(tmp_path):
     assert two["world_size"] == 2 and two["test_candidates"] == one["test_candidates"] == 20
     assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-4)
     assert abs(two["test_top1"] - one["test_top1"]) <= 0.02 and abs(two["test_mrr"] - one["test_mrr"]) <= 0.02
+
+
+def test_a_table_mixing_tasks_lists_every_run():
+    from symile_kernels.train import report
+    common = dict(loss="symile", negative_sampling="n", missing_prob=0.0, test_accuracy=0.5, chance_accuracy=0.25,
+                  train_seconds=1.0)
+    runs = [dict(task="xor", p_hat=1.0, **common), dict(task="features", target="img", **common)]
+    lines = report.format_table(runs).splitlines()
+    assert "setting" in lines[0] and len(lines) == 4
+    assert "| 1 " in lines[2] and "target img" in lines[3]

@@ -98,6 +98,8 @@ def write_results(path: str, runs: List[Dict], argv: Optional[List[str]] = None)
 
 
 def _setting(run: Dict) -> str:
+    if run["task"] == "features":  # only in a table that mixes tasks
+        return f"target {run['target']}"
     return f"{run['p_hat']:g}" if run["task"] == "xor" else f"{run['w']}"
 
 
@@ -114,8 +116,8 @@ def format_table(runs: List[Dict]) -> str:
     metrics when every run is of task "features")."""
     if runs and all(r["task"] == "features" for r in runs):
         return _features_table(runs)
-    task_col = "p_hat" if all(r["task"] == "xor" for r in runs) else (
-        "w" if all(r["task"] != "xor" for r in runs) else "p_hat / w")
+    tasks = {r["task"] for r in runs}
+    task_col = {frozenset({"xor"}): "p_hat", frozenset({"m3-synthetic"}): "w"}.get(frozenset(tasks), "setting")
     show_eval_missing = any(r.get("eval_missing_prob", 0) for r in runs)
     header = ["task", "loss", "negatives", task_col, "missing_prob"]
     if show_eval_missing:
