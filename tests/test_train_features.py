@@ -142,6 +142,12 @@ def test_train_and_results_through_the_cli(tmp_path, capsys):
     for key in ("test_top1", "test_top5", "test_top10", "test_mrr", "val_mrr"):
         assert rerun[key] == runs[0][key], key
 
+    # Without its features file a checkpoint cannot be evaluated, and the error says why.
+    (tmp_path / "f.npz").unlink()
+    with pytest.raises(SystemExit):
+        cli.main(["--eval-only", "--checkpoint", runs[0]["checkpoint"], "--out", str(tmp_path / "gone")])
+    assert "was trained on features that cannot be read now: no such file" in capsys.readouterr().err
+
 
 def test_prog_follows_how_the_trainer_was_invoked():
     out = subprocess.run([sys.executable, "-m", "symile_kernels.train", "--help"], capture_output=True, text=True,

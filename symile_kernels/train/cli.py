@@ -239,6 +239,9 @@ def _run(args: argparse.Namespace, argv: List[str], configs: List[RunConfig],
                     path, device=args.device, eval_missing_prob=args.eval_missing_prob or None)
             except loop.ConfigError as exc:
                 parser.error(f"argument {_option(exc.field)}: {exc.reason}")
+            except features.FeatureError as exc:
+                parser.error(f"argument --checkpoint: {path!r} was trained on features that cannot be read "
+                             f"now: {exc}")
             except ValueError as exc:
                 parser.error(f"argument --checkpoint: {exc}")
             runs.append(entry)
