@@ -1,9 +1,13 @@
-"""Reference trainer: Symile vs CLIP on synthetic data with higher-order structure.
+"""Reference trainer: Symile vs CLIP on synthetic data with higher-order
+structure, or on the user's own precomputed features.
 
 Run it as ``python -m symile_kernels.train`` (or the console script
 ``symile-train``); ``--help`` lists the options. The data-generating processes
 are documented in ``symile_kernels.train.data``, the encoders in ``.model``,
 training and zero-shot evaluation in ``.loop`` and the outputs in ``.report``.
+Task ``features`` reads files through ``.feature_files``, checks and splits
+them in ``.features`` and reports retrieval metrics from ``.retrieval``;
+``python -m symile_kernels.train.make_features`` writes an example file.
 
 In Python::
 

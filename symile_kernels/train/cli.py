@@ -6,6 +6,11 @@ writes to ``--out``: ``results.json``, ``checkpoints/<run>.pt`` and
 ``accuracy.png`` (with the optional ``matplotlib``). A summary table goes to
 stdout at the end; progress goes to stderr unless ``--quiet``.
 
+``--task features --features FILE`` trains on the user's own embeddings
+(``symile_kernels.train.features``) and reports retrieval metrics (top-1, 5,
+10 and MRR) of the ``--target`` modality for each ``--loss``. Its inputs are
+checked in full before anything is written to ``--out``.
+
 ``--eval-only --checkpoint PATH [PATH ...]`` evaluates saved runs again on
 their test split (drawn again from the stored seed).
 
@@ -26,7 +31,7 @@ from typing import List, Optional
 import torch
 
 from .. import backends
-from . import data, loop, parallel, report
+from . import data, features, loop, parallel, report
 from .loop import RunConfig
 from .model import ENCODERS
 
@@ -35,7 +40,12 @@ TASK_DEFAULTS = {
     "xor": {},
     "m3-synthetic": {"d": 64, "lr": 0.05, "epochs": 3, "batch_size": 128, "train_n": 10000,
                      "logit_scale_init": 0.0},
+    # Fixed pretrained features with small heads: m3-synthetic's settings (no train_n: the file decides).
+    "features": {"d": 64, "lr": 0.05, "epochs": 3, "batch_size": 128, "logit_scale_init": 0.0},
 }
+# RunConfig fields of task "features" (options that other tasks reject).
+FEATURE_FIELDS = ("features", "modalities", "target", "val_fraction", "test_fraction", "split_key",
+                  "candidates_key", "eval_budget")
 _DEFAULT = RunConfig()
 
 
@@ -43,11 +53,14 @@ def _option(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argument parser; ``prog`` is the name shown in usage (default: how
+    the program was invoked, e.g. ``symile-train``)."""
     p = argparse.ArgumentParser(
-        prog="symile-train",
+        prog=prog,
         description="Train Symile and CLIP encoders with symile_kernels' losses on synthetic data where "
-                    "higher-order information matters, and report zero-shot test accuracy.",
+                    "higher-order information matters, or on your own precomputed features, and report "
+                    "zero-shot test accuracy (retrieval metrics for features).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     task = p.add_argument_group("task")
     task.add_argument("--task", choices=data.TASKS, default="xor", help="data-generating process")
@@ -66,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="hide each query modality of each test sample with probability Q (in [0, 1))")
     task.add_argument("--train-n", type=int, default=None, help="training samples [task default]")
     task.add_argument("--test-n", type=int, default=_DEFAULT.test_n, help="held-out test samples")
+
+    feats = p.add_argument_group("task features (your own embeddings)")
+    feats.add_argument("--features", nargs="+", metavar="FILE",
+                       help="one .npz, .safetensors or torch .pt file with one (N, F_m) float array per modality, "
+                            "or one .npy file per modality (keys: file names); a row that is all NaN marks a "
+                            "missing modality")
+    feats.add_argument("--modalities", nargs="+", metavar="KEY",
+                       help="keys to use, in this order [every key but --split-key and --candidates-key]")
+    feats.add_argument("--target", metavar="KEY", help="modality to retrieve in evaluation [the first]")
+    feats.add_argument("--val-fraction", type=float, metavar="F",
+                       help="fraction of rows in a seeded validation split [0]")
+    feats.add_argument("--test-fraction", type=float, metavar="F",
+                       help=f"fraction of rows in a seeded test split [{features.DEFAULT_TEST_FRACTION:g}]")
+    feats.add_argument("--split-key", metavar="KEY",
+                       help="1-D array of split labels (train/val/test or 0/1/2) instead of the fractions")
+    feats.add_argument("--candidates-key", metavar="KEY",
+                       help="(K, F_target) array of retrieval candidates [the distinct target rows of the split]")
+    feats.add_argument("--eval-budget", type=int, default=None, metavar="ENTRIES",
+                       help=f"largest (queries x candidates) score block formed in evaluation "
+                            f"[{_DEFAULT.eval_budget}]")
 
     model = p.add_argument_group("model and loss")
     model.add_argument("--loss", choices=loop.LOSSES, nargs="+", default=["symile", "clip"],
@@ -114,8 +147,16 @@ def configs_from_args(args: argparse.Namespace) -> List[RunConfig]:
             continue
         value = getattr(args, f.name, None)
         chosen[f.name] = defaults[f.name] if value is None else value
+    if args.task != "features":
+        for name in FEATURE_FIELDS:
+            if getattr(args, name) is not None:
+                raise loop.ConfigError(name, "is only used with --task features")
+    elif chosen["features"]:
+        # Absolute, so that --eval-only finds the files from another directory.
+        chosen["features"] = [os.path.abspath(path) for path in chosen["features"]]
     base = RunConfig(task=args.task, **chosen)
-    settings = [("p_hat", v) for v in args.p_hat] if args.task == "xor" else [("w", v) for v in args.w]
+    settings = ([("p_hat", v) for v in args.p_hat] if args.task == "xor" else
+                [("w", v) for v in args.w] if args.task == "m3-synthetic" else [("seed", args.seed)])
     configs = [replace(base, **{name: value}, loss=loss) for name, value in settings for loss in args.loss]
     for config in configs:
         config.validate()
@@ -123,14 +164,16 @@ def configs_from_args(args: argparse.Namespace) -> List[RunConfig]:
 
 
 def run_name(config: RunConfig) -> str:
-    setting = f"p_hat{config.p_hat:g}" if config.task == "xor" else f"w{config.w}"
+    setting = (f"p_hat{config.p_hat:g}" if config.task == "xor" else f"w{config.w}" if config.task == "m3-synthetic"
+               else f"target-{config.target or 'first'}")
     negatives = f"-{config.negative_sampling}" if config.loss == "symile" else ""
     return f"{config.task}-{config.loss}{negatives}-{setting}-q{config.missing_prob:g}-seed{config.seed}"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point; returns the exit status (errors in arguments exit with status 2)."""
-    parser = build_parser()
+def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    """Entry point; returns the exit status (errors in arguments exit with status 2).
+    ``prog``: the program name in usage and errors (default: as invoked)."""
+    parser = build_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.checkpoint and not args.eval_only:
@@ -146,6 +189,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     for path in args.checkpoint or ():
         if not os.path.isfile(path):
             parser.error(f"argument --checkpoint: no such file {path!r}")
+    if args.task == "features" and not args.eval_only:
+        # Every file, key, row and split is checked here, before --out is created.
+        try:
+            for config in configs:
+                features.check(config)
+        except features.FeatureError as exc:
+            parser.error(f"argument {exc.option}: {exc}")
     # Every process of a torchrun job parses the same argv, so all of them stop
     # here alike, before any of them waits on the others.
     context = parallel.environment()
@@ -189,18 +239,21 @@ def _run(args: argparse.Namespace, argv: List[str], configs: List[RunConfig],
                     path, device=args.device, eval_missing_prob=args.eval_missing_prob or None)
             except loop.ConfigError as exc:
                 parser.error(f"argument {_option(exc.field)}: {exc.reason}")
+            except features.FeatureError as exc:
+                parser.error(f"argument --checkpoint: {path!r} was trained on features that cannot be read "
+                             f"now: {exc}")
             except ValueError as exc:
                 parser.error(f"argument --checkpoint: {exc}")
             runs.append(entry)
             if not args.quiet:
-                print(f"{path}: test accuracy {entry['test_accuracy']:.4f}", file=sys.stderr)
+                print(f"{path}: {report.summary(entry)}", file=sys.stderr)
     else:
         checkpoints = os.path.join(args.out, "checkpoints")
         if main_process:
             os.makedirs(checkpoints, exist_ok=True)
         for number, config in enumerate(configs, 1):
             name = run_name(config)
-            steps = config.epochs * (config.train_n // config.batch_size)
+            steps = config.epochs * (loop.train_rows(config) // config.batch_size)
             progress = report.Progress(steps, f"[{number}/{len(configs)}] {name}",
                                        quiet=args.quiet or not main_process)
             try:
@@ -214,8 +267,8 @@ def _run(args: argparse.Namespace, argv: List[str], configs: List[RunConfig],
             entry["checkpoint"] = path
             runs.append(entry)
             if not args.quiet:
-                print(f"[{number}/{len(configs)}] {name}: test accuracy {entry['test_accuracy']:.4f} "
-                      f"(chance {entry['chance_accuracy']:.4g}), {entry['train_seconds']:.1f} s", file=sys.stderr)
+                print(f"[{number}/{len(configs)}] {name}: {report.summary(entry)}, {entry['train_seconds']:.1f} s",
+                      file=sys.stderr)
 
     if not main_process:
         return 0
@@ -223,7 +276,7 @@ def _run(args: argparse.Namespace, argv: List[str], configs: List[RunConfig],
     report.write_results(results, runs, argv)
     print(report.format_table(runs))
     print(f"results: {results}")
-    if not args.eval_only:
+    if not args.eval_only and args.task != "features":
         plot = os.path.join(args.out, "accuracy.png")
         if report.plot_accuracy(runs, plot):
             print(f"plot: {plot}")

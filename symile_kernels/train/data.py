@@ -60,11 +60,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-TASKS = ("xor", "m3-synthetic")
+# "features" reads the user's own embeddings from files: see ``features``.
+TASKS = ("xor", "m3-synthetic", "features")
 
 # Stream ids mixed into the seed: each split (and the class table) gets its own
 # generator, so changing train_n does not change the test set.
-_STREAMS = {"train": 1, "test": 2, "classes": 3, "train-missing": 4, "test-missing": 5}
+_STREAMS = {"train": 1, "test": 2, "classes": 3, "train-missing": 4, "test-missing": 5, "split": 6,
+            "val-missing": 7}
 
 
 def generator(seed: int, stream: str) -> torch.Generator:
@@ -144,6 +146,11 @@ def m3_split(n: int, w: int, noise: float, table: Tensor, gen: torch.Generator) 
                  fill={"audio": 0.0, "text": 1.0 / w, "image": 0.0})
 
 
+def draw_hidden(n: int, q: float, gen: torch.Generator) -> Tensor:
+    """(n,) bool: which of n samples to hide, each with probability q (one draw per sample)."""
+    return torch.rand(n, generator=gen) < q
+
+
 def hide(split: Split, q: float, gen: torch.Generator, modalities: Optional[List[str]] = None) -> Split:
     """Hides each listed modality (default: all) of each sample with probability q.
 
@@ -154,7 +161,7 @@ def hide(split: Split, q: float, gen: torch.Generator, modalities: Optional[List
         return split
     inputs, missing = dict(split.inputs), dict(split.missing)
     for m in (modalities if modalities is not None else list(split.inputs)):
-        hidden = torch.rand(len(split), generator=gen) < q
+        hidden = draw_hidden(len(split), q, gen)
         inputs[m] = torch.where(hidden[:, None], torch.full_like(inputs[m], split.fill[m]), inputs[m])
         missing[m] = torch.maximum(missing[m], hidden.float())
     return Split(inputs=inputs, missing=missing, labels=split.labels, candidates=split.candidates,

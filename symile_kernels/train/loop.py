@@ -16,14 +16,14 @@ import functools
 import math
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import backends, clip_loss, mip_similarity, symile_loss
-from . import data, parallel
+from .. import backends, clip_loss, symile_loss
+from . import data, features, parallel, retrieval
 from .model import ENCODERS, Encoders, unwrap
 
 LOSSES = ("symile", "clip")
@@ -43,8 +43,12 @@ class RunConfig:
     """Everything that defines one run (one point of a sweep).
 
     ``p_hat`` and ``d_v`` apply to task "xor"; ``w``, ``classes``,
-    ``class_dim`` and ``noise`` to "m3-synthetic". ``negative_sampling``
-    applies to the Symile loss only.
+    ``class_dim`` and ``noise`` to "m3-synthetic"; ``features`` (the file
+    paths), ``modalities``, ``target``, ``val_fraction``, ``test_fraction``,
+    ``split_key``, ``candidates_key`` and ``eval_budget`` to "features" (see
+    ``symile_kernels.train.features``), where ``train_n`` and ``test_n`` are
+    unused (the file decides). ``negative_sampling`` applies to the Symile
+    loss only.
     """
 
     task: str = "xor"
@@ -71,6 +75,14 @@ class RunConfig:
     test_n: int = 5000
     seed: int = 0
     device: str = "cpu"
+    features: Optional[List[str]] = None
+    modalities: Optional[List[str]] = None
+    target: Optional[str] = None
+    val_fraction: Optional[float] = None
+    test_fraction: Optional[float] = None
+    split_key: Optional[str] = None
+    candidates_key: Optional[str] = None
+    eval_budget: int = retrieval.DEFAULT_BUDGET
 
     def validate(self) -> "RunConfig":
         """Raises ValueError naming the offending option; returns self."""
@@ -101,7 +113,9 @@ class RunConfig:
                 raise bad(name, f"an integer >= {low}", value)
         if self.d_v > 16:
             raise bad("d_v", "at most 16 (the test scores all 2^d_v candidates)", self.d_v)
-        if isinstance(self.train_n, bool) or not isinstance(self.train_n, int) or self.train_n < self.batch_size:
+        if self.task == "features":
+            self._validate_features(bad)
+        elif isinstance(self.train_n, bool) or not isinstance(self.train_n, int) or self.train_n < self.batch_size:
             raise bad("train_n", f"an integer >= batch_size ({self.batch_size})", self.train_n)
         for name in ("lr", "noise", "weight_decay"):
             value = getattr(self, name)
@@ -118,11 +132,35 @@ class RunConfig:
             raise bad("device", "available; CUDA is not available here, use 'cpu'", self.device)
         return self
 
+    def _validate_features(self, bad: Callable) -> None:
+        if not self.features or not all(isinstance(p, str) for p in self.features):
+            raise bad("features", "one feature file, or one .npy file per modality", self.features)
+        fractions = []
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.split_key is not None:
+                raise ConfigError(name, "cannot be used with --split-key (the split labels decide)")
+            if not isinstance(value, (int, float)) or not (0 <= value < 1):
+                raise bad(name, "in [0, 1)", value)
+            fractions.append(value)
+        if sum(fractions) >= 1:
+            raise ConfigError("test_fraction", f"plus val_fraction must be below 1 (train needs rows); "
+                                               f"got {sum(fractions):g}")
+        if isinstance(self.eval_budget, bool) or not isinstance(self.eval_budget, int) or self.eval_budget < 1:
+            raise bad("eval_budget", "an integer >= 1", self.eval_budget)
+
     def input_sizes(self) -> Dict[str, int]:
+        if self.task == "features":
+            return features.prepare(features.FeatureSpec.of(self)).input_sizes()
         return data.input_sizes(self.task, d_v=self.d_v, w=self.w, class_dim=self.class_dim)
 
     @property
     def chance_accuracy(self) -> float:
+        """1 / the number of candidates (for "features" it depends on the data: see ``evaluate_run``)."""
+        if self.task == "features":
+            return math.nan
         return 2.0 ** -self.d_v if self.task == "xor" else 1.0 / self.classes
 
     @classmethod
@@ -131,9 +169,13 @@ class RunConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def make_split(config: RunConfig, which: str) -> data.Split:
+def make_split(config: RunConfig, which: str):
     """The "train" split (missing_prob applied to every modality) or the "test"
-    split (eval_missing_prob applied to the query modalities) of ``config``."""
+    split (eval_missing_prob applied to the query modalities) of ``config``: a
+    ``data.Split``, or for task "features" a ``features.FeatureSplit`` (which
+    also has a "val" split)."""
+    if config.task == "features":
+        return features.load_split(config, which)
     gen = data.generator(config.seed, which)
     if config.task == "xor":
         split = data.xor_split(config.train_n if which == "train" else config.test_n, config.d_v, config.p_hat, gen)
@@ -145,6 +187,13 @@ def make_split(config: RunConfig, which: str) -> data.Split:
         return data.hide(split, config.missing_prob, data.generator(config.seed, "train-missing"))
     return data.hide(split, config.eval_missing_prob, data.generator(config.seed, "test-missing"),
                      modalities=split.queries)
+
+
+def train_rows(config: RunConfig) -> int:
+    """Rows of the training split (``train_n``, or the file's train split for task "features")."""
+    if config.task == "features":
+        return len(features.prepare(features.FeatureSpec.of(config)).rows["train"])
+    return config.train_n
 
 
 def make_model(config: RunConfig) -> Encoders:
@@ -206,9 +255,7 @@ def scores(model: nn.Module, split: data.Split, index: Tensor, loss: str, device
                                  torch.zeros(split.candidates.shape[0], device=device))
     queries = [encoders.encode(m, split.inputs[m][index].to(device), split.missing[m][index].to(device))
                for m in split.queries]
-    if loss == "symile":
-        return mip_similarity(candidates, queries)
-    return sum(q @ candidates.T for q in queries)
+    return retrieval.score_matrix(candidates, queries, loss)
 
 
 @torch.no_grad()
@@ -225,20 +272,44 @@ def evaluate(model: nn.Module, split: data.Split, loss: str, device: torch.devic
     return correct / len(split)
 
 
-def record(config: RunConfig, resolved_backend: str, test_accuracy: float, train_seconds: float,
+def evaluate_run(model: nn.Module, config: RunConfig, device: torch.device) -> Dict:
+    """The test metrics of a run: ``{"test_accuracy", "chance_accuracy"}``, and
+    for task "features" the retrieval metrics of the test split (``test_top1``,
+    ``test_top5``, ``test_top10``, ``test_mrr``, ``test_queries``,
+    ``test_candidates``; ``test_accuracy`` is top-1) and the same with
+    ``val_`` for a non-empty val split."""
+    if config.task != "features":
+        return {"test_accuracy": evaluate(model, make_split(config, "test"), config.loss, device),
+                "chance_accuracy": config.chance_accuracy}
+    out = {}
+    for which in ("test", "val"):
+        split = make_split(config, which)
+        if len(split):
+            found = retrieval.evaluate_split(model, split, config.loss, device, budget=config.eval_budget)
+            out.update({f"{which}_{k}": v for k, v in found.items()})
+    out["test_accuracy"] = out["test_top1"]
+    out["chance_accuracy"] = 1.0 / out["test_candidates"]
+    return out
+
+
+def record(config: RunConfig, resolved_backend: str, metrics: Dict, train_seconds: float,
            final_loss: Optional[float], logit_scale: float, world_size: int = 1) -> Dict:
-    """One entry of results.json's ``runs``; ``world_size`` is the number of
-    training processes (``config.batch_size`` is the global batch)."""
+    """One entry of results.json's ``runs``; ``metrics`` comes from
+    ``evaluate_run``; ``world_size`` is the number of training processes
+    (``config.batch_size`` is the global batch)."""
     entry = {"task": config.task, "loss": config.loss,
              "negative_sampling": config.negative_sampling if config.loss == "symile" else None,
              "backend": resolved_backend}
     if config.task == "xor":
         entry.update(p_hat=config.p_hat, d_v=config.d_v)
+    elif config.task == "features":
+        prepared = features.prepare(features.FeatureSpec.of(config))
+        entry.update(features=list(config.features), modalities=prepared.modalities, target=prepared.target,
+                     **{f"{which}_rows": len(rows) for which, rows in prepared.rows.items()})
     else:
         entry.update(w=config.w, classes=config.classes, noise=config.noise)
     entry.update(missing_prob=config.missing_prob, eval_missing_prob=config.eval_missing_prob, seed=config.seed,
-                 test_accuracy=test_accuracy, chance_accuracy=config.chance_accuracy,
-                 train_seconds=train_seconds, final_train_loss=final_loss, logit_scale=logit_scale,
+                 **metrics, train_seconds=train_seconds, final_train_loss=final_loss, logit_scale=logit_scale,
                  world_size=world_size, config=asdict(config))
     return entry
 
@@ -273,7 +344,7 @@ def train_run(config: RunConfig, progress=None) -> Tuple[Dict, Encoders]:
                                         f"it is the global batch; got {config.batch_size}")
     device = torch.device(config.device)
     resolved = backends.resolve(config.backend, device)
-    train, test = make_split(config, "train"), make_split(config, "test")
+    train = make_split(config, "train")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         encoders = make_model(config).to(device)
@@ -302,9 +373,9 @@ def train_run(config: RunConfig, progress=None) -> Tuple[Dict, Encoders]:
             final_loss = float(total) / steps
         train_seconds = time.perf_counter() - start
     # The weights are identical on every process (same averaged gradients, same optimizer).
-    accuracy = evaluate(encoders, test, config.loss, device) if context.is_main else None
-    accuracy = parallel.broadcast_float(accuracy, context, device)
-    entry = record(config, resolved, accuracy, train_seconds, final_loss, float(encoders.log_tau.detach().exp()),
+    metrics = evaluate_run(encoders, config, device) if context.is_main else None
+    metrics = parallel.broadcast_object(metrics, context)
+    entry = record(config, resolved, metrics, train_seconds, final_loss, float(encoders.log_tau.detach().exp()),
                    world_size=context.world_size)
     return entry, encoders
 
@@ -327,11 +398,9 @@ def evaluate_checkpoint(path: str, device: Optional[str] = None,
     model = make_model(config)
     model.load_state_dict(checkpoint["model"])
     model.to(dev)
-    test = make_split(config, "test")
-    accuracy = evaluate(model, test, config.loss, dev)
-    entry = record(config, backends.resolve(config.backend, dev), accuracy, checkpoint["train_seconds"],
-                   checkpoint.get("final_train_loss"), float(model.log_tau.detach().exp()),
-                   world_size=checkpoint.get("world_size", 1))
+    entry = record(config, backends.resolve(config.backend, dev), evaluate_run(model, config, dev),
+                   checkpoint["train_seconds"], checkpoint.get("final_train_loss"),
+                   float(model.log_tau.detach().exp()), world_size=checkpoint.get("world_size", 1))
     entry["eval_only"] = True
     entry["checkpoint"] = str(path)
     return entry, model

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -112,10 +111,10 @@ def mean(value: Tensor, context: Context) -> Tensor:
     return (out / context.world_size).to(value.device, value.dtype)
 
 
-def broadcast_float(value: Optional[float], context: Context, device: torch.device) -> float:
-    """Rank 0's ``value`` on every process (``value`` is ignored elsewhere)."""
+def broadcast_object(value, context: Context):
+    """Rank 0's picklable ``value`` (a dict of metrics, say) on every process."""
     if not context.distributed:
         return value
-    out = torch.tensor(value if context.is_main else 0.0, dtype=torch.float64, device=_collective_device(device))
-    dist.broadcast(out, src=0)
-    return float(out)
+    box = [value if context.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

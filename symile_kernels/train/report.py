@@ -98,13 +98,26 @@ def write_results(path: str, runs: List[Dict], argv: Optional[List[str]] = None)
 
 
 def _setting(run: Dict) -> str:
+    if run["task"] == "features":  # only in a table that mixes tasks
+        return f"target {run['target']}"
     return f"{run['p_hat']:g}" if run["task"] == "xor" else f"{run['w']}"
 
 
+def summary(run: Dict) -> str:
+    """One line of a run's test metrics, for the per-run progress message."""
+    if run["task"] == "features":
+        return (f"top-1 {run['test_top1']:.4f}, top-5 {run['test_top5']:.4f}, top-10 {run['test_top10']:.4f}, "
+                f"MRR {run['test_mrr']:.4f} ({run['test_candidates']} candidates)")
+    return f"test accuracy {run['test_accuracy']:.4f} (chance {run['chance_accuracy']:.4g})"
+
+
 def format_table(runs: List[Dict]) -> str:
-    """A Markdown table, one row per run, in the order given."""
-    task_col = "p_hat" if all(r["task"] == "xor" for r in runs) else (
-        "w" if all(r["task"] != "xor" for r in runs) else "p_hat / w")
+    """A Markdown table, one row per run, in the order given (retrieval
+    metrics when every run is of task "features")."""
+    if runs and all(r["task"] == "features" for r in runs):
+        return _features_table(runs)
+    tasks = {r["task"] for r in runs}
+    task_col = {frozenset({"xor"}): "p_hat", frozenset({"m3-synthetic"}): "w"}.get(frozenset(tasks), "setting")
     show_eval_missing = any(r.get("eval_missing_prob", 0) for r in runs)
     header = ["task", "loss", "negatives", task_col, "missing_prob"]
     if show_eval_missing:
@@ -117,8 +130,30 @@ def format_table(runs: List[Dict]) -> str:
             row.append(f"{r.get('eval_missing_prob', 0):g}")
         row += [f"{r['test_accuracy']:.4f}", f"{r['chance_accuracy']:.4g}", f"{r['train_seconds']:.1f}"]
         rows.append(row)
+    return _markdown(header, rows, numeric=("test accuracy", "chance", "train s"))
+
+
+def _features_table(runs: List[Dict]) -> str:
+    show_eval_missing = any(r.get("eval_missing_prob", 0) for r in runs)
+    header = ["task", "loss", "negatives", "target", "missing_prob"]
+    if show_eval_missing:
+        header.append("eval_missing_prob")
+    metrics = ["top-1", "top-5", "top-10", "MRR", "candidates", "train s"]
+    rows = []
+    for r in runs:
+        row = [r["task"], r["loss"], r["negative_sampling"] or "-", r["target"], f"{r['missing_prob']:g}"]
+        if show_eval_missing:
+            row.append(f"{r.get('eval_missing_prob', 0):g}")
+        row += [f"{r[f'test_{k}']:.4f}" for k in ("top1", "top5", "top10", "mrr")]
+        row += [str(r["test_candidates"]), f"{r['train_seconds']:.1f}"]
+        rows.append(row)
+    return _markdown(header + metrics, rows, numeric=metrics)
+
+
+def _markdown(header: List[str], rows: List[List[str]], numeric) -> str:
+    """A Markdown table; the ``numeric`` columns are right-aligned."""
     widths = [max(len(h), *(len(row[c]) for row in rows)) for c, h in enumerate(header)]
-    numeric = {header.index(h) for h in ("test accuracy", "chance", "train s")}
+    numeric = {header.index(h) for h in numeric}
 
     def line(cells):
         return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
