@@ -1,316 +1,449 @@
-"""The GPU suite: every backend's GPU tests, then the benchmark table, in one command.
+"""The GPU suite: correctness first, then speed, inside one device lease.
 
-    python benchmarks/gpu_suite.py OUT_DIR            # on a CUDA machine, about 6-8 minutes
-    python benchmarks/gpu_suite.py OUT_DIR --cpu-smoke  # the plumbing on the CPU, tiny sizes
+    python benchmarks/gpu_suite.py OUT_DIR --budget-s 480   # a CUDA machine, about 8 minutes
+    python benchmarks/gpu_suite.py OUT_DIR --cpu-smoke      # the same plumbing on the CPU, < 1 minute
+    python benchmarks/gpu_suite.py --render OUT_DIR         # results.md again from results.jsonl
 
-Needs only PyTorch, Triton, pytest (and nvcc + ninja for backends that build on
-first use); no network. Steps:
+Stages, in order, under one time budget (``--budget-s``; the correctness stage
+has its own share, ``--check-budget-s``):
 
-1. Tests: pytest on the GPU backends' test files (``tests/test_triton_backend.py``,
-   ``tests/test_cuda_backend.py`` and ``tests/test_gpu*.py`` where present), all
-   failures collected (no ``-x``), output in ``OUT_DIR/tests.log``.
-2. Dense matrix-product rate (``torch.mm`` 4096 x 4096) per dtype.
-3. Benchmarks (M = 3, "n_squared", d = 256, unit rows, tau = 14.3), each in a
-   fresh subprocess (peaks apart), CUDA events, median:
-   * loss level, through ``symile_kernels.symile_loss`` / ``symile.Symile``
-     (``benchmarks/bench_loss.py``'s worker): backends {``symile`` (reference
-     package) if importable, ``reference``, ``chunked``, every fused backend
-     ``available_backends("cuda")`` lists} x N in {256, 1024, 4096, 8192} x
-     {float32, bfloat16}. The loss layer computes bf16 inputs in float32 today.
-   * kernel level, the fused backends' ``cube_lse_forward`` + ``cube_lse_backward``
-     called directly with tensors of the benchmark dtype (bf16 kernels see bf16):
-     N in {4096, 8192, 16384} bf16 and N = 4096 float32.
-   Peak memory is ``torch.cuda.max_memory_allocated`` above the inputs. Model
-   FLOPs follow SPEC section 5 (6 N^3 d forward+backward) and are reported as a
-   fraction of the same dtype's dense rate. Configurations that cannot fit
-   (materialised logits) are skipped; slow ones (materialising backends beyond
-   N = 1024, float32 IEEE fused runs beyond N = 4096) are dropped; a time
-   budget (``--budget-s``) drops whatever is left, most important rows first.
-4. ``OUT_DIR/results.json`` (machine, GPU, date, command, rows) and
-   ``OUT_DIR/results.md``; the markdown is printed last.
+1. Build and correctness (``_gpu_checks.py``), jobs in parallel subprocesses:
+   the cuda backend's build (timed); the oracle sweep of every GPU backend
+   (triton, cuda; chunked as a control) x compute mode (fp32 IEEE, TF32, bf16,
+   fp16) x M in {2, 3, 4} x {"n", "n_squared"} x ragged (N, d), tau up to 100,
+   with every Triton autotune configuration pinned in turn; ``pytest -m gpu``
+   (``tests.log``); the cuda backend under ``compute-sanitizer`` memcheck and
+   racecheck (``sanitizer.log``). A failure marks the backend failing; the
+   suite goes on to the timings and says so at the top of the report.
+2. Headline rows (``_gpu_rows.py``, one fresh subprocess each): the reference
+   package ``symile`` 0.1.0 vs every backend at N = 1024, d = 256; the fused
+   backends at N = 4096 in fp32 / TF32 / bf16 (model TFLOP/s against the dense
+   matrix-product rate of the same mode, measured in this run); "n" sampling at
+   N = 16384 and 65536 against the reference package's "n".
+3. Scale rows, N = 8192 and 16384, under the time guard: a row whose estimated
+   time (N^3 from the measured smaller row) does not fit what is left of the
+   budget is recorded as skipped.
+4. Output in OUT_DIR: ``results.jsonl`` (one JSON row appended as each piece
+   completes, so a crash keeps what came before), ``results.md`` (verdict first,
+   tables, machine block last; also printed), ``tests.log``, ``sanitizer.log``.
+
+Exit status: 0 when every correctness check ran and passed; 1 when one failed;
+3 when none failed but some did not run (budget, timeout, tool missing is not
+counted: it is reported).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import glob
 import json
 import os
-import statistics
 import subprocess
 import sys
+import threading
 import time
-
-import torch
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from bench_loss import markdown_table, run_in_subprocess, skip_reason  # noqa: E402  (the script's own rows)
-
-from symile_kernels.benchmarking import DTYPES, machine_info, memory_limit_bytes, mm_tflops, time_ms  # noqa: E402
+import _gpu_checks as checks  # noqa: E402
+import _gpu_report as report  # noqa: E402
 
 D = 256
 TAU = 14.3
-LOSS_N = (256, 1024, 4096, 8192)
-KERNEL_BF16_N = (4096, 8192, 16384)
-KERNEL_FP32_N = (4096,)
-MATERIALISING = ("symile", "reference", "chunked")
-MATERIALISING_MAX_N = 1024  # beyond it: minutes per configuration (or no fit)
-FUSED_FP32_MAX_N = 4096  # float32 IEEE products run on CUDA cores: N = 8192 takes ~30 s a pass
+STARTUP_S = {"cuda": 12.0, "cpu": 4.0}  # a fresh interpreter: imports, CUDA context, loading kernels
+MIN_ROW_S = 5.0
 
 
-def gpu_test_files() -> list[str]:
-    names = ["tests/test_triton_backend.py", "tests/test_cuda_backend.py"] + sorted(
-        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_gpu*.py")))
-    return [n for n in dict.fromkeys(names) if os.path.exists(os.path.join(ROOT, n))]
+class Recorder:
+    """Appends each row to ``path`` (JSON lines) as it completes, flushed to disk."""
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic):
+        self.path, self.clock, self.begin = path, clock, clock()
+        self.rows: list[dict] = []
+        self._lock = threading.Lock()
+        open(path, "w").close()
+
+    def append(self, row: dict) -> dict:
+        with self._lock:
+            row = dict(row, t_s=round(self.clock() - self.begin, 1))
+            self.rows.append(row)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return row
 
 
-def run_tests(out_dir: str, smoke: bool, timeout: float) -> dict:
-    """pytest on the GPU test files; the whole output goes to OUT_DIR/tests.log."""
-    files = gpu_test_files()
-    command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider"] + files
+class Budget:
+    """Seconds left of the suite's budget on an injectable clock."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock, self.begin = seconds, clock, clock()
+
+    def left(self) -> float:
+        return self.seconds - (self.clock() - self.begin)
+
+
+# ---------------------------------------------------------------- plans
+
+def bench_plan(smoke: bool, fused: list[str]) -> list[dict]:
+    """Benchmark rows, in the order they run: headline rows, then scale rows."""
+    device = "cpu" if smoke else "cuda"
+
+    def row(stage, backend, N, mode="fp32", sampling="n_squared", warmup=1, repeats=3, d=D):
+        return dict(kind="bench", stage=stage, backend=backend, M=3, N=N, d=d, sampling=sampling, mode=mode,
+                    device=device, tau=TAU, warmup=warmup, repeats=repeats)
+
+    if smoke:  # the stages and both guards at CPU sizes; the last row cannot fit any budget
+        return ([row("vs_symile", b, 8, d=8) for b in ("symile", "chunked")]
+                + [row("n", "chunked", 16, sampling="n", mode="bf16", d=8)]
+                + [row("scale", "chunked", N, warmup=0, repeats=1, d=8) for N in (24, 4096)])
+    rows = [row("vs_symile", b, 1024) for b in ["symile", "reference", "chunked"] + fused]
+    rows += [row("fused", b, 4096, mode) for mode in ("fp32", "tf32", "bf16") for b in fused]
+    rows += [row("n", b, N, sampling="n") for N in (16384, 65536) for b in ["symile"] + fused]
+    rows += [row("scale", b, N, mode, warmup=0, repeats=1) for mode in ("bf16", "tf32") for N in (8192, 16384)
+             for b in fused]
+    return rows
+
+
+def check_plan(smoke: bool, config_counts: dict) -> list[dict]:
+    """Correctness jobs, most important first. ``needs_build``: waits for the compiled backend."""
     if smoke:
-        command = command[:-len(files)] + files[:1] + ["--collect-only"]
-    # Untuned Triton kernels in the tests: half the compilations, no tuning runs.
-    env = dict(os.environ, SYMILE_KERNELS_TRITON_AUTOTUNE="0")
-    begin = time.time()
+        return [dict(backend="chunked", mode="fp32", shapes="smoke"),
+                dict(backend="chunked", mode="bf16", shapes="smoke", required=True),
+                dict(backend="cpu", mode="fp32", shapes="smoke", needs_build=True),
+                dict(backend="triton", mode="fp32", shapes="interpreter", Ms=(2, 3), n_kinds=1,
+                     env={"TRITON_INTERPRET": "1"}),
+                dict(kind="pytest", needs_build=True)]
+    modes = ("fp32", "tf32", "bf16", "fp16")
+    jobs = [dict(backend="triton", mode=m, config=0, shapes="full", required=True) for m in modes]
+    jobs += [dict(backend="cuda", mode=m, shapes="full", needs_build=True, required=True)
+             for m in modes + ("fp32-as-bf16",)]
+    jobs += [dict(kind="pytest", needs_build=True)]
+    jobs += [dict(kind="sanitizer", tool=tool, needs_build=True) for tool in ("memcheck", "racecheck")]
+    jobs += [dict(backend="chunked", mode=m, shapes="full") for m in modes]
+    for index in range(1, max(config_counts.values(), default=1)):
+        jobs += [dict(backend="triton", mode=m, config=index, shapes="reduced", required=True) for m in modes]
+    return jobs
+
+
+# ---------------------------------------------------------------- the time guard
+
+def estimate_s(config: dict, done: list[dict]) -> tuple[Optional[float], str]:
+    """Seconds the row should take, from the closest smaller measured row of the same backend,
+    mode, sampling and d (time x (N / N_ref)^3 for n_squared, ^2 for "n"); None without one."""
+    same = [r for r in done if r.get("kind") == "bench" and r["status"] == "ok" and r["N"] <= config["N"]
+            and all(r[k] == config[k] for k in ("backend", "mode", "sampling", "d", "M", "device"))]
+    if not same:
+        return None, "no smaller measured row"
+    ref = max(same, key=lambda r: r["N"])
+    power = 2 if config["sampling"] == "n" or config["M"] == 2 else 3
+    per_call = ref["fwd_bwd_ms"] * 1e-3 * (config["N"] / ref["N"]) ** power
+    calls = 1 + config["warmup"] + config["repeats"] + (config["warmup"] + config["repeats"]) / 3
+    return STARTUP_S[config["device"]] + calls * per_call, f"from the N = {ref['N']} row"
+
+
+def run_rows(plan: list[dict], runner: Callable[[dict, float], dict], recorder: Recorder, budget: Budget,
+             skip_reason: Callable[[dict], Optional[str]] = lambda c: None) -> None:
+    """Runs ``plan`` in order; each row is recorded as it completes. A row that cannot fit
+    what is left of the budget, or that ``skip_reason`` rules out, is recorded as skipped;
+    a runner that raises is recorded as failed, and the rows after it still run."""
+    for config in plan:
+        left = budget.left()
+        reason = skip_reason(config)
+        estimate, basis = estimate_s(config, recorder.rows)
+        if reason is None and left < MIN_ROW_S:
+            reason = f"skipped: budget spent ({left:.0f} s left)"
+        elif reason is None and estimate is not None and estimate > left:
+            reason = f"skipped: estimated {estimate:.0f} s ({basis}) > {left:.0f} s left of the budget"
+        if reason is not None:
+            recorder.append(dict(config, status=reason))
+            continue
+        timeout = left if estimate is None else min(left, max(60.0, 4 * estimate))
+        try:
+            row = runner(config, timeout)
+        except Exception as exc:  # noqa: BLE001  (the suite goes on; the row says what broke)
+            row = dict(config, status=f"failed: {type(exc).__name__}: {exc}")
+        row = recorder.append(dict(row, estimate_s=None if estimate is None else round(estimate, 1)))
+        print(f"[gpu_suite] {row['stage']} {row['backend']} {row['mode']} N={row['N']} {row['sampling']}: "
+              f"{row['status']}" + (f", fwd+bwd {row['fwd_bwd_ms']:.1f} ms" if row["status"] == "ok" else ""),
+              file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the correctness stage
+
+def _subprocess(command: list, timeout: float, env: Optional[dict] = None) -> tuple:
+    """(returncode or "timeout", stdout, stderr); the output so far survives a timeout."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=False)
     try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        output, code = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as exc:
-        output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        output += f"\n[gpu_suite] pytest stopped after {timeout:.0f} s\n"
-        code = "timeout"
-    with open(os.path.join(out_dir, "tests.log"), "w") as f:
-        f.write(" ".join(command) + "\n\n" + output)
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    summary = lines[-1] if lines else "no output"
-    return dict(command=" ".join(command), files=files, returncode=code, summary=summary,
-                seconds=round(time.time() - begin, 1))
+        out, err = process.communicate(timeout=max(1.0, timeout))
+        return process.returncode, out, err
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        return "timeout", out, err
 
 
-def fused_backends(device: torch.device) -> list[str]:
-    """Every registered backend that runs on ``device`` except the pure-PyTorch and oracle ones."""
-    from symile_kernels import available_backends
-
-    return [name for name in available_backends(device) if name not in ("chunked", "reference")]
-
-
-def repeats_for(N: int) -> tuple[int, int]:
-    """(warm-up, timed repeats): fewer of both where one call takes seconds."""
-    if N <= 1024:
-        return 1, 5
-    if N <= 4096:
-        return 0, 2
-    return 0, 1
-
-
-def plan(device: torch.device, smoke: bool) -> list[dict]:
-    """The configurations, most important first (the budget drops from the end)."""
-    if smoke:  # one row per code path: kernel worker, bench_loss worker in both dtypes
-        return [dict(level="kernel", backend="chunked", M=3, N=8, d=8, dtype="bfloat16", sampling="n_squared",
-                     device=device.type, tau=TAU, warmup=1, repeats=2),
-                dict(level="loss", backend="chunked", M=3, N=8, d=8, dtype="float32", sampling="n_squared",
-                     device=device.type, tau=TAU, warmup=1, repeats=2),
-                dict(level="loss", backend="reference", M=3, N=8, d=8, dtype="bfloat16", sampling="n_squared",
-                     device=device.type, tau=TAU, warmup=1, repeats=2)]
-    fused = fused_backends(device)
-    loss_backends = ["symile", "reference", "chunked"] + fused
-    loss_n, kernel_bf16, kernel_fp32, d = LOSS_N, KERNEL_BF16_N, KERNEL_FP32_N, D
-
-    def loss_row(backend, N, dtype):
-        warmup, repeats = repeats_for(N)
-        return dict(level="loss", backend=backend, M=3, N=N, d=d, dtype=dtype, sampling="n_squared",
-                    device=device.type, tau=TAU, warmup=warmup, repeats=repeats)
-
-    def kernel_row(backend, N, dtype):
-        return dict(loss_row(backend, N, dtype), level="kernel")
-
-    first = []  # the issue's targets
-    for backend in fused:
-        first += [kernel_row(backend, 4096, "bfloat16")]
-    for backend in ["symile"] + fused:
-        first += [loss_row(backend, 1024, "float32")]
-    for backend in fused:
-        first += [kernel_row(backend, kernel_bf16[-1], "bfloat16")]
-    rest = [loss_row(b, N, dtype) for dtype in ("float32", "bfloat16") for N in loss_n for b in loss_backends]
-    rest += [kernel_row(b, N, "bfloat16") for N in kernel_bf16 for b in fused]
-    rest += [kernel_row(b, N, "float32") for N in kernel_fp32 for b in fused]
-    ordered, seen = [], set()
-    for config in first + rest:
-        key = json.dumps(config, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            ordered.append(config)
-    return ordered
+def _run_check_job(job: dict, timeout: float, env: dict, recorder: Recorder, out_dir: str, smoke: bool,
+                   device: str) -> None:
+    begin = time.monotonic()
+    if job.get("kind") == "pytest":
+        command = checks.pytest_command(ROOT, smoke)
+        code, out, err = _subprocess(command, timeout, env)
+        with open(os.path.join(out_dir, "tests.log"), "w") as f:
+            f.write(" ".join(command) + "\n\n" + out + err + (f"\n[gpu_suite] stopped after {timeout:.0f} s\n"
+                                                              if code == "timeout" else ""))
+        parsed = checks.parse_pytest(out + err, code)
+        recorder.append(dict(kind="pytest", command=" ".join(command[1:]), seconds=time.monotonic() - begin,
+                             status="ok" if parsed["ok"] else (f"timeout after {timeout:.0f} s" if code == "timeout"
+                                                               else f"exit {code}"), **parsed))
+        return
+    if job.get("kind") == "sanitizer":
+        tool = checks.find_sanitizer()
+        row = dict(kind="sanitizer", tool=job["tool"], backend="cuda")
+        if tool is None:
+            recorder.append(dict(row, status="not run: compute-sanitizer not found", seconds=0.0))
+            return
+        command = [tool, "--tool", job["tool"], "--print-limit", "20", sys.executable, "-c", checks.SANITIZER_SCRIPT]
+        code, out, err = _subprocess(command, timeout, env)
+        with open(os.path.join(out_dir, "sanitizer.log"), "a") as f:
+            f.write(f"$ {' '.join(command[:5])} python -c SANITIZER_SCRIPT (exit {code})\n{out}{err}\n")
+        parsed = checks.parse_sanitizer(out + err, code)
+        status = "ok" if parsed["ok"] else (f"timeout after {timeout:.0f} s" if code == "timeout" else f"exit {code}")
+        recorder.append(dict(row, status=status, seconds=time.monotonic() - begin, **parsed))
+        return
+    job = dict(job, device=device)
+    job_env = dict(env, SYMILE_KERNELS_TRITON_AUTOTUNE="0", **job.get("env", {}),
+                   **checks.MODES[job["mode"]][2])
+    code, out, err = _subprocess([sys.executable, __file__, "--check-worker", json.dumps(job)], timeout, job_env)
+    summary = None
+    for line in out.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            if row["kind"] == "check_job":
+                summary = row
+            else:
+                recorder.append(row)
+    tail = ([line for line in err.strip().splitlines() if line.strip()] or ["no output"])[-1][:300]
+    if summary is None:
+        summary = dict(kind="check_job", backend=job["backend"], mode=job["mode"], config=job.get("config"),
+                       status=f"timeout after {timeout:.0f} s" if code == "timeout" else f"crashed (exit {code}): {tail}")
+    else:
+        summary["status"] = summary.get("status", "ok")
+    recorder.append(dict(summary, required=job.get("required", False), seconds=round(time.monotonic() - begin, 1)))
 
 
-def dropped_reason(config: dict, smoke: bool) -> "str | None":
-    if smoke:
-        return None
-    if config["backend"] in MATERIALISING and config["N"] > MATERIALISING_MAX_N:
-        return f"dropped: {config['backend']} beyond N = {MATERIALISING_MAX_N} takes minutes or does not fit"
-    if config["backend"] not in MATERIALISING and config["N"] > FUSED_FP32_MAX_N and (
-            config["dtype"] == "float32" or config["level"] == "loss"):
-        return f"dropped: float32 products beyond N = {FUSED_FP32_MAX_N} take minutes"
-    return None
+def run_correctness(jobs: list[dict], build: Optional[Callable[[], dict]], recorder: Recorder, deadline: float,
+                    out_dir: str, smoke: bool, device: str, workers: int,
+                    clock: Callable[[], float] = time.monotonic) -> None:
+    """Runs the build, then ``jobs`` on ``workers`` threads (a job that ``needs_build``
+    waits for it, and is skipped if it failed); nothing starts after ``deadline``."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    built = threading.Event()
+    build_ok = [build is None]
+
+    def do_build():
+        if build is not None:
+            row = recorder.append(build())
+            build_ok[0] = row["status"] == "ok"
+            print(f"[gpu_suite] build: {row['status']} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+        built.set()
+
+    pending = list(jobs)
+    lock = threading.Condition()
+
+    def worker():
+        while True:
+            with lock:
+                job = next((j for j in pending if not j.get("needs_build") or built.is_set()), None)
+                if job is None:
+                    if not pending:
+                        return
+                    lock.wait(timeout=1.0)
+                    continue
+                pending.remove(job)
+            left = deadline - clock()
+            name = dict(kind=job.get("kind", "check_job"), backend=job.get("backend", "cuda"),
+                        mode=job.get("mode"), config=job.get("config"), tool=job.get("tool"),
+                        required=job.get("required", False))
+            if left < 2:
+                recorder.append(dict(name, status="not run: correctness budget spent"))
+            elif job.get("needs_build") and not build_ok[0]:
+                recorder.append(dict(name, status="not run: the backend did not build", required=False))
+            else:
+                _run_check_job(job, left, env, recorder, out_dir, smoke, device)
+
+    with ThreadPoolExecutor(max_workers=workers + 1) as pool:
+        pool.submit(do_build).add_done_callback(lambda _: _notify(lock))
+        for future in [pool.submit(worker) for _ in range(workers)]:
+            future.result()
 
 
-# ---------------------------------------------------------------- kernel-level worker
+def _notify(condition: threading.Condition) -> None:
+    with condition:
+        condition.notify_all()
 
-def measure_kernel(config: dict) -> dict:
-    """One fused backend's cube_lse_forward/backward on (N, d) tensors of the config's dtype."""
+
+def build_row(backend: str, device: str, env_extra: dict, timeout: float) -> dict:
+    """Loads (JIT-building if needed) a compiled backend in a subprocess; the time it took."""
+    begin = time.monotonic()
+    code, out, err = _subprocess([sys.executable, __file__, "--build-worker", json.dumps([backend, device])],
+                                 timeout, dict(os.environ, **env_extra))
+    lines = out.strip().splitlines()
+    result = json.loads(lines[-1]) if code == 0 and lines else dict(
+        status=f"failed (exit {code}): {(err.strip().splitlines() or ['no output'])[-1][:300]}")
+    return dict(kind="build", backend=backend, seconds=round(time.monotonic() - begin, 1), **result)
+
+
+# ---------------------------------------------------------------- workers (in subprocesses)
+
+def _build_worker(backend: str, device: str) -> dict:
+    import torch
+
     from symile_kernels import backends
 
-    device = torch.device(config["device"])
-    dtype = DTYPES[config["dtype"]]
-    reason = backends.unavailable_reason(config["backend"], device)
+    reason = backends.unavailable_reason(backend, torch.device(device))
+    module = sys.modules.get(f"symile_kernels.{backend}")
+    ops = getattr(module, "_LIBRARY", None)
+    return dict(status="ok" if reason is None else f"unavailable: {reason}", origin=getattr(ops, "origin", None))
+
+
+def _check_worker(job: dict) -> None:
+    import torch
+
+    from symile_kernels import backends
+
+    reason = backends.unavailable_reason(job["backend"], torch.device(job["device"]))
     if reason is not None:
-        return dict(config, status=f"unavailable: {reason}")
-    backend = backends.get(config["backend"])
-    N, d = config["N"], config["d"]
-    torch.manual_seed(0)
-    x, y, z = (torch.nn.functional.normalize(torch.randn(N, d, device=device), dim=1).to(dtype).contiguous()
-               for _ in range(3))
-    tau = torch.tensor(config["tau"], device=device)  # float32: LSEs and G stay float32
-    g = [torch.full((N,), 1.0 / (3 * N), device=device) for _ in range(3)]
-
-    def forward(rows=N):
-        return backend.cube_lse_forward(x[:rows], y[:rows], z[:rows], tau)
-
-    def forward_backward(rows=N):
-        La, Lb, Lc = forward(rows)
-        backend.cube_lse_backward(x[:rows], y[:rows], z[:rows], tau, La, Lb, Lc, *(t[:rows] for t in g))
-
-    forward_backward(min(N, 2048))  # compiles, and autotunes where the backend does, on a cheap prefix
-    for _ in range(config["warmup"]):
-        forward_backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-    # The first timed run also gives the peak (one run is all N = 16384 can afford).
-    def timer(fn):
-        return time_ms(fn, device)  # CUDA events on a GPU
-
-    fwd_bwd = [timer(forward_backward)]
-    peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else 0
-    fwd_bwd += [timer(forward_backward) for _ in range(config["repeats"] - 1)]
-    fwd = [timer(forward) for _ in range(max(1, config["repeats"]))]
-    row = dict(config, status="ok", peak_mb=peak / 2 ** 20, fwd_ms=statistics.median(fwd),
-               fwd_bwd_ms=statistics.median(fwd_bwd), fwd_bwd_min_ms=min(fwd_bwd), fwd_bwd_max_ms=max(fwd_bwd))
-    row["model_tflops"] = 6 * N ** 3 * d / (row["fwd_bwd_ms"] * 1e-3) / 1e12
-    return row
+        print(json.dumps(dict(kind="check_job", backend=job["backend"], mode=job["mode"], config=job.get("config"),
+                              status=f"unavailable: {reason}", passed=0, total=0)), flush=True)
+        return
+    for row in checks.run_job(job):
+        print(json.dumps(row), flush=True)
 
 
-def run_kernel_in_subprocess(config: dict, timeout: float) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--kernel-worker", json.dumps(config)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return dict(config, status=f"timeout after {timeout:.0f} s")
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return dict(config, status=f"failed: {tail[:200]}")
-
-
-# ---------------------------------------------------------------- report
-
-def render(info: dict, tests: dict, mm: dict, rows: list[dict]) -> str:
-    out = [f"# Symile GPU suite: {info.get('gpu', info.get('processor', '?'))}", "",
-           f"- date: {info['date']}; torch {info['torch']}; triton {info.get('triton', '-')}; "
-           f"git {info.get('git_revision')}",
-           f"- command: `{info['command']}`",
-           f"- tests: {tests.get('summary', 'not run')} (exit {tests.get('returncode', '-')}, "
-           f"{tests.get('seconds', 0)} s; full log: tests.log)",
-           "- M = 3, n_squared, unit rows, tau = 14.3; times are CUDA-event medians; peak = "
-           "torch.cuda.max_memory_allocated above the inputs; model FLOPs = 6 N^3 d (SPEC section 5)."]
-    for level, title in (("kernel", "Kernel level: fused backends' cube_lse_forward + cube_lse_backward "
-                                    "on tensors of the listed dtype"),
-                         ("loss", "Loss level: symile_kernels.symile_loss / symile.Symile (bf16 inputs "
-                                  "compute in float32 in the loss layer today)")):
-        for dtype in ("bfloat16", "float32"):
-            selected = [r for r in rows if r["level"] == level and r["dtype"] == dtype]
-            if selected:
-                out += ["", f"## {title}: {dtype}", "", markdown_table(selected, mm.get(dtype))]
-    return "\n".join(out)
-
+# ---------------------------------------------------------------- main
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", nargs="?", help="folder for tests.log, results.json and results.md")
-    parser.add_argument("--cpu-smoke", "--dry-run", dest="smoke", action="store_true",
-                        help="exercise the plumbing on the CPU at tiny sizes (seconds)")
-    parser.add_argument("--budget-s", type=float, default=240.0, help="seconds for all benchmark rows")
-    parser.add_argument("--config-timeout-s", type=float, default=120.0, help="seconds per configuration")
-    parser.add_argument("--tests-timeout-s", type=float, default=210.0, help="seconds for the pytest step")
-    parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--kernel-worker", help=argparse.SUPPRESS)
+    parser.add_argument("out_dir", nargs="?", help="folder for results.jsonl, results.md, tests.log, sanitizer.log")
+    parser.add_argument("--cpu-smoke", dest="smoke", action="store_true",
+                        help="the same plumbing on the CPU at tiny sizes (interpreter, emulation), < 1 minute")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="seconds for the whole suite")
+    parser.add_argument("--check-budget-s", type=float, default=150.0, help="seconds for build and correctness")
+    parser.add_argument("--workers", type=int, default=0, help="parallel correctness jobs (default: cores / 2)")
+    parser.add_argument("--render", metavar="OUT_DIR", help="rebuild OUT_DIR/results.md from results.jsonl")
+    for flag in ("--check-worker", "--row-worker", "--build-worker"):
+        parser.add_argument(flag, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.kernel_worker:
-        print(json.dumps(measure_kernel(json.loads(args.kernel_worker))))
+    if args.check_worker:
+        _check_worker(json.loads(args.check_worker))
+        return 0
+    if args.build_worker:
+        print(json.dumps(_build_worker(*json.loads(args.build_worker))))
+        return 0
+    if args.row_worker:
+        import _gpu_rows
+
+        print(json.dumps(_gpu_rows.measure(json.loads(args.row_worker))))
+        return 0
+    if args.render:
+        text = report.render(report.read_rows(os.path.join(args.render, "results.jsonl")))
+        with open(os.path.join(args.render, "results.md"), "w") as f:
+            f.write(text + "\n")
+        print(text)
         return 0
     if not args.out_dir:
         parser.error("the output folder is required")
-    begin = time.time()
-    device = torch.device("cpu" if args.smoke else "cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA device: run on a GPU machine, or use --cpu-smoke to check the plumbing")
+    return run_suite(args)
+
+
+def run_suite(args) -> int:
+    import torch
+
+    import _gpu_rows
+    from symile_kernels.benchmarking import machine_info, memory_limit_bytes
+
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gpu_suite: no CUDA device; run on a GPU machine, or use --cpu-smoke", file=sys.stderr)
+        return 2
+    if args.smoke:  # no JIT build of the C++ backend in the rehearsal: it records "unavailable" instead
+        os.environ["SYMILE_KERNELS_NO_JIT"] = "1"
     os.makedirs(args.out_dir, exist_ok=True)
-
-    info = machine_info(device)
-    info["command"] = " ".join([os.path.basename(sys.executable)] + sys.argv)
-    info["suite_started"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    for stale in ("tests.log", "sanitizer.log"):
+        if os.path.exists(os.path.join(args.out_dir, stale)):
+            os.remove(os.path.join(args.out_dir, stale))
+    budget = Budget(args.budget_s)
+    recorder = Recorder(os.path.join(args.out_dir, "results.jsonl"))
+    info = machine_info(torch.device(device))
+    info.update(kind="info", command=" ".join(["python"] + sys.argv), budget_s=args.budget_s,
+                check_budget_s=args.check_budget_s, smoke=args.smoke)
     try:
-        import triton
+        import symile
 
-        info["triton"] = triton.__version__
+        info["symile"] = getattr(symile, "__version__", "installed")
     except ImportError:
-        info["triton"] = None
-    if device.type == "cuda":
-        info["cuda"] = torch.version.cuda
-        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        info["symile"] = None
+        print("[gpu_suite] reference package symile: NOT INSTALLED; its rows will be skipped", file=sys.stderr)
+    recorder.append(info)
 
-    tests = {} if args.skip_tests else run_tests(args.out_dir, args.smoke, args.tests_timeout_s)
-    if tests:
-        print(f"[gpu_suite] tests: {tests['summary']} ({tests['seconds']} s)", file=sys.stderr, flush=True)
+    # 1. Build and correctness.
+    if args.smoke:
+        how, counts = "not applicable: the Triton interpreter runs fixed blocks", {}
+    else:
+        how, counts = checks.config_tables(torch.device(device))
+    recorder.append(dict(kind="configs", how=how, counts=counts))
+    compiled = "cpu" if args.smoke else "cuda"
+    check_deadline = time.monotonic() + min(args.check_budget_s, budget.left())
+    workers = args.workers or max(2, min(8, (os.cpu_count() or 2) // 2))
+    run_correctness(check_plan(args.smoke, counts),
+                    lambda: dict(build_row(compiled, device, {}, check_deadline - time.monotonic()),
+                                 required=not args.smoke),
+                    recorder, check_deadline, args.out_dir, args.smoke, device, workers)
 
-    mm = {dtype: mm_tflops(device, DTYPES[dtype] if device.type == "cuda" else torch.float32,
-                           size=4096 if not args.smoke else 256)
-          for dtype in ("float32", "bfloat16")}
-    limit = memory_limit_bytes(device)
-    bench_begin = time.time()
-    rows = []
-    for config in plan(device, args.smoke):
-        left = args.budget_s - (time.time() - bench_begin)
-        reason = skip_reason(config, limit) or dropped_reason(config, args.smoke)
-        if reason is None and left < 20:
-            reason = f"dropped: suite time budget ({args.budget_s:.0f} s) spent"
-        if reason is not None:
-            row = dict(config, status=reason)
-        else:
-            # N = 16384 needs one long run (about a minute of fused fwd+bwd on an H100).
-            timeout = min(args.config_timeout_s * (2 if config["N"] >= 16384 else 1), left)
-            runner = run_kernel_in_subprocess if config["level"] == "kernel" else run_in_subprocess
-            row = runner(config, timeout)
-        rows.append(row)
-        print(f"[gpu_suite] {row['level']} {row['backend']} N={row['N']} {row['dtype']}: {row['status']}"
-              + (f", fwd+bwd {row['fwd_bwd_ms']:.1f} ms, peak {row['peak_mb']:.0f} MiB"
-                 if row["status"] == "ok" else ""), file=sys.stderr, flush=True)
+    # 2-3. Matrix-product rates, headline rows, scale rows.
+    size = 256 if args.smoke else 8192
+    for mode in ("fp32", "tf32", "bf16", "fp16"):
+        if not args.smoke or mode in ("fp32", "bf16"):
+            recorder.append(dict(kind="mm", mode=mode, size=size,
+                                 tflops=_gpu_rows.mm_rate(torch.device(device), mode, size)))
+    from symile_kernels import backends
 
-    info["suite_seconds"] = round(time.time() - begin, 1)
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump(dict(info=info, tests=tests, mm_tflops=mm, rows=rows), f, indent=1)
-    table = render(info, tests, mm, rows)
+    fused = [] if args.smoke else ["triton", "cuda"]
+    failed_builds = {r["backend"] for r in recorder.rows if r.get("kind") == "build" and r["status"] != "ok"}
+    limit = memory_limit_bytes(torch.device(device))
+
+    def skip_reason(config):
+        if config["backend"] == "symile" and info["symile"] is None:
+            return "skipped: reference package symile NOT INSTALLED (carry its wheel: benchmarks/prepare_lease.sh)"
+        if config["backend"] in failed_builds:  # asking again would retry the JIT build
+            return f"skipped: the {config['backend']} backend did not build"
+        if config["backend"] not in ("symile", "reference"):
+            reason = backends.unavailable_reason(config["backend"], torch.device(device))
+            if reason is not None:
+                return f"skipped: backend unavailable: {reason[:200]}"
+        need = _gpu_rows.estimated_bytes(config)
+        if need > 0.9 * limit:
+            return f"skipped: needs ~{need / 2 ** 30:.0f} GiB (materialises the logits)"
+        return None
+
+    run_rows(bench_plan(args.smoke, fused),
+             lambda config, timeout: _gpu_rows.run_in_subprocess(__file__, "--row-worker", config, timeout),
+             recorder, budget, skip_reason)
+
+    # 4. Report.
+    recorder.append(dict(kind="end", elapsed_s=round(args.budget_s - budget.left(), 1)))
+    text = report.render(recorder.rows)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    failed_tests = tests and tests["returncode"] not in (0, 5)  # 5: nothing collected
-    return 1 if failed_tests else 0
+        f.write(text + "\n")
+    print(text)
+    result = report.verdict(recorder.rows)
+    return 1 if result["failing"] else (3 if result["incomplete"] else 0)
 
 
 if __name__ == "__main__":
