@@ -8,7 +8,6 @@ this process would leak into other test modules, so ``test_interpreter_run``
 reruns this file in a child pytest with it set; in the parent the kernel tests
 skip with a pointer to that child, whose output shows each of them.
 """
-import json
 import os
 import subprocess
 import sys
@@ -249,23 +248,3 @@ def test_interpreter_run():
     print(done.stdout[-6000:])
     assert done.returncode == 0, f"interpreter run failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
     assert " passed" in done.stdout and " failed" not in done.stdout
-
-
-@pytest.mark.skipif(CHILD, reason="runs in the parent process")
-def test_gpu_suite_cpu_smoke(tmp_path):
-    # The GPU suite's plumbing (pytest step, both benchmark workers, tables, JSON) at tiny CPU sizes.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", backends.ENV_VAR)}
-    done = subprocess.run([sys.executable, os.path.join("benchmarks", "gpu_suite.py"), str(tmp_path), "--cpu-smoke"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    with open(tmp_path / "results.json") as f:
-        results = json.load(f)
-    assert results["tests"]["returncode"] == 0 and "collected" in results["tests"]["summary"]
-    assert [(r["level"], r["status"]) for r in results["rows"]] == [("kernel", "ok"), ("loss", "ok"), ("loss", "ok")]
-    assert all(r["fwd_bwd_ms"] > 0 for r in results["rows"])
-    assert set(results["mm_tflops"]) == {"float32", "bfloat16"}
-    markdown = (tmp_path / "results.md").read_text()
-    assert "| chunked | 3 | 8 | 8 | bfloat16 |" in markdown and "| reference | 3 | 8 | 8 | bfloat16 |" in markdown
-    assert done.stdout.strip().endswith(markdown.strip().splitlines()[-1])
-    assert (tmp_path / "tests.log").read_text().startswith(sys.executable)

@@ -1,0 +1,219 @@
+"""The GPU suite (benchmarks/gpu_suite.py) on the CPU: its rehearsal end to end, and its
+order, time guard, incremental output and verdict at tiny sizes with fake runners and
+a fake clock. Timings are not checked: they are the suite's job."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import _gpu_checks as checks  # noqa: E402
+import _gpu_report as report  # noqa: E402
+import gpu_suite  # noqa: E402
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def bench(N, backend="triton", **extra):
+    return dict(dict(kind="bench", stage="scale", backend=backend, M=3, N=N, d=256, sampling="n_squared",
+                     mode="bf16", device="cuda", tau=14.3, warmup=0, repeats=1), **extra)
+
+
+def fake_runner(clock, seconds_per_row, ms_at=lambda N: 1000.0 * (N / 1024) ** 3):
+    """Advances the clock as if the row ran, returns a measured row."""
+    def run(config, timeout):
+        clock.now += seconds_per_row(config)
+        return dict(config, status="ok", fwd_ms=1.0, fwd_bwd_ms=ms_at(config["N"]), peak_mb=1.0, loss=1.0)
+    return run
+
+
+def lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_cpu_smoke_runs_every_stage_in_order(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SYMILE_KERNELS_BACKEND")}
+    done = subprocess.run([sys.executable, os.path.join("benchmarks", "gpu_suite.py"), str(tmp_path), "--cpu-smoke"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = lines(tmp_path / "results.jsonl")
+    kinds = [r["kind"] for r in rows]
+    assert kinds[0] == "info" and kinds[-1] == "end"
+    # Correctness (build, oracle cases, pytest) before the matrix rates, before the timed rows.
+    last_check = max(i for i, k in enumerate(kinds) if k in ("build", "check", "check_job", "pytest"))
+    assert last_check < kinds.index("mm") < kinds.index("bench")
+    jobs = [r for r in rows if r["kind"] == "check_job"]
+    assert {(j["backend"], j["mode"]) for j in jobs} >= {("chunked", "fp32"), ("chunked", "bf16"), ("triton", "fp32")}
+    assert all(j["status"] == "ok" and j["passed"] == j["total"] > 0 for j in jobs if j["backend"] != "cpu")
+    cases = [r for r in rows if r["kind"] == "check"]
+    assert all(r["ok"] and r["loss_err"] <= r["loss_tol"] for r in cases)
+    assert {r["M"] for r in cases} == {2, 3, 4} and {r["sampling"] for r in cases} == {"n", "n_squared"}
+    assert any(r["backend"] == "triton" for r in cases)  # the interpreter job ran kernels
+    assert next(r for r in rows if r["kind"] == "pytest")["ok"]
+    bench_rows = [r for r in rows if r["kind"] == "bench"]
+    assert [r["N"] for r in bench_rows] == [r["N"] for r in gpu_suite.bench_plan(True, [])]
+    assert bench_rows[-1]["status"].startswith("skipped: estimated")  # N = 4096 from the N = 24 row
+    assert all(r["status"] == "ok" and r["fwd_bwd_ms"] > 0 for r in bench_rows[:-1] if r["backend"] != "symile")
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.splitlines()[2].startswith("**CORRECTNESS: PASS**")
+    assert markdown.index("## Scale rows") < markdown.index("## Machine")
+    assert done.stdout.strip().endswith("```")
+
+
+def test_time_guard_skips_rows_that_do_not_fit_and_records_them(tmp_path):
+    clock = FakeClock()
+    recorder = gpu_suite.Recorder(str(tmp_path / "results.jsonl"), clock)
+    budget = gpu_suite.Budget(100.0, clock)
+    # The N = 1024 row takes 30 s; the N = 2048 estimate is 12 + (1 + 1 + 1/3) * 8 s = 30.7 s and fits
+    # in 70 s; after it (30 s more) 40 s are left, and N = 4096 needs 12 + 2.33 * 64 s: skipped.
+    plan = [bench(1024), bench(2048), bench(4096), bench(1024, backend="cuda")]
+    gpu_suite.run_rows(plan, fake_runner(clock, lambda c: 30.0), recorder, budget)
+    rows = lines(tmp_path / "results.jsonl")
+    assert [r["status"][:18] for r in rows] == ["ok", "ok", "skipped: estimated", "ok"]
+    assert rows[1]["estimate_s"] == pytest.approx(12 + (7 / 3) * 8.0, abs=0.1)
+    assert "from the N = 2048 row" in rows[2]["status"] and "40 s left" in rows[2]["status"]
+    # Another backend has no measured row: no estimate, it runs with what is left as its timeout.
+    assert rows[3]["estimate_s"] is None
+
+
+def test_time_guard_skips_everything_once_the_budget_is_spent(tmp_path):
+    clock = FakeClock()
+    recorder = gpu_suite.Recorder(str(tmp_path / "results.jsonl"), clock)
+    timeouts = []
+
+    def runner(config, timeout):
+        timeouts.append(timeout)
+        clock.now += 58.0
+        return dict(config, status="ok", fwd_ms=1.0, fwd_bwd_ms=1.0, peak_mb=1.0, loss=1.0)
+
+    gpu_suite.run_rows([bench(8, backend=b) for b in ("a", "b", "c")], runner, recorder, gpu_suite.Budget(60.0, clock))
+    assert [r["status"] for r in recorder.rows][:1] == ["ok"]
+    assert all(r["status"].startswith("skipped: budget spent") for r in recorder.rows[1:])
+    assert timeouts == [60.0]
+
+
+def test_each_row_is_on_disk_before_the_next_runs_and_a_crash_keeps_them(tmp_path):
+    path = tmp_path / "results.jsonl"
+    clock = FakeClock()
+    recorder = gpu_suite.Recorder(str(path), clock)
+    seen_on_disk = []
+
+    class Crash(BaseException):  # like a kill: not caught by the suite
+        pass
+
+    def runner(config, timeout):
+        seen_on_disk.append(len(lines(path)))
+        if config["N"] == 16:
+            raise RuntimeError("worker raised")
+        if config["N"] == 32:
+            raise Crash()
+        return dict(config, status="ok", fwd_ms=1.0, fwd_bwd_ms=1.0, peak_mb=1.0, loss=1.0)
+
+    with pytest.raises(Crash):
+        gpu_suite.run_rows([bench(8), bench(16), bench(24, backend="x"), bench(32, backend="y"), bench(40)],
+                           runner, recorder, gpu_suite.Budget(1000.0, clock))
+    assert seen_on_disk == [0, 1, 2, 3]
+    rows = lines(path)
+    assert [r["N"] for r in rows] == [8, 16, 24]
+    assert rows[1]["status"] == "failed: RuntimeError: worker raised" and rows[2]["status"] == "ok"
+    # The report can be rebuilt from what the crash left (no end row).
+    text = report.render(report.read_rows(str(path)))
+    assert "the run was cut short" in text and "worker raised" in text
+
+
+def test_a_crashed_check_job_keeps_its_rows_and_marks_the_backend(tmp_path, monkeypatch):
+    case = dict(kind="check", backend="cuda", mode="fp32", config=None, M=3, N=7, d=3, sampling="n", inputs="unit",
+                tau=14.3, loss_err=1e-7, grad_err=1e-6, worst_grad="d0", loss_tol=1e-5, grad_tol=1e-4, ok=True)
+    monkeypatch.setattr(gpu_suite, "_subprocess", lambda *a, **k: (-11, json.dumps(case) + "\n", "Segfault\n"))
+    recorder = gpu_suite.Recorder(str(tmp_path / "results.jsonl"))
+    gpu_suite._run_check_job(dict(backend="cuda", mode="fp32", shapes="full", required=True), 10.0, {}, recorder,
+                             str(tmp_path), False, "cuda")
+    assert [r["kind"] for r in recorder.rows] == ["check", "check_job"]
+    assert recorder.rows[1]["status"] == "crashed (exit -11): Segfault"
+    result = report.verdict(recorder.rows)
+    assert result["failing"] == {"cuda": ["cuda fp32 config None: crashed (exit -11): Segfault"]}
+    text = report.render(recorder.rows + [bench(4096, status="ok", fwd_ms=1.0, fwd_bwd_ms=2.0, peak_mb=3.0, loss=4.0)])
+    assert text.splitlines()[2].startswith("**CORRECTNESS: FAIL**") and "| triton | bf16 | 3 | 4096 |" in text
+
+
+def test_report_says_loudly_when_the_reference_package_is_missing():
+    rows = [dict(kind="info", gpu="G"), bench(1024, backend="symile", stage="vs_symile",
+                                           status="skipped: reference package symile NOT INSTALLED")]
+    text = report.render(rows)
+    assert "**Reference package symile: skipped: reference package symile NOT INSTALLED**" in text
+
+
+def test_comparison_fails_a_wrong_backend():
+    # The oracle check can fail: "reference" in float32 against float64 passes; a corrupted
+    # gradient (every input doubled by a hook) does not.
+    case = dict(M=3, N=5, d=3, sampling="n_squared", inputs="unit", tau=14.3)
+    assert checks.check_case("chunked", "fp32", case, torch.device("cpu"), seed=1)["ok"]
+    original = torch.Tensor.requires_grad_
+
+    def doubled(self, flag=True):
+        out = original(self, flag)
+        if self.dtype == torch.float32 and self.dim() == 2:
+            self.register_hook(lambda g: 2 * g)
+        return out
+
+    torch.Tensor.requires_grad_ = doubled
+    try:
+        result = checks.check_case("chunked", "fp32", case, torch.device("cpu"), seed=1)
+    finally:
+        torch.Tensor.requires_grad_ = original
+    assert not result["ok"] and result["grad_err"] > 0.5
+
+
+def test_cases_cover_the_shapes_and_kinds():
+    full = checks.cases("full")
+    assert {c["M"] for c in full} == {2, 3, 4} and {c["sampling"] for c in full} == {"n", "n_squared"}
+    assert {c["tau"] for c in full} >= {100.0} and {c["inputs"] for c in full} == {"unit", "gaussian", "faint"}
+    assert all(c["N"] ** c["M"] <= checks.ORACLE_MAX_ELEMENTS for c in full if c["sampling"] == "n_squared")
+    assert {c["N"] for c in full} == {7, 33, 129} and {c["d"] for c in full} == {3, 48, 200}
+
+
+def test_pinning_a_triton_configuration_rotates_and_restores_the_lists():
+    pytest.importorskip("triton")
+    device = torch.device("cpu")
+    how, counts = checks.config_tables(device)
+    if how.startswith("unavailable"):
+        pytest.skip(how)
+    assert set(counts) and all(n >= 1 for n in counts.values())
+    if how == "public":
+        with checks.pinned(1, device) as used:
+            assert used == {name: min(1, n - 1) for name, n in counts.items()}
+        return
+    import symile_kernels.triton as package
+
+    tables = checks._autotuners(package, device)
+    before = {name: list(t.configs) for name, t in tables.items()}
+    with checks.pinned(1, device) as used:
+        for name, tuner in tables.items():
+            assert tuner.configs[0] is before[name][used[name]]
+            assert len(tuner.configs) == len(before[name])
+    assert {name: list(t.configs) for name, t in tables.items()} == before
+
+
+def test_pytest_and_sanitizer_output_parsing():
+    out = "F.\nFAILED tests/test_cuda_backend.py::test_x - AssertionError\nERROR tests/test_triton_backend.py::t\n1 failed"
+    parsed = checks.parse_pytest(out, 1)
+    assert parsed["failed"] == {"cuda": ["tests/test_cuda_backend.py::test_x"],
+                                "triton": ["tests/test_triton_backend.py::t"]} and not parsed["ok"]
+    assert checks.parse_pytest("5 passed in 1s", 0)["ok"]
+    clean = checks.parse_sanitizer("sanitizer script done\n========= ERROR SUMMARY: 0 errors\n", 0)
+    assert clean["ok"] and clean["errors"] == 0
+    dirty = checks.parse_sanitizer("========= Invalid __global__ read\n========= ERROR SUMMARY: 3 errors\n", 1)
+    assert not dirty["ok"] and dirty["errors"] == 3
+    assert not checks.parse_sanitizer("========= ERROR SUMMARY: 0 errors\n", 0)["ok"]  # the script never finished
