@@ -29,7 +29,6 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from typing import Iterator, Optional

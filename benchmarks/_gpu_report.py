@@ -61,20 +61,28 @@ def _fmt(value, spec: str) -> str:
 
 
 def _bench_table(rows: list[dict], mm: dict, reference: Optional[dict] = None) -> list[str]:
+    """One line per row. "loss rel. diff": against the reference package's row of the same
+    mode, N, sampling (same inputs), else the table's first measured row of them."""
     lines = ["| backend | mode | M | N | d | sampling | fwd ms | fwd+bwd ms | peak MiB | model TFLOP/s "
-             "| % of mm | loss | vs symile: time | vs symile: memory |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| % of mm | loss | loss rel. diff | vs symile: time | vs symile: memory |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    anchors = dict(reference or {})
+    for r in rows:
+        if r["status"] == "ok":
+            anchors.setdefault((r["mode"], r["N"], r["sampling"]), r)
     for r in rows:
         head = f"| {r['backend']} | {r['mode']} | {r['M']} | {r['N']} | {r['d']} | {r['sampling']} "
         if r["status"] != "ok":
-            lines.append(head + f"| {r['status']} | | | | | | | |")
+            lines.append(head + f"| {r['status']} | | | | | | | | |")
             continue
         share = None if not r.get("model_tflops") or not mm.get(r["mode"]) else 100 * r["model_tflops"] / mm[r["mode"]]
         ref = (reference or {}).get((r["mode"], r["N"], r["sampling"]))
         time_ratio = None if not ref else ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
         mem_ratio = None if not ref or r["peak_mb"] <= 0 else ref["peak_mb"] / r["peak_mb"]
+        anchor = anchors[(r["mode"], r["N"], r["sampling"])]
+        diff = None if anchor is r else abs(r["loss"] - anchor["loss"]) / max(abs(anchor["loss"]), 1e-30)
         lines.append(head + f"| {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['peak_mb']:.0f} "
-                     f"| {_fmt(r.get('model_tflops'), '.2f')} | {_fmt(share, '.0f')} | {r['loss']:.6g} "
+                     f"| {_fmt(r.get('model_tflops'), '.2f')} | {_fmt(share, '.0f')} | {r['loss']:.6g} | {_fmt(diff, '.1e')} "
                      f"| {_fmt(time_ratio, '.1f')}{'x' if time_ratio else ''} "
                      f"| {_fmt(mem_ratio, '.1f')}{'x' if mem_ratio else ''} |")
     return lines

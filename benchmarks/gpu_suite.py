@@ -45,7 +45,7 @@ from typing import Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, ROOT]  # this checkout's symile_kernels, installed or not
 
 import _gpu_checks as checks  # noqa: E402
 import _gpu_report as report  # noqa: E402
@@ -241,7 +241,8 @@ def run_correctness(jobs: list[dict], build: Optional[Callable[[], dict]], recor
                     clock: Callable[[], float] = time.monotonic) -> None:
     """Runs the build, then ``jobs`` on ``workers`` threads (a job that ``needs_build``
     waits for it, and is skipped if it failed); nothing starts after ``deadline``."""
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env.pop("TRITON_INTERPRET", None)
     built = threading.Event()
     build_ok = [build is None]
@@ -334,7 +335,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-smoke", dest="smoke", action="store_true",
                         help="the same plumbing on the CPU at tiny sizes (interpreter, emulation), < 1 minute")
     parser.add_argument("--budget-s", type=float, default=480.0, help="seconds for the whole suite")
-    parser.add_argument("--check-budget-s", type=float, default=150.0, help="seconds for build and correctness")
+    parser.add_argument("--check-budget-s", type=float, default=180.0, help="seconds for build and correctness")
     parser.add_argument("--workers", type=int, default=0, help="parallel correctness jobs (default: cores / 2)")
     parser.add_argument("--render", metavar="OUT_DIR", help="rebuild OUT_DIR/results.md from results.jsonl")
     for flag in ("--check-worker", "--row-worker", "--build-worker"):
