@@ -25,7 +25,8 @@ has its own share, ``--check-budget-s``):
    budget is recorded as skipped.
 4. Output in OUT_DIR: ``results.jsonl`` (one JSON row appended as each piece
    completes, so a crash keeps what came before), ``results.md`` (verdict first,
-   tables, machine block last; also printed), ``tests.log``, ``sanitizer.log``.
+   tables, machine block last; also printed), ``build.log``, ``tests.log``,
+   ``sanitizer.log``. ``--plan`` prints the planned jobs and rows and runs nothing.
 
 Exit status: 0 when every correctness check ran and passed; 1 when one failed;
 3 when none failed but some did not run (budget, timeout, tool missing is not
@@ -100,9 +101,12 @@ def bench_plan(smoke: bool, fused: list[str]) -> list[dict]:
         return ([row("vs_symile", b, 8, d=8) for b in ("symile", "chunked")]
                 + [row("n", "chunked", 16, sampling="n", mode="bf16", d=8)]
                 + [row("scale", "chunked", N, warmup=0, repeats=1, d=8) for N in (24, 4096)])
-    rows = [row("vs_symile", b, 1024) for b in ["symile", "reference", "chunked"] + fused]
-    rows += [row("fused", b, 4096, mode) for mode in ("fp32", "tf32", "bf16") for b in fused]
+    rows = [row("vs_symile", b, 1024) for b in ["symile", "chunked"] + fused]
+    # fp32 IEEE products take seconds a call at N = 4096: fewer repeats.
+    rows += [row("fused", b, 4096, mode, warmup=0, repeats=2 if mode == "fp32" else 3)
+             for mode in ("fp32", "tf32", "bf16") for b in fused]
     rows += [row("n", b, N, sampling="n") for N in (16384, 65536) for b in ["symile"] + fused]
+    rows += [row("vs_symile", "reference", 1024)]  # the oracle, materialised: last of the headline rows
     rows += [row("scale", b, N, mode, warmup=0, repeats=1) for mode in ("bf16", "tf32") for N in (8192, 16384)
              for b in fused]
     return rows
@@ -131,18 +135,28 @@ def check_plan(smoke: bool, config_counts: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- the time guard
 
+def _calls(config: dict) -> float:
+    """Forward+backward calls a row makes (a forward counts a third): the first (peak) call,
+    the warm-ups and the timed forward+backward calls, then the timed forwards."""
+    return 1 + config["warmup"] + config["repeats"] + (config["warmup"] + config["repeats"]) / 3
+
+
 def estimate_s(config: dict, done: list[dict]) -> tuple[Optional[float], str]:
-    """Seconds the row should take, from the closest smaller measured row of the same backend,
-    mode, sampling and d (time x (N / N_ref)^3 for n_squared, ^2 for "n"); None without one."""
-    same = [r for r in done if r.get("kind") == "bench" and r["status"] == "ok" and r["N"] <= config["N"]
+    """Seconds the row should take: a fresh process's overhead (the median seen so far, else
+    STARTUP_S) plus its calls at the time of the closest smaller measured row of the same
+    backend, mode, sampling and d, scaled by (N / N_ref)^3 for n_squared, ^2 for "n"; None
+    without such a row."""
+    measured = [r for r in done if r.get("kind") == "bench" and r["status"] == "ok"]
+    same = [r for r in measured if r["N"] <= config["N"]
             and all(r[k] == config[k] for k in ("backend", "mode", "sampling", "d", "M", "device"))]
     if not same:
         return None, "no smaller measured row"
     ref = max(same, key=lambda r: r["N"])
     power = 2 if config["sampling"] == "n" or config["M"] == 2 else 3
     per_call = ref["fwd_bwd_ms"] * 1e-3 * (config["N"] / ref["N"]) ** power
-    calls = 1 + config["warmup"] + config["repeats"] + (config["warmup"] + config["repeats"]) / 3
-    return STARTUP_S[config["device"]] + calls * per_call, f"from the N = {ref['N']} row"
+    overheads = sorted(r["wall_s"] - _calls(r) * r["fwd_bwd_ms"] * 1e-3 for r in measured if "wall_s" in r)
+    overhead = max(0.0, overheads[len(overheads) // 2]) if overheads else STARTUP_S[config["device"]]
+    return overhead + _calls(config) * per_call, f"from the N = {ref['N']} row"
 
 
 def run_rows(plan: list[dict], runner: Callable[[dict, float], dict], recorder: Recorder, budget: Budget,
@@ -162,11 +176,13 @@ def run_rows(plan: list[dict], runner: Callable[[dict, float], dict], recorder: 
             recorder.append(dict(config, status=reason))
             continue
         timeout = left if estimate is None else min(left, max(60.0, 4 * estimate))
+        begin = budget.clock()
         try:
             row = runner(config, timeout)
         except Exception as exc:  # noqa: BLE001  (the suite goes on; the row says what broke)
             row = dict(config, status=f"failed: {type(exc).__name__}: {exc}")
-        row = recorder.append(dict(row, estimate_s=None if estimate is None else round(estimate, 1)))
+        row = recorder.append(dict(row, estimate_s=None if estimate is None else round(estimate, 1),
+                                   wall_s=round(budget.clock() - begin, 2)))
         print(f"[gpu_suite] {row['stage']} {row['backend']} {row['mode']} N={row['N']} {row['sampling']}: "
               f"{row['status']}" + (f", fwd+bwd {row['fwd_bwd_ms']:.1f} ms" if row["status"] == "ok" else ""),
               file=sys.stderr, flush=True)
@@ -289,11 +305,14 @@ def _notify(condition: threading.Condition) -> None:
         condition.notify_all()
 
 
-def build_row(backend: str, device: str, env_extra: dict, timeout: float) -> dict:
-    """Loads (JIT-building if needed) a compiled backend in a subprocess; the time it took."""
+def build_row(backend: str, device: str, timeout: float, log: str) -> dict:
+    """Loads (JIT-building if needed) a compiled backend in a subprocess; the time it took.
+    The build's output (nvcc commands included) goes to ``log``."""
     begin = time.monotonic()
-    code, out, err = _subprocess([sys.executable, __file__, "--build-worker", json.dumps([backend, device])],
-                                 timeout, dict(os.environ, **env_extra))
+    command = [sys.executable, __file__, "--build-worker", json.dumps([backend, device])]
+    code, out, err = _subprocess(command, timeout, dict(os.environ, SYMILE_KERNELS_VERBOSE_BUILD="1"))
+    with open(log, "w") as f:
+        f.write(f"$ {' '.join(command)}  (exit {code}, {time.monotonic() - begin:.1f} s)\n{out}{err}")
     lines = out.strip().splitlines()
     result = json.loads(lines[-1]) if code == 0 and lines else dict(
         status=f"failed (exit {code}): {(err.strip().splitlines() or ['no output'])[-1][:300]}")
@@ -338,6 +357,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check-budget-s", type=float, default=180.0, help="seconds for build and correctness")
     parser.add_argument("--workers", type=int, default=0, help="parallel correctness jobs (default: cores / 2)")
     parser.add_argument("--render", metavar="OUT_DIR", help="rebuild OUT_DIR/results.md from results.jsonl")
+    parser.add_argument("--plan", action="store_true", help="print the correctness jobs and rows; run nothing")
     for flag in ("--check-worker", "--row-worker", "--build-worker"):
         parser.add_argument(flag, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -358,6 +378,10 @@ def main(argv=None) -> int:
             f.write(text + "\n")
         print(text)
         return 0
+    if args.plan:  # the Triton configuration counts are read on the GPU; here: up to 3 per kernel
+        for item in check_plan(args.smoke, {"any": 3}) + bench_plan(args.smoke, [] if args.smoke else ["triton", "cuda"]):
+            print(json.dumps(item))
+        return 0
     if not args.out_dir:
         parser.error("the output folder is required")
     return run_suite(args)
@@ -376,7 +400,7 @@ def run_suite(args) -> int:
     if args.smoke:  # no JIT build of the C++ backend in the rehearsal: it records "unavailable" instead
         os.environ["SYMILE_KERNELS_NO_JIT"] = "1"
     os.makedirs(args.out_dir, exist_ok=True)
-    for stale in ("tests.log", "sanitizer.log"):
+    for stale in ("tests.log", "sanitizer.log", "build.log"):
         if os.path.exists(os.path.join(args.out_dir, stale)):
             os.remove(os.path.join(args.out_dir, stale))
     budget = Budget(args.budget_s)
@@ -403,8 +427,8 @@ def run_suite(args) -> int:
     check_deadline = time.monotonic() + min(args.check_budget_s, budget.left())
     workers = args.workers or max(2, min(8, (os.cpu_count() or 2) // 2))
     run_correctness(check_plan(args.smoke, counts),
-                    lambda: dict(build_row(compiled, device, {}, check_deadline - time.monotonic()),
-                                 required=not args.smoke),
+                    lambda: dict(build_row(compiled, device, check_deadline - time.monotonic(),
+                                           os.path.join(args.out_dir, "build.log")), required=not args.smoke),
                     recorder, check_deadline, args.out_dir, args.smoke, device, workers)
 
     # 2-3. Matrix-product rates, headline rows, scale rows.

@@ -76,13 +76,15 @@ def test_time_guard_skips_rows_that_do_not_fit_and_records_them(tmp_path):
     clock = FakeClock()
     recorder = gpu_suite.Recorder(str(tmp_path / "results.jsonl"), clock)
     budget = gpu_suite.Budget(100.0, clock)
-    # The N = 1024 row takes 30 s; the N = 2048 estimate is 12 + (1 + 1 + 1/3) * 8 s = 30.7 s and fits
-    # in 70 s; after it (30 s more) 40 s are left, and N = 4096 needs 12 + 2.33 * 64 s: skipped.
+    # The N = 1024 row takes 30 s of which 7/3 calls of 1 s: 27.7 s of overhead. The N = 2048
+    # estimate is 27.7 + 7/3 * 8 s = 46.3 s and fits in 70 s; after it (30 s more) 40 s are
+    # left, and N = 4096 needs 27.7 + 7/3 * 64 s: skipped.
     plan = [bench(1024), bench(2048), bench(4096), bench(1024, backend="cuda")]
     gpu_suite.run_rows(plan, fake_runner(clock, lambda c: 30.0), recorder, budget)
     rows = lines(tmp_path / "results.jsonl")
     assert [r["status"][:18] for r in rows] == ["ok", "ok", "skipped: estimated", "ok"]
-    assert rows[1]["estimate_s"] == pytest.approx(12 + (7 / 3) * 8.0, abs=0.1)
+    assert rows[1]["estimate_s"] == pytest.approx(30 - 7 / 3 + (7 / 3) * 8.0, abs=0.1)
+    assert rows[1]["wall_s"] == 30.0
     assert "from the N = 2048 row" in rows[2]["status"] and "40 s left" in rows[2]["status"]
     # Another backend has no measured row: no estimate, it runs with what is left as its timeout.
     assert rows[3]["estimate_s"] is None
@@ -204,6 +206,23 @@ def test_pinning_a_triton_configuration_rotates_and_restores_the_lists():
             assert tuner.configs[0] is before[name][used[name]]
             assert len(tuner.configs) == len(before[name])
     assert {name: list(t.configs) for name, t in tables.items()} == before
+
+
+def test_the_gpu_plan_puts_correctness_and_headline_rows_first():
+    jobs = gpu_suite.check_plan(False, {"cube_fwd": 2, "pair_fwd": 3})
+    triton = [(j["mode"], j["config"]) for j in jobs if j.get("backend") == "triton"]
+    assert sorted(triton) == sorted((m, i) for m in ("fp32", "tf32", "bf16", "fp16") for i in range(3))
+    assert {j["mode"] for j in jobs if j.get("backend") == "cuda"} == {"fp32", "tf32", "bf16", "fp16", "fp32-as-bf16"}
+    assert all(j.get("needs_build") for j in jobs if j.get("backend") == "cuda" or j.get("kind"))
+    rows = gpu_suite.bench_plan(False, ["triton", "cuda"])
+    stages = [r["stage"] for r in rows]
+    assert stages.index("scale") > max(i for i, s in enumerate(stages) if s != "scale")
+    fused = {(r["backend"], r["mode"]) for r in rows if r["stage"] == "fused" and r["N"] == 4096}
+    assert fused == {(b, m) for b in ("triton", "cuda") for m in ("fp32", "tf32", "bf16")}
+    assert {(r["backend"], r["N"]) for r in rows if r["stage"] == "n"} == {
+        (b, N) for b in ("symile", "triton", "cuda") for N in (16384, 65536)}
+    assert {r["N"] for r in rows if r["stage"] == "scale"} == {8192, 16384}
+    assert {r["backend"] for r in rows if r["stage"] == "vs_symile"} == {"symile", "reference", "chunked", "triton", "cuda"}
 
 
 def test_pytest_and_sanitizer_output_parsing():
