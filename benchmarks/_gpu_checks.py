@@ -278,7 +278,7 @@ print("sanitizer script done")
 
 
 def parse_sanitizer(output: str, returncode) -> dict:
-    match = re.search(r"ERROR SUMMARY: (\d+) error", output)
+    match = re.search(r"ERROR SUMMARY: (\d+) errors?", output)
     errors = int(match.group(1)) if match else None
     done = "sanitizer script done" in output
     return dict(summary=match.group(0) if match else "no ERROR SUMMARY line", errors=errors,

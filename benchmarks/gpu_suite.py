@@ -232,7 +232,9 @@ def _run_check_job(job: dict, timeout: float, env: dict, recorder: Recorder, out
         recorder.append(dict(row, status=status, seconds=time.monotonic() - begin, **parsed))
         return
     job = dict(job, device=device)
-    job_env = dict(env, SYMILE_KERNELS_TRITON_AUTOTUNE="0", **job.get("env", {}),
+    # Autotuning off: the kernels launch their list's first entry, the one ``pinned`` chose.
+    # Two CPU threads each: several jobs share the cores with Triton's compiler.
+    job_env = dict(env, SYMILE_KERNELS_TRITON_AUTOTUNE="0", OMP_NUM_THREADS="2", **job.get("env", {}),
                    **checks.MODES[job["mode"]][2])
     code, out, err = _subprocess([sys.executable, __file__, "--check-worker", json.dumps(job)], timeout, job_env)
     summary = None
@@ -264,11 +266,18 @@ def run_correctness(jobs: list[dict], build: Optional[Callable[[], dict]], recor
     build_ok = [build is None]
 
     def do_build():
-        if build is not None:
-            row = recorder.append(build())
-            build_ok[0] = row["status"] == "ok"
-            print(f"[gpu_suite] build: {row['status']} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
-        built.set()
+        try:
+            if build is not None:
+                try:
+                    row = build()
+                except Exception as exc:  # noqa: BLE001  (recorded; the jobs that need it are skipped)
+                    row = dict(kind="build", backend="?", seconds=0.0, required=True,
+                               status=f"failed: {type(exc).__name__}: {exc}")
+                row = recorder.append(row)
+                build_ok[0] = row["status"] == "ok"
+                print(f"[gpu_suite] build: {row['status']} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+        finally:
+            built.set()  # the waiting jobs run, or are recorded as not run
 
     pending = list(jobs)
     lock = threading.Condition()

@@ -236,3 +236,51 @@ def test_pytest_and_sanitizer_output_parsing():
     dirty = checks.parse_sanitizer("========= Invalid __global__ read\n========= ERROR SUMMARY: 3 errors\n", 1)
     assert not dirty["ok"] and dirty["errors"] == 3
     assert not checks.parse_sanitizer("========= ERROR SUMMARY: 0 errors\n", 0)["ok"]  # the script never finished
+
+
+def test_sanitizer_step_records_the_summary_and_marks_errors(tmp_path, monkeypatch):
+    commands = []
+    outputs = iter([(0, "sanitizer script done\n========= ERROR SUMMARY: 0 errors\n", ""),
+                    (1, "========= Race reported\n========= ERROR SUMMARY: 2 errors\n", "")])
+
+    def fake(command, timeout, env=None):
+        commands.append(command)
+        return next(outputs)
+
+    monkeypatch.setattr(checks, "find_sanitizer", lambda: "/opt/cuda/bin/compute-sanitizer")
+    monkeypatch.setattr(gpu_suite, "_subprocess", fake)
+    recorder = gpu_suite.Recorder(str(tmp_path / "results.jsonl"))
+    for tool in ("memcheck", "racecheck"):
+        gpu_suite._run_check_job(dict(kind="sanitizer", tool=tool), 60.0, {}, recorder, str(tmp_path), False, "cuda")
+    assert [c[:3] for c in commands] == [["/opt/cuda/bin/compute-sanitizer", "--tool", t] for t in ("memcheck", "racecheck")]
+    assert [(r["tool"], r["status"], r["errors"]) for r in recorder.rows] == [("memcheck", "ok", 0), ("racecheck", "exit 1", 2)]
+    assert report.verdict(recorder.rows)["failing"] == {"cuda": ["racecheck: ERROR SUMMARY: 2 errors"]}
+    log = (tmp_path / "sanitizer.log").read_text()
+    assert "--tool memcheck" in log and "Race reported" in log
+    monkeypatch.setattr(checks, "find_sanitizer", lambda: None)
+    gpu_suite._run_check_job(dict(kind="sanitizer", tool="memcheck"), 60.0, {}, recorder, str(tmp_path), False, "cuda")
+    assert recorder.rows[-1]["status"] == "not run: compute-sanitizer not found"
+    assert report.verdict(recorder.rows[-1:]) == dict(failing={}, incomplete=[], checks=0)
+
+
+@pytest.mark.parametrize("broken", ["fails", "raises"])
+def test_a_failed_build_skips_the_jobs_that_need_it_and_fails_the_backend(tmp_path, broken):
+    import threading
+    import time
+
+    def build():
+        if broken == "raises":
+            raise OSError("no nvcc")
+        return dict(kind="build", backend="cuda", seconds=1.0, required=True, status="unavailable: nvcc failed")
+
+    recorder = gpu_suite.Recorder(str(tmp_path / "results.jsonl"))
+    jobs = [dict(backend="cuda", mode="fp32", shapes="full", needs_build=True, required=True),
+            dict(kind="pytest", needs_build=True)]
+    runner = threading.Thread(target=gpu_suite.run_correctness, daemon=True,
+                              args=(jobs, build, recorder, time.monotonic() + 60, str(tmp_path), False, "cuda", 2))
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive(), "the jobs waiting for the build never ran"
+    assert recorder.rows[0]["kind"] == "build" and recorder.rows[0]["status"] != "ok"
+    assert sorted(r["status"] for r in recorder.rows[1:]) == ["not run: the backend did not build"] * 2
+    assert report.verdict(recorder.rows)["failing"]
