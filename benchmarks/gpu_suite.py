@@ -415,6 +415,10 @@ def run_suite(args) -> int:
     budget = Budget(args.budget_s)
     recorder = Recorder(os.path.join(args.out_dir, "results.jsonl"))
     info = machine_info(torch.device(device))
+    revision_file = os.path.join(ROOT, ".whl", "git-revision.txt")  # written by prepare_lease.sh
+    if not info.get("git_revision") and os.path.exists(revision_file):
+        with open(revision_file) as f:
+            info["git_revision"] = f.read().strip() + " (from .whl/git-revision.txt)"
     info.update(kind="info", command=" ".join(["python"] + sys.argv), budget_s=args.budget_s,
                 check_budget_s=args.check_budget_s, smoke=args.smoke)
     try:
@@ -422,7 +426,7 @@ def run_suite(args) -> int:
 
         info["symile"] = getattr(symile, "__version__", "installed")
     except ImportError:
-        info["symile"] = None
+        info["symile"] = "NOT INSTALLED"
         print("[gpu_suite] reference package symile: NOT INSTALLED; its rows will be skipped", file=sys.stderr)
     recorder.append(info)
 
@@ -453,7 +457,7 @@ def run_suite(args) -> int:
     limit = memory_limit_bytes(torch.device(device))
 
     def skip_reason(config):
-        if config["backend"] == "symile" and info["symile"] is None:
+        if config["backend"] == "symile" and info["symile"] == "NOT INSTALLED":
             return "skipped: reference package symile NOT INSTALLED (carry its wheel: benchmarks/prepare_lease.sh)"
         if config["backend"] in failed_builds:  # asking again would retry the JIT build
             return f"skipped: the {config['backend']} backend did not build"
