@@ -112,6 +112,9 @@ def render(rows: list[dict]) -> str:
     if result["failing"]:
         out.append("**CORRECTNESS: FAIL** (the timings below include failing backends): " + "; ".join(
             f"{b}: {', '.join(why)}" for b, why in sorted(result["failing"].items())))
+    elif result["incomplete"] or not result["checks"]:
+        out.append(f"**CORRECTNESS: INCOMPLETE**: no failure in {result['checks']} oracle cases, but not every "
+                   "check ran (below).")
     else:
         out.append(f"**CORRECTNESS: PASS**: {result['checks']} oracle cases, the pytest step and the "
                    "sanitizers that ran found no error.")
@@ -125,12 +128,13 @@ def render(rows: list[dict]) -> str:
             f"ran {end['elapsed_s'] if end else '? (no end row: the run was cut short)'} s"]
     for r in rows:
         if r.get("kind") == "build":
-            out.append(f"- build of the {r['backend']} backend: {r['status']} in {r['seconds']:.1f} s "
-                       f"({r.get('origin') or '-'})")
+            out.append(f"- build of the {r['backend']} backend: {r['status']} in {r.get('seconds', 0):.1f} s "
+                       f"({r.get('origin') or '-'}; log: build.log)")
         elif r.get("kind") == "configs":
             out.append(f"- Triton configurations: {r['how']}; {r.get('counts') or {}}")
         elif r.get("kind") == "pytest":
-            out.append(f"- pytest (`{r['command']}`): {r['summary']} in {r['seconds']:.0f} s; log: tests.log")
+            out.append(f"- pytest (`{r.get('command', '-')}`): {r['status']}; {r.get('summary', '')} "
+                       f"in {r.get('seconds', 0):.0f} s; log: tests.log")
         elif r.get("kind") == "sanitizer":
             out.append(f"- compute-sanitizer --tool {r['tool']} ({r['backend']}): {r['status']}; {r.get('summary', '')}"
                        f" in {r.get('seconds', 0):.0f} s; log: sanitizer.log")

@@ -481,7 +481,7 @@ def run_suite(args) -> int:
         f.write(text + "\n")
     print(text)
     result = report.verdict(recorder.rows)
-    return 1 if result["failing"] else (3 if result["incomplete"] else 0)
+    return 1 if result["failing"] else (3 if result["incomplete"] or not result["checks"] else 0)
 
 
 if __name__ == "__main__":
