@@ -26,8 +26,9 @@ def read_rows(path: str) -> list[dict]:
 
 
 def verdict(rows: list[dict]) -> dict:
-    """{"failing": {backend: [reasons]}, "incomplete": [what did not run], "checks": number of cases}."""
-    failing, incomplete = defaultdict(list), []
+    """{"failing": {backend: [reasons]}, "incomplete": [what did not run], "checks": number of cases,
+    "notes": [optional jobs that could not run here]}."""
+    failing, incomplete, notes = defaultdict(list), [], []
     cases = [r for r in rows if r.get("kind") == "check"]
     bad = defaultdict(int)
     for r in cases:
@@ -39,7 +40,7 @@ def verdict(rows: list[dict]) -> dict:
     for r in rows:
         kind, status = r.get("kind"), r.get("status", "ok")
         if kind == "check_job" and status != "ok":
-            (failing[r["backend"]] if r.get("required") else incomplete).append(
+            (failing[r["backend"]] if r.get("required") else notes if r.get("optional") else incomplete).append(
                 f"{r['backend']} {r['mode']} config {r.get('config')}: {status}")
         elif kind == "build" and status != "ok" and r.get("required"):
             failing[r["backend"]].append(f"build: {status}")
@@ -53,7 +54,7 @@ def verdict(rows: list[dict]) -> dict:
                 failing[r["backend"]].append(f"{r['tool']}: {r['summary']}")
             elif status != "ok" and "not found" not in status:  # no tool on the machine: reported, not owed
                 incomplete.append(f"{r['tool']}: {status}")
-    return dict(failing={k: v for k, v in failing.items()}, incomplete=incomplete, checks=len(cases))
+    return dict(failing={k: v for k, v in failing.items()}, incomplete=incomplete, checks=len(cases), notes=notes)
 
 
 def _fmt(value, spec: str) -> str:
@@ -120,6 +121,8 @@ def render(rows: list[dict]) -> str:
                    "sanitizers that ran found no error.")
     if result["incomplete"]:
         out += ["", "**Not complete**: " + "; ".join(result["incomplete"])]
+    if result["notes"]:
+        out += ["", "Optional checks that could not run here: " + "; ".join(result["notes"])]
     symile_rows = [r for r in rows if r.get("kind") == "bench" and r.get("backend") == "symile"]
     if symile_rows and all(r["status"] != "ok" for r in symile_rows):
         out += ["", f"**Reference package symile: {symile_rows[0]['status']}**: no comparison with it in this run."]

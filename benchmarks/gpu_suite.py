@@ -117,9 +117,10 @@ def check_plan(smoke: bool, config_counts: dict) -> list[dict]:
     if smoke:
         return [dict(backend="chunked", mode="fp32", shapes="smoke"),
                 dict(backend="chunked", mode="bf16", shapes="smoke", required=True),
-                dict(backend="cpu", mode="fp32", shapes="smoke", needs_build=True),
+                # optional: a machine without the C++ build or Triton records them as unavailable
+                dict(backend="cpu", mode="fp32", shapes="smoke", needs_build=True, optional=True),
                 dict(backend="triton", mode="fp32", shapes="interpreter", Ms=(2, 3), n_kinds=1,
-                     env={"TRITON_INTERPRET": "1"}),
+                     env={"TRITON_INTERPRET": "1"}, optional=True),
                 dict(kind="pytest", needs_build=True)]
     modes = ("fp32", "tf32", "bf16", "fp16")
     jobs = [dict(backend="triton", mode=m, config=0, shapes="full", required=True) for m in modes]
@@ -251,7 +252,8 @@ def _run_check_job(job: dict, timeout: float, env: dict, recorder: Recorder, out
                        status=f"timeout after {timeout:.0f} s" if code == "timeout" else f"crashed (exit {code}): {tail}")
     else:
         summary["status"] = summary.get("status", "ok")
-    recorder.append(dict(summary, required=job.get("required", False), seconds=round(time.monotonic() - begin, 1)))
+    recorder.append(dict(summary, required=job.get("required", False), optional=job.get("optional", False),
+                         seconds=round(time.monotonic() - begin, 1)))
 
 
 def run_correctness(jobs: list[dict], build: Optional[Callable[[], dict]], recorder: Recorder, deadline: float,
@@ -295,7 +297,7 @@ def run_correctness(jobs: list[dict], build: Optional[Callable[[], dict]], recor
             left = deadline - clock()
             name = dict(kind=job.get("kind", "check_job"), backend=job.get("backend", "cuda"),
                         mode=job.get("mode"), config=job.get("config"), tool=job.get("tool"),
-                        required=job.get("required", False))
+                        required=job.get("required", False), optional=job.get("optional", False))
             if left < 2:
                 recorder.append(dict(name, status="not run: correctness budget spent"))
             elif job.get("needs_build") and not build_ok[0]:

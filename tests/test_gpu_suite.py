@@ -56,11 +56,17 @@ def test_cpu_smoke_runs_every_stage_in_order(tmp_path):
     assert last_check < kinds.index("mm") < kinds.index("bench")
     jobs = [r for r in rows if r["kind"] == "check_job"]
     assert {(j["backend"], j["mode"]) for j in jobs} >= {("chunked", "fp32"), ("chunked", "bf16"), ("triton", "fp32")}
-    assert all(j["status"] == "ok" and j["passed"] == j["total"] > 0 for j in jobs if j["backend"] != "cpu")
+    # cpu and triton are optional (no C++ build or no Triton: recorded as unavailable).
+    assert all(j["status"] == "ok" and j["passed"] == j["total"] > 0 for j in jobs if not j["optional"])
+    assert all(j["status"] == "ok" or j["status"].startswith(("unavailable", "not run")) for j in jobs)
     cases = [r for r in rows if r["kind"] == "check"]
     assert all(r["ok"] and r["loss_err"] <= r["loss_tol"] for r in cases)
     assert {r["M"] for r in cases} == {2, 3, 4} and {r["sampling"] for r in cases} == {"n", "n_squared"}
-    assert any(r["backend"] == "triton" for r in cases)  # the interpreter job ran kernels
+    try:
+        import triton  # noqa: F401
+        assert any(r["backend"] == "triton" for r in cases)  # the interpreter job ran kernels
+    except ImportError:
+        pass
     assert next(r for r in rows if r["kind"] == "pytest")["ok"]
     bench_rows = [r for r in rows if r["kind"] == "bench"]
     assert [r["N"] for r in bench_rows] == [r["N"] for r in gpu_suite.bench_plan(True, [])]
@@ -260,7 +266,7 @@ def test_sanitizer_step_records_the_summary_and_marks_errors(tmp_path, monkeypat
     monkeypatch.setattr(checks, "find_sanitizer", lambda: None)
     gpu_suite._run_check_job(dict(kind="sanitizer", tool="memcheck"), 60.0, {}, recorder, str(tmp_path), False, "cuda")
     assert recorder.rows[-1]["status"] == "not run: compute-sanitizer not found"
-    assert report.verdict(recorder.rows[-1:]) == dict(failing={}, incomplete=[], checks=0)
+    assert report.verdict(recorder.rows[-1:]) == dict(failing={}, incomplete=[], checks=0, notes=[])
 
 
 @pytest.mark.parametrize("broken", ["fails", "raises"])
@@ -275,12 +281,15 @@ def test_a_failed_build_skips_the_jobs_that_need_it_and_fails_the_backend(tmp_pa
 
     recorder = gpu_suite.Recorder(str(tmp_path / "results.jsonl"))
     jobs = [dict(backend="cuda", mode="fp32", shapes="full", needs_build=True, required=True),
-            dict(kind="pytest", needs_build=True)]
+            dict(kind="pytest", needs_build=True),
+            dict(backend="cpu", mode="fp32", shapes="smoke", needs_build=True, optional=True)]
     runner = threading.Thread(target=gpu_suite.run_correctness, daemon=True,
                               args=(jobs, build, recorder, time.monotonic() + 60, str(tmp_path), False, "cuda", 2))
     runner.start()
     runner.join(30)
     assert not runner.is_alive(), "the jobs waiting for the build never ran"
     assert recorder.rows[0]["kind"] == "build" and recorder.rows[0]["status"] != "ok"
-    assert sorted(r["status"] for r in recorder.rows[1:]) == ["not run: the backend did not build"] * 2
-    assert report.verdict(recorder.rows)["failing"]
+    assert sorted(r["status"] for r in recorder.rows[1:]) == ["not run: the backend did not build"] * 3
+    result = report.verdict(recorder.rows)
+    assert result["failing"] and result["notes"] == ["cpu fp32 config None: not run: the backend did not build"]
+    assert result["incomplete"] == ["pytest: not run: the backend did not build"]
