@@ -292,4 +292,4 @@ def test_a_failed_build_skips_the_jobs_that_need_it_and_fails_the_backend(tmp_pa
     assert sorted(r["status"] for r in recorder.rows[1:]) == ["not run: the backend did not build"] * 3
     result = report.verdict(recorder.rows)
     assert result["failing"] and result["notes"] == ["cpu fp32 config None: not run: the backend did not build"]
-    assert result["incomplete"] == ["pytest: not run: the backend did not build"]
+    assert "pytest: not run: the backend did not build" in result["incomplete"]
