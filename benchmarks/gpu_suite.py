@@ -452,6 +452,8 @@ def run_suite(args) -> int:
         if not args.smoke or mode in ("fp32", "bf16"):
             recorder.append(dict(kind="mm", mode=mode, size=size,
                                  tflops=_gpu_rows.mm_rate(torch.device(device), mode, size)))
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the rows' subprocesses get the memory back
     from symile_kernels import backends
 
     fused = [] if args.smoke else ["triton", "cuda"]
