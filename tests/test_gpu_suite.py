@@ -43,6 +43,7 @@ def lines(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # about 40 s: a dozen fresh interpreters
 def test_cpu_smoke_runs_every_stage_in_order(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SYMILE_KERNELS_BACKEND")}
     done = subprocess.run([sys.executable, os.path.join("benchmarks", "gpu_suite.py"), str(tmp_path), "--cpu-smoke"],
