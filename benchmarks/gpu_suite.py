@@ -29,8 +29,9 @@ has its own share, ``--check-budget-s``):
    ``sanitizer.log``. ``--plan`` prints the planned jobs and rows and runs nothing.
 
 Exit status: 0 when every correctness check ran and passed; 1 when one failed;
-3 when none failed but some did not run (budget, timeout, tool missing is not
-counted: it is reported).
+3 when none failed but some did not run (correctness budget spent, a timeout; a
+machine without compute-sanitizer is reported, not counted); 2 without a CUDA
+device (and no ``--cpu-smoke``).
 """
 from __future__ import annotations
 
