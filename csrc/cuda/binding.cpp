@@ -192,18 +192,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cube_lse_backward(const Tensor& x, co
   const c10::cuda::CUDAGuard guard(x.device());
   const DeviceInfo info = check_device(op);
   const symile_cuda::TileConfig cfg = config_of(x, mode);
-  const symile_cuda::BackwardPlan plan = symile_cuda::plan_backward(I, D, cfg.BLOCK_I, cfg);
-  check_smem(plan.smem, info, op);
+  const symile_cuda::CubeBackwardPlan plan = symile_cuda::plan_cube_backward(I, J, K, D, cfg, info.sms,
+                                                                             info.smem_optin);
+  check_smem(symile_cuda::max_size(plan.pair_smem, plan.z_smem), info, op);
 
   Tensor dx = at::empty_like(x), dy = at::empty_like(y), dz = at::empty_like(z), dtau = at::empty_like(tau);
-  Tensor dtau_part = at::empty({plan.units}, tau.options());
+  Tensor workspace = at::empty({plan.workspace}, tau.options());
   const cudaStream_t stream = current_stream();
   dispatch_rows(x, op, [&](auto t_tag, auto in_tag) {
     using T = decltype(t_tag);
     using TIn = decltype(in_tag);
     C10_CUDA_CHECK((symile_cuda::cube_lse_backward<T, TIn>(
         cptr<TIn>(x), cptr<TIn>(y), cptr<TIn>(z), cptr<T>(tau), cptr<T>(La), cptr<T>(Lb), cptr<T>(Lc), cptr<T>(gLa),
-        cptr<T>(gLb), cptr<T>(gLc), I, J, K, D, static_cast<int>(mode), mptr<T>(dtau_part), mptr<TIn>(dx),
+        cptr<T>(gLb), cptr<T>(gLc), I, J, K, D, static_cast<int>(mode), plan, mptr<T>(workspace), mptr<TIn>(dx),
         mptr<TIn>(dy), mptr<TIn>(dz), mptr<T>(dtau), stream)));
   });
   return {dx, dy, dz, dtau};

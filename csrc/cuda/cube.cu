@@ -1,4 +1,4 @@
-// The M = 3 cube kernels (SPEC section 2): La, Lb, Lc by online log-sum-exp over
+// The M = 3 cube kernels (docs/math.md section 2): La, Lb, Lc by online log-sum-exp over
 // tiles, and dx, dy, dz, dtau recomputed from the saved LSE vectors. The cube is
 // never written to memory. Blueprint: symile_kernels/chunked.py.
 //
@@ -39,6 +39,9 @@ __global__ void __launch_bounds__(kThreads)
   Acc* pair_m = reinterpret_cast<Acc*>(smem + lay.pair_m);
   Acc* pair_s = reinterpret_cast<Acc*>(smem + lay.pair_s);
   Acc* row_l = reinterpret_cast<Acc*>(smem + lay.row_l);
+  Acc* colm = reinterpret_cast<Acc*>(smem + lay.colm);
+  Acc* colo = reinterpret_cast<Acc*>(smem + lay.colo);
+  Acc* roww = reinterpret_cast<Acc*>(smem + lay.roww);
 
   const Acc tau = static_cast<Acc>(*tau_ptr);
   const int t = threadIdx.x;
@@ -81,20 +84,9 @@ __global__ void __launch_bounds__(kThreads)
           S[p * ldS + kk] = valid ? tau * S[p * ldS + kk] : neg_inf<Acc>();
         }
         __syncthreads();
-        {
-          // Every valid row and column holds at least one finite logit (pair (i0, j0), column k0).
-          int row;
-          Acc m, s;
-          bool leader;
-          tile_row_stats<Acc, BP, BLOCK_K>(S, ldS, row, m, s, leader);
-          if (leader) merge_running(pair_m[row], pair_s[row], m, s);
-          int col;
-          tile_col_stats<Acc, BP, BLOCK_K>(S, ldS, col, m, s, leader);
-          if (leader && k0 + col < K) {
-            const Acc tile_lse = m == neg_inf<Acc>() ? m : m + log_(s);
-            Lc_row[k0 + col] = log_add_exp(Lc_row[k0 + col], tile_lse);
-          }
-        }
+        // Every valid row and column holds at least one finite logit (pair (i0, j0), column k0).
+        tile_lse_shared<Acc, BP, BLOCK_K>(S, ldS, colm, colo, roww, pair_m, pair_s);
+        if (t < BLOCK_K && k0 + t < K) Lc_row[k0 + t] = log_add_exp(Lc_row[k0 + t], colo[t]);
         __syncthreads();
       }
       if (t < BP) pair_m[t] = pair_m[t] == neg_inf<Acc>() ? pair_m[t] : pair_m[t] + log_(pair_s[t]);
@@ -124,136 +116,244 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dA = tau * sum_{b,c} G[a,b,c] B[b] * C[c] for the anchor A (x, y or z: G is
-// symmetric in the three roles, so one kernel serves dx, dy and dz) and, when
-// dtau_part is given, this CTA's share of dtau = sum_a <A[a], dA[a]> / tau.
-// CTA u owns rows [a0, a0 + BLOCK_I) and columns [dw0, dw0 + BLOCK_DW) of dA.
-template <typename T, typename TIn, typename Policy>
-__global__ void __launch_bounds__(kThreads)
-    cube_backward_kernel(const TIn* __restrict__ A, const TIn* __restrict__ B, const TIn* __restrict__ C,
-                         const T* __restrict__ tau_ptr, const T* __restrict__ LA, const T* __restrict__ LB,
-                         const T* __restrict__ LC, const T* __restrict__ gA, const T* __restrict__ gB,
-                         const T* __restrict__ gC, int64_t NA, int64_t NB, int64_t NC, int64_t D, int64_t num_dw,
-                         TIn* __restrict__ dA, T* __restrict__ dtau_part) {
+// The logits' raw products S[p, k] = sum_d (x[a0 + p / BJ] * y[b0 + p % BJ])[d] z[k0 + k][d] of
+// a BP x BLOCK_K tile over the full d (BLOCK_D columns per step), stored to S (ld ldS).
+template <typename Policy, typename TIn, int BI, int BJ, int BK, int BD>
+__device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, const TIn* __restrict__ y,
+                                                   const TIn* __restrict__ z, int64_t a0, int64_t NA, int64_t b0,
+                                                   int64_t NB, int64_t k0, int64_t NC, int64_t D,
+                                                   typename Policy::In* P, typename Policy::In* Cd, int ldP,
+                                                   typename Policy::Acc* S, int ldS) {
   using In = typename Policy::In;
   using Acc = typename Policy::Acc;
+  TileFor<Policy, BI * BJ, BK> acc;
+  acc.zero();
+  for (int64_t d0 = 0; d0 < D; d0 += BD) {
+    load_pair_products<In, Acc, TIn, BI, BJ>(P, ldP, BD, x, y, a0, NA, b0, NB, d0, D);
+    load_rows<In, Acc>(Cd, ldP, BK, BD, z, k0, NC, d0, D);
+    __syncthreads();
+    acc.template mma<true>(P, ldP, Cd, ldP, BD);
+    __syncthreads();
+  }
+  acc.store(S, ldS);
+  __syncthreads();
+}
+
+// Backward pass "pairs" (plan.h CubeBackwardPlan): unit (is, js, sl) accumulates, per
+// (i-block, j-block) of its splits, W[(i, j), slab] = sum_k G[i, j, k] z[k, slab] over
+// every k (the logits recomputed once), then adds sum_j y[j] * W to dx_part[js, i, slab]
+// and sum_i x[i] * W to dy_part[is, j, slab] (its own rows: zero-filled by the launcher).
+template <typename T, typename TIn, typename Policy>
+__global__ void __launch_bounds__(kThreads)
+    cube_backward_pairs_kernel(const TIn* __restrict__ x, const TIn* __restrict__ y, const TIn* __restrict__ z,
+                               const T* __restrict__ tau_ptr, const T* __restrict__ La, const T* __restrict__ Lb,
+                               const T* __restrict__ Lc, const T* __restrict__ gLa, const T* __restrict__ gLb,
+                               const T* __restrict__ gLc, int64_t I, int64_t J, int64_t K, int64_t D,
+                               CubeBackwardPlan plan, T* __restrict__ dx_part, T* __restrict__ dy_part) {
+  using In = typename Policy::In;
+  using Acc = typename Policy::Acc;
+  static_assert(std::is_same<Acc, T>::value, "partial gradients are stored in the compute dtype");
   constexpr TileConfig c = Policy::cfg;
   constexpr int BLOCK_I = c.BLOCK_I, BLOCK_J = c.BLOCK_J, BLOCK_K = c.BLOCK_K, BLOCK_D = c.BLOCK_D;
-  constexpr int BLOCK_DW = c.BLOCK_DW;
   constexpr int BP = BLOCK_I * BLOCK_J;
   constexpr int ldS = BLOCK_K + c.pad_acc;
   constexpr int ldG = BLOCK_K + c.pad_in;
   constexpr int ldP = BLOCK_D + c.pad_in;
-  constexpr int ldCw = BLOCK_DW + c.pad_in;
-  constexpr int ldW = BLOCK_DW + c.pad_acc;
-  constexpr BackwardLayout lay = backward_layout(c);
+  constexpr int ldOp = kCubeChunk + c.pad_in;
+  const int ldW = static_cast<int>(plan.slab) + c.pad_acc;
+  const CubeBackwardLayout lay = cube_backward_layout(c, plan.slab, false);
 
   SK_DYNAMIC_SMEM(smem);
   Acc* S = reinterpret_cast<Acc*>(smem + lay.S);
   In* G = reinterpret_cast<In*>(smem + lay.G);
   In* P = reinterpret_cast<In*>(smem + lay.P);
   In* Cd = reinterpret_cast<In*>(smem + lay.Cd);
-  In* Cw = reinterpret_cast<In*>(smem + lay.Cw);
-  Acc* W = reinterpret_cast<Acc*>(smem + lay.W);  // aliases S..Cw, used after the k loop only
-  Acc* dA_s = reinterpret_cast<Acc*>(smem + lay.dA);
+  In* Zw = reinterpret_cast<In*>(smem + lay.Op);
+  Acc* W = reinterpret_cast<Acc*>(smem + lay.W);
   Acc* LA_s = reinterpret_cast<Acc*>(smem + lay.LA);
   Acc* gA_s = reinterpret_cast<Acc*>(smem + lay.gA);
   Acc* LB_s = reinterpret_cast<Acc*>(smem + lay.LB);
   Acc* gB_s = reinterpret_cast<Acc*>(smem + lay.gB);
+  Acc* ref = reinterpret_cast<Acc*>(smem + lay.ref);
+  Acc* arow = reinterpret_cast<Acc*>(smem + lay.arow);
+  Acc* u = reinterpret_cast<Acc*>(smem + lay.u);
   Acc* LC_s = reinterpret_cast<Acc*>(smem + lay.LC);
   Acc* gC_s = reinterpret_cast<Acc*>(smem + lay.gC);
-  Acc* red = reinterpret_cast<Acc*>(smem + lay.red);
+  Acc* bcol = reinterpret_cast<Acc*>(smem + lay.bcol);
 
   const Acc tau = static_cast<Acc>(*tau_ptr);
   const int t = threadIdx.x;
   const int64_t unit = blockIdx.x;
-  const int64_t a0 = (unit / num_dw) * BLOCK_I;
-  const int64_t dw0 = (unit % num_dw) * BLOCK_DW;
+  const int64_t sl = unit % plan.num_slabs;
+  const int64_t is = (unit / plan.num_slabs) % plan.pair_is;
+  const int64_t js = unit / (plan.num_slabs * plan.pair_is);
+  const int64_t col0 = sl * plan.slab;
+  const int cols = static_cast<int>(D - col0 < plan.slab ? D - col0 : plan.slab);
+  const int chunks = static_cast<int>(ceil_div(cols, kCubeChunk));
 
-  if (t < BLOCK_I) {
-    const bool ok = a0 + t < NA;
-    LA_s[t] = ok ? static_cast<Acc>(LA[a0 + t]) : Acc(0);
-    gA_s[t] = ok ? static_cast<Acc>(gA[a0 + t]) : Acc(0);
-  }
-  for (int e = t; e < BLOCK_I * BLOCK_DW; e += kThreads) dA_s[e] = Acc(0);
-
-  for (int64_t b0 = 0; b0 < NB; b0 += BLOCK_J) {
-    if (t < BLOCK_J) {
-      const bool ok = b0 + t < NB;
-      LB_s[t] = ok ? static_cast<Acc>(LB[b0 + t]) : Acc(0);
-      gB_s[t] = ok ? static_cast<Acc>(gB[b0 + t]) : Acc(0);
+  for (int64_t ib = split_begin(is, plan.num_ib, plan.pair_is); ib < split_begin(is + 1, plan.num_ib, plan.pair_is);
+       ++ib) {
+    const int64_t a0 = ib * BLOCK_I;
+    if (t < BLOCK_I) {
+      const bool ok = a0 + t < I;
+      LA_s[t] = ok ? static_cast<Acc>(La[a0 + t]) : Acc(0);
+      gA_s[t] = ok ? static_cast<Acc>(gLa[a0 + t]) : Acc(0);
     }
-    // W[(a, b), :] = sum_c G[a, b, c] C[c, dw0 : dw0 + BLOCK_DW], accumulated over k tiles.
-    TileFor<Policy, BP, BLOCK_DW> w;
-    w.zero();
-    for (int64_t c0 = 0; c0 < NC; c0 += BLOCK_K) {
-      if (t < BLOCK_K) {
-        const bool ok = c0 + t < NC;
-        LC_s[t] = ok ? static_cast<Acc>(LC[c0 + t]) : Acc(0);
-        gC_s[t] = ok ? static_cast<Acc>(gC[c0 + t]) : Acc(0);
+    for (int64_t jb = split_begin(js, plan.num_jb, plan.pair_js);
+         jb < split_begin(js + 1, plan.num_jb, plan.pair_js); ++jb) {
+      const int64_t b0 = jb * BLOCK_J;
+      if (t < BLOCK_J) {
+        const bool ok = b0 + t < J;
+        LB_s[t] = ok ? static_cast<Acc>(Lb[b0 + t]) : Acc(0);
+        gB_s[t] = ok ? static_cast<Acc>(gLb[b0 + t]) : Acc(0);
       }
-      TileFor<Policy, BP, BLOCK_K> s;
-      s.zero();
-      for (int64_t d0 = 0; d0 < D; d0 += BLOCK_D) {
-        load_pair_products<In, Acc, TIn, BLOCK_I, BLOCK_J>(P, ldP, BLOCK_D, A, B, a0, NA, b0, NB, d0, D);
-        load_rows<In, Acc>(Cd, ldP, BLOCK_K, BLOCK_D, C, c0, NC, d0, D);
-        __syncthreads();
-        s.template mma<true>(P, ldP, Cd, ldP, BLOCK_D);
-        __syncthreads();
-      }
-      s.store(S, ldS);
-      load_rows<In, Acc>(Cw, ldCw, BLOCK_K, BLOCK_DW, C, c0, NC, dw0, D);
+      for (int e = t; e < BP * ldW; e += kThreads) W[e] = Acc(0);
       __syncthreads();
-      // G = gA e^(S - LA) + gB e^(S - LB) + gC e^(S - LC); each exponent is <= 0 up to
-      // rounding because an LSE bounds every logit it covers, so nothing overflows at tau = 100.
-      for (int e = t; e < BP * BLOCK_K; e += kThreads) {
-        const int p = e / BLOCK_K;
-        const int kk = e % BLOCK_K;
-        const int aa = p / BLOCK_J;
-        const int bb = p % BLOCK_J;
-        Acc g = Acc(0);
-        if (a0 + aa < NA && b0 + bb < NB && c0 + kk < NC) {
-          const Acc v = tau * S[p * ldS + kk];
-          g = gA_s[aa] * exp_(v - LA_s[aa]) + gB_s[bb] * exp_(v - LB_s[bb]) + gC_s[kk] * exp_(v - LC_s[kk]);
+      const Acc c0 = pair_factors<Acc, BLOCK_I, BLOCK_J>(LA_s, gA_s, LB_s, gB_s, a0, I, b0, J, ref, arow, u);
+      for (int64_t k0 = 0; k0 < K; k0 += BLOCK_K) {
+        if (t < BLOCK_K) {
+          const bool ok = k0 + t < K;
+          LC_s[t] = ok ? static_cast<Acc>(Lc[k0 + t]) : Acc(0);
+          gC_s[t] = ok ? static_cast<Acc>(gLc[k0 + t]) : Acc(0);
         }
-        G[p * ldG + kk] = to_in<In, Acc>(g);
+        cube_tile_products<Policy, TIn, BLOCK_I, BLOCK_J, BLOCK_K, BLOCK_D>(x, y, z, a0, I, b0, J, k0, K, D, P, Cd,
+                                                                            ldP, S, ldS);
+        tile_G<In, Acc, BP, BLOCK_K, false>(S, ldS, tau, ref, arow, u, c0, LC_s, gC_s, k0, K, bcol, G, ldG);
+        // W[:, chunk] += G z[k0 : k0 + BLOCK_K, chunk], the accumulators resumed from shared memory.
+        for (int ch = 0; ch < chunks; ++ch) {
+          load_rows<In, Acc>(Zw, ldOp, BLOCK_K, kCubeChunk, z, k0, K, col0 + ch * kCubeChunk, D);
+          __syncthreads();
+          TileFor<Policy, BP, kCubeChunk> w;
+          w.load(W + ch * kCubeChunk, ldW);
+          w.template mma<false>(G, ldG, Zw, ldOp, BLOCK_K);
+          w.store(W + ch * kCubeChunk, ldW);
+          __syncthreads();
+        }
       }
-      __syncthreads();
-      w.template mma<false>(G, ldG, Cw, ldCw, BLOCK_K);
-      __syncthreads();
-    }
-    w.store(W, ldW);
-    __syncthreads();
-    // dA[a] += sum_b B[b] * W[a, b] (elementwise over the BLOCK_DW columns).
-    for (int e = t; e < BLOCK_I * BLOCK_DW; e += kThreads) {
-      const int aa = e / BLOCK_DW;
-      const int dd = e % BLOCK_DW;
-      const int64_t col = dw0 + dd;
-      if (col < D) {
-        Acc v = dA_s[e];
-        for (int bb = 0; bb < BLOCK_J; ++bb) {
+      // dx_part[js, i] += sum_j y[j] * W[(i, j)] and dy_part[is, j] += sum_i x[i] * W[(i, j)].
+      for (int e = t; e < (BLOCK_I + BLOCK_J) * cols; e += kThreads) {
+        const int r = e / cols;
+        const int dd = e % cols;
+        const int64_t col = col0 + dd;
+        if (r < BLOCK_I) {
+          const int64_t a = a0 + r;
+          if (a < I) {
+            Acc v = Acc(0);
+            for (int bb = 0; bb < BLOCK_J && b0 + bb < J; ++bb) {
+              v += to_acc<Acc>(y[(b0 + bb) * D + col]) * W[(r * BLOCK_J + bb) * ldW + dd];
+            }
+            dx_part[(js * I + a) * D + col] += v;
+          }
+        } else {
+          const int bb = r - BLOCK_I;
           const int64_t b = b0 + bb;
-          if (b < NB) v += to_acc<Acc>(B[b * D + col]) * W[(aa * BLOCK_J + bb) * ldW + dd];
+          if (b < J) {
+            Acc v = Acc(0);
+            for (int aa = 0; aa < BLOCK_I && a0 + aa < I; ++aa) {
+              v += to_acc<Acc>(x[(a0 + aa) * D + col]) * W[(aa * BLOCK_J + bb) * ldW + dd];
+            }
+            dy_part[(is * J + b) * D + col] += v;
+          }
         }
-        dA_s[e] = v;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Backward pass "z": unit (kb, is, sl) owns rows [kb * BLOCK_K, ...) of z and writes
+// dz_part[is, k, slab] = sum_{i in split is, j} G[i, j, k] (x[i] * y[j])[slab], the
+// logits recomputed once per (i-block, j-block) tile.
+template <typename T, typename TIn, typename Policy>
+__global__ void __launch_bounds__(kThreads)
+    cube_backward_z_kernel(const TIn* __restrict__ x, const TIn* __restrict__ y, const TIn* __restrict__ z,
+                           const T* __restrict__ tau_ptr, const T* __restrict__ La, const T* __restrict__ Lb,
+                           const T* __restrict__ Lc, const T* __restrict__ gLa, const T* __restrict__ gLb,
+                           const T* __restrict__ gLc, int64_t I, int64_t J, int64_t K, int64_t D,
+                           CubeBackwardPlan plan, T* __restrict__ dz_part) {
+  using In = typename Policy::In;
+  using Acc = typename Policy::Acc;
+  static_assert(std::is_same<Acc, T>::value, "partial gradients are stored in the compute dtype");
+  constexpr TileConfig c = Policy::cfg;
+  constexpr int BLOCK_I = c.BLOCK_I, BLOCK_J = c.BLOCK_J, BLOCK_K = c.BLOCK_K, BLOCK_D = c.BLOCK_D;
+  constexpr int BP = BLOCK_I * BLOCK_J;
+  constexpr int ldS = BLOCK_K + c.pad_acc;
+  constexpr int ldGt = BP + c.pad_in;
+  constexpr int ldP = BLOCK_D + c.pad_in;
+  constexpr int ldOp = kCubeChunk + c.pad_in;
+  const int ldV = static_cast<int>(plan.slab) + c.pad_acc;
+  const CubeBackwardLayout lay = cube_backward_layout(c, plan.slab, true);
+
+  SK_DYNAMIC_SMEM(smem);
+  Acc* S = reinterpret_cast<Acc*>(smem + lay.S);
+  In* Gt = reinterpret_cast<In*>(smem + lay.G);
+  In* P = reinterpret_cast<In*>(smem + lay.P);
+  In* Cd = reinterpret_cast<In*>(smem + lay.Cd);
+  In* Pw = reinterpret_cast<In*>(smem + lay.Op);
+  Acc* V = reinterpret_cast<Acc*>(smem + lay.W);
+  Acc* LA_s = reinterpret_cast<Acc*>(smem + lay.LA);
+  Acc* gA_s = reinterpret_cast<Acc*>(smem + lay.gA);
+  Acc* LB_s = reinterpret_cast<Acc*>(smem + lay.LB);
+  Acc* gB_s = reinterpret_cast<Acc*>(smem + lay.gB);
+  Acc* ref = reinterpret_cast<Acc*>(smem + lay.ref);
+  Acc* arow = reinterpret_cast<Acc*>(smem + lay.arow);
+  Acc* u = reinterpret_cast<Acc*>(smem + lay.u);
+  Acc* LC_s = reinterpret_cast<Acc*>(smem + lay.LC);
+  Acc* gC_s = reinterpret_cast<Acc*>(smem + lay.gC);
+  Acc* bcol = reinterpret_cast<Acc*>(smem + lay.bcol);
+
+  const Acc tau = static_cast<Acc>(*tau_ptr);
+  const int t = threadIdx.x;
+  const int64_t unit = blockIdx.x;
+  const int64_t sl = unit % plan.num_slabs;
+  const int64_t is = (unit / plan.num_slabs) % plan.z_is;
+  const int64_t k0 = unit / (plan.num_slabs * plan.z_is) * BLOCK_K;
+  const int64_t col0 = sl * plan.slab;
+  const int cols = static_cast<int>(D - col0 < plan.slab ? D - col0 : plan.slab);
+  const int chunks = static_cast<int>(ceil_div(cols, kCubeChunk));
+
+  if (t < BLOCK_K) {
+    const bool ok = k0 + t < K;
+    LC_s[t] = ok ? static_cast<Acc>(Lc[k0 + t]) : Acc(0);
+    gC_s[t] = ok ? static_cast<Acc>(gLc[k0 + t]) : Acc(0);
+  }
+  for (int e = t; e < BLOCK_K * ldV; e += kThreads) V[e] = Acc(0);
+
+  for (int64_t ib = split_begin(is, plan.num_ib, plan.z_is); ib < split_begin(is + 1, plan.num_ib, plan.z_is); ++ib) {
+    const int64_t a0 = ib * BLOCK_I;
+    for (int64_t b0 = 0; b0 < J; b0 += BLOCK_J) {
+      if (t < BLOCK_I) {
+        const bool ok = a0 + t < I;
+        LA_s[t] = ok ? static_cast<Acc>(La[a0 + t]) : Acc(0);
+        gA_s[t] = ok ? static_cast<Acc>(gLa[a0 + t]) : Acc(0);
+      }
+      if (t < BLOCK_J) {
+        const bool ok = b0 + t < J;
+        LB_s[t] = ok ? static_cast<Acc>(Lb[b0 + t]) : Acc(0);
+        gB_s[t] = ok ? static_cast<Acc>(gLb[b0 + t]) : Acc(0);
+      }
+      __syncthreads();
+      const Acc c0 = pair_factors<Acc, BLOCK_I, BLOCK_J>(LA_s, gA_s, LB_s, gB_s, a0, I, b0, J, ref, arow, u);
+      cube_tile_products<Policy, TIn, BLOCK_I, BLOCK_J, BLOCK_K, BLOCK_D>(x, y, z, a0, I, b0, J, k0, K, D, P, Cd,
+                                                                          ldP, S, ldS);
+      tile_G<In, Acc, BP, BLOCK_K, true>(S, ldS, tau, ref, arow, u, c0, LC_s, gC_s, k0, K, bcol, Gt, ldGt);
+      // V[:, chunk] += G^T (x * y)[pairs, chunk].
+      for (int ch = 0; ch < chunks; ++ch) {
+        load_pair_products<In, Acc, TIn, BLOCK_I, BLOCK_J>(Pw, ldOp, kCubeChunk, x, y, a0, I, b0, J,
+                                                           col0 + ch * kCubeChunk, D);
+        __syncthreads();
+        TileFor<Policy, BLOCK_K, kCubeChunk> v;
+        v.load(V + ch * kCubeChunk, ldV);
+        v.template mma<false>(Gt, ldGt, Pw, ldOp, BP);
+        v.store(V + ch * kCubeChunk, ldV);
+        __syncthreads();
       }
     }
-    __syncthreads();
   }
-
-  Acc part = Acc(0);
-  for (int e = t; e < BLOCK_I * BLOCK_DW; e += kThreads) {
-    const int64_t a = a0 + e / BLOCK_DW;
-    const int64_t col = dw0 + e % BLOCK_DW;
-    if (a < NA && col < D) {
-      const Acc v = dA_s[e];
-      dA[a * D + col] = from_acc<TIn>(tau * v);
-      part += to_acc<Acc>(A[a * D + col]) * v;
-    }
-  }
-  if (dtau_part != nullptr) {  // uniform over the CTA, so block_sum's barriers are safe
-    const Acc total = block_sum<Acc>(part, red);
-    if (t == 0) dtau_part[unit] = static_cast<T>(total);
+  for (int e = t; e < BLOCK_K * cols; e += kThreads) {
+    const int kk = e / cols;
+    const int dd = e % cols;
+    if (k0 + kk < K) dz_part[(is * K + k0 + kk) * D + col0 + dd] = V[kk * ldV + dd];
   }
 }
 
@@ -264,14 +364,14 @@ cudaError_t launch_forward(const TIn* x, const TIn* y, const TIn* z, const T* ta
   if (plan.smem != forward_layout(Policy::cfg).total || plan.ctas < 1 || plan.ctas > INT32_MAX) {
     return cudaErrorInvalidValue;  // the plan was made for another mode
   }
-  auto kernel = cube_forward_kernel<T, TIn, Policy>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  auto forward_pass = cube_forward_kernel<T, TIn, Policy>;
+  cudaError_t err = cudaFuncSetAttribute(forward_pass, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(plan.smem));
   if (err != cudaSuccess) return err;
   const T minus_inf = -std::numeric_limits<T>::infinity();
   SK_LAUNCH(fill_kernel<T>, grid_for(plan.ctas * J), 0, stream, Lb_part, plan.ctas * J, minus_inf);
   SK_LAUNCH(fill_kernel<T>, grid_for(plan.ctas * K), 0, stream, Lc_part, plan.ctas * K, minus_inf);
-  SK_LAUNCH(kernel, static_cast<unsigned>(plan.ctas), plan.smem, stream, x, y, z, tau, I, J, K, D, plan,
+  SK_LAUNCH(forward_pass, static_cast<unsigned>(plan.ctas), plan.smem, stream, x, y, z, tau, I, J, K, D, plan,
                                                                              La_part, Lb_part, Lc_part);
   SK_LAUNCH(combine_lse_kernel<T>, grid_for(I), 0, stream, La_part, plan.num_js, I, La);
   SK_LAUNCH(combine_lse_kernel<T>, grid_for(J), 0, stream, Lb_part, plan.ctas, J, Lb);
@@ -282,24 +382,40 @@ cudaError_t launch_forward(const TIn* x, const TIn* y, const TIn* z, const T* ta
 template <typename T, typename TIn, typename Policy>
 cudaError_t launch_backward(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La, const T* Lb,
                             const T* Lc, const T* gLa, const T* gLb, const T* gLc, int64_t I, int64_t J, int64_t K,
-                            int64_t D, T* dtau_part, TIn* dx, TIn* dy, TIn* dz, T* dtau, cudaStream_t stream) {
+                            int64_t D, const CubeBackwardPlan& plan, T* work, TIn* dx, TIn* dy, TIn* dz, T* dtau,
+                            cudaStream_t stream) {
   constexpr TileConfig c = Policy::cfg;
-  auto kernel = cube_backward_kernel<T, TIn, Policy>;
-  const BackwardPlan px = plan_backward(I, D, c.BLOCK_I, c);
-  const BackwardPlan py = plan_backward(J, D, c.BLOCK_I, c);
-  const BackwardPlan pz = plan_backward(K, D, c.BLOCK_I, c);
-  if (px.units > INT32_MAX || py.units > INT32_MAX || pz.units > INT32_MAX) return cudaErrorInvalidConfiguration;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(px.smem));
+  if (plan.pair_smem != cube_backward_layout(c, plan.slab, false).total ||
+      plan.z_smem != cube_backward_layout(c, plan.slab, true).total || plan.pair_units > INT32_MAX ||
+      plan.z_units > INT32_MAX) {
+    return cudaErrorInvalidValue;  // the plan was made for another mode
+  }
+  auto pairs_pass = cube_backward_pairs_kernel<T, TIn, Policy>;
+  auto z_pass = cube_backward_z_kernel<T, TIn, Policy>;
+  cudaError_t err = cudaFuncSetAttribute(pairs_pass, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(plan.pair_smem));
   if (err != cudaSuccess) return err;
-  // The three anchors: G is symmetric under permuting (x, La, gLa), (y, Lb, gLb), (z, Lc, gLc).
-  SK_LAUNCH(kernel, static_cast<unsigned>(px.units), px.smem, stream, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc,
-                                                                         I, J, K, D, px.num_dw, dx, dtau_part);
-  SK_LAUNCH(kernel, static_cast<unsigned>(py.units), py.smem, stream, y, x, z, tau, Lb, La, Lc, gLb, gLa, gLc,
-                                                                         J, I, K, D, py.num_dw, dy, nullptr);
-  SK_LAUNCH(kernel, static_cast<unsigned>(pz.units), pz.smem, stream, z, x, y, tau, Lc, La, Lb, gLc, gLa, gLb,
-                                                                         K, I, J, D, pz.num_dw, dz, nullptr);
-  SK_LAUNCH(sum_kernel<T>, 1, 0, stream, dtau_part, px.units, dtau);
+  err = cudaFuncSetAttribute(z_pass, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.z_smem));
+  if (err != cudaSuccess) return err;
+  T* dx_part = work + plan.dx_part;
+  T* dy_part = work + plan.dy_part;
+  T* dz_part = work + plan.dz_part;
+  T* dtau_part = work + plan.dtau_part;
+  // dx_part and dy_part accumulate (each row in one unit); dz_part is written once.
+  SK_LAUNCH(fill_kernel<T>, grid_for(plan.dz_part), 0, stream, work, plan.dz_part, T(0));
+  SK_LAUNCH(pairs_pass, static_cast<unsigned>(plan.pair_units), plan.pair_smem, stream, x, y, z, tau, La, Lb, Lc,
+            gLa, gLb, gLc, I, J, K, D, plan, dx_part, dy_part);
+  SK_LAUNCH(z_pass, static_cast<unsigned>(plan.z_units), plan.z_smem, stream, x, y, z, tau, La, Lb, Lc, gLa, gLb,
+            gLc, I, J, K, D, plan, dz_part);
+  auto reduce = reduce_parts_kernel<T, TIn>;
+  // dx = tau * sum_js dx_part and dtau = sum_i <x[i], dx[i]> / tau (docs/math.md section 2).
+  SK_LAUNCH(reduce, static_cast<unsigned>(plan.reduce_ctas), 0, stream, dx_part,
+            plan.pair_js, I * D, tau, x, dx, dtau_part);
+  SK_LAUNCH(reduce, grid_for(J * D), 0, stream, dy_part, plan.pair_is, J * D, tau,
+            static_cast<const TIn*>(nullptr), dy, static_cast<T*>(nullptr));
+  SK_LAUNCH(reduce, grid_for(K * D), 0, stream, dz_part, plan.z_is, K * D, tau,
+            static_cast<const TIn*>(nullptr), dz, static_cast<T*>(nullptr));
+  SK_LAUNCH(sum_kernel<T>, 1, 0, stream, dtau_part, plan.reduce_ctas, dtau);
   return cudaGetLastError();
 }
 
@@ -337,10 +453,10 @@ cudaError_t cube_lse_forward(const TIn* x, const TIn* y, const TIn* z, const T* 
 template <typename T, typename TIn>
 cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La, const T* Lb,
                               const T* Lc, const T* gLa, const T* gLb, const T* gLc, int64_t I, int64_t J,
-                              int64_t K, int64_t D, int mode, T* dtau_part, TIn* dx, TIn* dy, TIn* dz, T* dtau,
-                              cudaStream_t stream) {
-#define SK_BACKWARD(POLICY)                                                                                    \
-  launch_backward<T, TIn, POLICY>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, dtau_part, dx, dy, dz, \
+                              int64_t K, int64_t D, int mode, const CubeBackwardPlan& plan, T* workspace, TIn* dx,
+                              TIn* dy, TIn* dz, T* dtau, cudaStream_t stream) {
+#define SK_BACKWARD(POLICY)                                                                                      \
+  launch_backward<T, TIn, POLICY>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, plan, workspace, dx, dy, dz, \
                                   dtau, stream)
   if constexpr (std::is_same<TIn, __nv_bfloat16>::value) {
     return SK_BACKWARD(Bf16Policy);
@@ -369,7 +485,8 @@ cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T*
                                                 T*, cudaStream_t);                                                  \
   template cudaError_t cube_lse_backward<T, TIn>(const TIn*, const TIn*, const TIn*, const T*, const T*, const T*, \
                                                  const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, \
-                                                 int64_t, int, T*, TIn*, TIn*, TIn*, T*, cudaStream_t);
+                                                 int64_t, int, const CubeBackwardPlan&, T*, TIn*, TIn*, TIn*, T*, \
+                                                 cudaStream_t);
 SK_INSTANTIATE(float, float)
 SK_INSTANTIATE(double, double)
 SK_INSTANTIATE(float, __nv_bfloat16)

@@ -27,15 +27,21 @@ int cube_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t
                                   nullptr);
 }
 
+// Per-block shared memory the backward's plan may use (the emulated device's opt-in
+// limit unless a test sets a smaller one, to exercise slabs).
+int64_t smem_limit = symile_emu::kSmemOptin;
+
 template <typename T, typename TIn>
 int cube_backward(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La, const T* Lb, const T* Lc,
                   const T* gLa, const T* gLb, const T* gLc, int64_t I, int64_t J, int64_t K, int64_t D, int mode,
-                  TIn* dx, TIn* dy, TIn* dz, T* dtau) {
+                  int num_sms, TIn* dx, TIn* dy, TIn* dz, T* dtau) {
   const TileConfig cfg = config_for(effective_mode(mode, sizeof(TIn), std::is_same<TIn, __nv_bfloat16>::value),
                                     sizeof(T));
-  auto part = nan_buffer<T>(plan_backward(I, D, cfg.BLOCK_I, cfg).units);
-  return cube_lse_backward<T, TIn>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, mode, part.data(), dx, dy, dz,
-                                   dtau, nullptr);
+  const CubeBackwardPlan plan = plan_cube_backward(I, J, K, D, cfg, num_sms, smem_limit);
+  if (static_cast<int64_t>(plan.pair_smem) > smem_limit || static_cast<int64_t>(plan.z_smem) > smem_limit) return -1;
+  auto work = nan_buffer<T>(plan.workspace);
+  return cube_lse_backward<T, TIn>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, mode, plan, work.data(), dx,
+                                   dy, dz, dtau, nullptr);
 }
 
 template <typename T, typename TIn>
@@ -57,9 +63,10 @@ int pair_backward(const TIn* a, const TIn* b, const T* pos, const T* tau, const 
   }                                                                                                                \
   extern "C" int emu_cube_backward_##SUFFIX(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La,  \
                                            const T* Lb, const T* Lc, const T* gLa, const T* gLb, const T* gLc,     \
-                                           int64_t I, int64_t J, int64_t K, int64_t D, int mode, TIn* dx, TIn* dy, \
-                                           TIn* dz, T* dtau) {                                                     \
-    return cube_backward<T, TIn>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, mode, dx, dy, dz, dtau);     \
+                                           int64_t I, int64_t J, int64_t K, int64_t D, int mode, int num_sms,      \
+                                           TIn* dx, TIn* dy, TIn* dz, T* dtau) {                                   \
+    return cube_backward<T, TIn>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, mode, num_sms, dx, dy, dz,   \
+                                 dtau);                                                                            \
   }                                                                                                                \
   extern "C" int emu_pair_forward_##SUFFIX(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I,      \
                                           int64_t J, int64_t D, int mode, T* L) {                                  \
@@ -75,3 +82,24 @@ SK_EMU_ENTRY_POINTS(float, float, f32)
 SK_EMU_ENTRY_POINTS(double, double, f64)
 SK_EMU_ENTRY_POINTS(float, __nv_bfloat16, bf16)
 SK_EMU_ENTRY_POINTS(float, __half, f16)
+
+// Sets the backward's shared-memory limit (bytes); returns the previous one.
+extern "C" int64_t emu_set_smem_limit(int64_t bytes) {
+  const int64_t old = smem_limit;
+  smem_limit = bytes;
+  return old;
+}
+
+// Work counters of the launches since the last reset (symile_emu::launches): the
+// count, and one launch's name, grid, tile-product FLOPs and exponentials (per element
+// exp_ and per vector vexp_).
+extern "C" void emu_work_reset() { symile_emu::launches.clear(); }
+extern "C" int64_t emu_work_launches() { return static_cast<int64_t>(symile_emu::launches.size()); }
+extern "C" const char* emu_work_launch(int64_t n, int64_t* grid, int64_t* flops, int64_t* exps, int64_t* vexps) {
+  const symile_emu::LaunchWork& w = symile_emu::launches.at(static_cast<std::size_t>(n));
+  *grid = w.grid;
+  *flops = w.flops;
+  *exps = w.exps;
+  *vexps = w.vexps;
+  return w.name;
+}
