@@ -201,18 +201,22 @@ struct CubeBackwardLayout {
 
 // z_pass: accumulators BLOCK_K x slab, operand chunk BP x kCubeChunk (pair products),
 // G stored transposed (BLOCK_K x BP); else BP x slab, BLOCK_K x kCubeChunk (rows of z), G BP x BLOCK_K.
+// The contraction's operand chunk Op reuses the bytes of S, P and Cd: it is loaded only
+// after G is built from S (tile_G ends with a barrier), and P, Cd are next written after
+// the contraction's last barrier.
 SK_HD constexpr CubeBackwardLayout cube_backward_layout(const TileConfig& c, int64_t slab, bool z_pass) {
   const int BP = tile_pairs(c);
   const int acc_rows = z_pass ? c.BLOCK_K : BP;
   const int op_rows = z_pass ? BP : c.BLOCK_K;
   const int vec = c.BLOCK_K > BP ? c.BLOCK_K : BP;
   const std::size_t S = 0;
-  const std::size_t G = S + tile_bytes(BP, c.BLOCK_K, c.pad_acc, c.acc_size);
-  const std::size_t P = G + (z_pass ? tile_bytes(c.BLOCK_K, BP, c.pad_in, c.in_size)
-                                    : tile_bytes(BP, c.BLOCK_K, c.pad_in, c.in_size));
+  const std::size_t P = S + tile_bytes(BP, c.BLOCK_K, c.pad_acc, c.acc_size);
   const std::size_t Cd = P + tile_bytes(BP, c.BLOCK_D, c.pad_in, c.in_size);
-  const std::size_t Op = Cd + tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size);
-  const std::size_t W = Op + tile_bytes(op_rows, kCubeChunk, c.pad_in, c.in_size);
+  const std::size_t Op = 0;
+  const std::size_t G = max_size(Cd + tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size),
+                                 Op + tile_bytes(op_rows, kCubeChunk, c.pad_in, c.in_size));
+  const std::size_t W = G + (z_pass ? tile_bytes(c.BLOCK_K, BP, c.pad_in, c.in_size)
+                                    : tile_bytes(BP, c.BLOCK_K, c.pad_in, c.in_size));
   const std::size_t LA = W + tile_bytes(acc_rows, static_cast<int>(slab), c.pad_acc, c.acc_size);
   const std::size_t gA = LA + tile_bytes(1, vec, 0, c.acc_size);
   const std::size_t LB = gA + tile_bytes(1, vec, 0, c.acc_size);

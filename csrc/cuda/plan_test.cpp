@@ -108,6 +108,53 @@ static void check_backward_plan(int64_t rows, int64_t D, int64_t per, const Tile
   EXPECT(wrong == 0, "backward units own disjoint outputs");
 }
 
+// Cube backward: slabs cover d and fit the limit; each pass's units own disjoint outputs
+// (pairs: (i-split, j-split, slab); z: (k-block, i-split, slab)); the splits cover every block.
+static void check_cube_backward_plan(int64_t I, int64_t J, int64_t K, int64_t D, int sms, int64_t limit,
+                                     const TileConfig& c) {
+  const CubeBackwardPlan p = plan_cube_backward(I, J, K, D, c, sms, limit);
+  const char* fmt = "I=%lld J=%lld K=%lld D=%lld sms=%d limit=%lld";
+  const long long a[] = {(long long)I, (long long)J, (long long)K, (long long)D};
+  EXPECT(p.slab % kCubeChunk == 0 && p.slab >= kCubeChunk, fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
+  EXPECT(p.num_slabs * p.slab >= D && (p.num_slabs - 1) * p.slab < D, fmt, a[0], a[1], a[2], a[3], sms,
+         (long long)limit);
+  const bool one_chunk_fits = static_cast<int64_t>(cube_backward_layout(c, kCubeChunk, false).total) <= limit &&
+                              static_cast<int64_t>(cube_backward_layout(c, kCubeChunk, true).total) <= limit;
+  if (one_chunk_fits) {
+    EXPECT(static_cast<int64_t>(p.pair_smem) <= limit && static_cast<int64_t>(p.z_smem) <= limit, fmt, a[0], a[1],
+           a[2], a[3], sms, (long long)limit);
+  }
+  // A slab is as wide as d allows: one chunk more would exceed the limit.
+  if (p.slab < ceil_div(D, kCubeChunk) * kCubeChunk) {
+    EXPECT(static_cast<int64_t>(cube_backward_layout(c, p.slab + kCubeChunk, false).total) > limit ||
+               static_cast<int64_t>(cube_backward_layout(c, p.slab + kCubeChunk, true).total) > limit,
+           fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
+  }
+  EXPECT(p.pair_units == p.pair_is * p.pair_js * p.num_slabs && p.z_units == p.num_kb * p.z_is * p.num_slabs, fmt,
+         a[0], a[1], a[2], a[3], sms, (long long)limit);
+  EXPECT(split_begin(p.pair_is, p.num_ib, p.pair_is) == p.num_ib && split_begin(p.pair_js, p.num_jb, p.pair_js) ==
+             p.num_jb && split_begin(p.z_is, p.num_ib, p.z_is) == p.num_ib,
+         fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
+  // Every split holds at least one block (splits never exceed the blocks).
+  EXPECT(p.pair_is <= p.num_ib && p.pair_js <= p.num_jb && p.z_is <= p.num_ib, fmt, a[0], a[1], a[2], a[3], sms,
+         (long long)limit);
+  for (bool z : {false, true}) {
+    const CubeBackwardLayout l = cube_backward_layout(c, p.slab, z);
+    // Op aliases S, P and Cd (used at other times): it must end before G.
+    const int BP = tile_pairs(c);
+    EXPECT(l.Op == l.S && l.Op + tile_bytes(z ? BP : c.BLOCK_K, kCubeChunk, c.pad_in, c.in_size) <= l.G,
+           "cube backward operand chunk ends before G");
+    const std::size_t offs[] = {l.S, l.P, l.Cd, l.G, l.W, l.LA, l.gA, l.LB, l.gB, l.ref, l.arow, l.u, l.LC,
+                                l.gC, l.bcol, l.total};
+    for (std::size_t q = 0; q + 1 < sizeof(offs) / sizeof(offs[0]); ++q) {
+      EXPECT(offs[q] % kSmemAlign == 0 && offs[q] < offs[q + 1], "cube backward layout region %zu", q);
+    }
+  }
+  EXPECT(p.dy_part == p.pair_js * I * D && p.dz_part == p.dy_part + p.pair_is * J * D &&
+             p.dtau_part == p.dz_part + p.z_is * K * D && p.workspace == p.dtau_part + p.reduce_ctas,
+         "cube backward workspace");
+}
+
 int main() {
   const int modes[][2] = {{kIeee, 4}, {kTf32, 4}, {kBf16, 4}, {kIeee, 8}};
   for (const auto& m : modes) check_config(m[0], m[1]);
@@ -125,6 +172,17 @@ int main() {
         check_backward_plan(rows, D, tile_pairs(c), c);
       }
   }
+  for (const auto& m : modes) {
+    const TileConfig c = config_for(m[0], m[1]);
+    for (int64_t N : {int64_t(1), int64_t(17), int64_t(130), int64_t(4096)})
+      for (int64_t D : {int64_t(1), int64_t(64), int64_t(65), int64_t(256), int64_t(512), int64_t(1000)})
+        for (int sms : {1, 2, 132})
+          for (int64_t limit : {int64_t(101376), int64_t(232448), int64_t(40000)})
+            check_cube_backward_plan(N, N + 3, N + 1, D, sms, limit, c);
+  }
+  // Per target: d = 512 in one slab where the device's shared memory allows (H100: 227 KiB).
+  const CubeBackwardPlan h100 = plan_cube_backward(4096, 4096, 4096, 512, config_for(kBf16, 4), 132, 232448);
+  EXPECT(h100.num_slabs == 1, "bf16 d=512 on H100: %lld slabs", (long long)h100.num_slabs);
   // Big sizes keep 64-bit arithmetic: N = 16384 at d = 256, and an N^2 * d past 2^31.
   const TileConfig f32 = config_for(kIeee, 4);
   const CubeForwardPlan big = plan_cube_forward(16384, 16384, 16384, f32, 132);
