@@ -37,7 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc" / "cuda"
 MODES = {"ieee": 0, "tf32": 1, "bf16": 2}
-_SOURCES = ("cube.cu", "pair.cu", "tile.cuh", "plan.h", "launch.h", "emu/cuda_emu.h", "emu/emu_shim.cpp")
+_SOURCES = ("cube.cu", "pair.cu", "tile.cuh", "plan.h", "launch.h", "static_switch.h", "emu/cuda_emu.h",
+            "emu/emu_shim.cpp")
 
 
 def emulation_command(out: Path) -> list[str]:

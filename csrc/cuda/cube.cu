@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "launch.h"
+#include "static_switch.h"
 #include "tile.cuh"
 
 namespace symile_cuda {
@@ -38,16 +39,22 @@ __global__ void __launch_bounds__(kThreads)
   In* Zs = reinterpret_cast<In*>(smem + lay.Z);
   Acc* pair_m = reinterpret_cast<Acc*>(smem + lay.pair_m);
   Acc* pair_s = reinterpret_cast<Acc*>(smem + lay.pair_s);
-  Acc* row_l = reinterpret_cast<Acc*>(smem + lay.row_l);
+  Acc* row_M = reinterpret_cast<Acc*>(smem + lay.row_l);
+  Acc* row_S = reinterpret_cast<Acc*>(smem + lay.row_ls);
   Acc* colm = reinterpret_cast<Acc*>(smem + lay.colm);
   Acc* colo = reinterpret_cast<Acc*>(smem + lay.colo);
+  Acc* cols = reinterpret_cast<Acc*>(smem + lay.cols);
   Acc* roww = reinterpret_cast<Acc*>(smem + lay.roww);
 
   const Acc tau = static_cast<Acc>(*tau_ptr);
   const int t = threadIdx.x;
-  // This CTA's rows of the partial buffers (initialised to -inf by the launcher).
-  T* Lb_row = Lb_part + static_cast<int64_t>(blockIdx.x) * J;
-  T* Lc_row = Lc_part + static_cast<int64_t>(blockIdx.x) * K;
+  // This CTA's rows of the partial buffers, (max, sum) pairs (initialised to (-inf, 0) by
+  // the launcher): every merge is a rescaled sum, never a chain of log-add-exps.
+  const int64_t b = blockIdx.x;
+  T* Lb_M = Lb_part + b * J;
+  T* Lb_S = Lb_part + (plan.ctas + b) * J;
+  T* Lc_M = Lc_part + b * K;
+  T* Lc_S = Lc_part + (plan.ctas + b) * K;
 
   for (int64_t u = blockIdx.x; u < plan.units; u += gridDim.x) {
     const int64_t ib = u / plan.num_js;
@@ -56,7 +63,10 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t j_begin = split_begin(js, plan.num_jb, plan.num_js) * BLOCK_J;
     const int64_t j_split_end = split_begin(js + 1, plan.num_jb, plan.num_js) * BLOCK_J;
     const int64_t j_end = j_split_end < J ? j_split_end : J;
-    if (t < BLOCK_I) row_l[t] = neg_inf<Acc>();
+    if (t < BLOCK_I) {
+      row_M[t] = neg_inf<Acc>();
+      row_S[t] = Acc(0);
+    }
 
     for (int64_t j0 = j_begin; j0 < j_end; j0 += BLOCK_J) {
       // Running (max, sum) over k of each pair's logits.
@@ -85,33 +95,28 @@ __global__ void __launch_bounds__(kThreads)
         }
         __syncthreads();
         // Every valid row and column holds at least one finite logit (pair (i0, j0), column k0).
-        tile_lse_shared<Acc, BP, BLOCK_K>(S, ldS, colm, colo, roww, pair_m, pair_s);
-        if (t < BLOCK_K && k0 + t < K) Lc_row[k0 + t] = log_add_exp(Lc_row[k0 + t], colo[t]);
+        tile_lse_shared<Acc, BP, BLOCK_K>(S, ldS, colm, colo, cols, roww, pair_m, pair_s);
+        if (t < BLOCK_K && k0 + t < K) merge_running(Lc_M[k0 + t], Lc_S[k0 + t], colo[t], cols[t]);
         __syncthreads();
       }
-      if (t < BP) pair_m[t] = pair_m[t] == neg_inf<Acc>() ? pair_m[t] : pair_m[t] + log_(pair_s[t]);
-      __syncthreads();
-      // pair_m[p] is now LSE_k of pair p; fold it into Lb (over i) and La (over j).
+      // (pair_m[p], pair_s[p]) is pair p's LSE over k as (max, sum); fold it into Lb (over i) and La (over j).
       if (t < BLOCK_J) {
         const int64_t j = j0 + t;
         if (j < j_end) {
-          Acc v = neg_inf<Acc>();
-          for (int ii = 0; ii < BLOCK_I; ++ii) {
-            if (i0 + ii < I) v = log_add_exp(v, pair_m[ii * BLOCK_J + t]);
-          }
-          Lb_row[j] = log_add_exp(Lb_row[j], v);
+          for (int ii = 0; ii < BLOCK_I; ++ii) merge_running(Lb_M[j], Lb_S[j], pair_m[ii * BLOCK_J + t],
+                                                             pair_s[ii * BLOCK_J + t]);
         }
       } else if (t >= 32 && t < 32 + BLOCK_I) {
         const int ii = t - 32;
-        Acc v = neg_inf<Acc>();
-        for (int jj = 0; jj < BLOCK_J; ++jj) {
-          if (j0 + jj < j_end) v = log_add_exp(v, pair_m[ii * BLOCK_J + jj]);
-        }
-        row_l[ii] = log_add_exp(row_l[ii], v);
+        for (int jj = 0; jj < BLOCK_J; ++jj) merge_running(row_M[ii], row_S[ii], pair_m[ii * BLOCK_J + jj],
+                                                           pair_s[ii * BLOCK_J + jj]);
       }
       __syncthreads();
     }
-    if (t < BLOCK_I && i0 + t < I) La_part[js * I + i0 + t] = row_l[t];
+    if (t < BLOCK_I && i0 + t < I) {
+      La_part[js * I + i0 + t] = row_M[t];
+      La_part[(plan.num_js + js) * I + i0 + t] = row_S[t];
+    }
     __syncthreads();
   }
 }
@@ -370,7 +375,9 @@ cudaError_t launch_forward(const TIn* x, const TIn* y, const TIn* z, const T* ta
   if (err != cudaSuccess) return err;
   const T minus_inf = -std::numeric_limits<T>::infinity();
   SK_LAUNCH(fill_kernel<T>, grid_for(plan.ctas * J), 0, stream, Lb_part, plan.ctas * J, minus_inf);
+  SK_LAUNCH(fill_kernel<T>, grid_for(plan.ctas * J), 0, stream, Lb_part + plan.ctas * J, plan.ctas * J, T(0));
   SK_LAUNCH(fill_kernel<T>, grid_for(plan.ctas * K), 0, stream, Lc_part, plan.ctas * K, minus_inf);
+  SK_LAUNCH(fill_kernel<T>, grid_for(plan.ctas * K), 0, stream, Lc_part + plan.ctas * K, plan.ctas * K, T(0));
   SK_LAUNCH(forward_pass, static_cast<unsigned>(plan.ctas), plan.smem, stream, x, y, z, tau, I, J, K, D, plan,
                                                                              La_part, Lb_part, Lc_part);
   SK_LAUNCH(combine_lse_kernel<T>, grid_for(I), 0, stream, La_part, plan.num_js, I, La);
@@ -421,33 +428,15 @@ cudaError_t launch_backward(const TIn* x, const TIn* y, const TIn* z, const T* t
 
 }  // namespace
 
-// Float32/float64 tensors run the policy ``mode`` names; bf16 tensors run bf16 tiles and
-// fp16 tensors TF32 tiles (exact for fp16 values), both with float32 accumulation.
+// The policy: with_policy (static_switch.h).
 template <typename T, typename TIn>
 cudaError_t cube_lse_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K,
                              int64_t D, int mode, const CubeForwardPlan& plan, T* La_part, T* Lb_part, T* Lc_part,
                              T* La, T* Lb, T* Lc, cudaStream_t stream) {
-#define SK_FORWARD(POLICY) \
-  launch_forward<T, TIn, POLICY>(x, y, z, tau, I, J, K, D, plan, La_part, Lb_part, Lc_part, La, Lb, Lc, stream)
-  if constexpr (std::is_same<TIn, __nv_bfloat16>::value) {
-    return SK_FORWARD(Bf16Policy);
-  } else if constexpr (std::is_same<TIn, __half>::value) {
-    return SK_FORWARD(Tf32Policy);
-  } else if constexpr (sizeof(T) == 8) {
-    return mode == kIeee ? SK_FORWARD(IeeePolicy<T>) : cudaErrorInvalidValue;
-  } else {
-    switch (mode) {
-      case kIeee:
-        return SK_FORWARD(IeeePolicy<T>);
-      case kTf32:
-        return SK_FORWARD(Tf32Policy);
-      case kBf16:
-        return SK_FORWARD(Bf16Policy);
-      default:
-        return cudaErrorInvalidValue;
-    }
-  }
-#undef SK_FORWARD
+  return with_policy<T, TIn>(mode, [&](auto policy) {
+    return launch_forward<T, TIn, decltype(policy)>(x, y, z, tau, I, J, K, D, plan, La_part, Lb_part, Lc_part, La,
+                                                    Lb, Lc, stream);
+  });
 }
 
 template <typename T, typename TIn>
@@ -455,28 +444,10 @@ cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T*
                               const T* Lc, const T* gLa, const T* gLb, const T* gLc, int64_t I, int64_t J,
                               int64_t K, int64_t D, int mode, const CubeBackwardPlan& plan, T* workspace, TIn* dx,
                               TIn* dy, TIn* dz, T* dtau, cudaStream_t stream) {
-#define SK_BACKWARD(POLICY)                                                                                      \
-  launch_backward<T, TIn, POLICY>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, plan, workspace, dx, dy, dz, \
-                                  dtau, stream)
-  if constexpr (std::is_same<TIn, __nv_bfloat16>::value) {
-    return SK_BACKWARD(Bf16Policy);
-  } else if constexpr (std::is_same<TIn, __half>::value) {
-    return SK_BACKWARD(Tf32Policy);
-  } else if constexpr (sizeof(T) == 8) {
-    return mode == kIeee ? SK_BACKWARD(IeeePolicy<T>) : cudaErrorInvalidValue;
-  } else {
-    switch (mode) {
-      case kIeee:
-        return SK_BACKWARD(IeeePolicy<T>);
-      case kTf32:
-        return SK_BACKWARD(Tf32Policy);
-      case kBf16:
-        return SK_BACKWARD(Bf16Policy);
-      default:
-        return cudaErrorInvalidValue;
-    }
-  }
-#undef SK_BACKWARD
+  return with_policy<T, TIn>(mode, [&](auto policy) {
+    return launch_backward<T, TIn, decltype(policy)>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, plan,
+                                                     workspace, dx, dy, dz, dtau, stream);
+  });
 }
 
 #define SK_INSTANTIATE(T, TIn)                                                                                      \

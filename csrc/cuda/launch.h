@@ -23,7 +23,8 @@
 namespace symile_cuda {
 
 // La (I,), Lb (J,), Lc (K,) of the cube tau * T[i,j,k] (docs/math.md section 2).
-// Workspace: La_part (plan.num_js * I), Lb_part (plan.ctas * J), Lc_part (plan.ctas * K)
+// Workspace ((max, sum) pairs): La_part (2 * plan.num_js * I), Lb_part (2 * plan.ctas * J),
+// Lc_part (2 * plan.ctas * K)
 // from plan_cube_forward(I, J, K, config_for(effective_mode(mode, sizeof(TIn)), sizeof(T)), num_sms).
 template <typename T, typename TIn>
 cudaError_t cube_lse_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K,

@@ -1,4 +1,4 @@
-// The pair LSE kernels (SPEC section 3, "n" sampling, and the M = 2 / CLIP loss):
+// The pair LSE kernels (docs/math.md section 3, "n" sampling, and the M = 2 / CLIP loss):
 // for a (I, d) and b (J, d) with I <= J, L[i] = LSE_j l[i, j] over the J columns with
 // l[i, j] = tau <a[i], b[j]> off the diagonal and l[i, i] = pos[i], tiled over BLOCK_K
 // columns so the I x J logits never exist. (I < J in distributed runs: local rows
@@ -6,6 +6,7 @@
 // Blueprint: symile_kernels/chunked.py (pair_lse_forward/backward). Each CTA owns
 // BP rows of its output: deterministic, no float atomics.
 #include "launch.h"
+#include "static_switch.h"
 #include "tile.cuh"
 
 namespace symile_cuda {
@@ -219,58 +220,23 @@ cudaError_t launch_backward(const TIn* a, const TIn* b, const T* pos, const T* t
 
 }  // namespace
 
-// Policies as in cube.cu: float32/float64 follow ``mode``; bf16 tensors run bf16 tiles,
-// fp16 tensors TF32 tiles.
+// The policy: with_policy (static_switch.h).
 template <typename T, typename TIn>
 cudaError_t pair_lse_forward(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I, int64_t J, int64_t D,
                              int mode, T* L, cudaStream_t stream) {
-#define SK_FORWARD(POLICY) launch_forward<T, TIn, POLICY>(a, b, pos, tau, I, J, D, L, stream)
-  if constexpr (std::is_same<TIn, __nv_bfloat16>::value) {
-    return SK_FORWARD(Bf16Policy);
-  } else if constexpr (std::is_same<TIn, __half>::value) {
-    return SK_FORWARD(Tf32Policy);
-  } else if constexpr (sizeof(T) == 8) {
-    return mode == kIeee ? SK_FORWARD(IeeePolicy<T>) : cudaErrorInvalidValue;
-  } else {
-    switch (mode) {
-      case kIeee:
-        return SK_FORWARD(IeeePolicy<T>);
-      case kTf32:
-        return SK_FORWARD(Tf32Policy);
-      case kBf16:
-        return SK_FORWARD(Bf16Policy);
-      default:
-        return cudaErrorInvalidValue;
-    }
-  }
-#undef SK_FORWARD
+  return with_policy<T, TIn>(mode, [&](auto policy) {
+    return launch_forward<T, TIn, decltype(policy)>(a, b, pos, tau, I, J, D, L, stream);
+  });
 }
 
 template <typename T, typename TIn>
 cudaError_t pair_lse_backward(const TIn* a, const TIn* b, const T* pos, const T* tau, const T* L, const T* gL,
                               int64_t I, int64_t J, int64_t D, int mode, T* dtau_part, TIn* da, TIn* db, T* dpos,
                               T* dtau, cudaStream_t stream) {
-#define SK_BACKWARD(POLICY) \
-  launch_backward<T, TIn, POLICY>(a, b, pos, tau, L, gL, I, J, D, dtau_part, da, db, dpos, dtau, stream)
-  if constexpr (std::is_same<TIn, __nv_bfloat16>::value) {
-    return SK_BACKWARD(Bf16Policy);
-  } else if constexpr (std::is_same<TIn, __half>::value) {
-    return SK_BACKWARD(Tf32Policy);
-  } else if constexpr (sizeof(T) == 8) {
-    return mode == kIeee ? SK_BACKWARD(IeeePolicy<T>) : cudaErrorInvalidValue;
-  } else {
-    switch (mode) {
-      case kIeee:
-        return SK_BACKWARD(IeeePolicy<T>);
-      case kTf32:
-        return SK_BACKWARD(Tf32Policy);
-      case kBf16:
-        return SK_BACKWARD(Bf16Policy);
-      default:
-        return cudaErrorInvalidValue;
-    }
-  }
-#undef SK_BACKWARD
+  return with_policy<T, TIn>(mode, [&](auto policy) {
+    return launch_backward<T, TIn, decltype(policy)>(a, b, pos, tau, L, gL, I, J, D, dtau_part, da, db, dpos, dtau,
+                                                     stream);
+  });
 }
 
 #define SK_INSTANTIATE(T, TIn)                                                                                     \

@@ -70,7 +70,7 @@ SK_HD constexpr std::size_t tile_bytes(int rows, int cols, int pad, int elem) {
 
 // Byte offsets of the shared-memory regions of the forward kernels (cube and pair).
 struct ForwardLayout {
-  std::size_t S, P, Z, pair_m, pair_s, row_l, colm, colo, roww, total;
+  std::size_t S, P, Z, pair_m, pair_s, row_l, row_ls, colm, colo, cols, roww, total;
 };
 
 SK_HD constexpr ForwardLayout forward_layout(const TileConfig& c) {
@@ -81,11 +81,13 @@ SK_HD constexpr ForwardLayout forward_layout(const TileConfig& c) {
   const std::size_t pair_m = Z + tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size);
   const std::size_t pair_s = pair_m + tile_bytes(1, BP, 0, c.acc_size);
   const std::size_t row_l = pair_s + tile_bytes(1, BP, 0, c.acc_size);
-  const std::size_t colm = row_l + tile_bytes(1, BP, 0, c.acc_size);  // BLOCK_K column maxima of a tile
-  const std::size_t colo = colm + tile_bytes(1, c.BLOCK_K, 0, c.acc_size);  // BLOCK_K column LSEs of a tile
-  const std::size_t roww = colo + tile_bytes(1, c.BLOCK_K, 0, c.acc_size);  // BP row weights exp(rowmax - max)
+  const std::size_t row_ls = row_l + tile_bytes(1, BP, 0, c.acc_size);     // running sums beside row_l's maxima
+  const std::size_t colm = row_ls + tile_bytes(1, BP, 0, c.acc_size);      // BLOCK_K column maxima of a tile
+  const std::size_t colo = colm + tile_bytes(1, c.BLOCK_K, 0, c.acc_size);  // BLOCK_K column LSEs of a tile as
+  const std::size_t cols = colo + tile_bytes(1, c.BLOCK_K, 0, c.acc_size);  // (reference, sum) pairs
+  const std::size_t roww = cols + tile_bytes(1, c.BLOCK_K, 0, c.acc_size);  // BP row weights exp(rowmax - max)
   const std::size_t total = roww + tile_bytes(1, BP, 0, c.acc_size);
-  return ForwardLayout{S, P, Z, pair_m, pair_s, row_l, colm, colo, roww, total};
+  return ForwardLayout{S, P, Z, pair_m, pair_s, row_l, row_ls, colm, colo, cols, roww, total};
 }
 
 // Byte offsets of the backward kernels' regions. W (the BP x BLOCK_DW result of
@@ -128,8 +130,9 @@ SK_HD constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b;
 // j-blocks [js * num_jb / num_js, (js + 1) * num_jb / num_js) and every k. CTA c runs
 // units c, c + ctas, ...; it owns row c of the Lb and Lc partial LSE buffers
 // (ctas x J, ctas x K), and unit (ib, js) owns La_part[js, i-block] (num_js x I).
-// The partials are combined by a log-sum-exp over their rows in a fixed order,
-// so results are deterministic for a given GPU.
+// Each partial is a (max, sum) pair (buffers of twice those sizes: maxima, then sums),
+// merged by rescaled sums; they are combined by one max pass and one sum pass over
+// their rows in a fixed order, so results are deterministic for a given GPU.
 struct CubeForwardPlan {
   int64_t num_ib = 0, num_jb = 0, num_js = 0, units = 0, units_per_cta = 0, ctas = 0;
   std::size_t smem = 0;

@@ -49,7 +49,8 @@ static void check_config(int mode, int elem) {
   }
   const ForwardLayout f = forward_layout(c);
   const BackwardLayout b = backward_layout(c);
-  const std::size_t fo[] = {f.S, f.P, f.Z, f.pair_m, f.pair_s, f.row_l, f.total};
+  const std::size_t fo[] = {f.S, f.P, f.Z, f.pair_m, f.pair_s, f.row_l, f.row_ls, f.colm, f.colo, f.cols, f.roww,
+                            f.total};
   for (std::size_t o : fo) EXPECT(o % kSmemAlign == 0, "%s: forward offset %zu aligned", name, o);
   const std::size_t bo[] = {b.S, b.G, b.P, b.Cd, b.Cw, b.W, b.dA, b.LA, b.gA, b.LB, b.gB, b.LC, b.gC, b.red, b.total};
   for (std::size_t o : bo) EXPECT(o % kSmemAlign == 0, "%s: backward offset %zu aligned", name, o);

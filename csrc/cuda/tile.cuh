@@ -114,17 +114,6 @@ __device__ __forceinline__ double vexp_(double v) {
 }
 __device__ __forceinline__ float log_(float v) { return logf(v); }
 __device__ __forceinline__ double log_(double v) { return log(v); }
-__device__ __forceinline__ float log1p_(float v) { return log1pf(v); }
-__device__ __forceinline__ double log1p_(double v) { return log1p(v); }
-
-// log(exp(a) + exp(b)) with a running maximum; -inf when both are -inf.
-template <typename T>
-__device__ __forceinline__ T log_add_exp(T a, T b) {
-  const T hi = a > b ? a : b;
-  const T lo = a > b ? b : a;
-  if (hi == neg_inf<T>()) return hi;
-  return hi + log1p_(vexp_(lo - hi));
-}
 
 // Merges a tile's (max m, sum of exp(v - m)) into a running (M, S) pair: one
 // exponential, of whichever maximum is the smaller (exp(-inf) = 0 starts the pair).
@@ -310,8 +299,8 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
 }
 
 // ---------------------------------------------------------------------------
-// Row and column log-sum-exp of a shared-memory tile (masked entries hold -inf).
-// Each of rows (or cols) gets kThreads / rows adjacent lanes; the result goes to
+// Row log-sum-exp of a shared-memory tile (masked entries hold -inf).
+// Each row gets kThreads / rows adjacent lanes; the result goes to
 // the lane with q == 0 through butterfly shuffles, so every thread must call.
 
 template <typename Acc, int ROWS, int COLS>
@@ -333,25 +322,6 @@ __device__ __forceinline__ void tile_row_stats(const Acc* S, int ld, int& row, A
   leader = q == 0;
 }
 
-template <typename Acc, int ROWS, int COLS>
-__device__ __forceinline__ void tile_col_stats(const Acc* S, int ld, int& col, Acc& m, Acc& s, bool& leader) {
-  constexpr int TPC = kThreads / COLS;
-  static_assert(TPC >= 1 && TPC <= 32 && (TPC & (TPC - 1)) == 0, "lanes per column must be a power of two <= 32");
-  col = threadIdx.x / TPC;
-  const int q = threadIdx.x % TPC;
-  m = neg_inf<Acc>();
-  for (int r = q; r < ROWS; r += TPC) m = fmax(m, S[r * ld + col]);
-#pragma unroll
-  for (int off = TPC / 2; off > 0; off /= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
-  s = Acc(0);
-  if (m != neg_inf<Acc>()) {
-    for (int r = q; r < ROWS; r += TPC) s += exp_(S[r * ld + col] - m);
-  }
-#pragma unroll
-  for (int off = TPC / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-  leader = q == 0;
-}
-
 // Row and column log-sum-exps of a ROWS x COLS logit tile S (masked entries -inf; every
 // row or column with a finite entry is "valid") with one exponential per element
 // (docs/math.md section 5): E = exp(S - rowmax_r) serves the rows, and the columns get
@@ -359,12 +329,12 @@ __device__ __forceinline__ void tile_col_stats(const Acc* S, int ld, int& col, A
 // That is exact to float32 only while every valid column's maximum lies within
 // kForwardShareSpread of cmax (a flushed term is then below e^(60 - 87.3) of its column's
 // largest); other tiles take the exact path, a second exponential per element.
-// Row r's (max, sum) is merged into (row_M[r], row_S[r]); column c's tile LSE goes to
-// colo[c] (-inf for masked columns). S is overwritten with E. colm (COLS) and roww (ROWS)
-// are scratch. Every thread calls; the results are visible after the last barrier.
+// Row r's (max, sum) is merged into (row_M[r], row_S[r]); column c's tile LSE is
+// colo[c] + log(cols[c]) ((-inf, 0) for masked columns). S is overwritten with E. colm
+// (COLS) and roww (ROWS) are scratch. Every thread calls; results are visible on return.
 template <typename Acc, int ROWS, int COLS>
-__device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* colo, Acc* roww, Acc* row_M,
-                                                Acc* row_S) {
+__device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* colo, Acc* cols, Acc* roww,
+                                                Acc* row_M, Acc* row_S) {
   constexpr int TPC = kThreads / COLS;
   constexpr int TPR = kThreads / ROWS;
   static_assert(TPC >= 1 && TPC <= 32 && (TPC & (TPC - 1)) == 0, "lanes per column must be a power of two <= 32");
@@ -398,7 +368,10 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     }
 #pragma unroll
     for (int off = TPC / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (q == 0) colo[col] = m == ninf ? m : m + log_(s);
+    if (q == 0) {
+      colo[col] = m;
+      cols[col] = s;
+    }
   }
   __syncthreads();
   {
@@ -430,7 +403,10 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
 #pragma unroll
     for (int off = TPC / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
     // A valid column's largest term is exp(its max - cmax) >= e^-60: s > 0.
-    if (q == 0) colo[col] = colm[col] == ninf ? ninf : cmax + log_(s);
+    if (q == 0) {
+      colo[col] = colm[col] == ninf ? ninf : cmax;
+      cols[col] = colm[col] == ninf ? Acc(0) : s;
+    }
     __syncthreads();
   }
 }
@@ -520,7 +496,9 @@ __global__ void fill_kernel(T* __restrict__ out, int64_t n, T value) {
   }
 }
 
-// out[n] = LSE over r < R of part[r * N + n], in the fixed order r = 0, 1, ...
+// out[n] = LSE of R partial LSEs held as (max, sum) pairs, M = part[r * N + n] and
+// S = part[(R + r) * N + n]: one pass for the maximum, one for the rescaled sum (a
+// (-inf, 0) pair adds nothing), in the fixed order r = 0, 1, ...
 template <typename T>
 __global__ void combine_lse_kernel(const T* __restrict__ part, int64_t R, int64_t N, T* __restrict__ out) {
   for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
@@ -528,7 +506,10 @@ __global__ void combine_lse_kernel(const T* __restrict__ part, int64_t R, int64_
     for (int64_t r = 0; r < R; ++r) m = fmax(m, part[r * N + n]);
     T s = T(0);
     if (m != neg_inf<T>()) {
-      for (int64_t r = 0; r < R; ++r) s += vexp_(part[r * N + n] - m);
+      for (int64_t r = 0; r < R; ++r) {
+        const T Mr = part[r * N + n];
+        if (Mr != neg_inf<T>()) s += part[(R + r) * N + n] * vexp_(Mr - m);
+      }
     }
     out[n] = m == neg_inf<T>() ? m : m + log_(s);
   }

@@ -22,7 +22,8 @@ int cube_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t
                  int mode, int num_sms, T* La, T* Lb, T* Lc) {
   const int eff = effective_mode(mode, sizeof(TIn), std::is_same<TIn, __nv_bfloat16>::value);
   const CubeForwardPlan plan = plan_cube_forward(I, J, K, config_for(eff, sizeof(T)), num_sms);
-  auto la = nan_buffer<T>(plan.num_js * I), lb = nan_buffer<T>(plan.ctas * J), lc = nan_buffer<T>(plan.ctas * K);
+  auto la = nan_buffer<T>(2 * plan.num_js * I), lb = nan_buffer<T>(2 * plan.ctas * J),
+       lc = nan_buffer<T>(2 * plan.ctas * K);
   return cube_lse_forward<T, TIn>(x, y, z, tau, I, J, K, D, mode, plan, la.data(), lb.data(), lc.data(), La, Lb, Lc,
                                   nullptr);
 }
