@@ -67,18 +67,10 @@ void check_vector(const Tensor& t, const char* op, const char* name, const Tenso
 template <typename F>
 void dispatch_rows(const Tensor& rows, const char* op, F&& run) {
   switch (rows.scalar_type()) {
-    case at::kFloat:
-      run(float(), float());
-      break;
-    case at::kDouble:
-      run(double(), double());
-      break;
-    case at::kBFloat16:
-      run(float(), __nv_bfloat16());
-      break;
-    case at::kHalf:
-      run(float(), __half());
-      break;
+    case at::kFloat: return run(float(), float());
+    case at::kDouble: return run(double(), double());
+    case at::kBFloat16: return run(float(), __nv_bfloat16());
+    case at::kHalf: return run(float(), __half());
     default:
       TORCH_CHECK(false, op, ": unsupported dtype ", rows.scalar_type());
   }

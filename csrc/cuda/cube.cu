@@ -16,35 +16,35 @@
 namespace symile_cuda {
 namespace {
 
+// The logits' raw products S[p, k] = sum_d (x[a0 + p / BJ] * y[b0 + p % BJ])[d] z[k0 + k][d] of
+// a BP x BLOCK_K tile over the full d (BLOCK_D columns per step), stored to S (ld ldS).
+template <typename Policy, typename TIn, int BI, int BJ, int BK, int BD>
+__device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, const TIn* __restrict__ y,
+                                                   const TIn* __restrict__ z, int64_t a0, int64_t NA, int64_t b0,
+                                                   int64_t NB, int64_t k0, int64_t NC, int64_t D,
+                                                   typename Policy::In* P, typename Policy::In* Cd, int ldP,
+                                                   typename Policy::Acc* S, int ldS) {
+  using In = typename Policy::In;
+  using Acc = typename Policy::Acc;
+  tile_products<Policy, BI * BJ, BK, BD>(
+      D, [&](int64_t d0) { load_pair_products<In, Acc, TIn, BI, BJ>(P, ldP, BD, x, y, a0, NA, b0, NB, d0, D); },
+      [&](int64_t d0) { load_rows<In, Acc>(Cd, ldP, BK, BD, z, k0, NC, d0, D); }, P, Cd, ldP, S, ldS);
+}
+
 template <typename T, typename TIn, typename Policy>
 __global__ void __launch_bounds__(kThreads)
     cube_forward_kernel(const TIn* __restrict__ x, const TIn* __restrict__ y, const TIn* __restrict__ z,
                         const T* __restrict__ tau_ptr, int64_t I, int64_t J, int64_t K, int64_t D,
                         CubeForwardPlan plan, T* __restrict__ La_part, T* __restrict__ Lb_part,
                         T* __restrict__ Lc_part) {
-  using In = typename Policy::In;
-  using Acc = typename Policy::Acc;
+  using Tl = ForwardTiles<Policy>;
+  using Acc = typename Tl::Acc;
   static_assert(std::is_same<Acc, T>::value, "partial LSEs are stored in the tensors' dtype");
-  constexpr TileConfig c = Policy::cfg;
-  constexpr int BLOCK_I = c.BLOCK_I, BLOCK_J = c.BLOCK_J, BLOCK_K = c.BLOCK_K, BLOCK_D = c.BLOCK_D;
-  constexpr int BP = BLOCK_I * BLOCK_J;
-  constexpr int ldS = BLOCK_K + c.pad_acc;
-  constexpr int ldP = BLOCK_D + c.pad_in;
-  constexpr ForwardLayout lay = forward_layout(c);
+  constexpr int BLOCK_I = Tl::BI, BLOCK_J = Tl::BJ, BLOCK_K = Tl::BK, BP = Tl::BP, ldS = Tl::ldS;
   static_assert(BLOCK_I <= 32 && BLOCK_J <= 32 && BP <= kThreads, "per-row bookkeeping uses one thread per row");
-
   SK_DYNAMIC_SMEM(smem);
-  Acc* S = reinterpret_cast<Acc*>(smem + lay.S);
-  In* P = reinterpret_cast<In*>(smem + lay.P);
-  In* Zs = reinterpret_cast<In*>(smem + lay.Z);
-  Acc* pair_m = reinterpret_cast<Acc*>(smem + lay.pair_m);
-  Acc* pair_s = reinterpret_cast<Acc*>(smem + lay.pair_s);
-  Acc* row_M = reinterpret_cast<Acc*>(smem + lay.row_l);
-  Acc* row_S = reinterpret_cast<Acc*>(smem + lay.row_ls);
-  Acc* colm = reinterpret_cast<Acc*>(smem + lay.colm);
-  Acc* colo = reinterpret_cast<Acc*>(smem + lay.colo);
-  Acc* cols = reinterpret_cast<Acc*>(smem + lay.cols);
-  Acc* roww = reinterpret_cast<Acc*>(smem + lay.roww);
+  const Tl s(smem);
+  Acc *S = s.S, *pair_m = s.pair_m, *pair_s = s.pair_s, *row_M = s.row_M, *row_S = s.row_S;
 
   const Acc tau = static_cast<Acc>(*tau_ptr);
   const int t = threadIdx.x;
@@ -75,17 +75,8 @@ __global__ void __launch_bounds__(kThreads)
         pair_s[t] = Acc(0);
       }
       for (int64_t k0 = 0; k0 < K; k0 += BLOCK_K) {
-        TileFor<Policy, BP, BLOCK_K> acc;
-        acc.zero();
-        for (int64_t d0 = 0; d0 < D; d0 += BLOCK_D) {
-          load_pair_products<In, Acc, TIn, BLOCK_I, BLOCK_J>(P, ldP, BLOCK_D, x, y, i0, I, j0, J, d0, D);
-          load_rows<In, Acc>(Zs, ldP, BLOCK_K, BLOCK_D, z, k0, K, d0, D);
-          __syncthreads();
-          acc.template mma<true>(P, ldP, Zs, ldP, BLOCK_D);
-          __syncthreads();
-        }
-        acc.store(S, ldS);
-        __syncthreads();
+        cube_tile_products<Policy, TIn, BLOCK_I, BLOCK_J, BLOCK_K, Tl::BD>(x, y, z, i0, I, j0, J, k0, K, D, s.P, s.Z,
+                                                                           Tl::ldP, S, ldS);
         // Logits tau * T; entries outside the cube (or of pairs in another j-split) are -inf.
         for (int e = t; e < BP * BLOCK_K; e += kThreads) {
           const int p = e / BLOCK_K;
@@ -95,8 +86,8 @@ __global__ void __launch_bounds__(kThreads)
         }
         __syncthreads();
         // Every valid row and column holds at least one finite logit (pair (i0, j0), column k0).
-        tile_lse_shared<Acc, BP, BLOCK_K>(S, ldS, colm, colo, cols, roww, pair_m, pair_s);
-        if (t < BLOCK_K && k0 + t < K) merge_running(Lc_M[k0 + t], Lc_S[k0 + t], colo[t], cols[t]);
+        tile_lse_shared<Acc, BP, BLOCK_K>(S, ldS, s.colm, s.colo, s.cols, s.roww, pair_m, pair_s);
+        if (t < BLOCK_K && k0 + t < K) merge_running(Lc_M[k0 + t], Lc_S[k0 + t], s.colo[t], s.cols[t]);
         __syncthreads();
       }
       // (pair_m[p], pair_s[p]) is pair p's LSE over k as (max, sum); fold it into Lb (over i) and La (over j).
@@ -121,26 +112,86 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The logits' raw products S[p, k] = sum_d (x[a0 + p / BJ] * y[b0 + p % BJ])[d] z[k0 + k][d] of
-// a BP x BLOCK_K tile over the full d (BLOCK_D columns per step), stored to S (ld ldS).
-template <typename Policy, typename TIn, int BI, int BJ, int BK, int BD>
-__device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, const TIn* __restrict__ y,
-                                                   const TIn* __restrict__ z, int64_t a0, int64_t NA, int64_t b0,
-                                                   int64_t NB, int64_t k0, int64_t NC, int64_t D,
-                                                   typename Policy::In* P, typename Policy::In* Cd, int ldP,
-                                                   typename Policy::Acc* S, int ldS) {
-  using In = typename Policy::In;
-  using Acc = typename Policy::Acc;
-  TileFor<Policy, BI * BJ, BK> acc;
-  acc.zero();
-  for (int64_t d0 = 0; d0 < D; d0 += BD) {
-    load_pair_products<In, Acc, TIn, BI, BJ>(P, ldP, BD, x, y, a0, NA, b0, NB, d0, D);
-    load_rows<In, Acc>(Cd, ldP, BK, BD, z, k0, NC, d0, D);
-    __syncthreads();
-    acc.template mma<true>(P, ldP, Cd, ldP, BD);
-    __syncthreads();
+// The cube backward's inputs, one kernel argument for both passes.
+template <typename T, typename TIn>
+struct CubeBackwardArgs {
+  const TIn *x, *y, *z;
+  const T *tau, *La, *Lb, *Lc, *gLa, *gLb, *gLc;
+  int64_t I, J, K, D;
+  CubeBackwardPlan plan;
+};
+
+// A backward unit (CTA) of a pass with `splits` splits: blockIdx.x = (outer * splits + split)
+// * num_slabs + slab; the slab is columns [col0, col0 + cols), chunks kCubeChunk-wide chunks.
+struct Unit {
+  int64_t outer, split, col0;
+  int cols, chunks;
+  __device__ Unit(const CubeBackwardPlan& plan, int64_t splits, int64_t D) {
+    const int64_t unit = blockIdx.x;
+    outer = unit / (plan.num_slabs * splits);
+    split = (unit / plan.num_slabs) % splits;
+    col0 = (unit % plan.num_slabs) * plan.slab;
+    cols = static_cast<int>(D - col0 < plan.slab ? D - col0 : plan.slab);
+    chunks = static_cast<int>(ceil_div(cols, kCubeChunk));
   }
-  acc.store(S, ldS);
+};
+
+// The backward passes' tile sizes and shared-memory regions (plan.h cube_backward_layout):
+// Op is the contraction's operand chunk (rows of z in pass "pairs", pair products in pass
+// "z"), W its accumulators (BP x slab, or BLOCK_K x slab), G the weights (transposed in "z").
+// Also the pass's tau (read from its device scalar).
+template <typename Policy, typename T>
+struct BackwardTiles : TileSizes<Policy> {
+  using typename TileSizes<Policy>::In;
+  using typename TileSizes<Policy>::Acc;
+  using TileSizes<Policy>::c;
+  static_assert(std::is_same<Acc, T>::value, "partial gradients are stored in the compute dtype");
+  static constexpr int ldOp = kCubeChunk + c.pad_in;
+  Acc *S, *W, *LA, *gA, *LB, *gB, *ref, *arow, *u, *LC, *gC, *bcol;
+  In *G, *P, *Cd, *Op;
+  int ldW;
+  Acc tau;
+  Unit unit;
+
+  // splits: the pass's split count (plan.pair_is or plan.z_is).
+  __device__ BackwardTiles(const CubeBackwardPlan& plan, bool z_pass, const T* tau_ptr, int64_t splits, int64_t D)
+      : tau(static_cast<Acc>(*tau_ptr)), unit(plan, splits, D) {
+    SK_DYNAMIC_SMEM(smem);
+    const int64_t slab = plan.slab;
+    constexpr TileConfig cfg = c;  // a local copy: the static member may not be ODR-used in device code
+    const CubeBackwardLayout l = cube_backward_layout(cfg, slab, z_pass);
+    Acc** acc[] = {&S, &W, &LA, &gA, &LB, &gB, &ref, &arow, &u, &LC, &gC, &bcol};
+    const std::size_t acc_at[] = {l.S, l.W, l.LA, l.gA, l.LB, l.gB, l.ref, l.arow, l.u, l.LC, l.gC, l.bcol};
+    for (int q = 0; q < 12; ++q) *acc[q] = reinterpret_cast<Acc*>(smem + acc_at[q]);
+    In** in[] = {&G, &P, &Cd, &Op};
+    const std::size_t in_at[] = {l.G, l.P, l.Cd, l.Op};
+    for (int q = 0; q < 4; ++q) *in[q] = reinterpret_cast<In*>(smem + in_at[q]);
+    ldW = static_cast<int>(slab) + c.pad_acc;
+  }
+};
+
+// G of the tile (pairs of i-block a0 and j-block b0) x (rows k0.. of z) in s.G (TRANSPOSED:
+// k-major, ld ldG), the logits recomputed over the full d; c0 from pair_factors.
+template <bool TRANSPOSED, typename Policy, typename T, typename TIn>
+__device__ __forceinline__ void tile_weights(const BackwardTiles<Policy, T>& s, const CubeBackwardArgs<T, TIn>& a,
+                                             int64_t a0, int64_t b0, int64_t k0, T c0, int ldG) {
+  using Tl = BackwardTiles<Policy, T>;
+  cube_tile_products<Policy, TIn, Tl::BI, Tl::BJ, Tl::BK, Tl::BD>(a.x, a.y, a.z, a0, a.I, b0, a.J, k0, a.K, a.D, s.P,
+                                                                  s.Cd, Tl::ldP, s.S, Tl::ldS);
+  tile_G<typename Tl::In, T, Tl::BP, Tl::BK, TRANSPOSED>(s.S, Tl::ldS, s.tau, s.ref, s.arow, s.u, c0, s.LC, s.gC, k0,
+                                                         a.K, s.bcol, s.G, ldG);
+}
+
+// W[:, chunk ch] += G (BM x kred, ld ldG) times the operand chunk s.Op (kred x kCubeChunk),
+// the accumulators resumed from and returned to shared memory. Every thread calls after
+// staging s.Op; the barriers order the staging before and the next staging after.
+template <int BM, typename Policy, typename T>
+__device__ __forceinline__ void contract_chunk(const BackwardTiles<Policy, T>& s, int ch, int ldG, int kred) {
+  __syncthreads();
+  TileFor<Policy, BM, kCubeChunk> w;
+  w.load(s.W + ch * kCubeChunk, s.ldW);
+  w.template mma<false>(s.G, ldG, s.Op, BackwardTiles<Policy, T>::ldOp, kred);
+  w.store(s.W + ch * kCubeChunk, s.ldW);
   __syncthreads();
 }
 
@@ -150,115 +201,54 @@ __device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, co
 // and sum_i x[i] * W to dy_part[is, j, slab] (its own rows: zero-filled by the launcher).
 template <typename T, typename TIn, typename Policy>
 __global__ void __launch_bounds__(kThreads)
-    cube_backward_pairs_kernel(const TIn* __restrict__ x, const TIn* __restrict__ y, const TIn* __restrict__ z,
-                               const T* __restrict__ tau_ptr, const T* __restrict__ La, const T* __restrict__ Lb,
-                               const T* __restrict__ Lc, const T* __restrict__ gLa, const T* __restrict__ gLb,
-                               const T* __restrict__ gLc, int64_t I, int64_t J, int64_t K, int64_t D,
-                               CubeBackwardPlan plan, T* __restrict__ dx_part, T* __restrict__ dy_part) {
-  using In = typename Policy::In;
-  using Acc = typename Policy::Acc;
-  static_assert(std::is_same<Acc, T>::value, "partial gradients are stored in the compute dtype");
-  constexpr TileConfig c = Policy::cfg;
-  constexpr int BLOCK_I = c.BLOCK_I, BLOCK_J = c.BLOCK_J, BLOCK_K = c.BLOCK_K, BLOCK_D = c.BLOCK_D;
-  constexpr int BP = BLOCK_I * BLOCK_J;
-  constexpr int ldS = BLOCK_K + c.pad_acc;
-  constexpr int ldG = BLOCK_K + c.pad_in;
-  constexpr int ldP = BLOCK_D + c.pad_in;
-  constexpr int ldOp = kCubeChunk + c.pad_in;
-  const int ldW = static_cast<int>(plan.slab) + c.pad_acc;
-  const CubeBackwardLayout lay = cube_backward_layout(c, plan.slab, false);
-
-  SK_DYNAMIC_SMEM(smem);
-  Acc* S = reinterpret_cast<Acc*>(smem + lay.S);
-  In* G = reinterpret_cast<In*>(smem + lay.G);
-  In* P = reinterpret_cast<In*>(smem + lay.P);
-  In* Cd = reinterpret_cast<In*>(smem + lay.Cd);
-  In* Zw = reinterpret_cast<In*>(smem + lay.Op);
-  Acc* W = reinterpret_cast<Acc*>(smem + lay.W);
-  Acc* LA_s = reinterpret_cast<Acc*>(smem + lay.LA);
-  Acc* gA_s = reinterpret_cast<Acc*>(smem + lay.gA);
-  Acc* LB_s = reinterpret_cast<Acc*>(smem + lay.LB);
-  Acc* gB_s = reinterpret_cast<Acc*>(smem + lay.gB);
-  Acc* ref = reinterpret_cast<Acc*>(smem + lay.ref);
-  Acc* arow = reinterpret_cast<Acc*>(smem + lay.arow);
-  Acc* u = reinterpret_cast<Acc*>(smem + lay.u);
-  Acc* LC_s = reinterpret_cast<Acc*>(smem + lay.LC);
-  Acc* gC_s = reinterpret_cast<Acc*>(smem + lay.gC);
-  Acc* bcol = reinterpret_cast<Acc*>(smem + lay.bcol);
-
-  const Acc tau = static_cast<Acc>(*tau_ptr);
-  const int t = threadIdx.x;
-  const int64_t unit = blockIdx.x;
-  const int64_t sl = unit % plan.num_slabs;
-  const int64_t is = (unit / plan.num_slabs) % plan.pair_is;
-  const int64_t js = unit / (plan.num_slabs * plan.pair_is);
-  const int64_t col0 = sl * plan.slab;
-  const int cols = static_cast<int>(D - col0 < plan.slab ? D - col0 : plan.slab);
-  const int chunks = static_cast<int>(ceil_div(cols, kCubeChunk));
+    cube_backward_pairs_kernel(CubeBackwardArgs<T, TIn> args, T* __restrict__ dx_part, T* __restrict__ dy_part) {
+  using Tl = BackwardTiles<Policy, T>;
+  using Acc = typename Tl::Acc;
+  constexpr int BLOCK_I = Tl::BI, BLOCK_J = Tl::BJ, BLOCK_K = Tl::BK, BP = Tl::BP, ldG = BLOCK_K + Tl::c.pad_in;
+  const auto [x, y, z, tau_ptr, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, plan] = args;
+  const Tl s(plan, false, tau_ptr, plan.pair_is, D);
+  const Unit& sl = s.unit;
+  const int64_t is = sl.split, js = sl.outer;  // outer: the j-split
 
   for (int64_t ib = split_begin(is, plan.num_ib, plan.pair_is); ib < split_begin(is + 1, plan.num_ib, plan.pair_is);
        ++ib) {
     const int64_t a0 = ib * BLOCK_I;
-    if (t < BLOCK_I) {
-      const bool ok = a0 + t < I;
-      LA_s[t] = ok ? static_cast<Acc>(La[a0 + t]) : Acc(0);
-      gA_s[t] = ok ? static_cast<Acc>(gLa[a0 + t]) : Acc(0);
-    }
+    load_vectors(s.LA, s.gA, La, gLa, a0, I, BLOCK_I);
     for (int64_t jb = split_begin(js, plan.num_jb, plan.pair_js);
          jb < split_begin(js + 1, plan.num_jb, plan.pair_js); ++jb) {
       const int64_t b0 = jb * BLOCK_J;
-      if (t < BLOCK_J) {
-        const bool ok = b0 + t < J;
-        LB_s[t] = ok ? static_cast<Acc>(Lb[b0 + t]) : Acc(0);
-        gB_s[t] = ok ? static_cast<Acc>(gLb[b0 + t]) : Acc(0);
-      }
-      for (int e = t; e < BP * ldW; e += kThreads) W[e] = Acc(0);
+      load_vectors(s.LB, s.gB, Lb, gLb, b0, J, BLOCK_J);
+      for (int e = threadIdx.x; e < BP * s.ldW; e += kThreads) s.W[e] = Acc(0);
       __syncthreads();
-      const Acc c0 = pair_factors<Acc, BLOCK_I, BLOCK_J>(LA_s, gA_s, LB_s, gB_s, a0, I, b0, J, ref, arow, u);
+      const Acc c0 = pair_factors<Acc, BLOCK_I, BLOCK_J>(s.LA, s.gA, s.LB, s.gB, a0, I, b0, J, s.ref, s.arow, s.u);
       for (int64_t k0 = 0; k0 < K; k0 += BLOCK_K) {
-        if (t < BLOCK_K) {
-          const bool ok = k0 + t < K;
-          LC_s[t] = ok ? static_cast<Acc>(Lc[k0 + t]) : Acc(0);
-          gC_s[t] = ok ? static_cast<Acc>(gLc[k0 + t]) : Acc(0);
-        }
-        cube_tile_products<Policy, TIn, BLOCK_I, BLOCK_J, BLOCK_K, BLOCK_D>(x, y, z, a0, I, b0, J, k0, K, D, P, Cd,
-                                                                            ldP, S, ldS);
-        tile_G<In, Acc, BP, BLOCK_K, false>(S, ldS, tau, ref, arow, u, c0, LC_s, gC_s, k0, K, bcol, G, ldG);
+        load_vectors(s.LC, s.gC, Lc, gLc, k0, K, BLOCK_K);
+        tile_weights<false>(s, args, a0, b0, k0, c0, ldG);
         // W[:, chunk] += G z[k0 : k0 + BLOCK_K, chunk], the accumulators resumed from shared memory.
-        for (int ch = 0; ch < chunks; ++ch) {
-          load_rows<In, Acc>(Zw, ldOp, BLOCK_K, kCubeChunk, z, k0, K, col0 + ch * kCubeChunk, D);
-          __syncthreads();
-          TileFor<Policy, BP, kCubeChunk> w;
-          w.load(W + ch * kCubeChunk, ldW);
-          w.template mma<false>(G, ldG, Zw, ldOp, BLOCK_K);
-          w.store(W + ch * kCubeChunk, ldW);
-          __syncthreads();
+        for (int ch = 0; ch < sl.chunks; ++ch) {
+          load_rows<typename Tl::In, Acc>(s.Op, Tl::ldOp, BLOCK_K, kCubeChunk, z, k0, K, sl.col0 + ch * kCubeChunk, D);
+          contract_chunk<BP>(s, ch, ldG, BLOCK_K);
         }
       }
       // dx_part[js, i] += sum_j y[j] * W[(i, j)] and dy_part[is, j] += sum_i x[i] * W[(i, j)].
-      for (int e = t; e < (BLOCK_I + BLOCK_J) * cols; e += kThreads) {
-        const int r = e / cols;
-        const int dd = e % cols;
-        const int64_t col = col0 + dd;
-        if (r < BLOCK_I) {
-          const int64_t a = a0 + r;
-          if (a < I) {
-            Acc v = Acc(0);
-            for (int bb = 0; bb < BLOCK_J && b0 + bb < J; ++bb) {
-              v += to_acc<Acc>(y[(b0 + bb) * D + col]) * W[(r * BLOCK_J + bb) * ldW + dd];
-            }
-            dx_part[(js * I + a) * D + col] += v;
+      for (int e = threadIdx.x; e < (BLOCK_I + BLOCK_J) * sl.cols; e += kThreads) {
+        const int r = e / sl.cols;
+        const int dd = e % sl.cols;
+        const int64_t col = sl.col0 + dd;
+        // Row r < BLOCK_I is x's row a0 + r against the j-block; the others y's rows against the i-block.
+        const bool is_x = r < BLOCK_I;
+        const int own = is_x ? r : r - BLOCK_I;
+        const int64_t row = (is_x ? a0 : b0) + own;
+        if (row < (is_x ? I : J)) {
+          const TIn* other = is_x ? y : x;
+          const int64_t o0 = is_x ? b0 : a0, o_end = is_x ? J : I;
+          Acc v = Acc(0);
+          for (int q = 0; q < (is_x ? BLOCK_J : BLOCK_I) && o0 + q < o_end; ++q) {
+            const int p = is_x ? own * BLOCK_J + q : q * BLOCK_J + own;
+            v += to_acc<Acc>(other[(o0 + q) * D + col]) * s.W[p * s.ldW + dd];
           }
-        } else {
-          const int bb = r - BLOCK_I;
-          const int64_t b = b0 + bb;
-          if (b < J) {
-            Acc v = Acc(0);
-            for (int aa = 0; aa < BLOCK_I && a0 + aa < I; ++aa) {
-              v += to_acc<Acc>(x[(a0 + aa) * D + col]) * W[(aa * BLOCK_J + bb) * ldW + dd];
-            }
-            dy_part[(is * J + b) * D + col] += v;
-          }
+          T* out = is_x ? dx_part + (js * I + row) * D : dy_part + (is * J + row) * D;
+          out[col] += v;
         }
       }
       __syncthreads();
@@ -271,94 +261,36 @@ __global__ void __launch_bounds__(kThreads)
 // logits recomputed once per (i-block, j-block) tile.
 template <typename T, typename TIn, typename Policy>
 __global__ void __launch_bounds__(kThreads)
-    cube_backward_z_kernel(const TIn* __restrict__ x, const TIn* __restrict__ y, const TIn* __restrict__ z,
-                           const T* __restrict__ tau_ptr, const T* __restrict__ La, const T* __restrict__ Lb,
-                           const T* __restrict__ Lc, const T* __restrict__ gLa, const T* __restrict__ gLb,
-                           const T* __restrict__ gLc, int64_t I, int64_t J, int64_t K, int64_t D,
-                           CubeBackwardPlan plan, T* __restrict__ dz_part) {
-  using In = typename Policy::In;
-  using Acc = typename Policy::Acc;
-  static_assert(std::is_same<Acc, T>::value, "partial gradients are stored in the compute dtype");
-  constexpr TileConfig c = Policy::cfg;
-  constexpr int BLOCK_I = c.BLOCK_I, BLOCK_J = c.BLOCK_J, BLOCK_K = c.BLOCK_K, BLOCK_D = c.BLOCK_D;
-  constexpr int BP = BLOCK_I * BLOCK_J;
-  constexpr int ldS = BLOCK_K + c.pad_acc;
-  constexpr int ldGt = BP + c.pad_in;
-  constexpr int ldP = BLOCK_D + c.pad_in;
-  constexpr int ldOp = kCubeChunk + c.pad_in;
-  const int ldV = static_cast<int>(plan.slab) + c.pad_acc;
-  const CubeBackwardLayout lay = cube_backward_layout(c, plan.slab, true);
+    cube_backward_z_kernel(CubeBackwardArgs<T, TIn> args, T* __restrict__ dz_part) {
+  using Tl = BackwardTiles<Policy, T>;
+  constexpr int BLOCK_I = Tl::BI, BLOCK_J = Tl::BJ, BLOCK_K = Tl::BK, BP = Tl::BP, ldGt = BP + Tl::c.pad_in;
+  const auto [x, y, z, tau_ptr, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, plan] = args;
+  const Tl s(plan, true, tau_ptr, plan.z_is, D);
+  const int64_t is = s.unit.split, k0 = s.unit.outer * BLOCK_K;  // outer: the k-block
+  const Unit& sl = s.unit;
 
-  SK_DYNAMIC_SMEM(smem);
-  Acc* S = reinterpret_cast<Acc*>(smem + lay.S);
-  In* Gt = reinterpret_cast<In*>(smem + lay.G);
-  In* P = reinterpret_cast<In*>(smem + lay.P);
-  In* Cd = reinterpret_cast<In*>(smem + lay.Cd);
-  In* Pw = reinterpret_cast<In*>(smem + lay.Op);
-  Acc* V = reinterpret_cast<Acc*>(smem + lay.W);
-  Acc* LA_s = reinterpret_cast<Acc*>(smem + lay.LA);
-  Acc* gA_s = reinterpret_cast<Acc*>(smem + lay.gA);
-  Acc* LB_s = reinterpret_cast<Acc*>(smem + lay.LB);
-  Acc* gB_s = reinterpret_cast<Acc*>(smem + lay.gB);
-  Acc* ref = reinterpret_cast<Acc*>(smem + lay.ref);
-  Acc* arow = reinterpret_cast<Acc*>(smem + lay.arow);
-  Acc* u = reinterpret_cast<Acc*>(smem + lay.u);
-  Acc* LC_s = reinterpret_cast<Acc*>(smem + lay.LC);
-  Acc* gC_s = reinterpret_cast<Acc*>(smem + lay.gC);
-  Acc* bcol = reinterpret_cast<Acc*>(smem + lay.bcol);
-
-  const Acc tau = static_cast<Acc>(*tau_ptr);
-  const int t = threadIdx.x;
-  const int64_t unit = blockIdx.x;
-  const int64_t sl = unit % plan.num_slabs;
-  const int64_t is = (unit / plan.num_slabs) % plan.z_is;
-  const int64_t k0 = unit / (plan.num_slabs * plan.z_is) * BLOCK_K;
-  const int64_t col0 = sl * plan.slab;
-  const int cols = static_cast<int>(D - col0 < plan.slab ? D - col0 : plan.slab);
-  const int chunks = static_cast<int>(ceil_div(cols, kCubeChunk));
-
-  if (t < BLOCK_K) {
-    const bool ok = k0 + t < K;
-    LC_s[t] = ok ? static_cast<Acc>(Lc[k0 + t]) : Acc(0);
-    gC_s[t] = ok ? static_cast<Acc>(gLc[k0 + t]) : Acc(0);
-  }
-  for (int e = t; e < BLOCK_K * ldV; e += kThreads) V[e] = Acc(0);
-
+  load_vectors(s.LC, s.gC, Lc, gLc, k0, K, BLOCK_K);
+  for (int e = threadIdx.x; e < BLOCK_K * s.ldW; e += kThreads) s.W[e] = T(0);
   for (int64_t ib = split_begin(is, plan.num_ib, plan.z_is); ib < split_begin(is + 1, plan.num_ib, plan.z_is); ++ib) {
     const int64_t a0 = ib * BLOCK_I;
     for (int64_t b0 = 0; b0 < J; b0 += BLOCK_J) {
-      if (t < BLOCK_I) {
-        const bool ok = a0 + t < I;
-        LA_s[t] = ok ? static_cast<Acc>(La[a0 + t]) : Acc(0);
-        gA_s[t] = ok ? static_cast<Acc>(gLa[a0 + t]) : Acc(0);
-      }
-      if (t < BLOCK_J) {
-        const bool ok = b0 + t < J;
-        LB_s[t] = ok ? static_cast<Acc>(Lb[b0 + t]) : Acc(0);
-        gB_s[t] = ok ? static_cast<Acc>(gLb[b0 + t]) : Acc(0);
-      }
+      load_vectors(s.LA, s.gA, La, gLa, a0, I, BLOCK_I);
+      load_vectors(s.LB, s.gB, Lb, gLb, b0, J, BLOCK_J);
       __syncthreads();
-      const Acc c0 = pair_factors<Acc, BLOCK_I, BLOCK_J>(LA_s, gA_s, LB_s, gB_s, a0, I, b0, J, ref, arow, u);
-      cube_tile_products<Policy, TIn, BLOCK_I, BLOCK_J, BLOCK_K, BLOCK_D>(x, y, z, a0, I, b0, J, k0, K, D, P, Cd,
-                                                                          ldP, S, ldS);
-      tile_G<In, Acc, BP, BLOCK_K, true>(S, ldS, tau, ref, arow, u, c0, LC_s, gC_s, k0, K, bcol, Gt, ldGt);
-      // V[:, chunk] += G^T (x * y)[pairs, chunk].
-      for (int ch = 0; ch < chunks; ++ch) {
-        load_pair_products<In, Acc, TIn, BLOCK_I, BLOCK_J>(Pw, ldOp, kCubeChunk, x, y, a0, I, b0, J,
-                                                           col0 + ch * kCubeChunk, D);
-        __syncthreads();
-        TileFor<Policy, BLOCK_K, kCubeChunk> v;
-        v.load(V + ch * kCubeChunk, ldV);
-        v.template mma<false>(Gt, ldGt, Pw, ldOp, BP);
-        v.store(V + ch * kCubeChunk, ldV);
-        __syncthreads();
+      const T c0 = pair_factors<T, BLOCK_I, BLOCK_J>(s.LA, s.gA, s.LB, s.gB, a0, I, b0, J, s.ref, s.arow, s.u);
+      tile_weights<true>(s, args, a0, b0, k0, c0, ldGt);
+      // V[:, chunk] += G^T (x * y)[pairs, chunk], V (in W) resumed from shared memory.
+      for (int ch = 0; ch < sl.chunks; ++ch) {
+        load_pair_products<typename Tl::In, T, TIn, BLOCK_I, BLOCK_J>(s.Op, Tl::ldOp, kCubeChunk, x, y, a0, I, b0, J,
+                                                           sl.col0 + ch * kCubeChunk, D);
+        contract_chunk<BLOCK_K>(s, ch, ldGt, BP);
       }
     }
   }
-  for (int e = t; e < BLOCK_K * cols; e += kThreads) {
-    const int kk = e / cols;
-    const int dd = e % cols;
-    if (k0 + kk < K) dz_part[(is * K + k0 + kk) * D + col0 + dd] = V[kk * ldV + dd];
+  for (int e = threadIdx.x; e < BLOCK_K * sl.cols; e += kThreads) {
+    const int kk = e / sl.cols;
+    const int dd = e % sl.cols;
+    if (k0 + kk < K) dz_part[(is * K + k0 + kk) * D + sl.col0 + dd] = s.W[kk * s.ldW + dd];
   }
 }
 
@@ -410,10 +342,9 @@ cudaError_t launch_backward(const TIn* x, const TIn* y, const TIn* z, const T* t
   T* dtau_part = work + plan.dtau_part;
   // dx_part and dy_part accumulate (each row in one unit); dz_part is written once.
   SK_LAUNCH(fill_kernel<T>, grid_for(plan.dz_part), 0, stream, work, plan.dz_part, T(0));
-  SK_LAUNCH(pairs_pass, static_cast<unsigned>(plan.pair_units), plan.pair_smem, stream, x, y, z, tau, La, Lb, Lc,
-            gLa, gLb, gLc, I, J, K, D, plan, dx_part, dy_part);
-  SK_LAUNCH(z_pass, static_cast<unsigned>(plan.z_units), plan.z_smem, stream, x, y, z, tau, La, Lb, Lc, gLa, gLb,
-            gLc, I, J, K, D, plan, dz_part);
+  const CubeBackwardArgs<T, TIn> args{x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, plan};
+  SK_LAUNCH(pairs_pass, static_cast<unsigned>(plan.pair_units), plan.pair_smem, stream, args, dx_part, dy_part);
+  SK_LAUNCH(z_pass, static_cast<unsigned>(plan.z_units), plan.z_smem, stream, args, dz_part);
   auto reduce = reduce_parts_kernel<T, TIn>;
   // dx = tau * sum_js dx_part and dtau = sum_i <x[i], dx[i]> / tau (docs/math.md section 2).
   SK_LAUNCH(reduce, static_cast<unsigned>(plan.reduce_ctas), 0, stream, dx_part,
@@ -458,10 +389,7 @@ cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T*
                                                  const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, \
                                                  int64_t, int, const CubeBackwardPlan&, T*, TIn*, TIn*, TIn*, T*, \
                                                  cudaStream_t);
-SK_INSTANTIATE(float, float)
-SK_INSTANTIATE(double, double)
-SK_INSTANTIATE(float, __nv_bfloat16)
-SK_INSTANTIATE(float, __half)
+SK_FOR_EACH_ROW_TYPE(SK_INSTANTIATE)
 #undef SK_INSTANTIATE
 
 }  // namespace symile_cuda

@@ -22,6 +22,9 @@
 
 namespace symile_cuda {
 
+// Calls M(T, TIn) for every (compute type, row type) pair the launchers are built for.
+#define SK_FOR_EACH_ROW_TYPE(M) M(float, float) M(double, double) M(float, __nv_bfloat16) M(float, __half)
+
 // La (I,), Lb (J,), Lc (K,) of the cube tau * T[i,j,k] (docs/math.md section 2).
 // Workspace ((max, sum) pairs): La_part (2 * plan.num_js * I), Lb_part (2 * plan.ctas * J),
 // Lc_part (2 * plan.ctas * K)

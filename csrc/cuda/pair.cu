@@ -12,24 +12,32 @@
 namespace symile_cuda {
 namespace {
 
+// The raw products S[r, k] = <A[a0 + r], B[b0 + k]> of a BP x BLOCK_K tile over the full d.
+template <typename Policy, typename TIn>
+__device__ __forceinline__ void pair_tile_products(const TIn* __restrict__ A, int64_t a0, int64_t NA,
+                                                   const TIn* __restrict__ B, int64_t b0, int64_t NB, int64_t D,
+                                                   typename Policy::In* P, typename Policy::In* Cd,
+                                                   typename Policy::Acc* S) {
+  using In = typename Policy::In;
+  using Acc = typename Policy::Acc;
+  constexpr TileConfig c = Policy::cfg;
+  constexpr int BP = c.BLOCK_I * c.BLOCK_J, BK = c.BLOCK_K, BD = c.BLOCK_D, ldP = BD + c.pad_in;
+  tile_products<Policy, BP, BK, BD>(
+      D, [&](int64_t d0) { load_rows<In, Acc>(P, ldP, BP, BD, A, a0, NA, d0, D); },
+      [&](int64_t d0) { load_rows<In, Acc>(Cd, ldP, BK, BD, B, b0, NB, d0, D); }, P, Cd, ldP, S,
+      BK + c.pad_acc);
+}
+
 template <typename T, typename TIn, typename Policy>
 __global__ void __launch_bounds__(kThreads)
     pair_forward_kernel(const TIn* __restrict__ a, const TIn* __restrict__ b, const T* __restrict__ pos,
                         const T* __restrict__ tau_ptr, int64_t I, int64_t J, int64_t D, T* __restrict__ L) {
-  using In = typename Policy::In;
-  using Acc = typename Policy::Acc;
-  constexpr TileConfig c = Policy::cfg;
-  constexpr int BP = c.BLOCK_I * c.BLOCK_J, BLOCK_K = c.BLOCK_K, BLOCK_D = c.BLOCK_D;
-  constexpr int ldS = BLOCK_K + c.pad_acc;
-  constexpr int ldP = BLOCK_D + c.pad_in;
-  constexpr ForwardLayout lay = forward_layout(c);
-
+  using Tl = ForwardTiles<Policy>;
+  using Acc = typename Tl::Acc;
+  constexpr int BP = Tl::BP, BLOCK_K = Tl::BK, ldS = Tl::ldS;
   SK_DYNAMIC_SMEM(smem);
-  Acc* S = reinterpret_cast<Acc*>(smem + lay.S);
-  In* P = reinterpret_cast<In*>(smem + lay.P);
-  In* Zs = reinterpret_cast<In*>(smem + lay.Z);
-  Acc* row_m = reinterpret_cast<Acc*>(smem + lay.pair_m);
-  Acc* row_s = reinterpret_cast<Acc*>(smem + lay.pair_s);
+  const Tl s(smem);
+  Acc *S = s.S, *row_m = s.pair_m, *row_s = s.pair_s;
 
   const Acc tau = static_cast<Acc>(*tau_ptr);
   const int t = threadIdx.x;
@@ -39,17 +47,7 @@ __global__ void __launch_bounds__(kThreads)
     row_s[t] = Acc(0);
   }
   for (int64_t c0 = 0; c0 < J; c0 += BLOCK_K) {
-    TileFor<Policy, BP, BLOCK_K> acc;
-    acc.zero();
-    for (int64_t d0 = 0; d0 < D; d0 += BLOCK_D) {
-      load_rows<In, Acc>(P, ldP, BP, BLOCK_D, a, r0, I, d0, D);
-      load_rows<In, Acc>(Zs, ldP, BLOCK_K, BLOCK_D, b, c0, J, d0, D);
-      __syncthreads();
-      acc.template mma<true>(P, ldP, Zs, ldP, BLOCK_D);
-      __syncthreads();
-    }
-    acc.store(S, ldS);
-    __syncthreads();
+    pair_tile_products<Policy, TIn>(a, r0, I, b, c0, J, D, s.P, s.Z, S);
     for (int e = t; e < BP * BLOCK_K; e += kThreads) {
       const int r = e / BLOCK_K;
       const int kk = e % BLOCK_K;
@@ -84,11 +82,10 @@ __global__ void __launch_bounds__(kThreads)
   using In = typename Policy::In;
   using Acc = typename Policy::Acc;
   constexpr TileConfig c = Policy::cfg;
-  constexpr int BP = c.BLOCK_I * c.BLOCK_J, BLOCK_K = c.BLOCK_K, BLOCK_D = c.BLOCK_D, BLOCK_DW = c.BLOCK_DW;
+  constexpr int BP = c.BLOCK_I * c.BLOCK_J, BLOCK_K = c.BLOCK_K, BLOCK_DW = c.BLOCK_DW;
   static_assert(BLOCK_K <= BP, "column statistics reuse the BP-sized vectors of the layout");
   constexpr int ldS = BLOCK_K + c.pad_acc;
   constexpr int ldG = BLOCK_K + c.pad_in;
-  constexpr int ldP = BLOCK_D + c.pad_in;
   constexpr int ldCw = BLOCK_DW + c.pad_in;
   constexpr int ldW = BLOCK_DW + c.pad_acc;
   constexpr BackwardLayout lay = backward_layout(c);
@@ -128,16 +125,7 @@ __global__ void __launch_bounds__(kThreads)
       gL_s[t] = ok ? static_cast<Acc>(gL[c0 + t]) : Acc(0);
       pos_s[t] = ok ? static_cast<Acc>(pos[c0 + t]) : Acc(0);
     }
-    TileFor<Policy, BP, BLOCK_K> s;
-    s.zero();
-    for (int64_t d0 = 0; d0 < D; d0 += BLOCK_D) {
-      load_rows<In, Acc>(P, ldP, BP, BLOCK_D, R, r0, NR, d0, D);
-      load_rows<In, Acc>(Cd, ldP, BLOCK_K, BLOCK_D, Cm, c0, NC, d0, D);
-      __syncthreads();
-      s.template mma<true>(P, ldP, Cd, ldP, BLOCK_D);
-      __syncthreads();
-    }
-    s.store(S, ldS);
+    pair_tile_products<Policy, TIn>(R, r0, NR, Cm, c0, NC, D, P, Cd, S);
     load_rows<In, Acc>(Cw, ldCw, BLOCK_K, BLOCK_DW, Cm, c0, NC, dw0, D);
     __syncthreads();
     for (int e = t; e < BP * BLOCK_K; e += kThreads) {
@@ -244,10 +232,7 @@ cudaError_t pair_lse_backward(const TIn* a, const TIn* b, const T* pos, const T*
                                                 int64_t, int, T*, cudaStream_t);                                   \
   template cudaError_t pair_lse_backward<T, TIn>(const TIn*, const TIn*, const T*, const T*, const T*, const T*,   \
                                                  int64_t, int64_t, int64_t, int, T*, TIn*, TIn*, T*, T*, cudaStream_t);
-SK_INSTANTIATE(float, float)
-SK_INSTANTIATE(double, double)
-SK_INSTANTIATE(float, __nv_bfloat16)
-SK_INSTANTIATE(float, __half)
+SK_FOR_EACH_ROW_TYPE(SK_INSTANTIATE)
 #undef SK_INSTANTIATE
 
 }  // namespace symile_cuda

@@ -96,21 +96,17 @@ __device__ __forceinline__ T neg_inf() {
 // Two names for one function, so the emulation counts them apart (docs/math.md section 5's
 // bound is on the first): exp_ is evaluated per cube element (tile epilogues), vexp_ per
 // row, column, tile or partial LSE (o(1) per element: 1/BLOCK_K, 1/BLOCK_P or 1/N of them).
-__device__ __forceinline__ float exp_(float v) {
+__device__ __forceinline__ float exp_raw(float v) { return expf(v); }
+__device__ __forceinline__ double exp_raw(double v) { return exp(v); }
+template <typename T>
+__device__ __forceinline__ T exp_(T v) {
   SK_COUNT_EXP();
-  return expf(v);
+  return exp_raw(v);
 }
-__device__ __forceinline__ double exp_(double v) {
-  SK_COUNT_EXP();
-  return exp(v);
-}
-__device__ __forceinline__ float vexp_(float v) {
+template <typename T>
+__device__ __forceinline__ T vexp_(T v) {
   SK_COUNT_VEXP();
-  return expf(v);
-}
-__device__ __forceinline__ double vexp_(double v) {
-  SK_COUNT_VEXP();
-  return exp(v);
+  return exp_raw(v);
 }
 __device__ __forceinline__ float log_(float v) { return logf(v); }
 __device__ __forceinline__ double log_(double v) { return log(v); }
@@ -263,6 +259,35 @@ template <typename Policy, int BM, int BN>
 using TileFor = typename std::conditional<Policy::kWmma, WmmaTile<typename Policy::In, BM, BN>,
                                           SimtTile<typename Policy::Acc, BM, BN>>::type;
 
+// A policy's tile sizes and the leading dimensions of its logit (S) and operand (P) tiles.
+template <typename Policy>
+struct TileSizes {
+  using In = typename Policy::In;
+  using Acc = typename Policy::Acc;
+  static constexpr TileConfig c = Policy::cfg;
+  static constexpr int BI = c.BLOCK_I, BJ = c.BLOCK_J, BK = c.BLOCK_K, BD = c.BLOCK_D, BP = BI * BJ;
+  static constexpr int ldS = BK + c.pad_acc, ldP = BD + c.pad_in;
+};
+
+// The forward kernels' shared-memory regions (plan.h forward_layout).
+template <typename Policy>
+struct ForwardTiles : TileSizes<Policy> {
+  using typename TileSizes<Policy>::In;
+  using typename TileSizes<Policy>::Acc;
+  using TileSizes<Policy>::c;
+  Acc *S, *pair_m, *pair_s, *row_M, *row_S, *colm, *colo, *cols, *roww;
+  In *P, *Z;
+
+  __device__ explicit ForwardTiles(unsigned char* smem) {
+    constexpr ForwardLayout l = forward_layout(c);
+    Acc** acc[] = {&S, &pair_m, &pair_s, &row_M, &row_S, &colm, &colo, &cols, &roww};
+    const std::size_t acc_at[] = {l.S, l.pair_m, l.pair_s, l.row_l, l.row_ls, l.colm, l.colo, l.cols, l.roww};
+    for (int q = 0; q < 9; ++q) *acc[q] = reinterpret_cast<Acc*>(smem + acc_at[q]);
+    P = reinterpret_cast<In*>(smem + l.P);
+    Z = reinterpret_cast<In*>(smem + l.Z);
+  }
+};
+
 // ---------------------------------------------------------------------------
 // Operand loaders: copy a rows x BLOCK_D chunk into shared memory, zero outside
 // the tensors (tails of rows and of d are handled here, not by padded copies).
@@ -299,6 +324,56 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
 }
 
 // ---------------------------------------------------------------------------
+// S (BM x BN logits' raw products, ld ldS) = A B^T over the full d, BD columns per step:
+// load_a(d0) stages A's BM x BD chunk in P and load_b(d0) B's BN x BD chunk in Cd (both
+// ld ldP, zero-filled outside the tensors). Every thread calls; S is ready on return.
+template <typename Policy, int BM, int BN, int BD, typename LoadA, typename LoadB>
+__device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&& load_b, const typename Policy::In* P,
+                                              const typename Policy::In* Cd, int ldP, typename Policy::Acc* S,
+                                              int ldS) {
+  TileFor<Policy, BM, BN> acc;
+  acc.zero();
+  for (int64_t d0 = 0; d0 < D; d0 += BD) {
+    load_a(d0);
+    load_b(d0);
+    __syncthreads();
+    acc.template mma<true>(P, ldP, Cd, ldP, BD);
+    __syncthreads();
+  }
+  acc.store(S, ldS);
+  __syncthreads();
+}
+
+// An LSE vector and its gradient for rows [r0, r0 + count) of n: L_s, g_s (0 outside).
+template <typename Acc, typename T>
+__device__ __forceinline__ void load_vectors(Acc* L_s, Acc* g_s, const T* __restrict__ L, const T* __restrict__ g,
+                                             int64_t r0, int64_t n, int count) {
+  const int t = threadIdx.x;
+  if (t < count) {
+    const bool ok = r0 + t < n;
+    L_s[t] = ok ? static_cast<Acc>(L[r0 + t]) : Acc(0);
+    g_s[t] = ok ? static_cast<Acc>(g[r0 + t]) : Acc(0);
+  }
+}
+
+// Max and sum over groups of LANES adjacent lanes (a power of two <= 32) by butterfly
+// shuffles: every lane of the group gets the result; every lane of the warp must call.
+template <int LANES, typename T>
+__device__ __forceinline__ T lanes_max(T v) {
+  static_assert(LANES >= 1 && LANES <= 32 && (LANES & (LANES - 1)) == 0, "lanes: a power of two <= 32");
+#pragma unroll
+  for (int off = LANES / 2; off > 0; off /= 2) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+template <int LANES, typename T>
+__device__ __forceinline__ T lanes_sum(T v) {
+  static_assert(LANES >= 1 && LANES <= 32 && (LANES & (LANES - 1)) == 0, "lanes: a power of two <= 32");
+#pragma unroll
+  for (int off = LANES / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 // Row log-sum-exp of a shared-memory tile (masked entries hold -inf).
 // Each row gets kThreads / rows adjacent lanes; the result goes to
 // the lane with q == 0 through butterfly shuffles, so every thread must call.
@@ -311,14 +386,12 @@ __device__ __forceinline__ void tile_row_stats(const Acc* S, int ld, int& row, A
   const int q = threadIdx.x % TPR;
   m = neg_inf<Acc>();
   for (int c = q; c < COLS; c += TPR) m = fmax(m, S[row * ld + c]);
-#pragma unroll
-  for (int off = TPR / 2; off > 0; off /= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
+  m = lanes_max<TPR>(m);
   s = Acc(0);
   if (m != neg_inf<Acc>()) {
     for (int c = q; c < COLS; c += TPR) s += exp_(S[row * ld + c] - m);
   }
-#pragma unroll
-  for (int off = TPR / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+  s = lanes_sum<TPR>(s);
   leader = q == 0;
 }
 
@@ -345,8 +418,7 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     const int q = threadIdx.x % TPC;
     Acc m = ninf;
     for (int r = q; r < ROWS; r += TPC) m = fmax(m, S[r * ld + col]);
-#pragma unroll
-    for (int off = TPC / 2; off > 0; off /= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
+    m = lanes_max<TPC>(m);
     if (q == 0) colm[col] = m;
   }
   __syncthreads();
@@ -366,8 +438,7 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     if (m != ninf) {
       for (int r = q; r < ROWS; r += TPC) s += exp_(S[r * ld + col] - m);
     }
-#pragma unroll
-    for (int off = TPC / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+    s = lanes_sum<TPC>(s);
     if (q == 0) {
       colo[col] = m;
       cols[col] = s;
@@ -379,16 +450,14 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     const int q = threadIdx.x % TPR;
     Acc m = ninf;
     for (int c = q; c < COLS; c += TPR) m = fmax(m, S[row * ld + c]);
-#pragma unroll
-    for (int off = TPR / 2; off > 0; off /= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
+    m = lanes_max<TPR>(m);
     Acc s = Acc(0);
     for (int c = q; c < COLS; c += TPR) {
       const Acc e = m == ninf ? Acc(0) : exp_(S[row * ld + c] - m);  // the shared exponential
       S[row * ld + c] = e;
       s += e;
     }
-#pragma unroll
-    for (int off = TPR / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+    s = lanes_sum<TPR>(s);
     if (q == 0) {
       merge_running(row_M[row], row_S[row], m, s);
       if (share) roww[row] = m == ninf ? Acc(0) : vexp_(m - cmax);
@@ -400,8 +469,7 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     const int q = threadIdx.x % TPC;
     Acc s = Acc(0);
     for (int r = q; r < ROWS; r += TPC) s += S[r * ld + col] * roww[r];
-#pragma unroll
-    for (int off = TPC / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+    s = lanes_sum<TPC>(s);
     // A valid column's largest term is exp(its max - cmax) >= e^-60: s > 0.
     if (q == 0) {
       colo[col] = colm[col] == ninf ? ninf : cmax;
