@@ -233,12 +233,15 @@ Tensor pair_lse_forward(const Tensor& a, const Tensor& b, const Tensor& pos, con
   check_pair(op, a, b, pos, tau, mode);
   const int64_t I = a.size(0), J = b.size(0), D = a.size(1);
   const DeviceCall call(a, mode, op);
+  const symile_cuda::PairPlan plan = symile_cuda::plan_pair(I, J, D, call.cfg, call.info.sms);
   Tensor L = at::empty({I}, pos.options());
-  call.launch(symile_cuda::plan_pair_forward(I, call.cfg).smem, [&](auto t_tag, auto in_tag) {
+  Tensor L_part = at::empty({plan.forward_workspace}, pos.options());
+  call.launch(plan.forward_smem, [&](auto t_tag, auto in_tag) {
     using T = decltype(t_tag);
     using TIn = decltype(in_tag);
     return symile_cuda::pair_lse_forward<T, TIn>(cptr<TIn>(a), cptr<TIn>(b), cptr<T>(pos), cptr<T>(tau), I, J, D,
-                                                 static_cast<int>(mode), mptr<T>(L), call.stream);
+                                                 static_cast<int>(mode), plan, mptr<T>(L_part), mptr<T>(L),
+                                                 call.stream);
   });
   return L;
 }
@@ -251,15 +254,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pair_lse_backward(const Tensor& a, co
   const int64_t I = a.size(0), J = b.size(0), D = a.size(1);
   check_vectors(op, a, "a", {{L, "L", I}, {gL, "gL", I}});
   const DeviceCall call(a, mode, op);
-  const symile_cuda::BackwardPlan plan = symile_cuda::plan_backward(I, D, symile_cuda::tile_pairs(call.cfg), call.cfg);
+  const symile_cuda::PairPlan plan = symile_cuda::plan_pair(I, J, D, call.cfg, call.info.sms);
   Tensor da = at::empty_like(a), db = at::empty_like(b), dpos = at::empty_like(pos), dtau = at::empty_like(tau);
-  Tensor dtau_part = at::empty({plan.units}, pos.options());
-  call.launch(plan.smem, [&](auto t_tag, auto in_tag) {
+  Tensor workspace = at::empty({plan.backward_workspace}, pos.options());
+  call.launch(plan.backward_smem, [&](auto t_tag, auto in_tag) {
     using T = decltype(t_tag);
     using TIn = decltype(in_tag);
     return symile_cuda::pair_lse_backward<T, TIn>(cptr<TIn>(a), cptr<TIn>(b), cptr<T>(pos), cptr<T>(tau),
-                                                  cptr<T>(L), cptr<T>(gL), I, J, D, static_cast<int>(mode),
-                                                  mptr<T>(dtau_part), mptr<TIn>(da), mptr<TIn>(db), mptr<T>(dpos),
+                                                  cptr<T>(L), cptr<T>(gL), I, J, D, static_cast<int>(mode), plan,
+                                                  mptr<T>(workspace), mptr<TIn>(da), mptr<TIn>(db), mptr<T>(dpos),
                                                   mptr<T>(dtau), call.stream);
   });
   return {da, db, dpos, dtau};

@@ -46,15 +46,16 @@ cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T*
 
 // a (I, D), b (J, D) with I <= J, pos (I,). L (I,): L[i] = LSE_{j < J} l[i, j],
 // l[i, j] = tau <a[i], b[j]> (j != i), l[i, i] = pos[i] (docs/math.md section 3).
+// plan: plan_pair(I, J, D, cfg, num_sms) for the rows' config; L_part: plan.forward_workspace.
 template <typename T, typename TIn>
 cudaError_t pair_lse_forward(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I, int64_t J, int64_t D,
-                             int mode, T* L, cudaStream_t stream);
+                             int mode, const PairPlan& plan, T* L_part, T* L, cudaStream_t stream);
 
 // da (I, D), db (J, D), dpos (I,) and dtau of sum_i gL[i] L[i].
-// Workspace: dtau_part (plan_backward(I, D, tile_pairs(cfg), cfg).units).
+// Workspace: plan.backward_workspace elements of T.
 template <typename T, typename TIn>
 cudaError_t pair_lse_backward(const TIn* a, const TIn* b, const T* pos, const T* tau, const T* L, const T* gL,
-                              int64_t I, int64_t J, int64_t D, int mode, T* dtau_part, TIn* da, TIn* db, T* dpos,
-                              T* dtau, cudaStream_t stream);
+                              int64_t I, int64_t J, int64_t D, int mode, const PairPlan& plan, T* workspace, TIn* da,
+                              TIn* db, T* dpos, T* dtau, cudaStream_t stream);
 
 }  // namespace symile_cuda

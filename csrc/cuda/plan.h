@@ -159,23 +159,6 @@ inline CubeForwardPlan plan_cube_forward(int64_t I, int64_t J, int64_t K, const 
 // j-blocks [first, last) of split js (every split gets at least one when num_js <= num_jb).
 SK_HD inline int64_t split_begin(int64_t js, int64_t num_jb, int64_t num_js) { return js * num_jb / num_js; }
 
-// Cube backward (one launch per anchor: x, then y, then z) and pair backward:
-// CTA u owns output rows [ab * rows, (ab + 1) * rows) x columns [dw * BLOCK_DW, ...)
-// with ab = u / num_dw, dw = u % num_dw. No two CTAs write the same output.
-struct BackwardPlan {
-  int64_t num_ab = 0, num_dw = 0, units = 0;
-  std::size_t smem = 0;
-};
-
-inline BackwardPlan plan_backward(int64_t rows, int64_t D, int64_t rows_per_cta, const TileConfig& c) {
-  BackwardPlan p;
-  p.num_ab = ceil_div(rows, rows_per_cta);
-  p.num_dw = ceil_div(D, c.BLOCK_DW);
-  p.units = p.num_ab * p.num_dw;
-  p.smem = backward_layout(c).total;
-  return p;
-}
-
 // Cube backward (docs/math.md section 2): two passes, each recomputing the logits
 // once over the full d (in BLOCK_D chunks) and contracting G with full-d accumulators
 // kept in shared memory (rows x slab floats, kCubeChunk columns per tile product):
@@ -280,16 +263,56 @@ inline CubeBackwardPlan plan_cube_backward(int64_t I, int64_t J, int64_t K, int6
   return p;
 }
 
-// Pair forward: CTA b owns rows [b * BP, (b + 1) * BP) of a.
-struct PairForwardPlan {
-  int64_t blocks = 0;
-  std::size_t smem = 0;
+// Pair ops (a: I rows, b: J rows). Every kernel splits its column loop as well as its rows,
+// so that small I still fills the GPU (I = 4096 is 64 row blocks of 64 rows):
+// * forward: unit (rb, sp) = rows [rb * BP, ...) of a against the column blocks of split sp
+//   (of b's J rows, BLOCK_K per block); it writes its rows' partial LSE as (max, sum) pairs
+//   to L_part (2 x f_splits x I), combined in a fixed order;
+// * backward "rows" (da, dpos, dtau): unit (rb, sp, dw) = rows of a x output columns
+//   [dw * BLOCK_DW, ...) against the column blocks of split sp, writing da_part[sp];
+// * backward "cols" (db): the same with a and b swapped (rows of b against blocks of a's I
+//   columns), writing db_part[sp].
+// The partial gradients are summed over their splits in a fixed order (reduce_parts_kernel).
+struct PairPlan {
+  int64_t f_row_blocks = 0, f_col_blocks = 0, f_splits = 0, f_units = 0;
+  int64_t num_dw = 0;
+  int64_t a_row_blocks = 0, a_col_blocks = 0, a_splits = 0, a_units = 0;
+  int64_t b_row_blocks = 0, b_col_blocks = 0, b_splits = 0, b_units = 0;
+  int64_t reduce_ctas = 0;
+  std::size_t forward_smem = 0, backward_smem = 0;
+  // Workspaces of the compute dtype, in elements.
+  int64_t forward_workspace = 0;                                      // L_part
+  int64_t da_part = 0, db_part = 0, dtau_part = 0, backward_workspace = 0;
 };
 
-inline PairForwardPlan plan_pair_forward(int64_t N, const TileConfig& c) {
-  PairForwardPlan p;
-  p.blocks = ceil_div(N, tile_pairs(c));
-  p.smem = forward_layout(c).total;
+// Splits of a loop over col_blocks so that rows x splits x extra reaches two CTAs per SM.
+SK_HD constexpr int64_t column_splits(int64_t rows, int64_t extra, int64_t col_blocks, int64_t sms) {
+  return clamp64(ceil_div(2 * sms, rows * extra), 1, col_blocks);
+}
+
+inline PairPlan plan_pair(int64_t I, int64_t J, int64_t D, const TileConfig& c, int num_sms) {
+  PairPlan p;
+  const int64_t sms = num_sms > 0 ? num_sms : 1;
+  const int64_t BP = tile_pairs(c);
+  p.num_dw = ceil_div(D, c.BLOCK_DW);
+  p.f_row_blocks = p.a_row_blocks = ceil_div(I, BP);
+  p.f_col_blocks = p.a_col_blocks = ceil_div(J, c.BLOCK_K);
+  p.b_row_blocks = ceil_div(J, BP);
+  p.b_col_blocks = ceil_div(I, c.BLOCK_K);
+  p.f_splits = column_splits(p.f_row_blocks, 1, p.f_col_blocks, sms);
+  p.a_splits = column_splits(p.a_row_blocks, p.num_dw, p.a_col_blocks, sms);
+  p.b_splits = column_splits(p.b_row_blocks, p.num_dw, p.b_col_blocks, sms);
+  p.f_units = p.f_row_blocks * p.f_splits;
+  p.a_units = p.a_row_blocks * p.a_splits * p.num_dw;
+  p.b_units = p.b_row_blocks * p.b_splits * p.num_dw;
+  p.reduce_ctas = clamp64(ceil_div(I * D, kThreads), 1, 4 * sms);
+  p.forward_smem = forward_layout(c).total;
+  p.backward_smem = backward_layout(c).total;
+  p.forward_workspace = 2 * p.f_splits * I;
+  p.da_part = 0;
+  p.db_part = p.a_splits * I * D;
+  p.dtau_part = p.db_part + p.b_splits * J * D;
+  p.backward_workspace = p.dtau_part + p.reduce_ctas;
   return p;
 }
 

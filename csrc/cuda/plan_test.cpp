@@ -96,17 +96,23 @@ static void check_forward_plan(int64_t I, int64_t J, int64_t K, int sms, const T
   EXPECT(p.smem == forward_layout(c).total, "forward smem");
 }
 
-static void check_backward_plan(int64_t rows, int64_t D, int64_t per, const TileConfig& c) {
-  const BackwardPlan p = plan_backward(rows, D, per, c);
-  EXPECT(p.num_ab * per >= rows && (p.num_ab - 1) * per < rows, "row blocks cover %lld rows", (long long)rows);
-  EXPECT(p.num_dw * c.BLOCK_DW >= D && (p.num_dw - 1) * c.BLOCK_DW < D, "column chunks cover d=%lld", (long long)D);
-  EXPECT(p.units == p.num_ab * p.num_dw, "units");
-  // Unit u owns rows [(u / num_dw) * per, ...) and columns [(u % num_dw) * BLOCK_DW, ...): a bijection.
-  std::vector<int> seen(static_cast<std::size_t>(p.num_ab * p.num_dw), 0);
-  for (int64_t u = 0; u < p.units; ++u) ++seen[static_cast<std::size_t>((u / p.num_dw) * p.num_dw + u % p.num_dw)];
-  int64_t wrong = 0;
-  for (int s : seen) wrong += s != 1;
-  EXPECT(wrong == 0, "backward units own disjoint outputs");
+// Pair ops: every split holds column blocks, the units of each kernel own disjoint outputs,
+// I = 4096 fills two CTAs per SM of a 132-SM GPU in every kernel.
+static void check_pair_plan(int64_t I, int64_t J, int64_t D, int sms, const TileConfig& c) {
+  const PairPlan p = plan_pair(I, J, D, c, sms);
+  const char* fmt = "pair I=%lld J=%lld D=%lld sms=%d";
+  const long long a[] = {(long long)I, (long long)J, (long long)D};
+  EXPECT(p.f_splits >= 1 && p.f_splits <= p.f_col_blocks && p.a_splits <= p.a_col_blocks &&
+             p.b_splits <= p.b_col_blocks,
+         fmt, a[0], a[1], a[2], sms);
+  EXPECT(p.f_col_blocks * c.BLOCK_K >= J && p.b_col_blocks * c.BLOCK_K >= I, fmt, a[0], a[1], a[2], sms);
+  EXPECT(split_begin(p.f_splits, p.f_col_blocks, p.f_splits) == p.f_col_blocks, fmt, a[0], a[1], a[2], sms);
+  EXPECT(p.f_units == p.f_row_blocks * p.f_splits && p.a_units == p.a_row_blocks * p.a_splits * p.num_dw &&
+             p.b_units == p.b_row_blocks * p.b_splits * p.num_dw,
+         fmt, a[0], a[1], a[2], sms);
+  EXPECT(p.db_part == p.a_splits * I * D && p.dtau_part == p.db_part + p.b_splits * J * D &&
+             p.backward_workspace == p.dtau_part + p.reduce_ctas && p.forward_workspace == 2 * p.f_splits * I,
+         fmt, a[0], a[1], a[2], sms);
 }
 
 // Cube backward: slabs cover d and fit the limit; each pass's units own disjoint outputs
@@ -168,10 +174,8 @@ int main() {
       for (int64_t J : {int64_t(1), int64_t(5), int64_t(33), int64_t(4096)})
         for (int sms : sms_list) check_forward_plan(I, J, 7, sms, c);
     for (int64_t rows : sizes)
-      for (int64_t D : {int64_t(1), int64_t(3), int64_t(48), int64_t(200), int64_t(256), int64_t(1000)}) {
-        check_backward_plan(rows, D, c.BLOCK_I, c);
-        check_backward_plan(rows, D, tile_pairs(c), c);
-      }
+      for (int64_t D : {int64_t(1), int64_t(3), int64_t(48), int64_t(200), int64_t(256), int64_t(1000)})
+        for (int sms : sms_list) check_pair_plan(rows, rows + 5, D, sms, c);
   }
   for (const auto& m : modes) {
     const TileConfig c = config_for(m[0], m[1]);
@@ -190,8 +194,15 @@ int main() {
   EXPECT(big.units == 4096 && big.ctas <= 528, "N=16384 plan: units=%lld ctas=%lld", (long long)big.units,
          (long long)big.ctas);
   EXPECT(big.ctas * 16384 * 4 < (int64_t(1) << 28), "N=16384 partial buffers stay small");
-  const BackwardPlan bigb = plan_backward(16384, 256, f32.BLOCK_I, f32);
-  EXPECT(bigb.units == 4096 * 2, "N=16384 backward units=%lld", (long long)bigb.units);
+  const CubeBackwardPlan bigb = plan_cube_backward(16384, 16384, 16384, 256, f32, 132, 232448);
+  EXPECT(bigb.pair_units >= 264 && bigb.z_units >= 264, "N=16384 backward units=%lld, %lld",
+         (long long)bigb.pair_units, (long long)bigb.z_units);
+  // Pair kernels at I = J = 4096 on 132 SMs: at least two CTAs per SM in every kernel.
+  for (const auto& m : modes) {
+    const PairPlan pp = plan_pair(4096, 4096, 256, config_for(m[0], m[1]), 132);
+    EXPECT(pp.f_units >= 264 && pp.a_units >= 264 && pp.b_units >= 264, "pair I=4096 units %lld %lld %lld",
+           (long long)pp.f_units, (long long)pp.a_units, (long long)pp.b_units);
+  }
 
   // Argument checks.
   EXPECT(check_mode(0, 4).empty() && check_mode(1, 4).empty() && check_mode(2, 4).empty() && check_mode(0, 8).empty(),

@@ -46,12 +46,26 @@ int cube_backward(const TIn* x, const TIn* y, const TIn* z, const T* tau, const 
 }
 
 template <typename T, typename TIn>
+PairPlan pair_plan(int64_t I, int64_t J, int64_t D, int mode, int num_sms) {
+  const int eff = effective_mode(mode, sizeof(TIn), std::is_same<TIn, __nv_bfloat16>::value);
+  return plan_pair(I, J, D, config_for(eff, sizeof(T)), num_sms);
+}
+
+template <typename T, typename TIn>
+int pair_forward(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I, int64_t J, int64_t D, int mode,
+                 int num_sms, T* L) {
+  const PairPlan plan = pair_plan<T, TIn>(I, J, D, mode, num_sms);
+  auto part = nan_buffer<T>(plan.forward_workspace);
+  return pair_lse_forward<T, TIn>(a, b, pos, tau, I, J, D, mode, plan, part.data(), L, nullptr);
+}
+
+template <typename T, typename TIn>
 int pair_backward(const TIn* a, const TIn* b, const T* pos, const T* tau, const T* L, const T* gL, int64_t I,
-                  int64_t J, int64_t D, int mode, TIn* da, TIn* db, T* dpos, T* dtau) {
-  const TileConfig cfg = config_for(effective_mode(mode, sizeof(TIn), std::is_same<TIn, __nv_bfloat16>::value),
-                                    sizeof(T));
-  auto part = nan_buffer<T>(plan_backward(I, D, tile_pairs(cfg), cfg).units);
-  return pair_lse_backward<T, TIn>(a, b, pos, tau, L, gL, I, J, D, mode, part.data(), da, db, dpos, dtau, nullptr);
+                  int64_t J, int64_t D, int mode, int num_sms, TIn* da, TIn* db, T* dpos, T* dtau) {
+  const PairPlan plan = pair_plan<T, TIn>(I, J, D, mode, num_sms);
+  auto work = nan_buffer<T>(plan.backward_workspace);
+  return pair_lse_backward<T, TIn>(a, b, pos, tau, L, gL, I, J, D, mode, plan, work.data(), da, db, dpos, dtau,
+                                   nullptr);
 }
 
 }  // namespace
@@ -70,13 +84,13 @@ int pair_backward(const TIn* a, const TIn* b, const T* pos, const T* tau, const 
                                  dtau);                                                                            \
   }                                                                                                                \
   extern "C" int emu_pair_forward_##SUFFIX(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I,      \
-                                          int64_t J, int64_t D, int mode, T* L) {                                  \
-    return symile_cuda::pair_lse_forward<T, TIn>(a, b, pos, tau, I, J, D, mode, L, nullptr);                       \
+                                          int64_t J, int64_t D, int mode, int num_sms, T* L) {                     \
+    return pair_forward<T, TIn>(a, b, pos, tau, I, J, D, mode, num_sms, L);                                       \
   }                                                                                                                \
   extern "C" int emu_pair_backward_##SUFFIX(const TIn* a, const TIn* b, const T* pos, const T* tau, const T* L,   \
-                                           const T* gL, int64_t I, int64_t J, int64_t D, int mode, TIn* da,        \
-                                           TIn* db, T* dpos, T* dtau) {                                            \
-    return pair_backward<T, TIn>(a, b, pos, tau, L, gL, I, J, D, mode, da, db, dpos, dtau);                        \
+                                           const T* gL, int64_t I, int64_t J, int64_t D, int mode, int num_sms,    \
+                                           TIn* da, TIn* db, T* dpos, T* dtau) {                                   \
+    return pair_backward<T, TIn>(a, b, pos, tau, L, gL, I, J, D, mode, num_sms, da, db, dpos, dtau);               \
   }
 
 SK_EMU_ENTRY_POINTS(float, float, f32)
