@@ -166,11 +166,8 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   // This split's share of the row's gradient (unscaled), summed over splits by reduce_parts_kernel.
   for (int e = t; e < BP * BLOCK_DW; e += kThreads) {
-    const int r = e / BLOCK_DW;
-    const int dd = e % BLOCK_DW;
-    const int64_t row = r0 + r;
-    const int64_t col = dw0 + dd;
-    if (row < NR && col < D) out_part[(sp * NR + row) * D + col] = W[r * ldW + dd];
+    const int64_t row = r0 + e / BLOCK_DW, col = dw0 + e % BLOCK_DW;
+    if (row < NR && col < D) out_part[(sp * NR + row) * D + col] = W[(e / BLOCK_DW) * ldW + e % BLOCK_DW];
   }
 }
 
