@@ -82,6 +82,17 @@ def _element_exps(lib, kernel: str) -> int:
 
 
 @no_gpu_only
+def test_share_path_counts_at_wide_spread_baseline(lib, emulated_backend):
+    # The baseline the exact-path test compares against: the same sizes with unit rows at tau = 14.3
+    # share every tile, so each kernel takes exactly its shared count.
+    N, d = 20, 6
+    lib.emu_work_reset()
+    check_against_oracle("cuda_emu", make_inputs("unit", 3, N, d), 14.3, dtype=torch.float32)
+    assert _element_exps(lib, "forward_pass") == N * N * 64  # one 64-wide k-tile covers K = 20
+    assert _element_exps(lib, "pairs_pass") == _element_exps(lib, "z_pass") == N ** 3
+
+
+@no_gpu_only
 @pytest.mark.parametrize("mode", [0, 2])
 def test_wide_spreads_take_the_exact_paths(lib, emulated_backend, mode):
     # A pair with logit tau = 100 (x0 = y0 = z0) puts La, Lb near 100 while the zero row of z has
@@ -99,9 +110,10 @@ def test_wide_spreads_take_the_exact_paths(lib, emulated_backend, mode):
     check_against_oracle("cuda_emu", reps, 100.0, dtype=torch.float32,
                          tolerance=None if mode == 0 else torch.bfloat16)
     cube = N ** 3
-    # Padded tiles (N = 20 of 64-wide tiles) count in the forward's row pass, so compare per kernel
-    # against its share path: the forward's exact column path and G's own Lc exponential add calls.
-    assert _element_exps(lib, "forward_pass") > 64 * 64 * 5  # 5 (i-block, j-split) units of 4 x 16 x 64 tiles
+    # The forward's row pass exponentiates every column of a 64-wide k-tile (padding included) for each
+    # valid (i, j) pair, N^2 x 64 when every tile shares; the exact column path adds calls. The backward
+    # passes exponentiate valid elements only: N^3 each when sharing, more with G's own Lc exponential.
+    assert _element_exps(lib, "forward_pass") > N * N * 64
     assert _element_exps(lib, "pairs_pass") > cube
     assert _element_exps(lib, "z_pass") > cube
 
@@ -109,17 +121,23 @@ def test_wide_spreads_take_the_exact_paths(lib, emulated_backend, mode):
 @no_gpu_only
 @pytest.mark.parametrize("dtype,mode", [(torch.float32, 1), (torch.float64, 0)], ids=str)
 def test_backward_slabs_when_shared_memory_is_short(lib, emulated_backend, dtype, mode):
-    # d = 130 needs three 64-column chunks; a small limit leaves one chunk per slab, so every
-    # pass recomputes the logits per slab and writes only its slab's columns.
+    # d = 130 needs three 64-column chunks; a small limit leaves one chunk per slab, so every pass
+    # recomputes the logits once per slab (three times) and writes only its slab's columns.
     limit = 74000 if dtype == torch.float32 else 86000  # one 64-column chunk fits, two do not
+    reps = make_inputs("unit", 3, 9, 130)
+    emulated_backend.mode, emulated_backend.num_sms = mode, 3
     lib.emu_set_smem_limit.restype = ctypes.c_int64
-    old = lib.emu_set_smem_limit(ctypes.c_int64(limit))
-    try:
-        emulated_backend.mode, emulated_backend.num_sms = mode, 3
-        lib.emu_work_reset()
-        check_against_oracle("cuda_emu", make_inputs("unit", 3, 9, 130), 14.3, dtype=dtype,
-                             tolerance="tf32" if mode == 1 else None)
-        grids = {r["kernel"]: r["grid"] for r in count_work_cuda._launches(lib)}
-        assert grids["z_pass"] % 3 == 0 and grids["pairs_pass"] % 3 == 0  # three slabs
-    finally:
-        lib.emu_set_smem_limit(ctypes.c_int64(old))
+    flops = []
+    for slab_limit in (None, limit):
+        old = lib.emu_set_smem_limit(ctypes.c_int64(slab_limit or 10 ** 9))
+        try:
+            lib.emu_work_reset()
+            check_against_oracle("cuda_emu", reps, 14.3, dtype=dtype, tolerance="tf32" if mode == 1 else None)
+        finally:
+            lib.emu_set_smem_limit(ctypes.c_int64(old))
+        flops.append({r["kernel"]: r["flops"] for r in count_work_cuda._launches(lib) if r["flops"]})
+    whole, slabs = flops
+    assert set(whole) == set(slabs) and whole["forward_pass"] == slabs["forward_pass"]
+    for name in ("pairs_pass", "z_pass"):
+        # Same contraction work, the logits (the forward's tile products) three times instead of once.
+        assert slabs[name] - whole[name] == 2 * whole["forward_pass"] > 0, name
