@@ -70,10 +70,10 @@ def _launches(lib: ctypes.CDLL) -> list[dict]:
     lib.emu_work_launch.restype = ctypes.c_char_p
     rows = []
     for n in range(lib.emu_work_launches()):
-        grid, flops, exps, vexps = (ctypes.c_int64() for _ in range(4))
-        name = lib.emu_work_launch(ctypes.c_int64(n), *map(ctypes.byref, (grid, flops, exps, vexps)))
+        grid, flops, exps, vexps, vloads = (ctypes.c_int64() for _ in range(5))
+        name = lib.emu_work_launch(ctypes.c_int64(n), *map(ctypes.byref, (grid, flops, exps, vexps, vloads)))
         rows.append({"kernel": name.decode(), "grid": grid.value, "flops": flops.value, "exps": exps.value,
-                     "vexps": vexps.value})
+                     "vexps": vexps.value, "vector_loads": vloads.value})
     return rows
 
 

@@ -5,6 +5,7 @@ flags of the extension build) and disassembled with ``cuobjdump -sass`` (the
 CUDA toolkit's, else the copy shipped with Triton). Per kernel:
 
 * the bf16 and TF32 kernels run their tile products on tensor cores (HMMA);
+* their global rows load in 16-byte pieces (LDG.E.128) where aligned;
 * no kernel's static shared memory exceeds the 48 KiB a launch gets without
   opting in (dynamic shared memory is planned per device in plan.h, checked by
   plan_test.cpp against the device's limit);
@@ -108,6 +109,13 @@ def test_tensor_core_kernels_use_hmma(kernels, arch, policy, hmma):
     for k in _of(kernels, policy, arch):
         assert k.sass, f"{k.name} missing from the SASS"
         assert hmma in k.sass, f"{k.name} ({arch}) has no {hmma}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("policy", ["bf16", "tf32"])
+def test_tile_kernels_load_rows_in_16_byte_pieces(kernels, arch, policy):
+    for k in _of(kernels, policy, arch):
+        assert re.search(r"LDG\.E\.128", k.sass), f"{k.name} ({arch}) has no 16-byte global load"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -19,10 +19,17 @@
 #define SK_COUNT_FLOPS(n) ((void)0)
 #define SK_COUNT_EXP() ((void)0)
 #define SK_COUNT_VEXP() ((void)0)
+// One 16-byte global load (LDG.128) into out; the caller guarantees 16-byte alignment.
+#define SK_LOAD16(src, out)                                    \
+  do {                                                         \
+    const uint4 sk_raw = *reinterpret_cast<const uint4*>(src); \
+    memcpy((out), &sk_raw, 16);                                \
+  } while (0)
 #endif
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "plan.h"
@@ -292,10 +299,50 @@ struct ForwardTiles : TileSizes<Policy> {
 // Operand loaders: copy a rows x BLOCK_D chunk into shared memory, zero outside
 // the tensors (tails of rows and of d are handled here, not by padded copies).
 
+// Global rows are read in 16-byte pieces (VEC elements, LDG.128) when every piece is
+// aligned: the tensor's base is 16-byte aligned, D is a multiple of VEC (so is every row
+// start) and so are the chunk's first column and width. Otherwise (odd d, offset views)
+// element by element. Either way out-of-range rows and columns are zero.
+template <typename T>
+__device__ __forceinline__ bool rows_vectorisable(const T* src, int64_t D, int64_t d0, int cols) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  return D % VEC == 0 && d0 % VEC == 0 && cols % VEC == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+}
+
+// VEC elements of row `row` from column col (a multiple of VEC), as Acc: zeros unless row < n
+// and col < D (then col + VEC <= D, D being a multiple of VEC).
+template <typename Acc, typename T>
+__device__ __forceinline__ void load_piece(Acc (&out)[16 / sizeof(T)], const T* __restrict__ src, int64_t row,
+                                           int64_t n, int64_t col, int64_t D) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  if (row < n && col < D) {
+    T v[VEC];
+    SK_LOAD16(src + row * D + col, v);
+#pragma unroll
+    for (int q = 0; q < VEC; ++q) out[q] = to_acc<Acc>(v[q]);
+  } else {
+#pragma unroll
+    for (int q = 0; q < VEC; ++q) out[q] = Acc(0);
+  }
+}
+
 // Rows of an (n, D) tensor: dst[r][dd] = src[row0 + r][d0 + dd].
 template <typename In, typename Acc, typename T>
 __device__ __forceinline__ void load_rows(In* dst, int ld, int rows, int cols, const T* __restrict__ src,
                                           int64_t row0, int64_t n, int64_t d0, int64_t D) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  if (rows_vectorisable(src, D, d0, cols)) {
+    const int pieces = cols / VEC;
+    for (int e = threadIdx.x; e < rows * pieces; e += kThreads) {
+      const int r = e / pieces;
+      const int dd = (e % pieces) * VEC;
+      Acc v[VEC];
+      load_piece(v, src, row0 + r, n, d0 + dd, D);
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) dst[r * ld + dd + q] = to_in<In, Acc>(v[q]);
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < rows * cols; e += kThreads) {
     const int r = e / cols;
     const int dd = e % cols;
@@ -311,6 +358,22 @@ template <typename In, typename Acc, typename T, int BI, int BJ>
 __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, const T* __restrict__ A,
                                                    const T* __restrict__ B, int64_t a0, int64_t NA, int64_t b0,
                                                    int64_t NB, int64_t d0, int64_t D) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  if (rows_vectorisable(A, D, d0, cols) && rows_vectorisable(B, D, d0, cols)) {
+    const int pieces = cols / VEC;
+    for (int e = threadIdx.x; e < BI * BJ * pieces; e += kThreads) {
+      const int p = e / pieces;
+      const int dd = (e % pieces) * VEC;
+      // A pair outside the cube reads neither row (as the scalar path): exact zeros.
+      const bool ok = a0 + p / BJ < NA && b0 + p % BJ < NB;
+      Acc va[VEC], vb[VEC];
+      load_piece(va, A, a0 + p / BJ, ok ? NA : 0, d0 + dd, D);
+      load_piece(vb, B, b0 + p % BJ, ok ? NB : 0, d0 + dd, D);
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) dst[p * ld + dd + q] = to_in<In, Acc>(va[q] * vb[q]);
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < BI * BJ * cols; e += kThreads) {
     const int p = e / cols;
     const int dd = e % cols;

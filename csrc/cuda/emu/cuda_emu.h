@@ -72,21 +72,30 @@ inline cudaError_t last_error = cudaSuccess;
 // when it ends; the totals of every launch are kept in order, with the launch's name.
 struct LaunchWork {
   const char* name;
-  int64_t grid, flops, exps, vexps;
+  int64_t grid, flops, exps, vexps, vloads;
 };
-inline thread_local int64_t tl_flops = 0, tl_exps = 0, tl_vexps = 0;
-inline std::atomic<int64_t> launch_flops{0}, launch_exps{0}, launch_vexps{0};
+inline thread_local int64_t tl_flops = 0, tl_exps = 0, tl_vexps = 0, tl_vloads = 0;
+inline std::atomic<int64_t> launch_flops{0}, launch_exps{0}, launch_vexps{0}, launch_vloads{0};
 inline std::vector<LaunchWork> launches;
 
 inline void count_flops(int64_t n) { tl_flops += n; }
 inline void count_exp() { ++tl_exps; }
 inline void count_vexp() { ++tl_vexps; }
 
+
 inline unsigned char* dynamic_smem() { return tls_block->smem; }
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "cuda_emu: %s (block %u, thread %u)\n", what, blockIdx.x, threadIdx.x);
   std::abort();
+}
+
+// A 16-byte global load (LDG.128): undefined on a GPU unless the address is 16-byte aligned,
+// so a misaligned one aborts here. Counted per launch (vloads).
+inline void load16(const void* src, void* out) {
+  if (reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("16-byte vector load from an address not 16-byte aligned");
+  ++tl_vloads;
+  std::memcpy(out, src, 16);
 }
 
 template <typename... P, typename... A>
@@ -99,6 +108,7 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
   launch_flops = 0;
   launch_exps = 0;
   launch_vexps = 0;
+  launch_vloads = 0;
   for (int64_t b = 0; b < grid; ++b) {
     Block block;
     const std::size_t bytes = smem_bytes == 0 ? 128 : (smem_bytes + 127) / 128 * 128;
@@ -114,18 +124,19 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
         gridDim.x = static_cast<unsigned>(grid);
         blockDim.x = kBlockThreads;
         tls_block = &block;
-        tl_flops = tl_exps = tl_vexps = 0;
+        tl_flops = tl_exps = tl_vexps = tl_vloads = 0;
         kernel(static_cast<P>(args)...);
         launch_flops += tl_flops;
         launch_exps += tl_exps;
         launch_vexps += tl_vexps;
+        launch_vloads += tl_vloads;
       });
     }
     for (auto& th : threads) th.join();
     ::operator delete(smem, std::align_val_t(128));
   }
   launches.push_back(LaunchWork{name, grid, launch_flops.load(), launch_exps.load(),
-                                launch_vexps.load()});
+                                launch_vexps.load(), launch_vloads.load()});
 }
 
 }  // namespace symile_emu
@@ -136,6 +147,7 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
 #define SK_COUNT_FLOPS(n) ::symile_emu::count_flops(n)
 #define SK_COUNT_EXP() ::symile_emu::count_exp()
 #define SK_COUNT_VEXP() ::symile_emu::count_vexp()
+#define SK_LOAD16(src, out) ::symile_emu::load16((src), (out))
 
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int value) {

@@ -107,14 +107,16 @@ extern "C" int64_t emu_set_smem_limit(int64_t bytes) {
 
 // Work counters of the launches since the last reset (symile_emu::launches): the
 // count, and one launch's name, grid, tile-product FLOPs and exponentials (per element
-// exp_ and per vector vexp_).
+// exp_ and per vector vexp_) and 16-byte global loads.
 extern "C" void emu_work_reset() { symile_emu::launches.clear(); }
 extern "C" int64_t emu_work_launches() { return static_cast<int64_t>(symile_emu::launches.size()); }
-extern "C" const char* emu_work_launch(int64_t n, int64_t* grid, int64_t* flops, int64_t* exps, int64_t* vexps) {
+extern "C" const char* emu_work_launch(int64_t n, int64_t* grid, int64_t* flops, int64_t* exps, int64_t* vexps,
+                                       int64_t* vloads) {
   const symile_emu::LaunchWork& w = symile_emu::launches.at(static_cast<std::size_t>(n));
   *grid = w.grid;
   *flops = w.flops;
   *exps = w.exps;
   *vexps = w.vexps;
+  *vloads = w.vloads;
   return w.name;
 }
