@@ -229,6 +229,11 @@ struct CubeBackwardPlan {
 
 SK_HD constexpr int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// The backward's partial gradients hold pair_js + pair_is + z_is row sets (I, J or K rows of d):
+// at most this many, so its workspace stays O(N d) (24 N d elements: 48 MiB of float32 at
+// N = 2048, d = 256), at the price of fewer pass-"pairs" CTAs than two per SM on large GPUs.
+constexpr int64_t kBackwardSplitBudget = 24;
+
 // smem_limit: the device's per-block opt-in shared memory (bytes). Splits aim at about
 // two CTAs per SM for each pass.
 inline CubeBackwardPlan plan_cube_backward(int64_t I, int64_t J, int64_t K, int64_t D, const TileConfig& c,
@@ -245,12 +250,16 @@ inline CubeBackwardPlan plan_cube_backward(int64_t I, int64_t J, int64_t K, int6
   p.num_ib = ceil_div(I, c.BLOCK_I);
   p.num_jb = ceil_div(J, c.BLOCK_J);
   p.num_kb = ceil_div(K, c.BLOCK_K);
+  // Pass "z" splits i until its units reach two CTAs per SM; pass "pairs" takes a square of
+  // splits towards the same; both within the workspace budget (kBackwardSplitBudget row sets).
+  p.z_is = clamp64(ceil_div(2 * sms, p.num_kb * p.num_slabs), 1, p.num_ib < kBackwardSplitBudget / 3
+                                                                    ? p.num_ib : kBackwardSplitBudget / 3);
   int64_t side = 1;
-  while (side * side * p.num_slabs < 2 * sms) ++side;
+  while (side * side * p.num_slabs < 2 * sms && 2 * (side + 1) + p.z_is <= kBackwardSplitBudget) ++side;
   p.pair_is = clamp64(side, 1, p.num_ib);
-  p.pair_js = clamp64(ceil_div(2 * sms, p.pair_is * p.num_slabs), 1, p.num_jb);
+  const int64_t js_cap = kBackwardSplitBudget - p.z_is - p.pair_is;
+  p.pair_js = clamp64(ceil_div(2 * sms, p.pair_is * p.num_slabs), 1, p.num_jb < js_cap ? p.num_jb : js_cap);
   p.pair_units = p.pair_is * p.pair_js * p.num_slabs;
-  p.z_is = clamp64(ceil_div(2 * sms, p.num_kb * p.num_slabs), 1, p.num_ib);
   p.z_units = p.num_kb * p.z_is * p.num_slabs;
   p.reduce_ctas = clamp64(ceil_div(I * D, kThreads), 1, 4 * sms);
   p.pair_smem = cube_backward_layout(c, slab, false).total;

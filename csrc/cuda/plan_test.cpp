@@ -137,6 +137,7 @@ static void check_cube_backward_plan(int64_t I, int64_t J, int64_t K, int64_t D,
                static_cast<int64_t>(cube_backward_layout(c, p.slab + kCubeChunk, true).total) > limit,
            fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
   }
+  EXPECT(p.pair_is + p.pair_js + p.z_is <= kBackwardSplitBudget, fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
   EXPECT(p.pair_units == p.pair_is * p.pair_js * p.num_slabs && p.z_units == p.num_kb * p.z_is * p.num_slabs, fmt,
          a[0], a[1], a[2], a[3], sms, (long long)limit);
   EXPECT(split_begin(p.pair_is, p.num_ib, p.pair_is) == p.num_ib && split_begin(p.pair_js, p.num_jb, p.pair_js) ==
@@ -195,8 +196,12 @@ int main() {
          (long long)big.ctas);
   EXPECT(big.ctas * 16384 * 4 < (int64_t(1) << 28), "N=16384 partial buffers stay small");
   const CubeBackwardPlan bigb = plan_cube_backward(16384, 16384, 16384, 256, f32, 132, 232448);
-  EXPECT(bigb.pair_units >= 264 && bigb.z_units >= 264, "N=16384 backward units=%lld, %lld",
+  EXPECT(bigb.pair_units >= 100 && bigb.z_units >= 264, "N=16384 backward units=%lld, %lld",
          (long long)bigb.pair_units, (long long)bigb.z_units);
+  // The GPU suite's memory bound: N = 2048, d = 256 float32, backward workspace at most 48 MiB.
+  const CubeBackwardPlan mid = plan_cube_backward(2048, 2048, 2048, 256, f32, 132, 232448);
+  EXPECT(mid.workspace * 4 <= 48 * 1024 * 1024 + 4096, "N=2048 d=256 workspace %lld bytes",
+         (long long)mid.workspace * 4);
   // Pair kernels at I = J = 4096 on 132 SMs: at least two CTAs per SM in every kernel.
   for (const auto& m : modes) {
     const PairPlan pp = plan_pair(4096, 4096, 256, config_for(m[0], m[1]), 132);
