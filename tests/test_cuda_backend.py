@@ -207,7 +207,8 @@ class _Emulated:
         out = self._nan(x, y, z, tau)
         sizes = map(ctypes.c_int64, (x.shape[0], y.shape[0], z.shape[0], x.shape[1]))
         rc = self._fn("cube_backward", x.dtype)(*self._p(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc), *sizes,
-                                                ctypes.c_int(self._mode(x.dtype)), *self._p(*out))
+                                                ctypes.c_int(self._mode(x.dtype)), ctypes.c_int(self.num_sms),
+                                                *self._p(*out))
         assert rc == 0, f"launcher returned {rc}"
         return tuple(out)
 
@@ -215,7 +216,7 @@ class _Emulated:
         out = pos.new_full((a.shape[0],), float("nan"))
         sizes = map(ctypes.c_int64, (a.shape[0], b.shape[0], a.shape[1]))
         rc = self._fn("pair_forward", a.dtype)(*self._p(a, b, pos, tau), *sizes, ctypes.c_int(self._mode(a.dtype)),
-                                               *self._p(out))
+                                               ctypes.c_int(self.num_sms), *self._p(out))
         assert rc == 0, f"launcher returned {rc}"
         return out
 
@@ -223,7 +224,8 @@ class _Emulated:
         out = self._nan(a, b, pos, tau)
         sizes = map(ctypes.c_int64, (a.shape[0], b.shape[0], a.shape[1]))
         rc = self._fn("pair_backward", a.dtype)(*self._p(a, b, pos, tau, L, gL), *sizes,
-                                                ctypes.c_int(self._mode(a.dtype)), *self._p(*out))
+                                                ctypes.c_int(self._mode(a.dtype)), ctypes.c_int(self.num_sms),
+                                                *self._p(*out))
         assert rc == 0, f"launcher returned {rc}"
         return tuple(out)
 

@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <string>
 #include <tuple>
 
@@ -66,18 +67,10 @@ void check_vector(const Tensor& t, const char* op, const char* name, const Tenso
 template <typename F>
 void dispatch_rows(const Tensor& rows, const char* op, F&& run) {
   switch (rows.scalar_type()) {
-    case at::kFloat:
-      run(float(), float());
-      break;
-    case at::kDouble:
-      run(double(), double());
-      break;
-    case at::kBFloat16:
-      run(float(), __nv_bfloat16());
-      break;
-    case at::kHalf:
-      run(float(), __half());
-      break;
+    case at::kFloat: return run(float(), float());
+    case at::kDouble: return run(double(), double());
+    case at::kBFloat16: return run(float(), __nv_bfloat16());
+    case at::kHalf: return run(float(), __half());
     default:
       TORCH_CHECK(false, op, ": unsupported dtype ", rows.scalar_type());
   }
@@ -124,45 +117,75 @@ DeviceInfo check_device(const char* op) {
   return info;
 }
 
-void check_smem(std::size_t smem, const DeviceInfo& info, const char* op) {
-  check_ok(symile_cuda::check_smem(smem, info.smem_optin), op);
-}
-
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-std::tuple<Tensor, Tensor, Tensor> cube_lse_forward(const Tensor& x, const Tensor& y, const Tensor& z,
-                                                    const Tensor& tau, int64_t mode) {
-  constexpr const char* op = "symile_kernels::cuda_cube_lse_forward";
+// The one checked path every op takes once its arguments are checked: the device guard,
+// the device query (compute capability), the rows' tile configuration; then launch()
+// checks the plan's shared memory against the device and runs the launcher for the rows'
+// dtype, launcher(T{}, TIn{}) returning the cudaError_t it checks.
+class DeviceCall {
+ public:
+  DeviceCall(const Tensor& rows, int64_t mode, const char* op)
+      : guard_(rows.device()), rows_(rows), op_(op), info(check_device(op)), cfg(config_of(rows, mode)),
+        stream(current_stream()) {}
+
+  template <typename F>
+  void launch(std::size_t smem, F&& launcher) const {
+    check_ok(symile_cuda::check_smem(smem, info.smem_optin), op_);
+    dispatch_rows(rows_, op_, [&](auto t_tag, auto in_tag) { C10_CUDA_CHECK(launcher(t_tag, in_tag)); });
+  }
+
+ private:
+  const c10::cuda::CUDAGuard guard_;
+  const Tensor& rows_;
+  const char* op_;
+
+ public:
+  const DeviceInfo info;
+  const symile_cuda::TileConfig cfg;
+  const cudaStream_t stream;
+};
+
+// Checks shared by the cube ops: x, y, z (one device, dtype and feature size d), tau, mode.
+void check_cube(const char* op, const Tensor& x, const Tensor& y, const Tensor& z, const Tensor& tau, int64_t mode) {
   check_first(x, op, "x");
   check_like(y, op, "y", x, "x", 2);
   check_like(z, op, "z", x, "x", 2);
   check_vector(tau, op, "tau", x, "x", 0);
-  const int64_t I = x.size(0), J = y.size(0), K = z.size(0), D = x.size(1);
+  const int64_t D = x.size(1);
   TORCH_CHECK(y.size(1) == D && z.size(1) == D, op, ": x, y and z must have the same feature size d; got ", D,
               ", ", y.size(1), ", ", z.size(1));
-  check_ok(symile_cuda::check_sizes(I, J, K, D), op);
+  check_ok(symile_cuda::check_sizes(x.size(0), y.size(0), z.size(0), D), op);
   check_ok(symile_cuda::check_mode(mode, static_cast<int>(x.element_size())), op);
+}
 
-  const c10::cuda::CUDAGuard guard(x.device());
-  const DeviceInfo info = check_device(op);
-  const symile_cuda::TileConfig cfg = config_of(x, mode);
-  const symile_cuda::CubeForwardPlan plan = symile_cuda::plan_cube_forward(I, J, K, cfg, info.sms);
-  check_smem(plan.smem, info, op);
+// Vectors of given lengths: the compute dtype, 1-D, on the rows' device.
+void check_vectors(const char* op, const Tensor& rows, const char* rows_name,
+                   std::initializer_list<std::tuple<const Tensor&, const char*, int64_t>> vectors) {
+  for (const auto& [t, name, n] : vectors) {
+    check_vector(t, op, name, rows, rows_name, 1);
+    check_len(t, op, name, n);
+  }
+}
 
+std::tuple<Tensor, Tensor, Tensor> cube_lse_forward(const Tensor& x, const Tensor& y, const Tensor& z,
+                                                    const Tensor& tau, int64_t mode) {
+  constexpr const char* op = "symile_kernels::cuda_cube_lse_forward";
+  check_cube(op, x, y, z, tau, mode);
+  const int64_t I = x.size(0), J = y.size(0), K = z.size(0), D = x.size(1);
+  const DeviceCall call(x, mode, op);
+  const symile_cuda::CubeForwardPlan plan = symile_cuda::plan_cube_forward(I, J, K, call.cfg, call.info.sms);
   const auto options = x.options().dtype(compute_dtype(x));
-  Tensor La = at::empty({I}, options);
-  Tensor Lb = at::empty({J}, options);
-  Tensor Lc = at::empty({K}, options);
-  Tensor La_part = at::empty({plan.num_js * I}, options);
-  Tensor Lb_part = at::empty({plan.ctas * J}, options);
-  Tensor Lc_part = at::empty({plan.ctas * K}, options);
-  const cudaStream_t stream = current_stream();
-  dispatch_rows(x, op, [&](auto t_tag, auto in_tag) {
+  Tensor La = at::empty({I}, options), Lb = at::empty({J}, options), Lc = at::empty({K}, options);
+  Tensor La_part = at::empty({2 * plan.num_js * I}, options);
+  Tensor Lb_part = at::empty({2 * plan.ctas * J}, options);
+  Tensor Lc_part = at::empty({2 * plan.ctas * K}, options);
+  call.launch(plan.smem, [&](auto t_tag, auto in_tag) {
     using T = decltype(t_tag);
     using TIn = decltype(in_tag);
-    C10_CUDA_CHECK((symile_cuda::cube_lse_forward<T, TIn>(
-        cptr<TIn>(x), cptr<TIn>(y), cptr<TIn>(z), cptr<T>(tau), I, J, K, D, static_cast<int>(mode), plan,
-        mptr<T>(La_part), mptr<T>(Lb_part), mptr<T>(Lc_part), mptr<T>(La), mptr<T>(Lb), mptr<T>(Lc), stream)));
+    return symile_cuda::cube_lse_forward<T, TIn>(cptr<TIn>(x), cptr<TIn>(y), cptr<TIn>(z), cptr<T>(tau), I, J, K, D,
+                                                 static_cast<int>(mode), plan, mptr<T>(La_part), mptr<T>(Lb_part),
+                                                 mptr<T>(Lc_part), mptr<T>(La), mptr<T>(Lb), mptr<T>(Lc), call.stream);
   });
   return {La, Lb, Lc};
 }
@@ -172,39 +195,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cube_lse_backward(const Tensor& x, co
                                                              const Tensor& Lc, const Tensor& gLa, const Tensor& gLb,
                                                              const Tensor& gLc, int64_t mode) {
   constexpr const char* op = "symile_kernels::cuda_cube_lse_backward";
-  check_first(x, op, "x");
-  check_like(y, op, "y", x, "x", 2);
-  check_like(z, op, "z", x, "x", 2);
-  check_vector(tau, op, "tau", x, "x", 0);
+  check_cube(op, x, y, z, tau, mode);
   const int64_t I = x.size(0), J = y.size(0), K = z.size(0), D = x.size(1);
-  TORCH_CHECK(y.size(1) == D && z.size(1) == D, op, ": x, y and z must have the same feature size d; got ", D,
-              ", ", y.size(1), ", ", z.size(1));
-  const Tensor* vectors[] = {&La, &Lb, &Lc, &gLa, &gLb, &gLc};
-  const char* names[] = {"La", "Lb", "Lc", "gLa", "gLb", "gLc"};
-  const int64_t lengths[] = {I, J, K, I, J, K};
-  for (int q = 0; q < 6; ++q) {
-    check_vector(*vectors[q], op, names[q], x, "x", 1);
-    check_len(*vectors[q], op, names[q], lengths[q]);
-  }
-  check_ok(symile_cuda::check_sizes(I, J, K, D), op);
-  check_ok(symile_cuda::check_mode(mode, static_cast<int>(x.element_size())), op);
-
-  const c10::cuda::CUDAGuard guard(x.device());
-  const DeviceInfo info = check_device(op);
-  const symile_cuda::TileConfig cfg = config_of(x, mode);
-  const symile_cuda::BackwardPlan plan = symile_cuda::plan_backward(I, D, cfg.BLOCK_I, cfg);
-  check_smem(plan.smem, info, op);
-
+  check_vectors(op, x, "x", {{La, "La", I}, {Lb, "Lb", J}, {Lc, "Lc", K}, {gLa, "gLa", I}, {gLb, "gLb", J},
+                             {gLc, "gLc", K}});
+  const DeviceCall call(x, mode, op);
+  const symile_cuda::CubeBackwardPlan plan =
+      symile_cuda::plan_cube_backward(I, J, K, D, call.cfg, call.info.sms, call.info.smem_optin);
   Tensor dx = at::empty_like(x), dy = at::empty_like(y), dz = at::empty_like(z), dtau = at::empty_like(tau);
-  Tensor dtau_part = at::empty({plan.units}, tau.options());
-  const cudaStream_t stream = current_stream();
-  dispatch_rows(x, op, [&](auto t_tag, auto in_tag) {
+  Tensor workspace = at::empty({plan.workspace}, tau.options());
+  call.launch(symile_cuda::max_size(plan.pair_smem, plan.z_smem), [&](auto t_tag, auto in_tag) {
     using T = decltype(t_tag);
     using TIn = decltype(in_tag);
-    C10_CUDA_CHECK((symile_cuda::cube_lse_backward<T, TIn>(
+    return symile_cuda::cube_lse_backward<T, TIn>(
         cptr<TIn>(x), cptr<TIn>(y), cptr<TIn>(z), cptr<T>(tau), cptr<T>(La), cptr<T>(Lb), cptr<T>(Lc), cptr<T>(gLa),
-        cptr<T>(gLb), cptr<T>(gLc), I, J, K, D, static_cast<int>(mode), mptr<T>(dtau_part), mptr<TIn>(dx),
-        mptr<TIn>(dy), mptr<TIn>(dz), mptr<T>(dtau), stream)));
+        cptr<T>(gLb), cptr<T>(gLc), I, J, K, D, static_cast<int>(mode), plan, mptr<T>(workspace), mptr<TIn>(dx),
+        mptr<TIn>(dy), mptr<TIn>(dz), mptr<T>(dtau), call.stream);
   });
   return {dx, dy, dz, dtau};
 }
@@ -214,11 +220,10 @@ void check_pair(const char* op, const Tensor& a, const Tensor& b, const Tensor& 
                 int64_t mode) {
   check_first(a, op, "a");
   check_like(b, op, "b", a, "a", 2);
-  check_vector(pos, op, "pos", a, "a", 1);
+  check_vectors(op, a, "a", {{pos, "pos", a.size(0)}});
   check_vector(tau, op, "tau", a, "a", 0);
   TORCH_CHECK(b.size(1) == a.size(1), op, ": a and b must have the same feature size d; got ", a.size(1), " and ",
               b.size(1));
-  check_len(pos, op, "pos", a.size(0));
   check_ok(symile_cuda::check_pair_sizes(a.size(0), b.size(0), a.size(1)), op);
   check_ok(symile_cuda::check_mode(mode, static_cast<int>(a.element_size())), op);
 }
@@ -227,18 +232,16 @@ Tensor pair_lse_forward(const Tensor& a, const Tensor& b, const Tensor& pos, con
   constexpr const char* op = "symile_kernels::cuda_pair_lse_forward";
   check_pair(op, a, b, pos, tau, mode);
   const int64_t I = a.size(0), J = b.size(0), D = a.size(1);
-  const c10::cuda::CUDAGuard guard(a.device());
-  const DeviceInfo info = check_device(op);
-  const symile_cuda::TileConfig cfg = config_of(a, mode);
-  check_smem(symile_cuda::plan_pair_forward(I, cfg).smem, info, op);
-
+  const DeviceCall call(a, mode, op);
+  const symile_cuda::PairPlan plan = symile_cuda::plan_pair(I, J, D, call.cfg, call.info.sms);
   Tensor L = at::empty({I}, pos.options());
-  const cudaStream_t stream = current_stream();
-  dispatch_rows(a, op, [&](auto t_tag, auto in_tag) {
+  Tensor L_part = at::empty({plan.forward_workspace}, pos.options());
+  call.launch(plan.forward_smem, [&](auto t_tag, auto in_tag) {
     using T = decltype(t_tag);
     using TIn = decltype(in_tag);
-    C10_CUDA_CHECK((symile_cuda::pair_lse_forward<T, TIn>(cptr<TIn>(a), cptr<TIn>(b), cptr<T>(pos), cptr<T>(tau), I,
-                                                          J, D, static_cast<int>(mode), mptr<T>(L), stream)));
+    return symile_cuda::pair_lse_forward<T, TIn>(cptr<TIn>(a), cptr<TIn>(b), cptr<T>(pos), cptr<T>(tau), I, J, D,
+                                                 static_cast<int>(mode), plan, mptr<T>(L_part), mptr<T>(L),
+                                                 call.stream);
   });
   return L;
 }
@@ -249,26 +252,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pair_lse_backward(const Tensor& a, co
   constexpr const char* op = "symile_kernels::cuda_pair_lse_backward";
   check_pair(op, a, b, pos, tau, mode);
   const int64_t I = a.size(0), J = b.size(0), D = a.size(1);
-  check_vector(L, op, "L", a, "a", 1);
-  check_len(L, op, "L", I);
-  check_vector(gL, op, "gL", a, "a", 1);
-  check_len(gL, op, "gL", I);
-  const c10::cuda::CUDAGuard guard(a.device());
-  const DeviceInfo info = check_device(op);
-  const symile_cuda::TileConfig cfg = config_of(a, mode);
-  const symile_cuda::BackwardPlan plan = symile_cuda::plan_backward(I, D, symile_cuda::tile_pairs(cfg), cfg);
-  check_smem(plan.smem, info, op);
-
+  check_vectors(op, a, "a", {{L, "L", I}, {gL, "gL", I}});
+  const DeviceCall call(a, mode, op);
+  const symile_cuda::PairPlan plan = symile_cuda::plan_pair(I, J, D, call.cfg, call.info.sms);
   Tensor da = at::empty_like(a), db = at::empty_like(b), dpos = at::empty_like(pos), dtau = at::empty_like(tau);
-  Tensor dtau_part = at::empty({plan.units}, pos.options());
-  const cudaStream_t stream = current_stream();
-  dispatch_rows(a, op, [&](auto t_tag, auto in_tag) {
+  Tensor workspace = at::empty({plan.backward_workspace}, pos.options());
+  call.launch(plan.backward_smem, [&](auto t_tag, auto in_tag) {
     using T = decltype(t_tag);
     using TIn = decltype(in_tag);
-    C10_CUDA_CHECK((symile_cuda::pair_lse_backward<T, TIn>(
-        cptr<TIn>(a), cptr<TIn>(b), cptr<T>(pos), cptr<T>(tau), cptr<T>(L), cptr<T>(gL), I, J, D,
-        static_cast<int>(mode), mptr<T>(dtau_part), mptr<TIn>(da), mptr<TIn>(db), mptr<T>(dpos), mptr<T>(dtau),
-        stream)));
+    return symile_cuda::pair_lse_backward<T, TIn>(cptr<TIn>(a), cptr<TIn>(b), cptr<T>(pos), cptr<T>(tau),
+                                                  cptr<T>(L), cptr<T>(gL), I, J, D, static_cast<int>(mode), plan,
+                                                  mptr<T>(workspace), mptr<TIn>(da), mptr<TIn>(db), mptr<T>(dpos),
+                                                  mptr<T>(dtau), call.stream);
   });
   return {da, db, dpos, dtau};
 }

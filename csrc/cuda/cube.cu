@@ -1,4 +1,4 @@
-// The M = 3 cube kernels (SPEC section 2): La, Lb, Lc by online log-sum-exp over
+// The M = 3 cube kernels (docs/math.md section 2): La, Lb, Lc by online log-sum-exp over
 // tiles, and dx, dy, dz, dtau recomputed from the saved LSE vectors. The cube is
 // never written to memory. Blueprint: symile_kernels/chunked.py.
 //
@@ -10,10 +10,26 @@
 #include <limits>
 
 #include "launch.h"
+#include "static_switch.h"
 #include "tile.cuh"
 
 namespace symile_cuda {
 namespace {
+
+// The logits' raw products S[p, k] = sum_d (x[a0 + p / BJ] * y[b0 + p % BJ])[d] z[k0 + k][d] of
+// a BP x BLOCK_K tile over the full d (BLOCK_D columns per step), stored to S (ld ldS).
+template <typename Policy, typename TIn, int BI, int BJ, int BK, int BD>
+__device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, const TIn* __restrict__ y,
+                                                   const TIn* __restrict__ z, int64_t a0, int64_t NA, int64_t b0,
+                                                   int64_t NB, int64_t k0, int64_t NC, int64_t D,
+                                                   typename Policy::In* P, typename Policy::In* Cd, int ldP,
+                                                   typename Policy::Acc* S, int ldS) {
+  using In = typename Policy::In;
+  using Acc = typename Policy::Acc;
+  tile_products<Policy, BI * BJ, BK, BD>(
+      D, [&](int64_t d0) { load_pair_products<In, Acc, TIn, BI, BJ>(P, ldP, BD, x, y, a0, NA, b0, NB, d0, D); },
+      [&](int64_t d0) { load_rows<In, Acc>(Cd, ldP, BK, BD, z, k0, NC, d0, D); }, P, Cd, ldP, S, ldS);
+}
 
 template <typename T, typename TIn, typename Policy>
 __global__ void __launch_bounds__(kThreads)
@@ -21,30 +37,24 @@ __global__ void __launch_bounds__(kThreads)
                         const T* __restrict__ tau_ptr, int64_t I, int64_t J, int64_t K, int64_t D,
                         CubeForwardPlan plan, T* __restrict__ La_part, T* __restrict__ Lb_part,
                         T* __restrict__ Lc_part) {
-  using In = typename Policy::In;
-  using Acc = typename Policy::Acc;
+  using Tl = ForwardTiles<Policy>;
+  using Acc = typename Tl::Acc;
   static_assert(std::is_same<Acc, T>::value, "partial LSEs are stored in the tensors' dtype");
-  constexpr TileConfig c = Policy::cfg;
-  constexpr int BLOCK_I = c.BLOCK_I, BLOCK_J = c.BLOCK_J, BLOCK_K = c.BLOCK_K, BLOCK_D = c.BLOCK_D;
-  constexpr int BP = BLOCK_I * BLOCK_J;
-  constexpr int ldS = BLOCK_K + c.pad_acc;
-  constexpr int ldP = BLOCK_D + c.pad_in;
-  constexpr ForwardLayout lay = forward_layout(c);
+  constexpr int BLOCK_I = Tl::BI, BLOCK_J = Tl::BJ, BLOCK_K = Tl::BK, BP = Tl::BP, ldS = Tl::ldS;
   static_assert(BLOCK_I <= 32 && BLOCK_J <= 32 && BP <= kThreads, "per-row bookkeeping uses one thread per row");
-
   SK_DYNAMIC_SMEM(smem);
-  Acc* S = reinterpret_cast<Acc*>(smem + lay.S);
-  In* P = reinterpret_cast<In*>(smem + lay.P);
-  In* Zs = reinterpret_cast<In*>(smem + lay.Z);
-  Acc* pair_m = reinterpret_cast<Acc*>(smem + lay.pair_m);
-  Acc* pair_s = reinterpret_cast<Acc*>(smem + lay.pair_s);
-  Acc* row_l = reinterpret_cast<Acc*>(smem + lay.row_l);
+  const Tl s(smem);
+  Acc *S = s.S, *pair_m = s.pair_m, *pair_s = s.pair_s, *row_M = s.row_M, *row_S = s.row_S;
 
   const Acc tau = static_cast<Acc>(*tau_ptr);
   const int t = threadIdx.x;
-  // This CTA's rows of the partial buffers (initialised to -inf by the launcher).
-  T* Lb_row = Lb_part + static_cast<int64_t>(blockIdx.x) * J;
-  T* Lc_row = Lc_part + static_cast<int64_t>(blockIdx.x) * K;
+  // This CTA's rows of the partial buffers, (max, sum) pairs (initialised to (-inf, 0) by
+  // the launcher): every merge is a rescaled sum, never a chain of log-add-exps.
+  const int64_t b = blockIdx.x;
+  T* Lb_M = Lb_part + b * J;
+  T* Lb_S = Lb_part + (plan.ctas + b) * J;
+  T* Lc_M = Lc_part + b * K;
+  T* Lc_S = Lc_part + (plan.ctas + b) * K;
 
   for (int64_t u = blockIdx.x; u < plan.units; u += gridDim.x) {
     const int64_t ib = u / plan.num_js;
@@ -53,7 +63,10 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t j_begin = split_begin(js, plan.num_jb, plan.num_js) * BLOCK_J;
     const int64_t j_split_end = split_begin(js + 1, plan.num_jb, plan.num_js) * BLOCK_J;
     const int64_t j_end = j_split_end < J ? j_split_end : J;
-    if (t < BLOCK_I) row_l[t] = neg_inf<Acc>();
+    if (t < BLOCK_I) {
+      row_M[t] = neg_inf<Acc>();
+      row_S[t] = Acc(0);
+    }
 
     for (int64_t j0 = j_begin; j0 < j_end; j0 += BLOCK_J) {
       // Running (max, sum) over k of each pair's logits.
@@ -62,17 +75,8 @@ __global__ void __launch_bounds__(kThreads)
         pair_s[t] = Acc(0);
       }
       for (int64_t k0 = 0; k0 < K; k0 += BLOCK_K) {
-        TileFor<Policy, BP, BLOCK_K> acc;
-        acc.zero();
-        for (int64_t d0 = 0; d0 < D; d0 += BLOCK_D) {
-          load_pair_products<In, Acc, TIn, BLOCK_I, BLOCK_J>(P, ldP, BLOCK_D, x, y, i0, I, j0, J, d0, D);
-          load_rows<In, Acc>(Zs, ldP, BLOCK_K, BLOCK_D, z, k0, K, d0, D);
-          __syncthreads();
-          acc.template mma<true>(P, ldP, Zs, ldP, BLOCK_D);
-          __syncthreads();
-        }
-        acc.store(S, ldS);
-        __syncthreads();
+        cube_tile_products<Policy, TIn, BLOCK_I, BLOCK_J, BLOCK_K, Tl::BD>(x, y, z, i0, I, j0, J, k0, K, D, s.P, s.Z,
+                                                                           Tl::ldP, S, ldS);
         // Logits tau * T; entries outside the cube (or of pairs in another j-split) are -inf.
         for (int e = t; e < BP * BLOCK_K; e += kThreads) {
           const int p = e / BLOCK_K;
@@ -81,179 +85,212 @@ __global__ void __launch_bounds__(kThreads)
           S[p * ldS + kk] = valid ? tau * S[p * ldS + kk] : neg_inf<Acc>();
         }
         __syncthreads();
-        {
-          // Every valid row and column holds at least one finite logit (pair (i0, j0), column k0).
-          int row;
-          Acc m, s;
-          bool leader;
-          tile_row_stats<Acc, BP, BLOCK_K>(S, ldS, row, m, s, leader);
-          if (leader) merge_running(pair_m[row], pair_s[row], m, s);
-          int col;
-          tile_col_stats<Acc, BP, BLOCK_K>(S, ldS, col, m, s, leader);
-          if (leader && k0 + col < K) {
-            const Acc tile_lse = m == neg_inf<Acc>() ? m : m + log_(s);
-            Lc_row[k0 + col] = log_add_exp(Lc_row[k0 + col], tile_lse);
-          }
-        }
+        // Every valid row and column holds at least one finite logit (pair (i0, j0), column k0).
+        tile_lse_shared<Acc, BP, BLOCK_K>(S, ldS, s.colm, s.colo, s.cols, s.roww, pair_m, pair_s);
+        if (t < BLOCK_K && k0 + t < K) merge_running(Lc_M[k0 + t], Lc_S[k0 + t], s.colo[t], s.cols[t]);
         __syncthreads();
       }
-      if (t < BP) pair_m[t] = pair_m[t] == neg_inf<Acc>() ? pair_m[t] : pair_m[t] + log_(pair_s[t]);
-      __syncthreads();
-      // pair_m[p] is now LSE_k of pair p; fold it into Lb (over i) and La (over j).
+      // (pair_m[p], pair_s[p]) is pair p's LSE over k as (max, sum); fold it into Lb (over i) and La (over j).
       if (t < BLOCK_J) {
         const int64_t j = j0 + t;
         if (j < j_end) {
-          Acc v = neg_inf<Acc>();
-          for (int ii = 0; ii < BLOCK_I; ++ii) {
-            if (i0 + ii < I) v = log_add_exp(v, pair_m[ii * BLOCK_J + t]);
-          }
-          Lb_row[j] = log_add_exp(Lb_row[j], v);
+          for (int ii = 0; ii < BLOCK_I; ++ii) merge_running(Lb_M[j], Lb_S[j], pair_m[ii * BLOCK_J + t],
+                                                             pair_s[ii * BLOCK_J + t]);
         }
       } else if (t >= 32 && t < 32 + BLOCK_I) {
         const int ii = t - 32;
-        Acc v = neg_inf<Acc>();
-        for (int jj = 0; jj < BLOCK_J; ++jj) {
-          if (j0 + jj < j_end) v = log_add_exp(v, pair_m[ii * BLOCK_J + jj]);
-        }
-        row_l[ii] = log_add_exp(row_l[ii], v);
+        for (int jj = 0; jj < BLOCK_J; ++jj) merge_running(row_M[ii], row_S[ii], pair_m[ii * BLOCK_J + jj],
+                                                           pair_s[ii * BLOCK_J + jj]);
       }
       __syncthreads();
     }
-    if (t < BLOCK_I && i0 + t < I) La_part[js * I + i0 + t] = row_l[t];
+    if (t < BLOCK_I && i0 + t < I) {
+      La_part[js * I + i0 + t] = row_M[t];
+      La_part[(plan.num_js + js) * I + i0 + t] = row_S[t];
+    }
     __syncthreads();
   }
 }
 
-// dA = tau * sum_{b,c} G[a,b,c] B[b] * C[c] for the anchor A (x, y or z: G is
-// symmetric in the three roles, so one kernel serves dx, dy and dz) and, when
-// dtau_part is given, this CTA's share of dtau = sum_a <A[a], dA[a]> / tau.
-// CTA u owns rows [a0, a0 + BLOCK_I) and columns [dw0, dw0 + BLOCK_DW) of dA.
+// The cube backward's inputs, one kernel argument for both passes.
+template <typename T, typename TIn>
+struct CubeBackwardArgs {
+  const TIn *x, *y, *z;
+  const T *tau, *La, *Lb, *Lc, *gLa, *gLb, *gLc;
+  int64_t I, J, K, D;
+  CubeBackwardPlan plan;
+};
+
+// A backward unit (CTA) of a pass with `splits` splits: blockIdx.x = (outer * splits + split)
+// * num_slabs + slab; the slab is columns [col0, col0 + cols), chunks kCubeChunk-wide chunks.
+struct Unit {
+  int64_t outer, split, col0;
+  int cols, chunks;
+  __device__ Unit(const CubeBackwardPlan& plan, int64_t splits, int64_t D) {
+    const int64_t unit = blockIdx.x;
+    outer = unit / (plan.num_slabs * splits);
+    split = (unit / plan.num_slabs) % splits;
+    col0 = (unit % plan.num_slabs) * plan.slab;
+    cols = static_cast<int>(D - col0 < plan.slab ? D - col0 : plan.slab);
+    chunks = static_cast<int>(ceil_div(cols, kCubeChunk));
+  }
+};
+
+// The backward passes' tile sizes and shared-memory regions (plan.h cube_backward_layout):
+// Op is the contraction's operand chunk (rows of z in pass "pairs", pair products in pass
+// "z"), W its accumulators (BP x slab, or BLOCK_K x slab), G the weights (transposed in "z").
+// Also the pass's tau (read from its device scalar).
+template <typename Policy, typename T>
+struct BackwardTiles : TileSizes<Policy> {
+  using typename TileSizes<Policy>::In;
+  using typename TileSizes<Policy>::Acc;
+  using TileSizes<Policy>::c;
+  static_assert(std::is_same<Acc, T>::value, "partial gradients are stored in the compute dtype");
+  static constexpr int ldOp = kCubeChunk + c.pad_in;
+  Acc *S, *W, *LA, *gA, *LB, *gB, *ref, *arow, *u, *LC, *gC, *bcol;
+  In *G, *P, *Cd, *Op;
+  int ldW;
+  Acc tau;
+  Unit unit;
+
+  // splits: the pass's split count (plan.pair_is or plan.z_is).
+  __device__ BackwardTiles(const CubeBackwardPlan& plan, bool z_pass, const T* tau_ptr, int64_t splits, int64_t D)
+      : tau(static_cast<Acc>(*tau_ptr)), unit(plan, splits, D) {
+    SK_DYNAMIC_SMEM(smem);
+    const int64_t slab = plan.slab;
+    constexpr TileConfig cfg = c;  // a local copy: the static member may not be ODR-used in device code
+    const CubeBackwardLayout l = cube_backward_layout(cfg, slab, z_pass);
+    Acc** acc[] = {&S, &W, &LA, &gA, &LB, &gB, &ref, &arow, &u, &LC, &gC, &bcol};
+    const std::size_t acc_at[] = {l.S, l.W, l.LA, l.gA, l.LB, l.gB, l.ref, l.arow, l.u, l.LC, l.gC, l.bcol};
+    for (int q = 0; q < 12; ++q) *acc[q] = reinterpret_cast<Acc*>(smem + acc_at[q]);
+    In** in[] = {&G, &P, &Cd, &Op};
+    const std::size_t in_at[] = {l.G, l.P, l.Cd, l.Op};
+    for (int q = 0; q < 4; ++q) *in[q] = reinterpret_cast<In*>(smem + in_at[q]);
+    ldW = static_cast<int>(slab) + c.pad_acc;
+  }
+};
+
+// G of the tile (pairs of i-block a0 and j-block b0) x (rows k0.. of z) in s.G (TRANSPOSED:
+// k-major, ld ldG), the logits recomputed over the full d; c0 from pair_factors.
+template <bool TRANSPOSED, typename Policy, typename T, typename TIn>
+__device__ __forceinline__ void tile_weights(const BackwardTiles<Policy, T>& s, const CubeBackwardArgs<T, TIn>& a,
+                                             int64_t a0, int64_t b0, int64_t k0, T c0, int ldG) {
+  using Tl = BackwardTiles<Policy, T>;
+  cube_tile_products<Policy, TIn, Tl::BI, Tl::BJ, Tl::BK, Tl::BD>(a.x, a.y, a.z, a0, a.I, b0, a.J, k0, a.K, a.D, s.P,
+                                                                  s.Cd, Tl::ldP, s.S, Tl::ldS);
+  tile_G<typename Tl::In, T, Tl::BP, Tl::BK, TRANSPOSED>(s.S, Tl::ldS, s.tau, s.ref, s.arow, s.u, c0, s.LC, s.gC, k0,
+                                                         a.K, s.bcol, s.G, ldG);
+}
+
+// W[:, chunk ch] += G (BM x kred, ld ldG) times the operand chunk s.Op (kred x kCubeChunk),
+// the accumulators resumed from and returned to shared memory. Every thread calls after
+// staging s.Op; the barriers order the staging before and the next staging after.
+template <int BM, typename Policy, typename T>
+__device__ __forceinline__ void contract_chunk(const BackwardTiles<Policy, T>& s, int ch, int ldG, int kred) {
+  __syncthreads();
+  TileFor<Policy, BM, kCubeChunk> w;
+  w.load(s.W + ch * kCubeChunk, s.ldW);
+  w.template mma<false>(s.G, ldG, s.Op, BackwardTiles<Policy, T>::ldOp, kred);
+  w.store(s.W + ch * kCubeChunk, s.ldW);
+  __syncthreads();
+}
+
+// Backward pass "pairs" (plan.h CubeBackwardPlan): unit (is, js, sl) accumulates, per
+// (i-block, j-block) of its splits, W[(i, j), slab] = sum_k G[i, j, k] z[k, slab] over
+// every k (the logits recomputed once), then adds sum_j y[j] * W to dx_part[js, i, slab]
+// and sum_i x[i] * W to dy_part[is, j, slab] (its own rows: zero-filled by the launcher).
 template <typename T, typename TIn, typename Policy>
 __global__ void __launch_bounds__(kThreads)
-    cube_backward_kernel(const TIn* __restrict__ A, const TIn* __restrict__ B, const TIn* __restrict__ C,
-                         const T* __restrict__ tau_ptr, const T* __restrict__ LA, const T* __restrict__ LB,
-                         const T* __restrict__ LC, const T* __restrict__ gA, const T* __restrict__ gB,
-                         const T* __restrict__ gC, int64_t NA, int64_t NB, int64_t NC, int64_t D, int64_t num_dw,
-                         TIn* __restrict__ dA, T* __restrict__ dtau_part) {
-  using In = typename Policy::In;
-  using Acc = typename Policy::Acc;
-  constexpr TileConfig c = Policy::cfg;
-  constexpr int BLOCK_I = c.BLOCK_I, BLOCK_J = c.BLOCK_J, BLOCK_K = c.BLOCK_K, BLOCK_D = c.BLOCK_D;
-  constexpr int BLOCK_DW = c.BLOCK_DW;
-  constexpr int BP = BLOCK_I * BLOCK_J;
-  constexpr int ldS = BLOCK_K + c.pad_acc;
-  constexpr int ldG = BLOCK_K + c.pad_in;
-  constexpr int ldP = BLOCK_D + c.pad_in;
-  constexpr int ldCw = BLOCK_DW + c.pad_in;
-  constexpr int ldW = BLOCK_DW + c.pad_acc;
-  constexpr BackwardLayout lay = backward_layout(c);
+    cube_backward_pairs_kernel(CubeBackwardArgs<T, TIn> args, T* __restrict__ dx_part, T* __restrict__ dy_part) {
+  using Tl = BackwardTiles<Policy, T>;
+  using Acc = typename Tl::Acc;
+  constexpr int BLOCK_I = Tl::BI, BLOCK_J = Tl::BJ, BLOCK_K = Tl::BK, BP = Tl::BP, ldG = BLOCK_K + Tl::c.pad_in;
+  const auto [x, y, z, tau_ptr, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, plan] = args;
+  const Tl s(plan, false, tau_ptr, plan.pair_is, D);
+  const Unit& sl = s.unit;
+  const int64_t is = sl.split, js = sl.outer;  // outer: the j-split
 
-  SK_DYNAMIC_SMEM(smem);
-  Acc* S = reinterpret_cast<Acc*>(smem + lay.S);
-  In* G = reinterpret_cast<In*>(smem + lay.G);
-  In* P = reinterpret_cast<In*>(smem + lay.P);
-  In* Cd = reinterpret_cast<In*>(smem + lay.Cd);
-  In* Cw = reinterpret_cast<In*>(smem + lay.Cw);
-  Acc* W = reinterpret_cast<Acc*>(smem + lay.W);  // aliases S..Cw, used after the k loop only
-  Acc* dA_s = reinterpret_cast<Acc*>(smem + lay.dA);
-  Acc* LA_s = reinterpret_cast<Acc*>(smem + lay.LA);
-  Acc* gA_s = reinterpret_cast<Acc*>(smem + lay.gA);
-  Acc* LB_s = reinterpret_cast<Acc*>(smem + lay.LB);
-  Acc* gB_s = reinterpret_cast<Acc*>(smem + lay.gB);
-  Acc* LC_s = reinterpret_cast<Acc*>(smem + lay.LC);
-  Acc* gC_s = reinterpret_cast<Acc*>(smem + lay.gC);
-  Acc* red = reinterpret_cast<Acc*>(smem + lay.red);
-
-  const Acc tau = static_cast<Acc>(*tau_ptr);
-  const int t = threadIdx.x;
-  const int64_t unit = blockIdx.x;
-  const int64_t a0 = (unit / num_dw) * BLOCK_I;
-  const int64_t dw0 = (unit % num_dw) * BLOCK_DW;
-
-  if (t < BLOCK_I) {
-    const bool ok = a0 + t < NA;
-    LA_s[t] = ok ? static_cast<Acc>(LA[a0 + t]) : Acc(0);
-    gA_s[t] = ok ? static_cast<Acc>(gA[a0 + t]) : Acc(0);
-  }
-  for (int e = t; e < BLOCK_I * BLOCK_DW; e += kThreads) dA_s[e] = Acc(0);
-
-  for (int64_t b0 = 0; b0 < NB; b0 += BLOCK_J) {
-    if (t < BLOCK_J) {
-      const bool ok = b0 + t < NB;
-      LB_s[t] = ok ? static_cast<Acc>(LB[b0 + t]) : Acc(0);
-      gB_s[t] = ok ? static_cast<Acc>(gB[b0 + t]) : Acc(0);
-    }
-    // W[(a, b), :] = sum_c G[a, b, c] C[c, dw0 : dw0 + BLOCK_DW], accumulated over k tiles.
-    TileFor<Policy, BP, BLOCK_DW> w;
-    w.zero();
-    for (int64_t c0 = 0; c0 < NC; c0 += BLOCK_K) {
-      if (t < BLOCK_K) {
-        const bool ok = c0 + t < NC;
-        LC_s[t] = ok ? static_cast<Acc>(LC[c0 + t]) : Acc(0);
-        gC_s[t] = ok ? static_cast<Acc>(gC[c0 + t]) : Acc(0);
-      }
-      TileFor<Policy, BP, BLOCK_K> s;
-      s.zero();
-      for (int64_t d0 = 0; d0 < D; d0 += BLOCK_D) {
-        load_pair_products<In, Acc, TIn, BLOCK_I, BLOCK_J>(P, ldP, BLOCK_D, A, B, a0, NA, b0, NB, d0, D);
-        load_rows<In, Acc>(Cd, ldP, BLOCK_K, BLOCK_D, C, c0, NC, d0, D);
-        __syncthreads();
-        s.template mma<true>(P, ldP, Cd, ldP, BLOCK_D);
-        __syncthreads();
-      }
-      s.store(S, ldS);
-      load_rows<In, Acc>(Cw, ldCw, BLOCK_K, BLOCK_DW, C, c0, NC, dw0, D);
+  for (int64_t ib = split_begin(is, plan.num_ib, plan.pair_is); ib < split_begin(is + 1, plan.num_ib, plan.pair_is);
+       ++ib) {
+    const int64_t a0 = ib * BLOCK_I;
+    load_vectors(s.LA, s.gA, La, gLa, a0, I, BLOCK_I);
+    for (int64_t jb = split_begin(js, plan.num_jb, plan.pair_js);
+         jb < split_begin(js + 1, plan.num_jb, plan.pair_js); ++jb) {
+      const int64_t b0 = jb * BLOCK_J;
+      load_vectors(s.LB, s.gB, Lb, gLb, b0, J, BLOCK_J);
+      for (int e = threadIdx.x; e < BP * s.ldW; e += kThreads) s.W[e] = Acc(0);
       __syncthreads();
-      // G = gA e^(S - LA) + gB e^(S - LB) + gC e^(S - LC); each exponent is <= 0 up to
-      // rounding because an LSE bounds every logit it covers, so nothing overflows at tau = 100.
-      for (int e = t; e < BP * BLOCK_K; e += kThreads) {
-        const int p = e / BLOCK_K;
-        const int kk = e % BLOCK_K;
-        const int aa = p / BLOCK_J;
-        const int bb = p % BLOCK_J;
-        Acc g = Acc(0);
-        if (a0 + aa < NA && b0 + bb < NB && c0 + kk < NC) {
-          const Acc v = tau * S[p * ldS + kk];
-          g = gA_s[aa] * exp_(v - LA_s[aa]) + gB_s[bb] * exp_(v - LB_s[bb]) + gC_s[kk] * exp_(v - LC_s[kk]);
+      const Acc c0 = pair_factors<Acc, BLOCK_I, BLOCK_J>(s.LA, s.gA, s.LB, s.gB, a0, I, b0, J, s.ref, s.arow, s.u);
+      for (int64_t k0 = 0; k0 < K; k0 += BLOCK_K) {
+        load_vectors(s.LC, s.gC, Lc, gLc, k0, K, BLOCK_K);
+        tile_weights<false>(s, args, a0, b0, k0, c0, ldG);
+        // W[:, chunk] += G z[k0 : k0 + BLOCK_K, chunk], the accumulators resumed from shared memory.
+        for (int ch = 0; ch < sl.chunks; ++ch) {
+          load_rows<typename Tl::In, Acc>(s.Op, Tl::ldOp, BLOCK_K, kCubeChunk, z, k0, K, sl.col0 + ch * kCubeChunk, D);
+          contract_chunk<BP>(s, ch, ldG, BLOCK_K);
         }
-        G[p * ldG + kk] = to_in<In, Acc>(g);
       }
-      __syncthreads();
-      w.template mma<false>(G, ldG, Cw, ldCw, BLOCK_K);
-      __syncthreads();
-    }
-    w.store(W, ldW);
-    __syncthreads();
-    // dA[a] += sum_b B[b] * W[a, b] (elementwise over the BLOCK_DW columns).
-    for (int e = t; e < BLOCK_I * BLOCK_DW; e += kThreads) {
-      const int aa = e / BLOCK_DW;
-      const int dd = e % BLOCK_DW;
-      const int64_t col = dw0 + dd;
-      if (col < D) {
-        Acc v = dA_s[e];
-        for (int bb = 0; bb < BLOCK_J; ++bb) {
-          const int64_t b = b0 + bb;
-          if (b < NB) v += to_acc<Acc>(B[b * D + col]) * W[(aa * BLOCK_J + bb) * ldW + dd];
+      // dx_part[js, i] += sum_j y[j] * W[(i, j)] and dy_part[is, j] += sum_i x[i] * W[(i, j)].
+      for (int e = threadIdx.x; e < (BLOCK_I + BLOCK_J) * sl.cols; e += kThreads) {
+        const int r = e / sl.cols;
+        const int dd = e % sl.cols;
+        const int64_t col = sl.col0 + dd;
+        // Row r < BLOCK_I is x's row a0 + r against the j-block; the others y's rows against the i-block.
+        const bool is_x = r < BLOCK_I;
+        const int own = is_x ? r : r - BLOCK_I;
+        const int64_t row = (is_x ? a0 : b0) + own;
+        if (row < (is_x ? I : J)) {
+          const TIn* other = is_x ? y : x;
+          const int64_t o0 = is_x ? b0 : a0, o_end = is_x ? J : I;
+          Acc v = Acc(0);
+          for (int q = 0; q < (is_x ? BLOCK_J : BLOCK_I) && o0 + q < o_end; ++q) {
+            const int p = is_x ? own * BLOCK_J + q : q * BLOCK_J + own;
+            v += to_acc<Acc>(other[(o0 + q) * D + col]) * s.W[p * s.ldW + dd];
+          }
+          T* out = is_x ? dx_part + (js * I + row) * D : dy_part + (is * J + row) * D;
+          out[col] += v;
         }
-        dA_s[e] = v;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Backward pass "z": unit (kb, is, sl) owns rows [kb * BLOCK_K, ...) of z and writes
+// dz_part[is, k, slab] = sum_{i in split is, j} G[i, j, k] (x[i] * y[j])[slab], the
+// logits recomputed once per (i-block, j-block) tile.
+template <typename T, typename TIn, typename Policy>
+__global__ void __launch_bounds__(kThreads)
+    cube_backward_z_kernel(CubeBackwardArgs<T, TIn> args, T* __restrict__ dz_part) {
+  using Tl = BackwardTiles<Policy, T>;
+  constexpr int BLOCK_I = Tl::BI, BLOCK_J = Tl::BJ, BLOCK_K = Tl::BK, BP = Tl::BP, ldGt = BP + Tl::c.pad_in;
+  const auto [x, y, z, tau_ptr, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, plan] = args;
+  const Tl s(plan, true, tau_ptr, plan.z_is, D);
+  const int64_t is = s.unit.split, k0 = s.unit.outer * BLOCK_K;  // outer: the k-block
+  const Unit& sl = s.unit;
+
+  load_vectors(s.LC, s.gC, Lc, gLc, k0, K, BLOCK_K);
+  for (int e = threadIdx.x; e < BLOCK_K * s.ldW; e += kThreads) s.W[e] = T(0);
+  for (int64_t ib = split_begin(is, plan.num_ib, plan.z_is); ib < split_begin(is + 1, plan.num_ib, plan.z_is); ++ib) {
+    const int64_t a0 = ib * BLOCK_I;
+    for (int64_t b0 = 0; b0 < J; b0 += BLOCK_J) {
+      load_vectors(s.LA, s.gA, La, gLa, a0, I, BLOCK_I);
+      load_vectors(s.LB, s.gB, Lb, gLb, b0, J, BLOCK_J);
+      __syncthreads();
+      const T c0 = pair_factors<T, BLOCK_I, BLOCK_J>(s.LA, s.gA, s.LB, s.gB, a0, I, b0, J, s.ref, s.arow, s.u);
+      tile_weights<true>(s, args, a0, b0, k0, c0, ldGt);
+      // V[:, chunk] += G^T (x * y)[pairs, chunk], V (in W) resumed from shared memory.
+      for (int ch = 0; ch < sl.chunks; ++ch) {
+        load_pair_products<typename Tl::In, T, TIn, BLOCK_I, BLOCK_J>(s.Op, Tl::ldOp, kCubeChunk, x, y, a0, I, b0, J,
+                                                           sl.col0 + ch * kCubeChunk, D);
+        contract_chunk<BLOCK_K>(s, ch, ldGt, BP);
       }
     }
-    __syncthreads();
   }
-
-  Acc part = Acc(0);
-  for (int e = t; e < BLOCK_I * BLOCK_DW; e += kThreads) {
-    const int64_t a = a0 + e / BLOCK_DW;
-    const int64_t col = dw0 + e % BLOCK_DW;
-    if (a < NA && col < D) {
-      const Acc v = dA_s[e];
-      dA[a * D + col] = from_acc<TIn>(tau * v);
-      part += to_acc<Acc>(A[a * D + col]) * v;
-    }
-  }
-  if (dtau_part != nullptr) {  // uniform over the CTA, so block_sum's barriers are safe
-    const Acc total = block_sum<Acc>(part, red);
-    if (t == 0) dtau_part[unit] = static_cast<T>(total);
+  for (int e = threadIdx.x; e < BLOCK_K * sl.cols; e += kThreads) {
+    const int kk = e / sl.cols;
+    const int dd = e % sl.cols;
+    if (k0 + kk < K) dz_part[(is * K + k0 + kk) * D + sl.col0 + dd] = s.W[kk * s.ldW + dd];
   }
 }
 
@@ -264,14 +301,16 @@ cudaError_t launch_forward(const TIn* x, const TIn* y, const TIn* z, const T* ta
   if (plan.smem != forward_layout(Policy::cfg).total || plan.ctas < 1 || plan.ctas > INT32_MAX) {
     return cudaErrorInvalidValue;  // the plan was made for another mode
   }
-  auto kernel = cube_forward_kernel<T, TIn, Policy>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  auto forward_pass = cube_forward_kernel<T, TIn, Policy>;
+  cudaError_t err = cudaFuncSetAttribute(forward_pass, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(plan.smem));
   if (err != cudaSuccess) return err;
   const T minus_inf = -std::numeric_limits<T>::infinity();
   SK_LAUNCH(fill_kernel<T>, grid_for(plan.ctas * J), 0, stream, Lb_part, plan.ctas * J, minus_inf);
+  SK_LAUNCH(fill_kernel<T>, grid_for(plan.ctas * J), 0, stream, Lb_part + plan.ctas * J, plan.ctas * J, T(0));
   SK_LAUNCH(fill_kernel<T>, grid_for(plan.ctas * K), 0, stream, Lc_part, plan.ctas * K, minus_inf);
-  SK_LAUNCH(kernel, static_cast<unsigned>(plan.ctas), plan.smem, stream, x, y, z, tau, I, J, K, D, plan,
+  SK_LAUNCH(fill_kernel<T>, grid_for(plan.ctas * K), 0, stream, Lc_part + plan.ctas * K, plan.ctas * K, T(0));
+  SK_LAUNCH(forward_pass, static_cast<unsigned>(plan.ctas), plan.smem, stream, x, y, z, tau, I, J, K, D, plan,
                                                                              La_part, Lb_part, Lc_part);
   SK_LAUNCH(combine_lse_kernel<T>, grid_for(I), 0, stream, La_part, plan.num_js, I, La);
   SK_LAUNCH(combine_lse_kernel<T>, grid_for(J), 0, stream, Lb_part, plan.ctas, J, Lb);
@@ -282,85 +321,64 @@ cudaError_t launch_forward(const TIn* x, const TIn* y, const TIn* z, const T* ta
 template <typename T, typename TIn, typename Policy>
 cudaError_t launch_backward(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La, const T* Lb,
                             const T* Lc, const T* gLa, const T* gLb, const T* gLc, int64_t I, int64_t J, int64_t K,
-                            int64_t D, T* dtau_part, TIn* dx, TIn* dy, TIn* dz, T* dtau, cudaStream_t stream) {
+                            int64_t D, const CubeBackwardPlan& plan, T* work, TIn* dx, TIn* dy, TIn* dz, T* dtau,
+                            cudaStream_t stream) {
   constexpr TileConfig c = Policy::cfg;
-  auto kernel = cube_backward_kernel<T, TIn, Policy>;
-  const BackwardPlan px = plan_backward(I, D, c.BLOCK_I, c);
-  const BackwardPlan py = plan_backward(J, D, c.BLOCK_I, c);
-  const BackwardPlan pz = plan_backward(K, D, c.BLOCK_I, c);
-  if (px.units > INT32_MAX || py.units > INT32_MAX || pz.units > INT32_MAX) return cudaErrorInvalidConfiguration;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(px.smem));
+  if (plan.pair_smem != cube_backward_layout(c, plan.slab, false).total ||
+      plan.z_smem != cube_backward_layout(c, plan.slab, true).total || plan.pair_units > INT32_MAX ||
+      plan.z_units > INT32_MAX) {
+    return cudaErrorInvalidValue;  // the plan was made for another mode
+  }
+  auto pairs_pass = cube_backward_pairs_kernel<T, TIn, Policy>;
+  auto z_pass = cube_backward_z_kernel<T, TIn, Policy>;
+  cudaError_t err = cudaFuncSetAttribute(pairs_pass, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(plan.pair_smem));
   if (err != cudaSuccess) return err;
-  // The three anchors: G is symmetric under permuting (x, La, gLa), (y, Lb, gLb), (z, Lc, gLc).
-  SK_LAUNCH(kernel, static_cast<unsigned>(px.units), px.smem, stream, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc,
-                                                                         I, J, K, D, px.num_dw, dx, dtau_part);
-  SK_LAUNCH(kernel, static_cast<unsigned>(py.units), py.smem, stream, y, x, z, tau, Lb, La, Lc, gLb, gLa, gLc,
-                                                                         J, I, K, D, py.num_dw, dy, nullptr);
-  SK_LAUNCH(kernel, static_cast<unsigned>(pz.units), pz.smem, stream, z, x, y, tau, Lc, La, Lb, gLc, gLa, gLb,
-                                                                         K, I, J, D, pz.num_dw, dz, nullptr);
-  SK_LAUNCH(sum_kernel<T>, 1, 0, stream, dtau_part, px.units, dtau);
+  err = cudaFuncSetAttribute(z_pass, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.z_smem));
+  if (err != cudaSuccess) return err;
+  T* dx_part = work + plan.dx_part;
+  T* dy_part = work + plan.dy_part;
+  T* dz_part = work + plan.dz_part;
+  T* dtau_part = work + plan.dtau_part;
+  // dx_part and dy_part accumulate (each row in one unit); dz_part is written once.
+  SK_LAUNCH(fill_kernel<T>, grid_for(plan.dz_part), 0, stream, work, plan.dz_part, T(0));
+  const CubeBackwardArgs<T, TIn> args{x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, plan};
+  SK_LAUNCH(pairs_pass, static_cast<unsigned>(plan.pair_units), plan.pair_smem, stream, args, dx_part, dy_part);
+  SK_LAUNCH(z_pass, static_cast<unsigned>(plan.z_units), plan.z_smem, stream, args, dz_part);
+  auto reduce = reduce_parts_kernel<T, TIn>;
+  // dx = tau * sum_js dx_part and dtau = sum_i <x[i], dx[i]> / tau (docs/math.md section 2).
+  SK_LAUNCH(reduce, static_cast<unsigned>(plan.reduce_ctas), 0, stream, dx_part,
+            plan.pair_js, I * D, tau, x, dx, dtau_part);
+  SK_LAUNCH(reduce, grid_for(J * D), 0, stream, dy_part, plan.pair_is, J * D, tau,
+            static_cast<const TIn*>(nullptr), dy, static_cast<T*>(nullptr));
+  SK_LAUNCH(reduce, grid_for(K * D), 0, stream, dz_part, plan.z_is, K * D, tau,
+            static_cast<const TIn*>(nullptr), dz, static_cast<T*>(nullptr));
+  SK_LAUNCH(sum_kernel<T>, 1, 0, stream, dtau_part, plan.reduce_ctas, dtau);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-// Float32/float64 tensors run the policy ``mode`` names; bf16 tensors run bf16 tiles and
-// fp16 tensors TF32 tiles (exact for fp16 values), both with float32 accumulation.
+// The policy: with_policy (static_switch.h).
 template <typename T, typename TIn>
 cudaError_t cube_lse_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K,
                              int64_t D, int mode, const CubeForwardPlan& plan, T* La_part, T* Lb_part, T* Lc_part,
                              T* La, T* Lb, T* Lc, cudaStream_t stream) {
-#define SK_FORWARD(POLICY) \
-  launch_forward<T, TIn, POLICY>(x, y, z, tau, I, J, K, D, plan, La_part, Lb_part, Lc_part, La, Lb, Lc, stream)
-  if constexpr (std::is_same<TIn, __nv_bfloat16>::value) {
-    return SK_FORWARD(Bf16Policy);
-  } else if constexpr (std::is_same<TIn, __half>::value) {
-    return SK_FORWARD(Tf32Policy);
-  } else if constexpr (sizeof(T) == 8) {
-    return mode == kIeee ? SK_FORWARD(IeeePolicy<T>) : cudaErrorInvalidValue;
-  } else {
-    switch (mode) {
-      case kIeee:
-        return SK_FORWARD(IeeePolicy<T>);
-      case kTf32:
-        return SK_FORWARD(Tf32Policy);
-      case kBf16:
-        return SK_FORWARD(Bf16Policy);
-      default:
-        return cudaErrorInvalidValue;
-    }
-  }
-#undef SK_FORWARD
+  return with_policy<T, TIn>(mode, [&](auto policy) {
+    return launch_forward<T, TIn, decltype(policy)>(x, y, z, tau, I, J, K, D, plan, La_part, Lb_part, Lc_part, La,
+                                                    Lb, Lc, stream);
+  });
 }
 
 template <typename T, typename TIn>
 cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La, const T* Lb,
                               const T* Lc, const T* gLa, const T* gLb, const T* gLc, int64_t I, int64_t J,
-                              int64_t K, int64_t D, int mode, T* dtau_part, TIn* dx, TIn* dy, TIn* dz, T* dtau,
-                              cudaStream_t stream) {
-#define SK_BACKWARD(POLICY)                                                                                    \
-  launch_backward<T, TIn, POLICY>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, dtau_part, dx, dy, dz, \
-                                  dtau, stream)
-  if constexpr (std::is_same<TIn, __nv_bfloat16>::value) {
-    return SK_BACKWARD(Bf16Policy);
-  } else if constexpr (std::is_same<TIn, __half>::value) {
-    return SK_BACKWARD(Tf32Policy);
-  } else if constexpr (sizeof(T) == 8) {
-    return mode == kIeee ? SK_BACKWARD(IeeePolicy<T>) : cudaErrorInvalidValue;
-  } else {
-    switch (mode) {
-      case kIeee:
-        return SK_BACKWARD(IeeePolicy<T>);
-      case kTf32:
-        return SK_BACKWARD(Tf32Policy);
-      case kBf16:
-        return SK_BACKWARD(Bf16Policy);
-      default:
-        return cudaErrorInvalidValue;
-    }
-  }
-#undef SK_BACKWARD
+                              int64_t K, int64_t D, int mode, const CubeBackwardPlan& plan, T* workspace, TIn* dx,
+                              TIn* dy, TIn* dz, T* dtau, cudaStream_t stream) {
+  return with_policy<T, TIn>(mode, [&](auto policy) {
+    return launch_backward<T, TIn, decltype(policy)>(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, plan,
+                                                     workspace, dx, dy, dz, dtau, stream);
+  });
 }
 
 #define SK_INSTANTIATE(T, TIn)                                                                                      \
@@ -369,11 +387,9 @@ cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T*
                                                 T*, cudaStream_t);                                                  \
   template cudaError_t cube_lse_backward<T, TIn>(const TIn*, const TIn*, const TIn*, const T*, const T*, const T*, \
                                                  const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, \
-                                                 int64_t, int, T*, TIn*, TIn*, TIn*, T*, cudaStream_t);
-SK_INSTANTIATE(float, float)
-SK_INSTANTIATE(double, double)
-SK_INSTANTIATE(float, __nv_bfloat16)
-SK_INSTANTIATE(float, __half)
+                                                 int64_t, int, const CubeBackwardPlan&, T*, TIn*, TIn*, TIn*, T*, \
+                                                 cudaStream_t);
+SK_FOR_EACH_ROW_TYPE(SK_INSTANTIATE)
 #undef SK_INSTANTIATE
 
 }  // namespace symile_cuda

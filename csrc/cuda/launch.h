@@ -22,8 +22,12 @@
 
 namespace symile_cuda {
 
-// La (I,), Lb (J,), Lc (K,) of the cube tau * T[i,j,k] (SPEC section 2).
-// Workspace: La_part (plan.num_js * I), Lb_part (plan.ctas * J), Lc_part (plan.ctas * K)
+// Calls M(T, TIn) for every (compute type, row type) pair the launchers are built for.
+#define SK_FOR_EACH_ROW_TYPE(M) M(float, float) M(double, double) M(float, __nv_bfloat16) M(float, __half)
+
+// La (I,), Lb (J,), Lc (K,) of the cube tau * T[i,j,k] (docs/math.md section 2).
+// Workspace ((max, sum) pairs): La_part (2 * plan.num_js * I), Lb_part (2 * plan.ctas * J),
+// Lc_part (2 * plan.ctas * K)
 // from plan_cube_forward(I, J, K, config_for(effective_mode(mode, sizeof(TIn)), sizeof(T)), num_sms).
 template <typename T, typename TIn>
 cudaError_t cube_lse_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K,
@@ -31,25 +35,27 @@ cudaError_t cube_lse_forward(const TIn* x, const TIn* y, const TIn* z, const T* 
                              T* La, T* Lb, T* Lc, cudaStream_t stream);
 
 // dx (I, D), dy (J, D), dz (K, D) and dtau (one scalar) of
-// sum gLa * La + gLb * Lb + gLc * Lc (SPEC section 2 without the positive term).
-// Workspace: dtau_part (plan_backward(I, D, BLOCK_I, cfg).units).
+// sum gLa * La + gLb * Lb + gLc * Lc (docs/math.md section 2 without the positive term).
+// plan: plan_cube_backward(I, J, K, D, cfg, num_sms, smem_limit) for the rows' config (as
+// the forward's); workspace: plan.workspace elements of T.
 template <typename T, typename TIn>
 cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La, const T* Lb,
                               const T* Lc, const T* gLa, const T* gLb, const T* gLc, int64_t I, int64_t J,
-                              int64_t K, int64_t D, int mode, T* dtau_part, TIn* dx, TIn* dy, TIn* dz, T* dtau,
-                              cudaStream_t stream);
+                              int64_t K, int64_t D, int mode, const CubeBackwardPlan& plan, T* workspace, TIn* dx,
+                              TIn* dy, TIn* dz, T* dtau, cudaStream_t stream);
 
 // a (I, D), b (J, D) with I <= J, pos (I,). L (I,): L[i] = LSE_{j < J} l[i, j],
-// l[i, j] = tau <a[i], b[j]> (j != i), l[i, i] = pos[i] (SPEC section 3).
+// l[i, j] = tau <a[i], b[j]> (j != i), l[i, i] = pos[i] (docs/math.md section 3).
+// plan: plan_pair(I, J, D, cfg, num_sms) for the rows' config; L_part: plan.forward_workspace.
 template <typename T, typename TIn>
 cudaError_t pair_lse_forward(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I, int64_t J, int64_t D,
-                             int mode, T* L, cudaStream_t stream);
+                             int mode, const PairPlan& plan, T* L_part, T* L, cudaStream_t stream);
 
 // da (I, D), db (J, D), dpos (I,) and dtau of sum_i gL[i] L[i].
-// Workspace: dtau_part (plan_backward(I, D, tile_pairs(cfg), cfg).units).
+// Workspace: plan.backward_workspace elements of T.
 template <typename T, typename TIn>
 cudaError_t pair_lse_backward(const TIn* a, const TIn* b, const T* pos, const T* tau, const T* L, const T* gL,
-                              int64_t I, int64_t J, int64_t D, int mode, T* dtau_part, TIn* da, TIn* db, T* dpos,
-                              T* dtau, cudaStream_t stream);
+                              int64_t I, int64_t J, int64_t D, int mode, const PairPlan& plan, T* workspace, TIn* da,
+                              TIn* db, T* dpos, T* dtau, cudaStream_t stream);
 
 }  // namespace symile_cuda

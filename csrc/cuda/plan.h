@@ -5,7 +5,7 @@
 // kernels (through SK_HD under nvcc) and unit-tested on a machine without a GPU
 // (csrc/cuda/plan_test.cpp, compiled with g++ by tests/test_cuda_backend.py).
 //
-// Names follow SPEC.md: the cube T[i,j,k] = sum_d x[i,d] y[j,d] z[k,d] is tiled
+// Names follow docs/math.md: the cube T[i,j,k] = sum_d x[i,d] y[j,d] z[k,d] is tiled
 // by BLOCK_I x BLOCK_J (i, j) pairs (the BP = BLOCK_I * BLOCK_J rows of a tile
 // product) against BLOCK_K rows of z, reducing d in chunks of BLOCK_D; the
 // backward's W contraction writes output columns in chunks of BLOCK_DW.
@@ -70,7 +70,7 @@ SK_HD constexpr std::size_t tile_bytes(int rows, int cols, int pad, int elem) {
 
 // Byte offsets of the shared-memory regions of the forward kernels (cube and pair).
 struct ForwardLayout {
-  std::size_t S, P, Z, pair_m, pair_s, row_l, total;
+  std::size_t S, P, Z, pair_m, pair_s, row_l, row_ls, colm, colo, cols, roww, total;
 };
 
 SK_HD constexpr ForwardLayout forward_layout(const TileConfig& c) {
@@ -81,8 +81,13 @@ SK_HD constexpr ForwardLayout forward_layout(const TileConfig& c) {
   const std::size_t pair_m = Z + tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size);
   const std::size_t pair_s = pair_m + tile_bytes(1, BP, 0, c.acc_size);
   const std::size_t row_l = pair_s + tile_bytes(1, BP, 0, c.acc_size);
-  const std::size_t total = row_l + tile_bytes(1, BP, 0, c.acc_size);
-  return ForwardLayout{S, P, Z, pair_m, pair_s, row_l, total};
+  const std::size_t row_ls = row_l + tile_bytes(1, BP, 0, c.acc_size);     // running sums beside row_l's maxima
+  const std::size_t colm = row_ls + tile_bytes(1, BP, 0, c.acc_size);      // BLOCK_K column maxima of a tile
+  const std::size_t colo = colm + tile_bytes(1, c.BLOCK_K, 0, c.acc_size);  // BLOCK_K column LSEs of a tile as
+  const std::size_t cols = colo + tile_bytes(1, c.BLOCK_K, 0, c.acc_size);  // (reference, sum) pairs
+  const std::size_t roww = cols + tile_bytes(1, c.BLOCK_K, 0, c.acc_size);  // BP row weights exp(rowmax - max)
+  const std::size_t total = roww + tile_bytes(1, BP, 0, c.acc_size);
+  return ForwardLayout{S, P, Z, pair_m, pair_s, row_l, row_ls, colm, colo, cols, roww, total};
 }
 
 // Byte offsets of the backward kernels' regions. W (the BP x BLOCK_DW result of
@@ -125,8 +130,9 @@ SK_HD constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b;
 // j-blocks [js * num_jb / num_js, (js + 1) * num_jb / num_js) and every k. CTA c runs
 // units c, c + ctas, ...; it owns row c of the Lb and Lc partial LSE buffers
 // (ctas x J, ctas x K), and unit (ib, js) owns La_part[js, i-block] (num_js x I).
-// The partials are combined by a log-sum-exp over their rows in a fixed order,
-// so results are deterministic for a given GPU.
+// Each partial is a (max, sum) pair (buffers of twice those sizes: maxima, then sums),
+// merged by rescaled sums; they are combined by one max pass and one sum pass over
+// their rows in a fixed order, so results are deterministic for a given GPU.
 struct CubeForwardPlan {
   int64_t num_ib = 0, num_jb = 0, num_js = 0, units = 0, units_per_cta = 0, ctas = 0;
   std::size_t smem = 0;
@@ -153,33 +159,169 @@ inline CubeForwardPlan plan_cube_forward(int64_t I, int64_t J, int64_t K, const 
 // j-blocks [first, last) of split js (every split gets at least one when num_js <= num_jb).
 SK_HD inline int64_t split_begin(int64_t js, int64_t num_jb, int64_t num_js) { return js * num_jb / num_js; }
 
-// Cube backward (one launch per anchor: x, then y, then z) and pair backward:
-// CTA u owns output rows [ab * rows, (ab + 1) * rows) x columns [dw * BLOCK_DW, ...)
-// with ab = u / num_dw, dw = u % num_dw. No two CTAs write the same output.
-struct BackwardPlan {
-  int64_t num_ab = 0, num_dw = 0, units = 0;
-  std::size_t smem = 0;
+// Cube backward (docs/math.md section 2): two passes, each recomputing the logits
+// once over the full d (in BLOCK_D chunks) and contracting G with full-d accumulators
+// kept in shared memory (rows x slab floats, kCubeChunk columns per tile product):
+// * pass "pairs": unit (is, js, sl) walks the i-blocks of i-split is and the j-blocks
+//   of j-split js; per (i-block, j-block) it accumulates W[(i, j), :] = sum_k G z[k]
+//   over every k, then adds sum_j y[j] * W to its own rows dx_part[js, i, slab] and
+//   sum_i x[i] * W to dy_part[is, j, slab];
+// * pass "z": unit (kb, is, sl) owns BLOCK_K rows of z and accumulates
+//   V[k, :] = sum_{i in split is, j} G (x[i] * y[j]) into dz_part[is, k, slab].
+// Units never share an output row: no atomics; the partials are summed over their
+// first axis in a fixed order (reduce_parts_kernel), so results are deterministic.
+// A slab is the column range one unit accumulates: all of d when the accumulators fit
+// the device's shared memory, else the largest multiple of kCubeChunk that fits (d
+// beyond one slab recomputes the logits once per slab).
+constexpr int kCubeChunk = 64;
+// Widest spreads (natural-log units) at which one exponential is shared between the
+// row and column reductions (forward) or the three G terms (backward); beyond them a
+// tile takes an exact path with its own exponential. Bounds as the Triton and CPU
+// kernels: a flushed term is below e^(spread - 87.3) of its column's largest (float32).
+constexpr double kForwardShareSpread = 60.0;
+constexpr double kBackwardShareSpread = 40.0;
+
+struct CubeBackwardLayout {
+  std::size_t S, G, P, Cd, Op, W, LA, gA, LB, gB, ref, arow, u, LC, gC, bcol, total;
 };
 
-inline BackwardPlan plan_backward(int64_t rows, int64_t D, int64_t rows_per_cta, const TileConfig& c) {
-  BackwardPlan p;
-  p.num_ab = ceil_div(rows, rows_per_cta);
-  p.num_dw = ceil_div(D, c.BLOCK_DW);
-  p.units = p.num_ab * p.num_dw;
-  p.smem = backward_layout(c).total;
+// z_pass: accumulators BLOCK_K x slab, operand chunk BP x kCubeChunk (pair products),
+// G stored transposed (BLOCK_K x BP); else BP x slab, BLOCK_K x kCubeChunk (rows of z), G BP x BLOCK_K.
+// The contraction's operand chunk Op reuses the bytes of S, P and Cd: it is loaded only
+// after G is built from S (tile_G ends with a barrier), and P, Cd are next written after
+// the contraction's last barrier.
+SK_HD constexpr CubeBackwardLayout cube_backward_layout(const TileConfig& c, int64_t slab, bool z_pass) {
+  const int BP = tile_pairs(c);
+  const int acc_rows = z_pass ? c.BLOCK_K : BP;
+  const int op_rows = z_pass ? BP : c.BLOCK_K;
+  const int vec = c.BLOCK_K > BP ? c.BLOCK_K : BP;
+  const std::size_t S = 0;
+  const std::size_t P = S + tile_bytes(BP, c.BLOCK_K, c.pad_acc, c.acc_size);
+  const std::size_t Cd = P + tile_bytes(BP, c.BLOCK_D, c.pad_in, c.in_size);
+  const std::size_t Op = 0;
+  const std::size_t G = max_size(Cd + tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size),
+                                 Op + tile_bytes(op_rows, kCubeChunk, c.pad_in, c.in_size));
+  const std::size_t W = G + (z_pass ? tile_bytes(c.BLOCK_K, BP, c.pad_in, c.in_size)
+                                    : tile_bytes(BP, c.BLOCK_K, c.pad_in, c.in_size));
+  const std::size_t LA = W + tile_bytes(acc_rows, static_cast<int>(slab), c.pad_acc, c.acc_size);
+  const std::size_t gA = LA + tile_bytes(1, vec, 0, c.acc_size);
+  const std::size_t LB = gA + tile_bytes(1, vec, 0, c.acc_size);
+  const std::size_t gB = LB + tile_bytes(1, vec, 0, c.acc_size);
+  const std::size_t ref = gB + tile_bytes(1, vec, 0, c.acc_size);
+  const std::size_t arow = ref + tile_bytes(1, vec, 0, c.acc_size);
+  const std::size_t u = arow + tile_bytes(1, vec, 0, c.acc_size);
+  const std::size_t LC = u + tile_bytes(1, vec, 0, c.acc_size);
+  const std::size_t gC = LC + tile_bytes(1, vec, 0, c.acc_size);
+  const std::size_t bcol = gC + tile_bytes(1, vec, 0, c.acc_size);
+  const std::size_t total = bcol + tile_bytes(1, vec, 0, c.acc_size);
+  return CubeBackwardLayout{S, G, P, Cd, Op, W, LA, gA, LB, gB, ref, arow, u, LC, gC, bcol, total};
+}
+
+struct CubeBackwardPlan {
+  int64_t slab = 0, num_slabs = 0, num_ib = 0, num_jb = 0, num_kb = 0;
+  int64_t pair_is = 0, pair_js = 0, pair_units = 0;  // pass "pairs": i-splits x j-splits x slabs
+  int64_t z_is = 0, z_units = 0;                     // pass "z": k-blocks x i-splits x slabs
+  int64_t reduce_ctas = 0;                           // dx reduction CTAs = dtau partials
+  std::size_t pair_smem = 0, z_smem = 0;
+  // Workspace of the compute dtype, in elements: dx_part, dy_part, dz_part, dtau_part.
+  int64_t dx_part = 0, dy_part = 0, dz_part = 0, dtau_part = 0, workspace = 0;
+};
+
+SK_HD constexpr int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// The backward's partial gradients hold pair_js + pair_is + z_is row sets (I, J or K rows of d):
+// at most this many, so its workspace stays O(N d) (24 N d elements: 48 MiB of float32 at
+// N = 2048, d = 256), at the price of fewer pass-"pairs" CTAs than two per SM on large GPUs.
+constexpr int64_t kBackwardSplitBudget = 24;
+
+// smem_limit: the device's per-block opt-in shared memory (bytes). Splits aim at about
+// two CTAs per SM for each pass.
+inline CubeBackwardPlan plan_cube_backward(int64_t I, int64_t J, int64_t K, int64_t D, const TileConfig& c,
+                                           int num_sms, int64_t smem_limit) {
+  CubeBackwardPlan p;
+  const int64_t sms = num_sms > 0 ? num_sms : 1;
+  int64_t slab = ceil_div(D, kCubeChunk) * kCubeChunk;
+  while (slab > kCubeChunk && (static_cast<int64_t>(cube_backward_layout(c, slab, false).total) > smem_limit ||
+                               static_cast<int64_t>(cube_backward_layout(c, slab, true).total) > smem_limit)) {
+    slab -= kCubeChunk;
+  }
+  p.slab = slab;
+  p.num_slabs = ceil_div(D, slab);
+  p.num_ib = ceil_div(I, c.BLOCK_I);
+  p.num_jb = ceil_div(J, c.BLOCK_J);
+  p.num_kb = ceil_div(K, c.BLOCK_K);
+  // Pass "z" splits i until its units reach two CTAs per SM; pass "pairs" takes a square of
+  // splits towards the same; both within the workspace budget (kBackwardSplitBudget row sets).
+  p.z_is = clamp64(ceil_div(2 * sms, p.num_kb * p.num_slabs), 1, p.num_ib < kBackwardSplitBudget / 3
+                                                                    ? p.num_ib : kBackwardSplitBudget / 3);
+  int64_t side = 1;
+  while (side * side * p.num_slabs < 2 * sms && 2 * (side + 1) + p.z_is <= kBackwardSplitBudget) ++side;
+  p.pair_is = clamp64(side, 1, p.num_ib);
+  const int64_t js_cap = kBackwardSplitBudget - p.z_is - p.pair_is;
+  p.pair_js = clamp64(ceil_div(2 * sms, p.pair_is * p.num_slabs), 1, p.num_jb < js_cap ? p.num_jb : js_cap);
+  p.pair_units = p.pair_is * p.pair_js * p.num_slabs;
+  p.z_units = p.num_kb * p.z_is * p.num_slabs;
+  p.reduce_ctas = clamp64(ceil_div(I * D, kThreads), 1, 4 * sms);
+  p.pair_smem = cube_backward_layout(c, slab, false).total;
+  p.z_smem = cube_backward_layout(c, slab, true).total;
+  p.dx_part = 0;
+  p.dy_part = p.dx_part + p.pair_js * I * D;
+  p.dz_part = p.dy_part + p.pair_is * J * D;
+  p.dtau_part = p.dz_part + p.z_is * K * D;
+  p.workspace = p.dtau_part + p.reduce_ctas;
   return p;
 }
 
-// Pair forward: CTA b owns rows [b * BP, (b + 1) * BP) of a.
-struct PairForwardPlan {
-  int64_t blocks = 0;
-  std::size_t smem = 0;
+// Pair ops (a: I rows, b: J rows). Every kernel splits its column loop as well as its rows,
+// so that small I still fills the GPU (I = 4096 is 64 row blocks of 64 rows):
+// * forward: unit (rb, sp) = rows [rb * BP, ...) of a against the column blocks of split sp
+//   (of b's J rows, BLOCK_K per block); it writes its rows' partial LSE as (max, sum) pairs
+//   to L_part (2 x f_splits x I), combined in a fixed order;
+// * backward "rows" (da, dpos, dtau): unit (rb, sp, dw) = rows of a x output columns
+//   [dw * BLOCK_DW, ...) against the column blocks of split sp, writing da_part[sp];
+// * backward "cols" (db): the same with a and b swapped (rows of b against blocks of a's I
+//   columns), writing db_part[sp].
+// The partial gradients are summed over their splits in a fixed order (reduce_parts_kernel).
+struct PairPlan {
+  int64_t f_row_blocks = 0, f_col_blocks = 0, f_splits = 0, f_units = 0;
+  int64_t num_dw = 0;
+  int64_t a_row_blocks = 0, a_col_blocks = 0, a_splits = 0, a_units = 0;
+  int64_t b_row_blocks = 0, b_col_blocks = 0, b_splits = 0, b_units = 0;
+  int64_t reduce_ctas = 0;
+  std::size_t forward_smem = 0, backward_smem = 0;
+  // Workspaces of the compute dtype, in elements.
+  int64_t forward_workspace = 0;                                      // L_part
+  int64_t da_part = 0, db_part = 0, dtau_part = 0, backward_workspace = 0;
 };
 
-inline PairForwardPlan plan_pair_forward(int64_t N, const TileConfig& c) {
-  PairForwardPlan p;
-  p.blocks = ceil_div(N, tile_pairs(c));
-  p.smem = forward_layout(c).total;
+// Splits of a loop over col_blocks so that rows x splits x extra reaches two CTAs per SM.
+SK_HD constexpr int64_t column_splits(int64_t rows, int64_t extra, int64_t col_blocks, int64_t sms) {
+  return clamp64(ceil_div(2 * sms, rows * extra), 1, col_blocks);
+}
+
+inline PairPlan plan_pair(int64_t I, int64_t J, int64_t D, const TileConfig& c, int num_sms) {
+  PairPlan p;
+  const int64_t sms = num_sms > 0 ? num_sms : 1;
+  const int64_t BP = tile_pairs(c);
+  p.num_dw = ceil_div(D, c.BLOCK_DW);
+  p.f_row_blocks = p.a_row_blocks = ceil_div(I, BP);
+  p.f_col_blocks = p.a_col_blocks = ceil_div(J, c.BLOCK_K);
+  p.b_row_blocks = ceil_div(J, BP);
+  p.b_col_blocks = ceil_div(I, c.BLOCK_K);
+  p.f_splits = column_splits(p.f_row_blocks, 1, p.f_col_blocks, sms);
+  p.a_splits = column_splits(p.a_row_blocks, p.num_dw, p.a_col_blocks, sms);
+  p.b_splits = column_splits(p.b_row_blocks, p.num_dw, p.b_col_blocks, sms);
+  p.f_units = p.f_row_blocks * p.f_splits;
+  p.a_units = p.a_row_blocks * p.a_splits * p.num_dw;
+  p.b_units = p.b_row_blocks * p.b_splits * p.num_dw;
+  p.reduce_ctas = clamp64(ceil_div(I * D, kThreads), 1, 4 * sms);
+  p.forward_smem = forward_layout(c).total;
+  p.backward_smem = backward_layout(c).total;
+  p.forward_workspace = 2 * p.f_splits * I;
+  p.da_part = 0;
+  p.db_part = p.a_splits * I * D;
+  p.dtau_part = p.db_part + p.b_splits * J * D;
+  p.backward_workspace = p.dtau_part + p.reduce_ctas;
   return p;
 }
 

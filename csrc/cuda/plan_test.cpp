@@ -49,7 +49,8 @@ static void check_config(int mode, int elem) {
   }
   const ForwardLayout f = forward_layout(c);
   const BackwardLayout b = backward_layout(c);
-  const std::size_t fo[] = {f.S, f.P, f.Z, f.pair_m, f.pair_s, f.row_l, f.total};
+  const std::size_t fo[] = {f.S, f.P, f.Z, f.pair_m, f.pair_s, f.row_l, f.row_ls, f.colm, f.colo, f.cols, f.roww,
+                            f.total};
   for (std::size_t o : fo) EXPECT(o % kSmemAlign == 0, "%s: forward offset %zu aligned", name, o);
   const std::size_t bo[] = {b.S, b.G, b.P, b.Cd, b.Cw, b.W, b.dA, b.LA, b.gA, b.LB, b.gB, b.LC, b.gC, b.red, b.total};
   for (std::size_t o : bo) EXPECT(o % kSmemAlign == 0, "%s: backward offset %zu aligned", name, o);
@@ -95,17 +96,71 @@ static void check_forward_plan(int64_t I, int64_t J, int64_t K, int sms, const T
   EXPECT(p.smem == forward_layout(c).total, "forward smem");
 }
 
-static void check_backward_plan(int64_t rows, int64_t D, int64_t per, const TileConfig& c) {
-  const BackwardPlan p = plan_backward(rows, D, per, c);
-  EXPECT(p.num_ab * per >= rows && (p.num_ab - 1) * per < rows, "row blocks cover %lld rows", (long long)rows);
-  EXPECT(p.num_dw * c.BLOCK_DW >= D && (p.num_dw - 1) * c.BLOCK_DW < D, "column chunks cover d=%lld", (long long)D);
-  EXPECT(p.units == p.num_ab * p.num_dw, "units");
-  // Unit u owns rows [(u / num_dw) * per, ...) and columns [(u % num_dw) * BLOCK_DW, ...): a bijection.
-  std::vector<int> seen(static_cast<std::size_t>(p.num_ab * p.num_dw), 0);
-  for (int64_t u = 0; u < p.units; ++u) ++seen[static_cast<std::size_t>((u / p.num_dw) * p.num_dw + u % p.num_dw)];
-  int64_t wrong = 0;
-  for (int s : seen) wrong += s != 1;
-  EXPECT(wrong == 0, "backward units own disjoint outputs");
+// Pair ops: every split holds column blocks, the units of each kernel own disjoint outputs,
+// I = 4096 fills two CTAs per SM of a 132-SM GPU in every kernel.
+static void check_pair_plan(int64_t I, int64_t J, int64_t D, int sms, const TileConfig& c) {
+  const PairPlan p = plan_pair(I, J, D, c, sms);
+  const char* fmt = "pair I=%lld J=%lld D=%lld sms=%d";
+  const long long a[] = {(long long)I, (long long)J, (long long)D};
+  EXPECT(p.f_splits >= 1 && p.f_splits <= p.f_col_blocks && p.a_splits <= p.a_col_blocks &&
+             p.b_splits <= p.b_col_blocks,
+         fmt, a[0], a[1], a[2], sms);
+  EXPECT(p.f_col_blocks * c.BLOCK_K >= J && p.b_col_blocks * c.BLOCK_K >= I, fmt, a[0], a[1], a[2], sms);
+  EXPECT(split_begin(p.f_splits, p.f_col_blocks, p.f_splits) == p.f_col_blocks, fmt, a[0], a[1], a[2], sms);
+  EXPECT(p.f_units == p.f_row_blocks * p.f_splits && p.a_units == p.a_row_blocks * p.a_splits * p.num_dw &&
+             p.b_units == p.b_row_blocks * p.b_splits * p.num_dw,
+         fmt, a[0], a[1], a[2], sms);
+  EXPECT(p.db_part == p.a_splits * I * D && p.dtau_part == p.db_part + p.b_splits * J * D &&
+             p.backward_workspace == p.dtau_part + p.reduce_ctas && p.forward_workspace == 2 * p.f_splits * I,
+         fmt, a[0], a[1], a[2], sms);
+}
+
+// Cube backward: slabs cover d and fit the limit; each pass's units own disjoint outputs
+// (pairs: (i-split, j-split, slab); z: (k-block, i-split, slab)); the splits cover every block.
+static void check_cube_backward_plan(int64_t I, int64_t J, int64_t K, int64_t D, int sms, int64_t limit,
+                                     const TileConfig& c) {
+  const CubeBackwardPlan p = plan_cube_backward(I, J, K, D, c, sms, limit);
+  const char* fmt = "I=%lld J=%lld K=%lld D=%lld sms=%d limit=%lld";
+  const long long a[] = {(long long)I, (long long)J, (long long)K, (long long)D};
+  EXPECT(p.slab % kCubeChunk == 0 && p.slab >= kCubeChunk, fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
+  EXPECT(p.num_slabs * p.slab >= D && (p.num_slabs - 1) * p.slab < D, fmt, a[0], a[1], a[2], a[3], sms,
+         (long long)limit);
+  const bool one_chunk_fits = static_cast<int64_t>(cube_backward_layout(c, kCubeChunk, false).total) <= limit &&
+                              static_cast<int64_t>(cube_backward_layout(c, kCubeChunk, true).total) <= limit;
+  if (one_chunk_fits) {
+    EXPECT(static_cast<int64_t>(p.pair_smem) <= limit && static_cast<int64_t>(p.z_smem) <= limit, fmt, a[0], a[1],
+           a[2], a[3], sms, (long long)limit);
+  }
+  // A slab is as wide as d allows: one chunk more would exceed the limit.
+  if (p.slab < ceil_div(D, kCubeChunk) * kCubeChunk) {
+    EXPECT(static_cast<int64_t>(cube_backward_layout(c, p.slab + kCubeChunk, false).total) > limit ||
+               static_cast<int64_t>(cube_backward_layout(c, p.slab + kCubeChunk, true).total) > limit,
+           fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
+  }
+  EXPECT(p.pair_is + p.pair_js + p.z_is <= kBackwardSplitBudget, fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
+  EXPECT(p.pair_units == p.pair_is * p.pair_js * p.num_slabs && p.z_units == p.num_kb * p.z_is * p.num_slabs, fmt,
+         a[0], a[1], a[2], a[3], sms, (long long)limit);
+  EXPECT(split_begin(p.pair_is, p.num_ib, p.pair_is) == p.num_ib && split_begin(p.pair_js, p.num_jb, p.pair_js) ==
+             p.num_jb && split_begin(p.z_is, p.num_ib, p.z_is) == p.num_ib,
+         fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
+  // Every split holds at least one block (splits never exceed the blocks).
+  EXPECT(p.pair_is <= p.num_ib && p.pair_js <= p.num_jb && p.z_is <= p.num_ib, fmt, a[0], a[1], a[2], a[3], sms,
+         (long long)limit);
+  for (bool z : {false, true}) {
+    const CubeBackwardLayout l = cube_backward_layout(c, p.slab, z);
+    // Op aliases S, P and Cd (used at other times): it must end before G.
+    const int BP = tile_pairs(c);
+    EXPECT(l.Op == l.S && l.Op + tile_bytes(z ? BP : c.BLOCK_K, kCubeChunk, c.pad_in, c.in_size) <= l.G,
+           "cube backward operand chunk ends before G");
+    const std::size_t offs[] = {l.S, l.P, l.Cd, l.G, l.W, l.LA, l.gA, l.LB, l.gB, l.ref, l.arow, l.u, l.LC,
+                                l.gC, l.bcol, l.total};
+    for (std::size_t q = 0; q + 1 < sizeof(offs) / sizeof(offs[0]); ++q) {
+      EXPECT(offs[q] % kSmemAlign == 0 && offs[q] < offs[q + 1], "cube backward layout region %zu", q);
+    }
+  }
+  EXPECT(p.dy_part == p.pair_js * I * D && p.dz_part == p.dy_part + p.pair_is * J * D &&
+             p.dtau_part == p.dz_part + p.z_is * K * D && p.workspace == p.dtau_part + p.reduce_ctas,
+         "cube backward workspace");
 }
 
 int main() {
@@ -120,19 +175,39 @@ int main() {
       for (int64_t J : {int64_t(1), int64_t(5), int64_t(33), int64_t(4096)})
         for (int sms : sms_list) check_forward_plan(I, J, 7, sms, c);
     for (int64_t rows : sizes)
-      for (int64_t D : {int64_t(1), int64_t(3), int64_t(48), int64_t(200), int64_t(256), int64_t(1000)}) {
-        check_backward_plan(rows, D, c.BLOCK_I, c);
-        check_backward_plan(rows, D, tile_pairs(c), c);
-      }
+      for (int64_t D : {int64_t(1), int64_t(3), int64_t(48), int64_t(200), int64_t(256), int64_t(1000)})
+        for (int sms : sms_list) check_pair_plan(rows, rows + 5, D, sms, c);
   }
+  for (const auto& m : modes) {
+    const TileConfig c = config_for(m[0], m[1]);
+    for (int64_t N : {int64_t(1), int64_t(17), int64_t(130), int64_t(4096)})
+      for (int64_t D : {int64_t(1), int64_t(64), int64_t(65), int64_t(256), int64_t(512), int64_t(1000)})
+        for (int sms : {1, 2, 132})
+          for (int64_t limit : {int64_t(101376), int64_t(232448), int64_t(40000)})
+            check_cube_backward_plan(N, N + 3, N + 1, D, sms, limit, c);
+  }
+  // Per target: d = 512 in one slab where the device's shared memory allows (H100: 227 KiB).
+  const CubeBackwardPlan h100 = plan_cube_backward(4096, 4096, 4096, 512, config_for(kBf16, 4), 132, 232448);
+  EXPECT(h100.num_slabs == 1, "bf16 d=512 on H100: %lld slabs", (long long)h100.num_slabs);
   // Big sizes keep 64-bit arithmetic: N = 16384 at d = 256, and an N^2 * d past 2^31.
   const TileConfig f32 = config_for(kIeee, 4);
   const CubeForwardPlan big = plan_cube_forward(16384, 16384, 16384, f32, 132);
   EXPECT(big.units == 4096 && big.ctas <= 528, "N=16384 plan: units=%lld ctas=%lld", (long long)big.units,
          (long long)big.ctas);
   EXPECT(big.ctas * 16384 * 4 < (int64_t(1) << 28), "N=16384 partial buffers stay small");
-  const BackwardPlan bigb = plan_backward(16384, 256, f32.BLOCK_I, f32);
-  EXPECT(bigb.units == 4096 * 2, "N=16384 backward units=%lld", (long long)bigb.units);
+  const CubeBackwardPlan bigb = plan_cube_backward(16384, 16384, 16384, 256, f32, 132, 232448);
+  EXPECT(bigb.pair_units >= 100 && bigb.z_units >= 264, "N=16384 backward units=%lld, %lld",
+         (long long)bigb.pair_units, (long long)bigb.z_units);
+  // The GPU suite's memory bound: N = 2048, d = 256 float32, backward workspace at most 48 MiB.
+  const CubeBackwardPlan mid = plan_cube_backward(2048, 2048, 2048, 256, f32, 132, 232448);
+  EXPECT(mid.workspace * 4 <= 48 * 1024 * 1024 + 4096, "N=2048 d=256 workspace %lld bytes",
+         (long long)mid.workspace * 4);
+  // Pair kernels at I = J = 4096 on 132 SMs: at least two CTAs per SM in every kernel.
+  for (const auto& m : modes) {
+    const PairPlan pp = plan_pair(4096, 4096, 256, config_for(m[0], m[1]), 132);
+    EXPECT(pp.f_units >= 264 && pp.a_units >= 264 && pp.b_units >= 264, "pair I=4096 units %lld %lld %lld",
+           (long long)pp.f_units, (long long)pp.a_units, (long long)pp.b_units);
+  }
 
   // Argument checks.
   EXPECT(check_mode(0, 4).empty() && check_mode(1, 4).empty() && check_mode(2, 4).empty() && check_mode(0, 8).empty(),

@@ -15,10 +15,21 @@
 // The CTA's dynamic shared memory, and a launch of kThreads threads per CTA.
 #define SK_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #define SK_LAUNCH(kernel, grid, smem, stream, ...) kernel<<<(grid), kThreads, (smem), (stream)>>>(__VA_ARGS__)
+// Work counters exist in the emulation only.
+#define SK_COUNT_FLOPS(n) ((void)0)
+#define SK_COUNT_EXP() ((void)0)
+#define SK_COUNT_VEXP() ((void)0)
+// One 16-byte global load (LDG.128) into out; the caller guarantees 16-byte alignment.
+#define SK_LOAD16(src, out)                                    \
+  do {                                                         \
+    const uint4 sk_raw = *reinterpret_cast<const uint4*>(src); \
+    memcpy((out), &sk_raw, 16);                                \
+  } while (0)
 #endif
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "plan.h"
@@ -89,29 +100,35 @@ __device__ __forceinline__ T neg_inf() {
   return -static_cast<T>(INFINITY);
 }
 
-__device__ __forceinline__ float exp_(float v) { return expf(v); }
-__device__ __forceinline__ double exp_(double v) { return exp(v); }
+// Two names for one function, so the emulation counts them apart (docs/math.md section 5's
+// bound is on the first): exp_ is evaluated per cube element (tile epilogues), vexp_ per
+// row, column, tile or partial LSE (o(1) per element: 1/BLOCK_K, 1/BLOCK_P or 1/N of them).
+__device__ __forceinline__ float exp_raw(float v) { return expf(v); }
+__device__ __forceinline__ double exp_raw(double v) { return exp(v); }
+template <typename T>
+__device__ __forceinline__ T exp_(T v) {
+  SK_COUNT_EXP();
+  return exp_raw(v);
+}
+template <typename T>
+__device__ __forceinline__ T vexp_(T v) {
+  SK_COUNT_VEXP();
+  return exp_raw(v);
+}
 __device__ __forceinline__ float log_(float v) { return logf(v); }
 __device__ __forceinline__ double log_(double v) { return log(v); }
-__device__ __forceinline__ float log1p_(float v) { return log1pf(v); }
-__device__ __forceinline__ double log1p_(double v) { return log1p(v); }
 
-// log(exp(a) + exp(b)) with a running maximum; -inf when both are -inf.
-template <typename T>
-__device__ __forceinline__ T log_add_exp(T a, T b) {
-  const T hi = a > b ? a : b;
-  const T lo = a > b ? b : a;
-  if (hi == neg_inf<T>()) return hi;
-  return hi + log1p_(exp_(lo - hi));
-}
-
-// Merges a tile's (max m, sum of exp(v - m)) into a running (M, S) pair.
+// Merges a tile's (max m, sum of exp(v - m)) into a running (M, S) pair: one
+// exponential, of whichever maximum is the smaller (exp(-inf) = 0 starts the pair).
 template <typename T>
 __device__ __forceinline__ void merge_running(T& M, T& S, T m, T s) {
-  const T hi = M > m ? M : m;
-  if (hi == neg_inf<T>()) return;
-  S = S * exp_(M - hi) + s * exp_(m - hi);
-  M = hi;
+  if (m == neg_inf<T>()) return;
+  if (m > M) {
+    S = S * vexp_(M - m) + s;
+    M = m;
+  } else {
+    S += s * vexp_(m - M);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -142,6 +159,7 @@ struct SimtTile {
     // shared-memory reads on distinct banks or broadcasts.
     const int tx = threadIdx.x % TX;
     const int ty = threadIdx.x / TX;
+    SK_COUNT_FLOPS(int64_t(2) * RM * RN * kred);  // this thread's share of 2 BM BN kred
     for (int kk = 0; kk < kred; ++kk) {
       T a[RM], b[RN];
 #pragma unroll
@@ -153,6 +171,16 @@ struct SimtTile {
 #pragma unroll
         for (int c = 0; c < RN; ++c) acc[r][c] = fma(a[r], b[c], acc[r][c]);
     }
+  }
+
+  // acc = C (BM x BN, row-major, ld ldc): resumes an accumulation kept in shared memory.
+  __device__ __forceinline__ void load(const T* Cs, int ldc) {
+    const int tx = threadIdx.x % TX;
+    const int ty = threadIdx.x / TX;
+#pragma unroll
+    for (int r = 0; r < RM; ++r)
+#pragma unroll
+      for (int c = 0; c < RN; ++c) acc[r][c] = Cs[(ty + r * TY) * ldc + tx + c * TX];
   }
 
   __device__ __forceinline__ void store(T* Cs, int ldc) const {
@@ -213,6 +241,16 @@ struct WmmaTile {
 #endif
   }
 
+  __device__ __forceinline__ void load(const float* Cs, int ldc) {
+    const int warp = threadIdx.x / 32;
+#pragma unroll
+    for (int q = 0; q < PER_WARP; ++q) {
+      const int t = warp + q * WARPS;
+      nvcuda::wmma::load_matrix_sync(acc[q], Cs + (t / TILES_N) * 16 * ldc + (t % TILES_N) * 16, ldc,
+                                     nvcuda::wmma::mem_row_major);
+    }
+  }
+
   __device__ __forceinline__ void store(float* Cs, int ldc) const {
     const int warp = threadIdx.x / 32;
 #pragma unroll
@@ -228,14 +266,83 @@ template <typename Policy, int BM, int BN>
 using TileFor = typename std::conditional<Policy::kWmma, WmmaTile<typename Policy::In, BM, BN>,
                                           SimtTile<typename Policy::Acc, BM, BN>>::type;
 
+// A policy's tile sizes and the leading dimensions of its logit (S) and operand (P) tiles.
+template <typename Policy>
+struct TileSizes {
+  using In = typename Policy::In;
+  using Acc = typename Policy::Acc;
+  static constexpr TileConfig c = Policy::cfg;
+  static constexpr int BI = c.BLOCK_I, BJ = c.BLOCK_J, BK = c.BLOCK_K, BD = c.BLOCK_D, BP = BI * BJ;
+  static constexpr int ldS = BK + c.pad_acc, ldP = BD + c.pad_in;
+};
+
+// The forward kernels' shared-memory regions (plan.h forward_layout).
+template <typename Policy>
+struct ForwardTiles : TileSizes<Policy> {
+  using typename TileSizes<Policy>::In;
+  using typename TileSizes<Policy>::Acc;
+  using TileSizes<Policy>::c;
+  Acc *S, *pair_m, *pair_s, *row_M, *row_S, *colm, *colo, *cols, *roww;
+  In *P, *Z;
+
+  __device__ explicit ForwardTiles(unsigned char* smem) {
+    constexpr ForwardLayout l = forward_layout(c);
+    Acc** acc[] = {&S, &pair_m, &pair_s, &row_M, &row_S, &colm, &colo, &cols, &roww};
+    const std::size_t acc_at[] = {l.S, l.pair_m, l.pair_s, l.row_l, l.row_ls, l.colm, l.colo, l.cols, l.roww};
+    for (int q = 0; q < 9; ++q) *acc[q] = reinterpret_cast<Acc*>(smem + acc_at[q]);
+    P = reinterpret_cast<In*>(smem + l.P);
+    Z = reinterpret_cast<In*>(smem + l.Z);
+  }
+};
+
 // ---------------------------------------------------------------------------
 // Operand loaders: copy a rows x BLOCK_D chunk into shared memory, zero outside
 // the tensors (tails of rows and of d are handled here, not by padded copies).
+
+// Global rows are read in 16-byte pieces (VEC elements, LDG.128) when every piece is
+// aligned: the tensor's base is 16-byte aligned, D is a multiple of VEC (so is every row
+// start) and so are the chunk's first column and width. Otherwise (odd d, offset views)
+// element by element. Either way out-of-range rows and columns are zero.
+template <typename T>
+__device__ __forceinline__ bool rows_vectorisable(const T* src, int64_t D, int64_t d0, int cols) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  return D % VEC == 0 && d0 % VEC == 0 && cols % VEC == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+}
+
+// VEC elements of row `row` from column col (a multiple of VEC), as Acc: zeros unless row < n
+// and col < D (then col + VEC <= D, D being a multiple of VEC).
+template <typename Acc, typename T>
+__device__ __forceinline__ void load_piece(Acc (&out)[16 / sizeof(T)], const T* __restrict__ src, int64_t row,
+                                           int64_t n, int64_t col, int64_t D) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  if (row < n && col < D) {
+    T v[VEC];
+    SK_LOAD16(src + row * D + col, v);
+#pragma unroll
+    for (int q = 0; q < VEC; ++q) out[q] = to_acc<Acc>(v[q]);
+  } else {
+#pragma unroll
+    for (int q = 0; q < VEC; ++q) out[q] = Acc(0);
+  }
+}
 
 // Rows of an (n, D) tensor: dst[r][dd] = src[row0 + r][d0 + dd].
 template <typename In, typename Acc, typename T>
 __device__ __forceinline__ void load_rows(In* dst, int ld, int rows, int cols, const T* __restrict__ src,
                                           int64_t row0, int64_t n, int64_t d0, int64_t D) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  if (rows_vectorisable(src, D, d0, cols)) {
+    const int pieces = cols / VEC;
+    for (int e = threadIdx.x; e < rows * pieces; e += kThreads) {
+      const int r = e / pieces;
+      const int dd = (e % pieces) * VEC;
+      Acc v[VEC];
+      load_piece(v, src, row0 + r, n, d0 + dd, D);
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) dst[r * ld + dd + q] = to_in<In, Acc>(v[q]);
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < rows * cols; e += kThreads) {
     const int r = e / cols;
     const int dd = e % cols;
@@ -251,6 +358,22 @@ template <typename In, typename Acc, typename T, int BI, int BJ>
 __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, const T* __restrict__ A,
                                                    const T* __restrict__ B, int64_t a0, int64_t NA, int64_t b0,
                                                    int64_t NB, int64_t d0, int64_t D) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  if (rows_vectorisable(A, D, d0, cols) && rows_vectorisable(B, D, d0, cols)) {
+    const int pieces = cols / VEC;
+    for (int e = threadIdx.x; e < BI * BJ * pieces; e += kThreads) {
+      const int p = e / pieces;
+      const int dd = (e % pieces) * VEC;
+      // A pair outside the cube reads neither row (as the scalar path): exact zeros.
+      const bool ok = a0 + p / BJ < NA && b0 + p % BJ < NB;
+      Acc va[VEC], vb[VEC];
+      load_piece(va, A, a0 + p / BJ, ok ? NA : 0, d0 + dd, D);
+      load_piece(vb, B, b0 + p % BJ, ok ? NB : 0, d0 + dd, D);
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) dst[p * ld + dd + q] = to_in<In, Acc>(va[q] * vb[q]);
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < BI * BJ * cols; e += kThreads) {
     const int p = e / cols;
     const int dd = e % cols;
@@ -264,8 +387,58 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
 }
 
 // ---------------------------------------------------------------------------
-// Row and column log-sum-exp of a shared-memory tile (masked entries hold -inf).
-// Each of rows (or cols) gets kThreads / rows adjacent lanes; the result goes to
+// S (BM x BN logits' raw products, ld ldS) = A B^T over the full d, BD columns per step:
+// load_a(d0) stages A's BM x BD chunk in P and load_b(d0) B's BN x BD chunk in Cd (both
+// ld ldP, zero-filled outside the tensors). Every thread calls; S is ready on return.
+template <typename Policy, int BM, int BN, int BD, typename LoadA, typename LoadB>
+__device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&& load_b, const typename Policy::In* P,
+                                              const typename Policy::In* Cd, int ldP, typename Policy::Acc* S,
+                                              int ldS) {
+  TileFor<Policy, BM, BN> acc;
+  acc.zero();
+  for (int64_t d0 = 0; d0 < D; d0 += BD) {
+    load_a(d0);
+    load_b(d0);
+    __syncthreads();
+    acc.template mma<true>(P, ldP, Cd, ldP, BD);
+    __syncthreads();
+  }
+  acc.store(S, ldS);
+  __syncthreads();
+}
+
+// An LSE vector and its gradient for rows [r0, r0 + count) of n: L_s, g_s (0 outside).
+template <typename Acc, typename T>
+__device__ __forceinline__ void load_vectors(Acc* L_s, Acc* g_s, const T* __restrict__ L, const T* __restrict__ g,
+                                             int64_t r0, int64_t n, int count) {
+  const int t = threadIdx.x;
+  if (t < count) {
+    const bool ok = r0 + t < n;
+    L_s[t] = ok ? static_cast<Acc>(L[r0 + t]) : Acc(0);
+    g_s[t] = ok ? static_cast<Acc>(g[r0 + t]) : Acc(0);
+  }
+}
+
+// Max and sum over groups of LANES adjacent lanes (a power of two <= 32) by butterfly
+// shuffles: every lane of the group gets the result; every lane of the warp must call.
+template <int LANES, typename T>
+__device__ __forceinline__ T lanes_max(T v) {
+  static_assert(LANES >= 1 && LANES <= 32 && (LANES & (LANES - 1)) == 0, "lanes: a power of two <= 32");
+#pragma unroll
+  for (int off = LANES / 2; off > 0; off /= 2) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+template <int LANES, typename T>
+__device__ __forceinline__ T lanes_sum(T v) {
+  static_assert(LANES >= 1 && LANES <= 32 && (LANES & (LANES - 1)) == 0, "lanes: a power of two <= 32");
+#pragma unroll
+  for (int off = LANES / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Row log-sum-exp of a shared-memory tile (masked entries hold -inf).
+// Each row gets kThreads / rows adjacent lanes; the result goes to
 // the lane with q == 0 through butterfly shuffles, so every thread must call.
 
 template <typename Acc, int ROWS, int COLS>
@@ -276,34 +449,158 @@ __device__ __forceinline__ void tile_row_stats(const Acc* S, int ld, int& row, A
   const int q = threadIdx.x % TPR;
   m = neg_inf<Acc>();
   for (int c = q; c < COLS; c += TPR) m = fmax(m, S[row * ld + c]);
-#pragma unroll
-  for (int off = TPR / 2; off > 0; off /= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
+  m = lanes_max<TPR>(m);
   s = Acc(0);
   if (m != neg_inf<Acc>()) {
     for (int c = q; c < COLS; c += TPR) s += exp_(S[row * ld + c] - m);
   }
-#pragma unroll
-  for (int off = TPR / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+  s = lanes_sum<TPR>(s);
   leader = q == 0;
 }
 
+// Row and column log-sum-exps of a ROWS x COLS logit tile S (masked entries -inf; every
+// row or column with a finite entry is "valid") with one exponential per element
+// (docs/math.md section 5): E = exp(S - rowmax_r) serves the rows, and the columns get
+// sum_r E[r, c] * exp(rowmax_r - cmax), cmax the tile's maximum (ROWS extra exponentials).
+// That is exact to float32 only while every valid column's maximum lies within
+// kForwardShareSpread of cmax (a flushed term is then below e^(60 - 87.3) of its column's
+// largest); other tiles take the exact path, a second exponential per element.
+// Row r's (max, sum) is merged into (row_M[r], row_S[r]); column c's tile LSE is
+// colo[c] + log(cols[c]) ((-inf, 0) for masked columns). S is overwritten with E. colm
+// (COLS) and roww (ROWS) are scratch. Every thread calls; results are visible on return.
 template <typename Acc, int ROWS, int COLS>
-__device__ __forceinline__ void tile_col_stats(const Acc* S, int ld, int& col, Acc& m, Acc& s, bool& leader) {
+__device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* colo, Acc* cols, Acc* roww,
+                                                Acc* row_M, Acc* row_S) {
   constexpr int TPC = kThreads / COLS;
+  constexpr int TPR = kThreads / ROWS;
   static_assert(TPC >= 1 && TPC <= 32 && (TPC & (TPC - 1)) == 0, "lanes per column must be a power of two <= 32");
-  col = threadIdx.x / TPC;
-  const int q = threadIdx.x % TPC;
-  m = neg_inf<Acc>();
-  for (int r = q; r < ROWS; r += TPC) m = fmax(m, S[r * ld + col]);
-#pragma unroll
-  for (int off = TPC / 2; off > 0; off /= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
-  s = Acc(0);
-  if (m != neg_inf<Acc>()) {
-    for (int r = q; r < ROWS; r += TPC) s += exp_(S[r * ld + col] - m);
+  static_assert(TPR >= 1 && TPR <= 32 && (TPR & (TPR - 1)) == 0, "lanes per row must be a power of two <= 32");
+  const Acc ninf = neg_inf<Acc>();
+  {
+    const int col = threadIdx.x / TPC;
+    const int q = threadIdx.x % TPC;
+    Acc m = ninf;
+    for (int r = q; r < ROWS; r += TPC) m = fmax(m, S[r * ld + col]);
+    m = lanes_max<TPC>(m);
+    if (q == 0) colm[col] = m;
   }
-#pragma unroll
-  for (int off = TPC / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-  leader = q == 0;
+  __syncthreads();
+  // Block-uniform: every thread reads the same COLS maxima.
+  Acc cmax = ninf, lowest = static_cast<Acc>(INFINITY);
+  for (int c = 0; c < COLS; ++c) {
+    const Acc m = colm[c];
+    cmax = fmax(cmax, m);
+    if (m != ninf) lowest = lowest < m ? lowest : m;
+  }
+  const bool share = lowest >= cmax - static_cast<Acc>(kForwardShareSpread);
+  if (!share) {  // exact path: the columns' own exponentials, before S is overwritten
+    const int col = threadIdx.x / TPC;
+    const int q = threadIdx.x % TPC;
+    const Acc m = colm[col];
+    Acc s = Acc(0);
+    if (m != ninf) {
+      for (int r = q; r < ROWS; r += TPC) s += exp_(S[r * ld + col] - m);
+    }
+    s = lanes_sum<TPC>(s);
+    if (q == 0) {
+      colo[col] = m;
+      cols[col] = s;
+    }
+  }
+  __syncthreads();
+  {
+    const int row = threadIdx.x / TPR;
+    const int q = threadIdx.x % TPR;
+    Acc m = ninf;
+    for (int c = q; c < COLS; c += TPR) m = fmax(m, S[row * ld + c]);
+    m = lanes_max<TPR>(m);
+    Acc s = Acc(0);
+    for (int c = q; c < COLS; c += TPR) {
+      const Acc e = m == ninf ? Acc(0) : exp_(S[row * ld + c] - m);  // the shared exponential
+      S[row * ld + c] = e;
+      s += e;
+    }
+    s = lanes_sum<TPR>(s);
+    if (q == 0) {
+      merge_running(row_M[row], row_S[row], m, s);
+      if (share) roww[row] = m == ninf ? Acc(0) : vexp_(m - cmax);
+    }
+  }
+  __syncthreads();
+  if (share) {
+    const int col = threadIdx.x / TPC;
+    const int q = threadIdx.x % TPC;
+    Acc s = Acc(0);
+    for (int r = q; r < ROWS; r += TPC) s += S[r * ld + col] * roww[r];
+    s = lanes_sum<TPC>(s);
+    // A valid column's largest term is exp(its max - cmax) >= e^-60: s > 0.
+    if (q == 0) {
+      colo[col] = colm[col] == ninf ? ninf : cmax;
+      cols[col] = colm[col] == ninf ? Acc(0) : s;
+    }
+    __syncthreads();
+  }
+}
+
+// The backward's per-pair factors of G (docs/math.md section 2) for a tile of BP = BI x BJ
+// pairs (a0 + p / BJ, b0 + p % BJ), from LA_s, gA_s (BI rows) and LB_s, gB_s (BJ rows):
+// ref[p] = min(LA, LB) (every logit of the pair lies below both, so exp(S - ref) <= 1),
+// arow[p] = gA e^(ref - LA) + gB e^(ref - LB), u[p] = e^(ref - c0) with c0 = max_p ref;
+// masked pairs get ref = -inf, arow = u = 0. Returns c0. Every thread calls.
+template <typename Acc, int BI, int BJ>
+__device__ __forceinline__ Acc pair_factors(const Acc* LA_s, const Acc* gA_s, const Acc* LB_s, const Acc* gB_s,
+                                            int64_t a0, int64_t NA, int64_t b0, int64_t NB, Acc* ref, Acc* arow,
+                                            Acc* u) {
+  constexpr int BP = BI * BJ;
+  const int t = threadIdx.x;
+  if (t < BP) {
+    const int aa = t / BJ, bb = t % BJ;
+    if (a0 + aa < NA && b0 + bb < NB) {
+      const Acc r = LA_s[aa] < LB_s[bb] ? LA_s[aa] : LB_s[bb];
+      ref[t] = r;
+      arow[t] = gA_s[aa] * vexp_(r - LA_s[aa]) + gB_s[bb] * vexp_(r - LB_s[bb]);
+    } else {
+      ref[t] = neg_inf<Acc>();
+      arow[t] = Acc(0);
+    }
+  }
+  __syncthreads();
+  Acc c0 = neg_inf<Acc>();
+  for (int p = 0; p < BP; ++p) c0 = fmax(c0, ref[p]);
+  if (t < BP) u[t] = ref[t] == neg_inf<Acc>() ? Acc(0) : vexp_(ref[t] - c0);
+  __syncthreads();
+  return c0;
+}
+
+// G = gA e^(S - LA) + gB e^(S - LB) + gC e^(S - LC) of a BP x BK tile of raw products S
+// (logits tau * S) with one exponential per element, E = exp(tau S - ref[p]): the first two
+// terms are E * arow[p], the third E * u[p] * bcol[k] with bcol = gC e^(c0 - LC) <= gC
+// e^kBackwardShareSpread, used while c0 - min LC <= kBackwardShareSpread (a flushed term
+// is then below gC e^(40 - 87.3)); other tiles give the third term its own exponential.
+// Writes G[p * ldG + k] (TRANSPOSED: G[k * ldG + p]) in the operand type, 0 where masked.
+// LC_s, gC_s: the tile's BK columns, k0 + k < NC valid. bcol is scratch. Every thread calls.
+template <typename In, typename Acc, int BP, int BK, bool TRANSPOSED>
+__device__ __forceinline__ void tile_G(const Acc* S, int ldS, Acc tau, const Acc* ref, const Acc* arow,
+                                       const Acc* u, Acc c0, const Acc* LC_s, const Acc* gC_s, int64_t k0,
+                                       int64_t NC, Acc* bcol, In* G, int ldG) {
+  const int t = threadIdx.x;
+  Acc lowest = static_cast<Acc>(INFINITY);  // block-uniform
+  for (int k = 0; k < BK && k0 + k < NC; ++k) lowest = lowest < LC_s[k] ? lowest : LC_s[k];
+  const bool share = c0 - lowest <= static_cast<Acc>(kBackwardShareSpread);
+  if (share && t < BK) bcol[t] = k0 + t < NC ? gC_s[t] * vexp_(c0 - LC_s[t]) : Acc(0);
+  __syncthreads();
+  for (int e = t; e < BP * BK; e += kThreads) {
+    const int p = TRANSPOSED ? e % BP : e / BK;
+    const int k = TRANSPOSED ? e / BP : e % BK;
+    Acc g = Acc(0);
+    if (ref[p] != neg_inf<Acc>() && k0 + k < NC) {
+      const Acc v = tau * S[p * ldS + k];
+      const Acc E = exp_(v - ref[p]);  // the shared exponential
+      g = share ? E * (arow[p] + u[p] * bcol[k]) : E * arow[p] + gC_s[k] * exp_(v - LC_s[k]);
+    }
+    G[TRANSPOSED ? k * ldG + p : p * ldG + k] = to_in<In, Acc>(g);
+  }
+  __syncthreads();
 }
 
 // Deterministic block sum (fixed tree order); every thread calls, thread 0 gets the sum.
@@ -330,7 +627,9 @@ __global__ void fill_kernel(T* __restrict__ out, int64_t n, T value) {
   }
 }
 
-// out[n] = LSE over r < R of part[r * N + n], in the fixed order r = 0, 1, ...
+// out[n] = LSE of R partial LSEs held as (max, sum) pairs, M = part[r * N + n] and
+// S = part[(R + r) * N + n]: one pass for the maximum, one for the rescaled sum (a
+// (-inf, 0) pair adds nothing), in the fixed order r = 0, 1, ...
 template <typename T>
 __global__ void combine_lse_kernel(const T* __restrict__ part, int64_t R, int64_t N, T* __restrict__ out) {
   for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
@@ -338,7 +637,10 @@ __global__ void combine_lse_kernel(const T* __restrict__ part, int64_t R, int64_
     for (int64_t r = 0; r < R; ++r) m = fmax(m, part[r * N + n]);
     T s = T(0);
     if (m != neg_inf<T>()) {
-      for (int64_t r = 0; r < R; ++r) s += exp_(part[r * N + n] - m);
+      for (int64_t r = 0; r < R; ++r) {
+        const T Mr = part[r * N + n];
+        if (Mr != neg_inf<T>()) s += part[(R + r) * N + n] * vexp_(Mr - m);
+      }
     }
     out[n] = m == neg_inf<T>() ? m : m + log_(s);
   }
@@ -352,6 +654,28 @@ __global__ void sum_kernel(const T* __restrict__ part, int64_t n, T* __restrict_
   for (int64_t e = threadIdx.x; e < n; e += kThreads) v += part[e];
   const T total = block_sum<T>(v, red);
   if (threadIdx.x == 0) out[0] = total;
+}
+
+// out[e] = tau * sum_{r < R} part[r * n + e] in the rows' type, r in a fixed order; with X,
+// also dot_part[CTA] = sum over the CTA's e of X[e] * (that sum / tau): a fixed grid makes
+// dtau deterministic.
+template <typename T, typename TIn>
+__global__ void __launch_bounds__(kThreads)
+    reduce_parts_kernel(const T* __restrict__ part, int64_t R, int64_t n, const T* __restrict__ tau_ptr,
+                        const TIn* __restrict__ X, TIn* __restrict__ out, T* __restrict__ dot_part) {
+  __shared__ T red[kThreads];
+  const T tau = *tau_ptr;
+  T dot = T(0);
+  for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
+    T v = T(0);
+    for (int64_t r = 0; r < R; ++r) v += part[r * n + e];
+    out[e] = from_acc<TIn>(tau * v);
+    if (X != nullptr) dot += to_acc<T>(X[e]) * v;
+  }
+  if (dot_part != nullptr) {  // uniform over the grid
+    const T total = block_sum<T>(dot, red);
+    if (threadIdx.x == 0) dot_part[blockIdx.x] = total;
+  }
 }
 
 inline unsigned grid_for(int64_t n) {

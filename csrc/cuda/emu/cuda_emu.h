@@ -9,6 +9,7 @@
 // -DSYMILE_CUDA_EMULATE by tests/test_cuda_backend.py.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -65,6 +66,23 @@ struct Block {
 inline thread_local Block* tls_block = nullptr;
 inline cudaError_t last_error = cudaSuccess;
 
+// Work counters (tests/test_cuda_work.py, benchmarks/count_work_cuda.py): tile-product
+// FLOPs (2 m n k per warp-wide mma_sync, 2 per SIMT fused multiply-add) and calls of
+// exp_. Each emulated thread counts in thread-local variables, folded into the totals
+// when it ends; the totals of every launch are kept in order, with the launch's name.
+struct LaunchWork {
+  const char* name;
+  int64_t grid, flops, exps, vexps, vloads;
+};
+inline thread_local int64_t tl_flops = 0, tl_exps = 0, tl_vexps = 0, tl_vloads = 0;
+inline std::atomic<int64_t> launch_flops{0}, launch_exps{0}, launch_vexps{0}, launch_vloads{0};
+inline std::vector<LaunchWork> launches;
+
+inline void count_flops(int64_t n) { tl_flops += n; }
+inline void count_exp() { ++tl_exps; }
+inline void count_vexp() { ++tl_vexps; }
+
+
 inline unsigned char* dynamic_smem() { return tls_block->smem; }
 
 [[noreturn]] inline void fail(const char* what) {
@@ -72,13 +90,25 @@ inline unsigned char* dynamic_smem() { return tls_block->smem; }
   std::abort();
 }
 
+// A 16-byte global load (LDG.128): undefined on a GPU unless the address is 16-byte aligned,
+// so a misaligned one aborts here. Counted per launch (vloads).
+inline void load16(const void* src, void* out) {
+  if (reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("16-byte vector load from an address not 16-byte aligned");
+  ++tl_vloads;
+  std::memcpy(out, src, 16);
+}
+
 template <typename... P, typename... A>
-void launch(void (*kernel)(P...), int64_t grid, std::size_t smem_bytes, A... args) {
+void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t smem_bytes, A... args) {
   static_assert(sizeof...(P) == sizeof...(A), "kernel argument count");
   if (grid < 1 || grid > INT32_MAX) {
     last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  launch_flops = 0;
+  launch_exps = 0;
+  launch_vexps = 0;
+  launch_vloads = 0;
   for (int64_t b = 0; b < grid; ++b) {
     Block block;
     const std::size_t bytes = smem_bytes == 0 ? 128 : (smem_bytes + 127) / 128 * 128;
@@ -94,19 +124,30 @@ void launch(void (*kernel)(P...), int64_t grid, std::size_t smem_bytes, A... arg
         gridDim.x = static_cast<unsigned>(grid);
         blockDim.x = kBlockThreads;
         tls_block = &block;
+        tl_flops = tl_exps = tl_vexps = tl_vloads = 0;
         kernel(static_cast<P>(args)...);
+        launch_flops += tl_flops;
+        launch_exps += tl_exps;
+        launch_vexps += tl_vexps;
+        launch_vloads += tl_vloads;
       });
     }
     for (auto& th : threads) th.join();
     ::operator delete(smem, std::align_val_t(128));
   }
+  launches.push_back(LaunchWork{name, grid, launch_flops.load(), launch_exps.load(),
+                                launch_vexps.load(), launch_vloads.load()});
 }
 
 }  // namespace symile_emu
 
 #define SK_DYNAMIC_SMEM(name) unsigned char* name = ::symile_emu::dynamic_smem()
 #define SK_LAUNCH(kernel, grid, smem, stream, ...) \
-  ((void)(stream), ::symile_emu::launch((kernel), static_cast<int64_t>(grid), (smem), __VA_ARGS__))
+  ((void)(stream), ::symile_emu::launch(#kernel, (kernel), static_cast<int64_t>(grid), (smem), __VA_ARGS__))
+#define SK_COUNT_FLOPS(n) ::symile_emu::count_flops(n)
+#define SK_COUNT_EXP() ::symile_emu::count_exp()
+#define SK_COUNT_VEXP() ::symile_emu::count_vexp()
+#define SK_LOAD16(src, out) ::symile_emu::load16((src), (out))
 
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int value) {
@@ -172,7 +213,7 @@ inline float __half2float(__half h) {
 }
 
 // ---------------------------------------------------------------------------
-// WMMA: every lane holds the whole tile; stores are done by lane 0.
+// WMMA: every lane holds the whole tile; lane 0 computes the products and stores.
 namespace nvcuda {
 namespace wmma {
 struct matrix_a {};
@@ -231,6 +272,14 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* ptr,
 template <int M, int N, int K, typename T, typename LA, typename LB>
 inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
                      const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  // Only lane 0's accumulator reaches memory (store_matrix_sync stores from lane 0), so
+  // the other lanes skip the arithmetic (32 times less emulation work) and hold NaN:
+  // a kernel that read accumulator elements outside lane 0 would show it.
+  if (threadIdx.x % 32 != 0) {
+    for (int e = 0; e < M * N; ++e) d.x[e] = NAN;
+    return;
+  }
+  SK_COUNT_FLOPS(int64_t(2) * M * N * K);
   float out[M * N];
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) {
@@ -239,6 +288,14 @@ inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<ma
       out[m * N + n] = v;
     }
   std::memcpy(d.x, out, sizeof(out));
+}
+
+template <int M, int N, int K>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* ptr, unsigned ldm,
+                             layout_t layout) {
+  check_pointer(ptr, ldm, sizeof(float));
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) f.x[r * N + c] = layout == mem_row_major ? ptr[r * ldm + c] : ptr[c * ldm + r];
 }
 
 template <int M, int N, int K>
