@@ -16,7 +16,8 @@ Backends report through ``COUNTERS``: a function ``(loss, M, N, d) ->
 cuda backend has no counters yet (its CPU emulation will add them).
 
 Usage:
-    python benchmarks/count_work.py --N 64 --d 64 256 [--loss symile|n|clip] [--json out.json]
+    python benchmarks/count_work.py --N 128 --d 64 256 [--loss symile n clip] [--arch sm90|sm80|interpreter]
+        [--json out.json]
 """
 from __future__ import annotations
 
@@ -125,14 +126,28 @@ def _run_loss(loss: str, backend: str, reps: list, tau: torch.Tensor) -> torch.T
     return symile_loss(reps, tau, negative_sampling="n" if loss == "n" else "n_squared", backend=backend)
 
 
-def count_triton(loss: str, M: int, N: int, d: int) -> dict:
+def pinned_gpu_configs(arch: str, d: int) -> contextlib.ExitStack:
+    """Pins every Triton kernel to the first configuration of its ``arch`` ("sm90" or "sm80") list for
+    feature size d, so that the interpreter runs the GPU's tile shapes; "interpreter" pins nothing."""
+    stack = contextlib.ExitStack()
+    if arch != "interpreter":
+        from symile_kernels.triton import _launch, kernel_configs
+
+        for name in kernel_configs():
+            if name.endswith(f"/{arch}/{_launch.bucket(d)}"):
+                stack.enter_context(_launch.pinned_config(name, 0))
+    return stack
+
+
+def count_triton(loss: str, M: int, N: int, d: int, arch: str = "sm90") -> dict:
     """{"forward": counts, "backward": counts} of one forward+backward on the triton backend
-    (interpreter); counts: flops, exp_tile, exp_vector, launches, kernels (per-kernel counts)."""
+    (interpreter, with the tile shapes of ``arch``'s first configurations); counts: flops,
+    exp_tile, exp_vector, launches, programs, kernels (per-kernel counts)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("count_triton needs TRITON_INTERPRET=1 before symile_kernels.triton is imported")
     reps = _inputs(M, N, d)
     tau = torch.tensor(14.3, requires_grad=True)
-    with triton_interpreter_counters() as start:
+    with pinned_gpu_configs(arch, d), triton_interpreter_counters() as start:
         forward = start()
         value = _run_loss(loss, "triton", reps, tau)
         backward = start()
@@ -140,7 +155,7 @@ def count_triton(loss: str, M: int, N: int, d: int) -> dict:
     return {"forward": forward.totals(), "backward": backward.totals()}
 
 
-def count_cuda(loss: str, M: int, N: int, d: int) -> dict:
+def count_cuda(loss: str, M: int, N: int, d: int, arch: str = "sm90") -> dict:
     """Hook for the cuda backend's CPU emulation; its counters do not exist yet."""
     raise NotImplementedError("cuda: counters not yet available")
 
@@ -196,6 +211,9 @@ def main(argv=None) -> int:
     parser.add_argument("--M", type=int, default=3)
     parser.add_argument("--N", type=int, nargs="+", default=[64])
     parser.add_argument("--d", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--arch", default="sm90", choices=["sm90", "sm80", "interpreter"],
+                        help="tile shapes: the first configuration of this GPU list (default sm90), or the "
+                             "interpreter's small default")
     parser.add_argument("--json", help="also write the rows (with per-kernel counts) to this file")
     args = parser.parse_args(argv)
     rows = []
@@ -206,7 +224,7 @@ def main(argv=None) -> int:
                 for d in args.d:
                     row = dict(backend=backend, loss=loss, M=M, N=N, d=d)
                     try:
-                        counts = COUNTERS[backend](loss, M, N, d)
+                        counts = COUNTERS[backend](loss, M, N, d, args.arch)
                     except NotImplementedError as e:
                         row["status"] = str(e)
                         print(str(e), file=sys.stderr)

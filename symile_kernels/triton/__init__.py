@@ -29,6 +29,9 @@ import triton  # noqa: F401  (a missing Triton makes the backend unavailable, wi
 from .. import chunked
 from ..backends import Backend
 from . import _launch, cube, pair
+from ._launch import kernel_configs, pinned_config
+
+__all__ = ["BACKEND", "kernel_configs", "pinned_config"]
 
 
 def _unavailable_reason(device: torch.device) -> Optional[str]:
