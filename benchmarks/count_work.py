@@ -122,7 +122,7 @@ def _inputs(M: int, N: int, d: int, seed: int = 0) -> list:
 
 def _run_loss(loss: str, backend: str, reps: list, tau: torch.Tensor) -> torch.Tensor:
     if loss == "clip":
-        return clip_loss(reps[0], reps[1], tau, backend=backend)
+        return clip_loss(reps[:2], tau, backend=backend)
     return symile_loss(reps, tau, negative_sampling="n" if loss == "n" else "n_squared", backend=backend)
 
 
