@@ -188,7 +188,7 @@ def _config_cases():
         names = [n for n in kernel_configs() if n.startswith(family + "_")]
         suffixes = sorted({n.split("/", 1)[1] for n in names})
         for suffix in suffixes:
-            count = len(kernel_configs()[f"{family}_fwd/{suffix}"])
+            count = max(len(kernel_configs()[n]) for n in names if n.endswith("/" + suffix))
             cases += [(family, suffix, i) for i in range(count)]
     return cases
 
@@ -197,15 +197,16 @@ def _config_cases():
 @pytest.mark.parametrize("family,suffix,index", _config_cases() if RUN_KERNELS else [], ids=str)
 def test_every_config(family, suffix, index):
     # Each configuration of each kernel (GPU lists included) runs under the interpreter against the
-    # oracle: the forward and both backward passes of the family pinned to configuration `index`.
+    # oracle: the forward and both backward passes of the family pinned to configuration `index`
+    # (a shorter list: its last one).
     from contextlib import ExitStack
 
     from symile_kernels.triton import kernel_configs, pinned_config
 
     with ExitStack() as stack:
-        for name in kernel_configs():
+        for name, configs in kernel_configs().items():
             if name.startswith(family + "_") and name.endswith("/" + suffix):
-                stack.enter_context(pinned_config(name, index))
+                stack.enter_context(pinned_config(name, min(index, len(configs) - 1)))
         if family == "cube":
             check_against_oracle("triton", make_inputs("unit", 3, 37 if not CUDA else 300, 20), 14.3,
                                  dtype=torch.float32, device=DEVICE)
