@@ -116,7 +116,7 @@ def _close(out, ref, tol):
 def test_low_precision_backend_functions(dtype, grad_scale):
     # The backend functions take bf16/fp16 tensors directly (tensor-core products on a
     # GPU; float32 products under the interpreter) with float32 LSEs: compared with the
-    # chunked backend in float64 on the same rounded values (SPEC: 2e-2 loss, 5e-2 grads).
+    # chunked backend in float64 on the same rounded values (docs/math.md section 6: 2e-2 loss, 5e-2 grads).
     from symile_kernels.triton import BACKEND
 
     I, J, K, d = (13, 11, 9, 20) if not CUDA else (301, 129, 257, 200)

@@ -1,10 +1,14 @@
-"""Triton kernels for the M = 3 cube: La, Lb, Lc and their gradients (SPEC section 2).
+"""Triton kernels for the M = 3 cube: La, Lb, Lc and their gradients (docs/math.md section 2).
 
 The cube ``S[i,j,k] = tau * sum_d x[i,d] y[j,d] z[k,d]`` is never written to
 memory. A tile has BLOCK_P = BLOCK_I * BLOCK_J rows, the (i, j) pairs of an
 i-block and a j-block, and BLOCK_K columns: it is one ``tl.dot`` of the row
-products ``x[i] * y[j]`` (BLOCK_P, d) with a block of z transposed (d, BLOCK_K),
-the feature axis walked in BLOCK_D chunks with masks (any d, no padded copies).
+products ``x[i] * y[j]`` (BLOCK_P, D_PAD) with a block of z transposed (D_PAD,
+BLOCK_K). d is a compile-time constant, padded to D_PAD (a power of two, masked
+loads): a tile covers the whole feature axis in one block, and the row
+products are built once per (i-block, j-block) and reused for every k-block.
+The kernels work in base 2 (``exp2``, logits ``tau * log2(e) * T``); saved LSEs
+stay natural logs.
 
 Forward (one pass, grid = (i-blocks, j-splits)): each program owns BLOCK_I rows
 of x and a range of j, and walks every k. Per (i, j) row it keeps an online
@@ -15,49 +19,63 @@ row in a workspace (programs x K floats) that only it reads and writes. The
 partials are combined with ``torch.logsumexp``, so results do not depend on
 scheduling (no atomics).
 
-Backward (three passes, each owning its output rows, no atomics): the tile and
-G are recomputed from the saved La, Lb, Lc. Pass "u" owns rows of x and gives
-``U[i] = sum_j y[j] * W[i,j]`` with ``W[i,j] = sum_k G[i,j,k] z[k]`` (one tl.dot per
-tile); the same kernel with x and y swapped gives the dy rows; pass "dz" owns
-rows of z and gives ``sum_{i,j} G[i,j,k] (x[i] * y[j])`` (a tl.dot of G^T with the
-row products). dx = tau U, and dtau = sum G T = sum_i <x[i], U[i]> (SPEC section 2)
-is a plain torch reduction over U.
+Backward (two passes, each owning its outputs, no atomics; each recomputes every
+tile once over the whole d, so forward+backward executes 10 N^3 d FLOPs against
+the model's 6 N^3 d):
+* Rows pass (grid = (i-splits, j-splits)): for each (i-block, j-block) it
+  accumulates ``W[i,j] = sum_k G[i,j,k] z[k]`` (BLOCK_P, d) over all k, then
+  adds ``y[j] * W[i,j]`` to ``Ux[i]`` (registers, over the program's j) and
+  ``x[i] * W[i,j]`` to ``Uy[j]`` (the program's own workspace rows, read and
+  written only by it). dx = tau Ux, dy = tau Uy, dtau = sum_i <x[i], Ux[i]>.
+* dz pass (grid = (k-blocks, i-splits)): owns rows of z and accumulates
+  ``sum_{i,j} G[i,j,k] (x[i] * y[j])`` (BLOCK_K, d), a tl.dot of G^T with the
+  row products.
+``needs`` skips the dz pass when dz is not wanted, and the rows pass when none
+of dx, dy, dtau is.
 
-Workspace (float32): forward (I / BLOCK_I) * (J + splits * K) partial LSEs (N^2 / 4 at
-BLOCK_I = 8 on Hopper: 256 MiB at N = 16384), backward splits * (I + J + K) * d; never
-N^3. Splits (of the looped axis) are chosen so that a launch has about 4 programs per SM.
+Workspace (float32): forward (I / BLOCK_I) * (J + splits * K) partial LSEs;
+backward (splits_j * I + splits_i * J + splits_k * K) * d with about
+sqrt(4 * SMs) splits of each axis in the rows pass (about 190 MiB at N = 4096,
+d = 256 on 132 SMs); never N^3.
 
-Shared exponentials (SPEC section 5: for d <= 128 the exponentials, not the
-products, bound this kernel):
-* Forward: one exponential per cube element, ``E = exp(S - rowmax_p)``, serves
-  the row (La, Lb) reduction and the column (Lc) reduction: the column sums are
-  ``sum_p exp(rowmax_p - c) E[p,k]`` with c the tile maximum, BLOCK_P extra
-  exponentials per tile instead of BLOCK_P * BLOCK_K. Float32 exp flushes
-  results below e^-87.3 to zero, so a column whose largest logit lies far below
-  c would lose terms or vanish. The shared path is taken only when every
-  column maximum of the tile is within FORWARD_SHARE_SPREAD = 60 of c: then a
-  flushed term is below e^(60-87.3) = 1.4e-12 of its column's largest term,
-  which is below float32 rounding even summed over the tile's rows. Other tiles
-  use a second, per-column-referenced exponential. With unit rows the logits
-  lie in [-tau, tau]: for tau <= 30 every tile shares; at tau = 100 (logits in
-  [-100, 100], beyond float32 exp's range without a running maximum) a tile
-  whose columns' maxima spread more than 60 apart pays the second exponential,
-  and the result stays exact.
-* Backward: ``G = gLa e^(S-La) + gLb e^(S-Lb) + gLc e^(S-Lc)`` uses one
-  exponential ``E = exp(S - r_p)``, ``r_p = min(La[i], Lb[j])`` (so E <= 1,
+Shared exponentials (docs/math.md section 5: for d <= 128 the exponentials, not
+the products, bound this kernel). Spreads below are in natural-log units; the
+kernels compare them scaled by log2(e).
+* Forward: one exponential per cube element, ``E = 2^(S - m_p)`` with m_p the
+  row's running maximum (online LSE), serves the row (La, Lb) reduction and the
+  column (Lc) reduction: the column sums are ``sum_p 2^(m_p - c) E[p,k]`` with c
+  the largest m_p, BLOCK_P extra exponentials per tile instead of BLOCK_P *
+  BLOCK_K. Float32 exp flushes results below e^-87.3 to zero, so a column whose
+  largest logit lies far below c would lose terms or vanish. The shared path is
+  taken only when every column maximum of the tile is within
+  FORWARD_SHARE_SPREAD = 60 of c: then a flushed term is below e^(60-87.3) =
+  1.4e-12 of its column's largest term, below float32 rounding even summed over
+  the tile's rows. Other tiles use a second, per-column-referenced exponential,
+  and the result stays exact. Masked rows have m_p = -inf, so their column
+  weight is 2^(-inf) = 0 (a reference of 0 once overflowed when c < -88.7).
+* Backward, rows pass: ``G = gLa e^(S-La) + gLb e^(S-Lb) + gLc e^(S-Lc)`` uses
+  one exponential ``E = 2^(S - r_p)``, ``r_p = min(La[i], Lb[j])`` (so E <= 1,
   since an LSE bounds every logit it covers): the La, Lb terms are E times a
-  per-row factor <= 1, the Lc term is ``E * exp(r_p - c0) * exp(c0 - Lc[k])``
-  with c0 the tile's largest r_p. Sharing is used only when ``c0 - min Lc <=
+  per-row factor <= 1, the Lc term is ``E * 2^(r_p - c0) * 2^(c0 - Lc[k])`` with
+  c0 the block's largest r_p. Sharing is used only when ``c0 - min Lc <=
   BACKWARD_SHARE_SPREAD = 40``: the per-column factor is then at most e^40 (no
   overflow) and a flushed term is below gLc e^(40-87.3), so the flushed part of
   a column's total is below N^2 e^-47.3 (1e-11 relative at N = 65536). Other
   tiles compute the Lc term with its own exponential.
+* Backward, dz pass: the same sharing referenced to the columns, ``E = 2^(S -
+  Lc[k])`` <= 1 and ``G = E (gLc + 2^(Lc[k] - c1) (gLa 2^(c1 - La[i]) + gLb
+  2^(c1 - Lb[j])))`` with c1 the k-block's largest Lc: BLOCK_I + BLOCK_J factor
+  exponentials per tile. Shared only when c1 minus the smallest of the tile's
+  La, Lb and the block's Lc is at most BACKWARD_SHARE_SPREAD (the same bound);
+  otherwise the tile takes the rows pass's exact form.
 
 Dtypes: float32 inputs use IEEE products, or TF32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is True; bf16/fp16 inputs (when a
-caller passes them) use that dtype's tensor-core products with float32
-accumulation, LSE and G; float64 is not supported by ``tl.dot`` in Triton 3.6
-and is routed to the "chunked" backend (see ``symile_kernels.triton``).
+caller passes them) use that dtype's tensor-core products for the logits with
+float32 accumulation, LSE and G. G's contractions take bf16 operands for bf16
+inputs and float32 operands (TF32) for fp16 inputs, whose range cannot hold G
+(``_launch.grad_dot``). float64 is not supported by ``tl.dot`` and is routed to
+the "chunked" backend (see ``symile_kernels.triton``).
 """
 from __future__ import annotations
 

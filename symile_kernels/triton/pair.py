@@ -1,4 +1,4 @@
-"""Triton kernels for the pair LSE ("n" sampling and M = 2, SPEC section 3).
+"""Triton kernels for the pair LSE ("n" sampling and M = 2, docs/math.md section 3).
 
 ``L[i] = LSE_j l[i, j]`` over the J rows of b, with ``l[i, j] = tau <a[i], b[j]>``
 off the diagonal and ``l[i, i] = pos[i]`` (a: (I, d), b: (J, d), I <= J; I < J
@@ -143,7 +143,7 @@ _PAIR_LISTS = {
         "sm90/small": _configs([(32, 64, 8, 2), (32, 64, 4, 2)]),
         "sm90/large": _configs([(32, 64, 8, 2), (16, 64, 4, 2)]),
         "sm80/small": _configs([(32, 64, 4, 2), (64, 64, 8, 2)]),
-        "sm80/large": _configs([(32, 64, 4, 2), (64, 64, 8, 2)]),
+        "sm80/large": _configs([(32, 64, 4, 2), (32, 64, 8, 2)]),
     },
 }
 KERNELS = {"pair_fwd": _pair_fwd_kernel, "pair_bwd_rows": _pair_bwd_rows_kernel,
