@@ -234,6 +234,27 @@ def test_rectangular_pair_lse(I, J, d):
 
 
 @kernels
+def test_backward_skips_unneeded_passes():
+    # needs=(dx, dy, dz, dtau): the passes nobody needs are skipped (None), the others unchanged.
+    from symile_kernels.triton import cube, pair
+
+    x, y, z = (torch.nn.functional.normalize(torch.randn(9, 20), dim=1).to(DEVICE) for _ in range(3))
+    tau = torch.tensor(14.3, device=DEVICE)
+    L = cube.cube_lse_forward(x, y, z, tau)
+    g = [torch.rand(9, device=DEVICE) for _ in range(3)]
+    full = cube.cube_lse_backward(x, y, z, tau, *L, *g)
+    only_dz = cube.cube_lse_backward(x, y, z, tau, *L, *g, needs=(False, False, True, False))
+    assert only_dz[0] is None and only_dz[1] is None and only_dz[3] is None and torch.equal(only_dz[2], full[2])
+    no_dz = cube.cube_lse_backward(x, y, z, tau, *L, *g, needs=(True, True, False, True))
+    assert no_dz[2] is None and all(torch.equal(a, b) for a, b in zip(no_dz[:2], full[:2]))
+    pos = tau * (x * y).sum(1)
+    P = pair.pair_lse_forward(x, y, pos, tau)
+    full = pair.pair_lse_backward(x, y, pos, tau, P, g[0])
+    only_db = pair.pair_lse_backward(x, y, pos, tau, P, g[0], needs=(False, True, False, False))
+    assert only_db[0] is None and only_db[2] is None and torch.equal(only_db[1], full[1])
+
+
+@kernels
 def test_float64_runs_the_chunked_code():
     check_against_oracle("triton", make_inputs("unit", 3, 7, 3), 100.0, dtype=torch.float64, device=DEVICE)
     check_against_oracle("triton", make_inputs("unit", 3, 7, 3), 100.0, dtype=torch.float64, device=DEVICE,

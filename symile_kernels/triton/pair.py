@@ -180,9 +180,13 @@ def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
     return L
 
 
-def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
-                      gL: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """da (I, d) like a, db (J, d) like b, dpos (I,) like pos, dtau (0-dim) like tau, of ``sum_i gL[i] L[i]``."""
+def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, gL: Tensor, *,
+                      needs: tuple = (True, True, True, True)) -> tuple:
+    """da (I, d) like a, db (J, d) like b, dpos (I,) like pos, dtau (0-dim) like tau, of ``sum_i gL[i] L[i]``.
+
+    needs: which of (da, db, dpos, dtau) the caller uses; a pass none of them needs is skipped
+    and its outputs are None (da, dpos and dtau share the rows pass, db has the column pass).
+    """
     L, gL = L.float().contiguous(), gL.float().contiguous()
     rows = _cfg.tune_on_prefix("pair_bwd", a, b)
     if rows:
@@ -190,11 +194,18 @@ def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
     I, D = a.shape
     J = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
-    Ua, Ub, dpos = torch.empty(I, D, **f32), torch.empty(J, D, **f32), torch.empty(I, **f32)
-    _run("pair_bwd_rows", lambda m: (triton.cdiv(I, m["BLOCK_M"]),), (a, b, pos, tau, L, gL, Ua, dpos, I, J, D),
-         a.device, a.dtype, D, J, grads=True)
-    _run("pair_bwd_cols", lambda m: (triton.cdiv(J, m["BLOCK_N"]),), (a, b, pos, tau, L, gL, Ub, I, J, D),
-         a.device, a.dtype, D, J, grads=True)
     tau32 = tau.float()
-    dtau = (a.float() * Ua).sum()  # = sum_{i != j} P[i, j] <a[i], b[j]>
-    return (tau32 * Ua).to(a.dtype), (tau32 * Ub).to(b.dtype), dpos.to(pos.dtype), dtau.to(tau.dtype)
+    need_da, need_db, need_dpos, need_dtau = needs
+    da = db = dpos_out = dtau = None
+    if need_da or need_dpos or need_dtau:
+        Ua, dpos = torch.empty(I, D, **f32), torch.empty(I, **f32)
+        _run("pair_bwd_rows", lambda m: (triton.cdiv(I, m["BLOCK_M"]),), (a, b, pos, tau, L, gL, Ua, dpos, I, J, D),
+             a.device, a.dtype, D, J, grads=True)
+        da, dpos_out = (tau32 * Ua).to(a.dtype), dpos.to(pos.dtype)
+        dtau = (a.float() * Ua).sum().to(tau.dtype)  # = sum_{i != j} P[i, j] <a[i], b[j]>
+    if need_db:
+        Ub = torch.empty(J, D, **f32)
+        _run("pair_bwd_cols", lambda m: (triton.cdiv(J, m["BLOCK_N"]),), (a, b, pos, tau, L, gL, Ub, I, J, D),
+             a.device, a.dtype, D, J, grads=True)
+        db = (tau32 * Ub).to(b.dtype)
+    return da, db, dpos_out, dtau
