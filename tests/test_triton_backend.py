@@ -31,7 +31,13 @@ RUN_KERNELS = CUDA or CHILD
 DEVICE = "cuda" if CUDA else "cpu"
 
 kernels = pytest.mark.skipif(not RUN_KERNELS, reason="ran in the TRITON_INTERPRET=1 child of test_interpreter_run")
-gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def gpu_only(test):
+    """Needs CUDA: marked ``gpu`` (selectable with ``-m gpu``) and skipped without a device."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA device")(test))
+
+
 # The interpreter evaluates log(0) on masked lanes in numpy; the kernels mask those results.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning",
                                         "ignore:invalid value encountered:RuntimeWarning")
