@@ -5,7 +5,9 @@ its wheel ships ptxas and cuobjdump), so the kernels' resources on real targets 
 anywhere: shared memory per block, registers, stack (spills: Triton kernels use no stack
 otherwise) and, for sm_90, whether the PTX uses wgmma. Each "<kernel>/<sm90|sm80>/<bucket>"
 configuration list compiles for its own target at the bucket's largest padded feature size
-(128 for "small", 256 for "large"; feature sizes 257-512 also use the "large" lists).
+(128 for "small", 256 for "large"). Feature sizes 257-512 also run the "large" lists at a padded
+size of 512, which is not checked here: there the backward kernels' d-wide register accumulators
+spill (Triton 3.9, bf16: hundreds of bytes of stack in the cube's backward passes).
 
     python -m symile_kernels.triton._compile [--jobs 2]   # prints the markdown table
 """
