@@ -1,4 +1,4 @@
-"""The Triton backend against the float64 oracle (SPEC section 6).
+"""The Triton backend against the float64 oracle (docs/math.md section 6).
 
 With CUDA the tests run the compiled kernels on the GPU at larger sizes. Without
 CUDA they run the same kernels on CPU tensors through Triton's interpreter at
@@ -30,7 +30,13 @@ RUN_KERNELS = CUDA or CHILD
 DEVICE = "cuda" if CUDA else "cpu"
 
 kernels = pytest.mark.skipif(not RUN_KERNELS, reason="ran in the TRITON_INTERPRET=1 child of test_interpreter_run")
-gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def gpu_only(test):
+    """Needs CUDA: marked ``gpu`` (selectable with ``-m gpu``) and skipped without a device."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA device")(test))
+
+
 # The interpreter evaluates log(0) on masked lanes in numpy; the kernels mask those results.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning",
                                         "ignore:invalid value encountered:RuntimeWarning")
@@ -110,11 +116,12 @@ def _close(out, ref, tol):
 
 
 @kernels
+@pytest.mark.parametrize("grad_scale", ("rand", "loss"))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
-def test_low_precision_backend_functions(dtype):
+def test_low_precision_backend_functions(dtype, grad_scale):
     # The backend functions take bf16/fp16 tensors directly (tensor-core products on a
     # GPU; float32 products under the interpreter) with float32 LSEs: compared with the
-    # chunked backend in float64 on the same rounded values (SPEC: 2e-2 loss, 5e-2 grads).
+    # chunked backend in float64 on the same rounded values (docs/math.md section 6: 2e-2 loss, 5e-2 grads).
     from symile_kernels.triton import BACKEND
 
     I, J, K, d = (13, 11, 9, 20) if not CUDA else (301, 129, 257, 200)
@@ -125,7 +132,8 @@ def test_low_precision_backend_functions(dtype):
     assert all(v.dtype == torch.float32 for v in L)
     L_ref = chunked.cube_lse_forward(*exact, tau.double().cpu())
     _close(L, L_ref, 2e-2)
-    g = [torch.rand(n, device=DEVICE) for n in (I, J, K)]
+    # Upstream gradients from rand, or at the mean loss's scale (1 / (3 N) per LSE).
+    g = [torch.rand(n, device=DEVICE) / (3 * n if grad_scale == "loss" else 1) for n in (I, J, K)]
     grads = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g)
     assert [t.dtype for t in grads[:3]] == [dtype] * 3
     _close(grads, chunked.cube_lse_backward(*exact, tau.double().cpu(), *L_ref, *[v.double().cpu() for v in g]),
@@ -135,6 +143,81 @@ def test_low_precision_backend_functions(dtype):
     P = BACKEND.pair_lse_forward(a, b, pos, tau)
     P_ref = chunked.pair_lse_forward(a.double().cpu(), b.double().cpu(), pos.double().cpu(), tau.double().cpu())
     _close([P], [P_ref], 2e-2)
+
+
+@kernels
+def test_forward_finite_when_masked_rows_meet_low_logits():
+    # A ragged tile whose largest logit is -100: masked rows once took the reference 0, so their
+    # column weight exp(0 - (-100)) overflowed and 0 * inf made Lc NaN.
+    from symile_kernels.triton import BACKEND
+
+    x = torch.zeros(7, 4, device=DEVICE)
+    x[:, 0] = 1.0
+    tau = torch.tensor(100.0, device=DEVICE)
+    L = BACKEND.cube_lse_forward(x, x.clone(), -x, tau)
+    L_ref = chunked.cube_lse_forward(x.double().cpu(), x.double().cpu(), -x.double().cpu(), tau.double().cpu())
+    assert abs(float(L_ref[2][0]) + 96.108) < 1e-3
+    _close(L, L_ref, 1e-6)
+
+
+@kernels
+def test_fp16_gradients_at_the_loss_scale(monkeypatch):
+    # G scales like 1 / (3 N^3) under the mean loss: about 2e-8 at N = 256, below fp16's range.
+    # A 16-row cube with upstream gradients of 1 / (3 * 256) * (16 / 256)^2 has G of that size.
+    # fp16 operands for G's contractions flush it to zero (checked below as a control); the kernels
+    # contract G in float32 operands for fp16 inputs.
+    from symile_kernels.triton import BACKEND, _launch
+    import triton.language as tl
+
+    N, d = 16, 32
+    x, y, z = (torch.nn.functional.normalize(torch.randn(N, d), dim=1).to(DEVICE, torch.float16) for _ in range(3))
+    tau = torch.tensor(14.3, device=DEVICE)
+    exact = [t.double().cpu() for t in (x, y, z)]
+    L = BACKEND.cube_lse_forward(x, y, z, tau)
+    L_ref = chunked.cube_lse_forward(*exact, tau.double().cpu())
+    g = [torch.full((N,), (16 / 256) ** 2 / (3 * 256), device=DEVICE) for _ in range(3)]
+    ref = chunked.cube_lse_backward(*exact, tau.double().cpu(), *L_ref, *[v.double().cpu() for v in g])
+    grads = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g)
+    _close(grads, ref, 5e-2)
+    if not CUDA:  # the control: G in fp16 operands (the kernels before the fix) misses the tolerance
+        monkeypatch.setattr(_launch, "grad_dot", lambda dtype: (tl.float16, None))
+        bad = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g)
+        assert max(relative_error(b, r) for b, r in zip(bad[:3], ref[:3])) > 5e-2
+
+
+def _config_cases():
+    from symile_kernels.triton import kernel_configs
+
+    cases = []
+    for family in ("cube", "pair"):
+        names = [n for n in kernel_configs() if n.startswith(family + "_")]
+        suffixes = sorted({n.split("/", 1)[1] for n in names})
+        for suffix in suffixes:
+            count = max(len(kernel_configs()[n]) for n in names if n.endswith("/" + suffix))
+            cases += [(family, suffix, i) for i in range(count)]
+    return cases
+
+
+@kernels
+@pytest.mark.parametrize("family,suffix,index", _config_cases() if RUN_KERNELS else [], ids=str)
+def test_every_config(family, suffix, index):
+    # Each configuration of each kernel (GPU lists included) runs under the interpreter against the
+    # oracle: the forward and both backward passes of the family pinned to configuration `index`
+    # (a shorter list: its last one).
+    from contextlib import ExitStack
+
+    from symile_kernels.triton import kernel_configs, pinned_config
+
+    with ExitStack() as stack:
+        for name, configs in kernel_configs().items():
+            if name.startswith(family + "_") and name.endswith("/" + suffix):
+                stack.enter_context(pinned_config(name, min(index, len(configs) - 1)))
+        if family == "cube":
+            check_against_oracle("triton", make_inputs("unit", 3, 37 if not CUDA else 300, 20), 14.3,
+                                 dtype=torch.float32, device=DEVICE)
+        else:
+            check_against_oracle("triton", make_inputs("unit", 2, 70 if not CUDA else 300, 20), 14.3,
+                                 dtype=torch.float32, device=DEVICE, negative_sampling="n")
 
 
 @kernels
@@ -153,6 +236,27 @@ def test_rectangular_pair_lse(I, J, d):
     gL = torch.rand(I, device=DEVICE)
     _close(BACKEND.pair_lse_backward(a, b, pos, tau, L, gL),
            chunked.pair_lse_backward(*exact, L_ref, gL.double().cpu()), 1e-4)
+
+
+@kernels
+def test_backward_skips_unneeded_passes():
+    # needs=(dx, dy, dz, dtau): the passes nobody needs are skipped (None), the others unchanged.
+    from symile_kernels.triton import cube, pair
+
+    x, y, z = (torch.nn.functional.normalize(torch.randn(9, 20), dim=1).to(DEVICE) for _ in range(3))
+    tau = torch.tensor(14.3, device=DEVICE)
+    L = cube.cube_lse_forward(x, y, z, tau)
+    g = [torch.rand(9, device=DEVICE) for _ in range(3)]
+    full = cube.cube_lse_backward(x, y, z, tau, *L, *g)
+    only_dz = cube.cube_lse_backward(x, y, z, tau, *L, *g, needs=(False, False, True, False))
+    assert only_dz[0] is None and only_dz[1] is None and only_dz[3] is None and torch.equal(only_dz[2], full[2])
+    no_dz = cube.cube_lse_backward(x, y, z, tau, *L, *g, needs=(True, True, False, True))
+    assert no_dz[2] is None and all(torch.equal(a, b) for a, b in zip(no_dz[:2], full[:2]))
+    pos = tau * (x * y).sum(1)
+    P = pair.pair_lse_forward(x, y, pos, tau)
+    full = pair.pair_lse_backward(x, y, pos, tau, P, g[0])
+    only_db = pair.pair_lse_backward(x, y, pos, tau, P, g[0], needs=(False, True, False, False))
+    assert only_db[0] is None and only_db[2] is None and torch.equal(only_db[1], full[1])
 
 
 @kernels

@@ -1,15 +1,20 @@
 """The "triton" backend: fused Triton kernels for the cube and pair LSEs.
 
 * ``cube.py``: La, Lb, Lc of the M = 3 cube in one pass without writing the
-  cube, and the backward in three row-owning passes (deterministic, no atomics),
-  one exponential per cube element and pass shared across the anchors (SPEC
-  sections 2 and 5).
-* ``pair.py``: the tiled row LSE of "n" sampling and M = 2 (SPEC section 3).
+  cube, and the backward in two passes that each recompute a tile once over the
+  whole feature axis (deterministic, no atomics), one exponential per cube
+  element and pass shared across the anchors (docs/math.md sections 2 and 5).
+* ``pair.py``: the tiled row LSE of "n" sampling and M = 2 (docs/math.md section 3).
+* ``_launch.py``: configuration lists (``kernel_configs()``, ``pinned_config``),
+  tuning and the dtype policy; ``_compile.py``: compiles every kernel for
+  sm_80/sm_90 without a GPU.
 
-Devices: CUDA tensors run compiled kernels, autotuned once per feature size,
-dtype and precision on the first call with at least 512 rows (on a 2048-row
-prefix when larger; Hopper and older GPUs get different configuration lists;
-SYMILE_KERNELS_TRITON_AUTOTUNE=0 runs each list's first configuration untuned). CPU tensors run the same kernels through
+Devices: CUDA tensors run compiled kernels, tuned (each configuration of the
+list timed) once per feature size, dtype and precision on the first call with at
+least 512 rows (on a 2048-row prefix when larger; Hopper and older GPUs, and
+feature sizes up to 128 or 256-512, get different configuration lists;
+SYMILE_KERNELS_TRITON_AUTOTUNE=0 runs each list's first configuration untuned;
+``pinned_config(name, index)`` forces one). CPU tensors run the same kernels through
 Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this
 subpackage was imported (slow: for tests at small N).
 
@@ -29,6 +34,9 @@ import triton  # noqa: F401  (a missing Triton makes the backend unavailable, wi
 from .. import chunked
 from ..backends import Backend
 from . import _launch, cube, pair
+from ._launch import kernel_configs, pinned_config
+
+__all__ = ["BACKEND", "kernel_configs", "pinned_config"]
 
 
 def _unavailable_reason(device: torch.device) -> Optional[str]:
@@ -66,8 +74,8 @@ BACKEND = Backend(
     pair_lse_forward=_float64_to_chunked(pair.pair_lse_forward, chunked.pair_lse_forward),
     pair_lse_backward=_float64_to_chunked(pair.pair_lse_backward, chunked.pair_lse_backward),
     unavailable_reason=_unavailable_reason,
-    description="fused Triton kernels (CUDA; CPU through TRITON_INTERPRET=1): one pass forward, three "
-                "row-owning passes backward, shared exponentials; float64 runs the chunked code",
+    description="fused Triton kernels (CUDA; CPU through TRITON_INTERPRET=1): one pass forward, two "
+                "passes backward, shared exponentials; float64 runs the chunked code",
     # bf16/fp16 tensors go straight to the kernels: tensor-core products, float32 LSEs
     # and accumulation, gradients returned in the input dtype.
     accepts_low_precision=True,

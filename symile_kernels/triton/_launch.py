@@ -6,9 +6,12 @@ subpackage is first imported: ``TRITON_INTERPRET=1`` must be set before that.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Callable
 
 import torch
+import triton
 import triton.language as tl
 
 # True when the kernels of this subpackage were decorated in interpreter mode.
@@ -19,6 +22,17 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # logit spreads, in natural-log units, for which sharing is exact to float32.
 FORWARD_SHARE_SPREAD = 60.0
 BACKWARD_SHARE_SPREAD = 40.0
+
+# The kernels work in base 2 (exp2 is the hardware's exponential): logits are
+# tau * log2(e) * T and the saved natural-log LSEs are scaled by LOG2E on load.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def d_pad(d: int) -> int:
+    """The feature size a kernel is specialised for: d rounded up to a power of two (at least 16,
+    tl.dot's smallest K), so that every tile holds the whole feature axis in one block."""
+    return max(16, triton.next_power_of_2(d))
 
 
 def dot_precision(dtype: torch.dtype):
@@ -43,7 +57,20 @@ def dot_dtype(dtype: torch.dtype):
     """
     if dtype not in _DOT_DTYPES:
         raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 tensors; got {dtype}")
-    return tl.float32 if INTERPRETED else _DOT_DTYPES[dtype]
+    if INTERPRETED and dtype == torch.bfloat16:
+        return tl.float32
+    return _DOT_DTYPES[dtype]
+
+
+def grad_dot(dtype: torch.dtype) -> tuple:
+    """(operand dtype, input_precision) of the backward's contractions of G (with z, or with the row
+    products). G scales like the upstream gradients times e^(S - L), about 1 / (3 N^3) under the mean
+    loss: below fp16's smallest normal (6e-5) from N = 32 and flushed to zero by N = 256. fp16 inputs
+    therefore contract G in float32 operands (TF32 products on a GPU, IEEE under the interpreter);
+    bf16 has float32's exponent range and keeps its own tensor-core products."""
+    if dtype == torch.float16:
+        return tl.float32, ("ieee" if INTERPRETED else "tf32")
+    return dot_dtype(dtype), dot_precision(dtype)
 
 
 def autotune_enabled() -> bool:
@@ -77,6 +104,77 @@ def tune_on_prefix(op: str, *tensors: torch.Tensor) -> int:
         return 0
     _prefix_tuned.add(key)
     return TUNE_ROWS
+
+
+# ---------------------------------------------------------------- configurations
+
+# Every kernel's configurations: "<kernel>/<sm90|sm80>/<small|large>" (feature sizes up to 128, and
+# 256-512, after padding to a power of two) hold the GPU lists; "<kernel>/interpreter" the small
+# default for CPU tensors. Filled by cube.py and pair.py.
+_CONFIGS: dict = {}
+_PINNED: dict = {}
+_CHOSEN: dict = {}
+
+
+def register(kernel: str, lists: dict) -> None:
+    for suffix, configs in lists.items():
+        _CONFIGS[f"{kernel}/{suffix}"] = list(configs)
+
+
+def kernel_configs() -> dict:
+    """{"<kernel>/<arch>/<bucket>" or "<kernel>/interpreter": [triton.Config, ...]} for every kernel."""
+    return {name: list(configs) for name, configs in _CONFIGS.items()}
+
+
+@contextlib.contextmanager
+def pinned_config(name: str, index: int):
+    """Within the block, every launch of the kernel ``name.split("/")[0]`` uses configuration ``index``
+    of ``kernel_configs()[name]`` (on a GPU and under the interpreter alike), untuned."""
+    if name not in _CONFIGS:
+        raise KeyError(f"no configuration list {name!r}; see kernel_configs()")
+    if not 0 <= index < len(_CONFIGS[name]):
+        raise IndexError(f"{name} has {len(_CONFIGS[name])} configurations, not index {index}")
+    kernel = name.split("/")[0]
+    previous = _PINNED.get(kernel)
+    _PINNED[kernel] = _CONFIGS[name][index]
+    try:
+        yield _CONFIGS[name][index]
+    finally:
+        if previous is None:
+            _PINNED.pop(kernel)
+        else:
+            _PINNED[kernel] = previous
+
+
+def bucket(d: int) -> str:
+    return "small" if d_pad(d) <= 128 else "large"
+
+
+def pick(kernel: str, device: torch.device, dtype: torch.dtype, d: int, rows: int,
+         run: Callable[[triton.Config], None]) -> triton.Config:
+    """The configuration to launch ``kernel`` with: the pinned one, the interpreter's, the first of
+    the device's list, or (CUDA problems of at least TUNE_MIN_ROWS rows, once per list, device,
+    dtype, padded d and precision) the fastest of the list, timed with ``run(config)``."""
+    if kernel in _PINNED:
+        return _PINNED[kernel]
+    if device.type != "cuda" or INTERPRETED:
+        return _CONFIGS[f"{kernel}/interpreter"][0]
+    name = f"{kernel}/{'sm90' if is_hopper(device) else 'sm80'}/{bucket(d)}"
+    configs = _CONFIGS[name]
+    if len(configs) == 1 or not should_tune(rows):
+        return configs[0]
+    key = (name, device.index, dtype, d_pad(d), dot_precision(dtype))
+    if key not in _CHOSEN:
+        from triton.testing import do_bench
+
+        times = [do_bench(lambda c=c: run(c), warmup=2, rep=10) for c in configs]
+        _CHOSEN[key] = configs[times.index(min(times))]
+    return _CHOSEN[key]
+
+
+def launch(kernel, grid: tuple, args: tuple, config: triton.Config, **constexprs) -> None:
+    """``kernel[grid](*args)`` with the configuration's block sizes, warps and stages."""
+    kernel[grid](*args, **config.kwargs, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def target_programs(device: torch.device) -> int:

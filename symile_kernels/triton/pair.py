@@ -1,13 +1,15 @@
-"""Triton kernels for the pair LSE ("n" sampling and M = 2, SPEC section 3).
+"""Triton kernels for the pair LSE ("n" sampling and M = 2, docs/math.md section 3).
 
 ``L[i] = LSE_j l[i, j]`` over the J rows of b, with ``l[i, j] = tau <a[i], b[j]>``
 off the diagonal and ``l[i, i] = pos[i]`` (a: (I, d), b: (J, d), I <= J; I < J
 for a process's local rows against a gathered batch), computed as a tiled row
 LSE (online maximum over blocks of columns, as in tiled CLIP losses): the I x J
 logits are never held. The backward recomputes tiles from L: a row pass owns
-rows of a (da, dpos), a column pass owns rows of b (db); dtau =
-sum_i <a[i], da[i]> / tau is plain torch. I * J exponentials per pass are small
-next to the cube's N^3; no sharing is needed here.
+rows of a (da, dpos), a column pass owns rows of b (db); each recomputes a tile
+once over the whole feature axis (d is a compile-time constant, padded to a
+power of two) and holds its d-wide accumulator in registers: 2 I J d FLOPs
+forward, 8 I J d backward (model: 4), one base-2 exponential per logit and pass.
+dtau = sum_i <a[i], da[i]> / tau is plain torch.
 """
 from __future__ import annotations
 
@@ -17,146 +19,148 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch as _cfg
+from ._launch import LOG2E
 
 # Kernels may only read constexpr globals (Triton >= 3.2 rejects plain Python globals).
 NEG_INF = tl.constexpr(float("-inf"))
+K_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
-def _pair_logits(A, B, POS, tau, rows, r_valid, cols, c_valid, D,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr):
-    """(l, T, diagonal): the logits (BLOCK_M, BLOCK_N) float32 (-inf where masked), tau-free products, i == j."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_valid = offs_d < D
-        a = tl.load(A + rows[:, None] * D + offs_d[None, :],
-                    mask=r_valid[:, None] & d_valid[None, :], other=0.0)
-        bt = tl.load(B + cols[None, :].to(tl.int64) * D + offs_d[:, None],
-                     mask=c_valid[None, :] & d_valid[:, None], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    pos = tl.load(POS + rows, mask=r_valid, other=0.0).to(tl.float32)
+def _pair_logits(A, B, POS, tau2, rows, r_valid, cols, c_valid, D, D_PAD: tl.constexpr,
+                 PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """(l, diagonal): base-2 logits (BLOCK_M, BLOCK_N) float32 (-inf where masked) and i == j."""
+    offs_d = tl.arange(0, D_PAD)
+    d_valid = offs_d < D
+    a = tl.load(A + rows[:, None] * D + offs_d[None, :], mask=r_valid[:, None] & d_valid[None, :], other=0.0)
+    bt = tl.load(B + cols[None, :].to(tl.int64) * D + offs_d[:, None], mask=c_valid[None, :] & d_valid[:, None],
+                 other=0.0)
+    T = tl.dot(a.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION)
+    pos = tl.load(POS + rows, mask=r_valid, other=0.0).to(tl.float32) * K_LOG2E
     diagonal = rows[:, None] == cols[None, :]
-    logits = tl.where(diagonal, pos[:, None], tau * acc)
-    return tl.where(r_valid[:, None] & c_valid[None, :], logits, NEG_INF), acc, diagonal
+    logits = tl.where(diagonal, pos[:, None], tau2 * T)
+    return tl.where(r_valid[:, None] & c_valid[None, :], logits, NEG_INF), diagonal
 
 
 @triton.jit
 def _pair_fwd_kernel(A, B, POS, TAU, L, I, J, D,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
                      DOT_DTYPE: tl.constexpr):
-    """L[i] for the program's BLOCK_M rows, online over blocks of BLOCK_N columns."""
-    tau = tl.load(TAU).to(tl.float32)
+    """L[i] (natural log) for the program's BLOCK_M rows, online over blocks of BLOCK_N columns."""
+    tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_valid = rows < I
     m = tl.full((BLOCK_M,), NEG_INF, tl.float32)
     s = tl.zeros((BLOCK_M,), tl.float32)
     for j0 in range(0, J, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        l, _, _ = _pair_logits(A, B, POS, tau, rows, r_valid, cols, cols < J, D,
-                               BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, DOT_DTYPE)
-        new = tl.maximum(m, tl.where(r_valid, tl.max(l, axis=1), 0.0))
-        s = s * tl.exp(m - new) + tl.sum(tl.exp(l - new[:, None]), axis=1)
+        l, _ = _pair_logits(A, B, POS, tau2, rows, r_valid, cols, cols < J, D, D_PAD, PRECISION, DOT_DTYPE)
+        new = tl.maximum(m, tl.max(l, axis=1))
+        ref = tl.where(new == NEG_INF, 0.0, new)
+        s = s * tl.exp2(m - ref) + tl.sum(tl.exp2(l - ref[:, None]), axis=1)
         m = new
-    tl.store(L + rows, m + tl.log(s), mask=r_valid)
+    tl.store(L + rows, (m + tl.log2(s)) * (1.0 / K_LOG2E), mask=r_valid)
 
 
 @triton.jit
-def _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr):
-    """(P off the diagonal, P on the diagonal) with P = gL[i] exp(l[i, j] - L[i]), 0 where masked."""
-    l, _, diagonal = _pair_logits(A, B, POS, tau, rows, r_valid, cols, c_valid, D,
-                                  BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, DOT_DTYPE)
-    Lr = tl.load(L + rows, mask=r_valid, other=0.0)
+def _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D_PAD: tl.constexpr,
+            PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """(P off the diagonal, P on the diagonal) with P = gL[i] 2^(l[i, j] - L[i]) (base 2), 0 where masked."""
+    l, diagonal = _pair_logits(A, B, POS, tau2, rows, r_valid, cols, c_valid, D, D_PAD, PRECISION, DOT_DTYPE)
+    Lr = tl.load(L + rows, mask=r_valid, other=0.0) * K_LOG2E
     g = tl.load(GL + rows, mask=r_valid, other=0.0).to(tl.float32)
-    P = g[:, None] * tl.exp(l - Lr[:, None])
+    P = g[:, None] * tl.exp2(l - Lr[:, None])
     return tl.where(diagonal, 0.0, P), tl.where(diagonal, P, 0.0)
 
 
 @triton.jit
 def _pair_bwd_rows_kernel(A, B, POS, TAU, L, GL, UA, DPOS, I, J, D,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """UA[i, chunk] = sum_{j != i} P[i, j] b[j, chunk]; DPOS[i] = P[i, i] (written by chunk 0)."""
-    tau = tl.load(TAU).to(tl.float32)
-    pid_d = tl.program_id(1)
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                          PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+                          GRAD_PRECISION: tl.constexpr):
+    """UA[i] = sum_{j != i} P[i, j] b[j] (whole rows); DPOS[i] = P[i, i]."""
+    tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_valid = rows < I
-    d_out = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_valid = d_out < D
-    u = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    offs_d = tl.arange(0, D_PAD)
+    d_valid = offs_d < D
+    u = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     dpos = tl.zeros((BLOCK_M,), tl.float32)
     for j0 in range(0, J, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         c_valid = cols < J
-        P, P_diag = _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D,
-                            BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, DOT_DTYPE)
+        P, P_diag = _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D_PAD, PRECISION, DOT_DTYPE)
         dpos += tl.sum(P_diag, axis=1)
-        b = tl.load(B + cols[:, None].to(tl.int64) * D + d_out[None, :],
+        b = tl.load(B + cols[:, None].to(tl.int64) * D + offs_d[None, :],
                     mask=c_valid[:, None] & d_valid[None, :], other=0.0)
-        u = tl.dot(P.to(DOT_DTYPE), b.to(DOT_DTYPE), u, input_precision=PRECISION)
-    tl.store(UA + rows[:, None] * D + d_out[None, :], u, mask=r_valid[:, None] & d_valid[None, :])
-    tl.store(DPOS + rows, dpos, mask=r_valid & ((rows * 0 + pid_d) == 0))
+        u = tl.dot(P.to(GRAD_DTYPE), b.to(GRAD_DTYPE), u, input_precision=GRAD_PRECISION)
+    tl.store(UA + rows[:, None] * D + offs_d[None, :], u, mask=r_valid[:, None] & d_valid[None, :])
+    tl.store(DPOS + rows, dpos, mask=r_valid)
 
 
 @triton.jit
 def _pair_bwd_cols_kernel(A, B, POS, TAU, L, GL, UB, I, J, D,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """UB[j, chunk] = sum_{i != j} P[i, j] a[i, chunk] for the program's BLOCK_N columns j."""
-    tau = tl.load(TAU).to(tl.float32)
-    pid_d = tl.program_id(1)
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                          PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+                          GRAD_PRECISION: tl.constexpr):
+    """UB[j] = sum_{i != j} P[i, j] a[i] (whole rows) for the program's BLOCK_N columns j."""
+    tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_valid = cols < J
-    d_out = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_valid = d_out < D
-    u = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    offs_d = tl.arange(0, D_PAD)
+    d_valid = offs_d < D
+    u = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     for i0 in range(0, I, BLOCK_M):
         rows = (i0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         r_valid = rows < I
-        P, _ = _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D,
-                       BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, DOT_DTYPE)
-        a = tl.load(A + rows[:, None] * D + d_out[None, :],
-                    mask=r_valid[:, None] & d_valid[None, :], other=0.0)
-        u = tl.dot(tl.trans(P).to(DOT_DTYPE), a.to(DOT_DTYPE), u, input_precision=PRECISION)
-    tl.store(UB + cols[:, None] * D + d_out[None, :], u, mask=c_valid[:, None] & d_valid[None, :])
+        P, _ = _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D_PAD, PRECISION, DOT_DTYPE)
+        a = tl.load(A + rows[:, None] * D + offs_d[None, :], mask=r_valid[:, None] & d_valid[None, :], other=0.0)
+        u = tl.dot(tl.trans(P).to(GRAD_DTYPE), a.to(GRAD_DTYPE), u, input_precision=GRAD_PRECISION)
+    tl.store(UB + cols[:, None] * D + offs_d[None, :], u, mask=c_valid[:, None] & d_valid[None, :])
 
 
-_INTERPRETER_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32)
-_TUNE_KEY = ["D", "PRECISION", "DOT_DTYPE"]  # see cube.py
+def _configs(shapes) -> list:
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _configs(hopper: bool) -> list:
-    shapes = ([(128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 2)] if hopper
-              else [(64, 64, 64, 4, 2), (64, 32, 64, 4, 2)])
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=bd), num_warps=w, num_stages=s)
-            for m, n, bd, w, s in shapes]
+# (BLOCK_M, BLOCK_N, warps, stages). The backward passes hold a d-wide float32 accumulator for the
+# rows they own (BLOCK_M rows of a, or BLOCK_N rows of b) and walk the other axis in narrower blocks;
+# these shapes compile without spills in bf16 (tests/test_triton_compile.py).
+_PAIR_LISTS = {
+    "pair_fwd": {
+        "sm90/small": _configs([(128, 64, 8, 3), (64, 64, 4, 3)]),
+        "sm90/large": _configs([(64, 64, 8, 2), (64, 32, 4, 2)]),
+        "sm80/small": _configs([(64, 64, 4, 2), (64, 32, 4, 2)]),
+        "sm80/large": _configs([(64, 32, 4, 2), (32, 32, 4, 2)]),
+    },
+    "pair_bwd_rows": {
+        "sm90/small": _configs([(64, 32, 8, 2), (64, 64, 8, 2)]),
+        "sm90/large": _configs([(64, 16, 4, 2)]),
+        "sm80/small": _configs([(64, 32, 4, 2), (64, 16, 4, 2)]),
+        "sm80/large": _configs([(64, 32, 8, 2)]),
+    },
+    "pair_bwd_cols": {
+        "sm90/small": _configs([(32, 64, 8, 2), (32, 64, 4, 2)]),
+        "sm90/large": _configs([(32, 64, 8, 2), (16, 64, 4, 2)]),
+        "sm80/small": _configs([(32, 64, 4, 2), (64, 64, 8, 2)]),
+        "sm80/large": _configs([(32, 64, 4, 2), (32, 64, 8, 2)]),
+    },
+}
+KERNELS = {"pair_fwd": _pair_fwd_kernel, "pair_bwd_rows": _pair_bwd_rows_kernel,
+           "pair_bwd_cols": _pair_bwd_cols_kernel}
+for _name, _lists in _PAIR_LISTS.items():
+    _cfg.register(_name, dict(_lists, interpreter=_configs([(16, 16, 4, 1)])))
 
 
-def _tuned(kernel) -> dict:
-    return {hopper: triton.autotune(configs=_configs(hopper), key=_TUNE_KEY)(kernel) for hopper in (True, False)}
+def _run(name: str, grid_of, args: tuple, device, dtype, d: int, rows: int, grads: bool) -> None:
+    meta = dict(D_PAD=_cfg.d_pad(d), PRECISION=_cfg.dot_precision(dtype), DOT_DTYPE=_cfg.dot_dtype(dtype))
+    if grads:
+        meta["GRAD_DTYPE"], meta["GRAD_PRECISION"] = _cfg.grad_dot(dtype)
 
+    def run(config):
+        _cfg.launch(KERNELS[name], grid_of(config.kwargs), args, config, **meta)
 
-_FWD = _tuned(_pair_fwd_kernel)
-_BWD_ROWS = _tuned(_pair_bwd_rows_kernel)
-_BWD_COLS = _tuned(_pair_bwd_cols_kernel)
-
-
-def _launch(kernels: dict, kernel, grid, args: tuple, device: torch.device, dtype: torch.dtype, rows: int) -> None:
-    common = dict(PRECISION=_cfg.dot_precision(dtype), DOT_DTYPE=_cfg.dot_dtype(dtype))
-    if device.type == "cuda" and not _cfg.INTERPRETED:
-        tuned = kernels[_cfg.is_hopper(device)]
-        if _cfg.should_tune(rows):
-            tuned[grid](*args, **common)
-        else:
-            config = tuned.configs[0]
-            meta = dict(config.kwargs, **common)
-            kernel[grid(meta)](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
-    else:
-        meta = dict(_INTERPRETER_META, **common)
-        kernel[grid(meta)](*args, **meta)
+    run(_cfg.pick(name, device, dtype, d, rows, run))
 
 
 def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
@@ -171,14 +175,18 @@ def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
     I, D = a.shape
     J = b.shape[0]
     L = torch.empty(I, device=a.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(I, meta["BLOCK_M"]),)  # noqa: E731
-    _launch(_FWD, _pair_fwd_kernel, grid, (a, b, pos, tau, L, I, J, D), a.device, a.dtype, J)
+    _run("pair_fwd", lambda m: (triton.cdiv(I, m["BLOCK_M"]),), (a, b, pos, tau, L, I, J, D), a.device, a.dtype,
+         D, J, grads=False)
     return L
 
 
-def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
-                      gL: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """da (I, d) like a, db (J, d) like b, dpos (I,) like pos, dtau (0-dim) like tau, of ``sum_i gL[i] L[i]``."""
+def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, gL: Tensor, *,
+                      needs: tuple = (True, True, True, True)) -> tuple:
+    """da (I, d) like a, db (J, d) like b, dpos (I,) like pos, dtau (0-dim) like tau, of ``sum_i gL[i] L[i]``.
+
+    needs: which of (da, db, dpos, dtau) the caller uses; a pass none of them needs is skipped
+    and its outputs are None (da, dpos and dtau share the rows pass, db has the column pass).
+    """
     L, gL = L.float().contiguous(), gL.float().contiguous()
     rows = _cfg.tune_on_prefix("pair_bwd", a, b)
     if rows:
@@ -186,12 +194,18 @@ def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
     I, D = a.shape
     J = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
-    Ua, Ub, dpos = torch.empty(I, D, **f32), torch.empty(J, D, **f32), torch.empty(I, **f32)
-    row_grid = lambda meta: (triton.cdiv(I, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
-    col_grid = lambda meta: (triton.cdiv(J, meta["BLOCK_N"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
-    _launch(_BWD_ROWS, _pair_bwd_rows_kernel, row_grid, (a, b, pos, tau, L, gL, Ua, dpos, I, J, D),
-            a.device, a.dtype, J)
-    _launch(_BWD_COLS, _pair_bwd_cols_kernel, col_grid, (a, b, pos, tau, L, gL, Ub, I, J, D), a.device, a.dtype, J)
     tau32 = tau.float()
-    dtau = (a.float() * Ua).sum()  # = sum_{i != j} P[i, j] <a[i], b[j]>
-    return (tau32 * Ua).to(a.dtype), (tau32 * Ub).to(b.dtype), dpos.to(pos.dtype), dtau.to(tau.dtype)
+    need_da, need_db, need_dpos, need_dtau = needs
+    da = db = dpos_out = dtau = None
+    if need_da or need_dpos or need_dtau:
+        Ua, dpos = torch.empty(I, D, **f32), torch.empty(I, **f32)
+        _run("pair_bwd_rows", lambda m: (triton.cdiv(I, m["BLOCK_M"]),), (a, b, pos, tau, L, gL, Ua, dpos, I, J, D),
+             a.device, a.dtype, D, J, grads=True)
+        da, dpos_out = (tau32 * Ua).to(a.dtype), dpos.to(pos.dtype)
+        dtau = (a.float() * Ua).sum().to(tau.dtype)  # = sum_{i != j} P[i, j] <a[i], b[j]>
+    if need_db:
+        Ub = torch.empty(J, D, **f32)
+        _run("pair_bwd_cols", lambda m: (triton.cdiv(J, m["BLOCK_N"]),), (a, b, pos, tau, L, gL, Ub, I, J, D),
+             a.device, a.dtype, D, J, grads=True)
+        db = (tau32 * Ub).to(b.dtype)
+    return da, db, dpos_out, dtau

@@ -1,0 +1,130 @@
+"""Compiles every Triton kernel x configuration x precision for sm_80 and sm_90 without a GPU.
+
+Triton's compiler runs on the CPU (``triton.compile`` of an ``ASTSource`` for a ``GPUTarget``;
+its wheel ships ptxas and cuobjdump), so the kernels' resources on real targets can be checked
+anywhere: shared memory per block, registers, stack (spills: Triton kernels use no stack
+otherwise) and, for sm_90, whether the PTX uses wgmma. Each "<kernel>/<sm90|sm80>/<bucket>"
+configuration list compiles for its own target at the bucket's largest padded feature size
+(128 for "small", 256 for "large"). Feature sizes 257-512 also run the "large" lists at a padded
+size of 512, which is not checked here: there the backward kernels' d-wide register accumulators
+spill (Triton 3.9, bf16: hundreds of bytes of stack in the cube's backward passes).
+
+    python -m symile_kernels.triton._compile [--jobs 2]   # prints the markdown table
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import triton
+import triton.language as tl
+
+from . import _launch, cube, pair
+
+KERNELS = {**cube.KERNELS, **pair.KERNELS}
+# Per-block shared memory limits (opt-in maximum): sm_80 163 KiB, sm_90 227 KiB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+MODES = {  # name: (input pointer dtype, DOT_DTYPE, PRECISION)
+    "fp32-ieee": ("*fp32", tl.float32, "ieee"),
+    "tf32": ("*fp32", tl.float32, "tf32"),
+    "bf16": ("*bf16", tl.bfloat16, None),
+}
+BUCKET_D = {"small": 128, "large": 256}
+_INTS = {"I", "J", "K", "D", "I_PER_SPLIT", "J_PER_SPLIT"}
+_INPUTS = {"X", "Y", "Z", "A", "B"}
+
+
+def cases() -> list:
+    """(kernel, list name, config index, mode) for every GPU configuration list."""
+    out = []
+    for name, configs in _launch.kernel_configs().items():
+        kernel, *rest = name.split("/")
+        if rest == ["interpreter"]:
+            continue
+        for index in range(len(configs)):
+            out += [(kernel, name, index, mode) for mode in MODES]
+    return out
+
+
+def _resources(cubin: bytes) -> dict:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
+    return {key.lower(): int(value) for key, value in found.items()}
+
+
+def compile_case(case: tuple) -> dict:
+    """Compiles one case; returns its row (an "error" entry instead of raising)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel, name, index, mode = case
+    fn = KERNELS[kernel]
+    arch, bucket = name.split("/")[1:]
+    capability = 90 if arch == "sm90" else 80
+    pointer, dot_dtype, precision = MODES[mode]
+    config = _launch.kernel_configs()[name][index]
+    signature = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+        else:
+            signature[p.name] = "i32" if p.name in _INTS else (pointer if p.name in _INPUTS else "*fp32")
+    constexprs = dict(config.kwargs, D_PAD=BUCKET_D[bucket], PRECISION=precision, DOT_DTYPE=dot_dtype,
+                      GRAD_DTYPE=dot_dtype, GRAD_PRECISION=precision, SHARE_SPREAD=60.0)
+    constexprs = {k: v for k, v in constexprs.items() if signature.get(k) == "constexpr"}
+    row = dict(kernel=kernel, list=name, index=index, mode=mode, capability=capability, d_pad=BUCKET_D[bucket],
+               warps=config.num_warps, stages=config.num_stages, blocks=dict(config.kwargs))
+    try:
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", capability, 32),
+                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    except Exception as e:  # reported, and failed by the test
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        return row
+    row.update(_resources(compiled.asm["cubin"]), shared=int(compiled.metadata.shared),
+               shared_limit=SHARED_LIMIT[capability], wgmma="wgmma.mma_async" in compiled.asm["ptx"])
+    return row
+
+
+def compile_all(jobs: int = 2) -> list:
+    todo = cases()
+    if jobs <= 1:
+        return [compile_case(c) for c in todo]
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(compile_case, todo))
+
+
+def table(rows: list) -> str:
+    lines = ["| kernel | list | config | mode | regs | stack (spill) | shared KiB | wgmma |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        b = r["blocks"]
+        shape = "x".join(str(v) for v in b.values()) + f" w{r['warps']} s{r['stages']}"
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['list']} | {shape} | {r['mode']} | error: {r['error'][:80]} | | | |")
+            continue
+        wgmma = ("yes" if r["wgmma"] else "no") if r["capability"] == 90 else "-"
+        lines.append(f"| {r['kernel']} | {r['list']} | {shape} | {r['mode']} | {r['reg']} | {r['stack']} "
+                     f"| {r['shared'] / 1024:.0f} | {wgmma} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="compile every Triton kernel x config x precision")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(table(compile_all(args.jobs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

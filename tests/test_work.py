@@ -1,0 +1,58 @@
+"""The work the triton backend executes, counted in Triton's interpreter (benchmarks/count_work.py).
+
+Exact counts, not timings: every ``tl.dot``'s 2 M N K FLOPs and every element passed to an
+exponential, over one forward+backward of the loss with the Hopper configurations' tile shapes.
+Sizes where no tile is padded (N = 128; d = 64, 256), so that the counts are the kernels' own.
+Bounds: executed FLOPs at most 1.7x the model (6 N^3 d for the cube, 6 M N^2 d for pair losses:
+one recompute of the logits per backward pass); one exponential per logit in the forward and two
+in the backward (on tiles: the per-element exponentials), plus per-row/per-column factors, at most
+0.1 per logit per pass.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "count_work.py"
+
+
+def _count(tmp_path, *args) -> list:
+    out = tmp_path / "work.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-W", "ignore", str(SCRIPT), "--backends", "triton", "--json", str(out),
+                           *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())["rows"]
+
+
+def _check(row):
+    q = row["ratios"]
+    where = f"{row['loss']} N={row['N']} d={row['d']}: {q}"
+    assert q["total"]["flops"] <= 1.7, where
+    assert q["forward"]["flops"] <= 1.0 + 1e-9, where
+    assert q["forward"]["exp_tile"] <= 1.0 + 1e-9, where
+    assert q["backward"]["exp_tile"] <= 2.0 + 1e-9, where
+    for name in ("forward", "backward"):
+        assert q[name]["exp_all"] - q[name]["exp_tile"] <= 0.1, where
+    # Not vacuous: every logit was computed and exponentiated in each pass.
+    assert q["forward"]["flops"] >= 1.0 - 1e-9 and q["forward"]["exp_tile"] >= 1.0 - 1e-9, where
+    assert q["backward"]["exp_tile"] >= 1.0, where
+
+
+def test_cube_work_at_the_floor(tmp_path):
+    rows = _count(tmp_path, "--loss", "symile", "--N", "128", "--d", "64", "256")
+    assert [(r["N"], r["d"], r["status"]) for r in rows] == [(128, 64, "ok"), (128, 256, "ok")]
+    for row in rows:
+        _check(row)
+
+
+def test_pair_work_at_the_floor(tmp_path):
+    rows = _count(tmp_path, "--loss", "n", "clip", "--N", "128", "--d", "64")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for row in rows:
+        _check(row)
