@@ -13,7 +13,7 @@ and exponentials per logit element (N^3 for the cube, M N^2 for pair losses).
 
 Backends report through ``COUNTERS``: a function ``(loss, M, N, d) ->
 {pass: {"flops", "exp_tile", "exp_vector", "kernels"}}`` per backend. The
-cuda backend has no counters yet (its CPU emulation will add them).
+cuda backend reports the M = 3 cube through its CPU emulation (``count_work_cuda.py``).
 
 Usage:
     python benchmarks/count_work.py --N 128 --d 64 256 [--loss symile n clip] [--arch sm90|sm80|interpreter]
@@ -155,9 +155,25 @@ def count_triton(loss: str, M: int, N: int, d: int, arch: str = "sm90") -> dict:
     return {"forward": forward.totals(), "backward": backward.totals()}
 
 
-def count_cuda(loss: str, M: int, N: int, d: int, arch: str = "sm90") -> dict:
-    """Hook for the cuda backend's CPU emulation; its counters do not exist yet."""
-    raise NotImplementedError("cuda: counters not yet available")
+def count_cuda(loss: str, M: int, N: int, d: int, arch: str = "sm90", mode: str = "bf16") -> dict:
+    """{"forward": counts, "backward": counts} of one cube forward+backward of the cuda backend's
+    kernels run through its CPU emulation (``count_work_cuda.py``; float32 rows in ``mode`` tiles).
+    The emulation counts every ``mma_sync`` (2 m n k FLOPs, plus SIMT FMAs) and every ``exp_``
+    (per element, "exp_tile") and ``vexp_`` (per row, column or partial, "exp_vector"). Only the
+    M = 3 cube is counted; ``arch`` does not apply (the emulation plans for a generic device)."""
+    if loss != "symile" or M != 3:
+        raise NotImplementedError("cuda: counters cover the M = 3 cube only")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from count_work_cuda import cuda_work_counts
+
+    result = cuda_work_counts(N, d, mode=mode)
+    out = {}
+    for name in ("forward", "backward"):
+        rows = [r for r in result["passes"] if r["pass"] == name]
+        out[name] = dict(flops=sum(r["flops"] for r in rows), exp_tile=sum(r["exps"] for r in rows),
+                         exp_vector=sum(r["vexps"] for r in rows), launches=len(rows), programs=None,
+                         kernels={r["kernel"]: {k: r[k] for k in ("flops", "exps", "vexps")} for r in rows})
+    return out
 
 
 COUNTERS = {"triton": count_triton, "cuda": count_cuda}
