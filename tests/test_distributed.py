@@ -88,6 +88,9 @@ def _worker(rank, world_size, port, result_path):
     if rank == 0:
         with open(result_path, "w") as f:
             json.dump({"errors": errors, "backends": backends}, f)
+    # Every rank leaves together: a rank that tears gloo down while a peer is still in a collective
+    # aborts the peer ("terminate called without an active exception"), seen under heavy load.
+    dist.barrier()
     dist.destroy_process_group()
 
 
