@@ -8,7 +8,7 @@ registered here:
 ``cuda_cube_lse_forward(x, y, z, tau, mode) -> (La, Lb, Lc)``
     x: (I, d), y: (J, d), z: (K, d): float32, float64, bf16 or fp16, contiguous,
     one CUDA device; tau: 0-dim, of the compute dtype (the rows' dtype; float32
-    for bf16/fp16 rows). La (I,), Lb (J,), Lc (K,) in the compute dtype: SPEC
+    for bf16/fp16 rows). La (I,), Lb (J,), Lc (K,) in the compute dtype: docs/math.md
     section 2's log-sum-exps of ``tau * T`` by online (running-max) LSE over
     tiles; the cube is never stored.
 ``cuda_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, mode) -> (dx, dy, dz, dtau)``
