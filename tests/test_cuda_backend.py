@@ -15,7 +15,7 @@ Without a GPU (CI) the checks are the compiler's and the CPU's:
   cube, "n" sampling and M = 2;
 * the backend says why it cannot run on CPU tensors.
 
-With CUDA the GPU tests run the compiled extension against the oracle (SPEC
+With CUDA the GPU tests run the compiled extension against the oracle (docs/math.md
 section 6 inputs and tolerances), opcheck, torch.compile and determinism.
 """
 from __future__ import annotations
@@ -38,7 +38,12 @@ from oracle_check import check_against_oracle, make_inputs, relative_error
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc" / "cuda"
 CUDA = torch.cuda.is_available()
-gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the GPU suite runs these)")
+_skip_without_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the GPU suite runs these)")
+
+
+def gpu_only(test):
+    """Skipped without a CUDA device; marked ``gpu`` so that the GPU suite selects it (-m gpu)."""
+    return pytest.mark.gpu(_skip_without_gpu(test))
 # The compiler and emulation checks stand in for a GPU; where one is present the extension's
 # build and the GPU tests check the same sources, so the GPU suite's time goes to those.
 no_gpu_only = pytest.mark.skipif(CUDA, reason="CPU stand-in for the GPU tests, which run here instead")
@@ -243,14 +248,13 @@ def emulated(emu_lib, monkeypatch):
     backend = Backend(name="cuda_emu", cube_lse_forward=state.cube_lse_forward,
                       cube_lse_backward=state.cube_lse_backward, pair_lse_forward=state.pair_lse_forward,
                       pair_lse_backward=state.pair_lse_backward, accepts_low_precision=True)
-    monkeypatch.setattr(backends, "NAMES", backends.NAMES + ("cuda_emu",))
-    monkeypatch.setitem(backends._MODULES, "cuda_emu", "tests.cuda_emu")
-    monkeypatch.setitem(backends._loaded, "cuda_emu", backend)
+    backends.register(backend, replace=True)
 
     def configure(mode: str = "ieee", num_sms: int = 2):
         state.mode, state.num_sms = MODES[mode], num_sms
         return "cuda_emu"
-    return configure
+    yield configure
+    backends.unregister("cuda_emu")
 
 
 # (N, d, tau, dtype, mode, num_sms): odd sizes crossing the 4 x 16 pair tiles and 64 (32) column tiles.
