@@ -1,4 +1,4 @@
-// The M = 3 cube kernels (SPEC section 2): La, Lb, Lc by online log-sum-exp over
+// The M = 3 cube kernels (docs/math.md section 2): La, Lb, Lc by online log-sum-exp over
 // tiles, and dx, dy, dz, dtau recomputed from the saved LSE vectors. The cube is
 // never written to memory. Blueprint: symile_kernels/chunked.py.
 //

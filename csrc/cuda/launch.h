@@ -22,7 +22,7 @@
 
 namespace symile_cuda {
 
-// La (I,), Lb (J,), Lc (K,) of the cube tau * T[i,j,k] (SPEC section 2).
+// La (I,), Lb (J,), Lc (K,) of the cube tau * T[i,j,k] (docs/math.md section 2).
 // Workspace: La_part (plan.num_js * I), Lb_part (plan.ctas * J), Lc_part (plan.ctas * K)
 // from plan_cube_forward(I, J, K, config_for(effective_mode(mode, sizeof(TIn)), sizeof(T)), num_sms).
 template <typename T, typename TIn>
@@ -31,7 +31,7 @@ cudaError_t cube_lse_forward(const TIn* x, const TIn* y, const TIn* z, const T* 
                              T* La, T* Lb, T* Lc, cudaStream_t stream);
 
 // dx (I, D), dy (J, D), dz (K, D) and dtau (one scalar) of
-// sum gLa * La + gLb * Lb + gLc * Lc (SPEC section 2 without the positive term).
+// sum gLa * La + gLb * Lb + gLc * Lc (docs/math.md section 2 without the positive term).
 // Workspace: dtau_part (plan_backward(I, D, BLOCK_I, cfg).units).
 template <typename T, typename TIn>
 cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La, const T* Lb,
@@ -40,7 +40,7 @@ cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T*
                               cudaStream_t stream);
 
 // a (I, D), b (J, D) with I <= J, pos (I,). L (I,): L[i] = LSE_{j < J} l[i, j],
-// l[i, j] = tau <a[i], b[j]> (j != i), l[i, i] = pos[i] (SPEC section 3).
+// l[i, j] = tau <a[i], b[j]> (j != i), l[i, i] = pos[i] (docs/math.md section 3).
 template <typename T, typename TIn>
 cudaError_t pair_lse_forward(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I, int64_t J, int64_t D,
                              int mode, T* L, cudaStream_t stream);

@@ -1,4 +1,4 @@
-// The pair LSE kernels (SPEC section 3, "n" sampling, and the M = 2 / CLIP loss):
+// The pair LSE kernels (docs/math.md section 3, "n" sampling, and the M = 2 / CLIP loss):
 // for a (I, d) and b (J, d) with I <= J, L[i] = LSE_j l[i, j] over the J columns with
 // l[i, j] = tau <a[i], b[j]> off the diagonal and l[i, i] = pos[i], tiled over BLOCK_K
 // columns so the I x J logits never exist. (I < J in distributed runs: local rows

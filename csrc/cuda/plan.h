@@ -5,7 +5,7 @@
 // kernels (through SK_HD under nvcc) and unit-tested on a machine without a GPU
 // (csrc/cuda/plan_test.cpp, compiled with g++ by tests/test_cuda_backend.py).
 //
-// Names follow SPEC.md: the cube T[i,j,k] = sum_d x[i,d] y[j,d] z[k,d] is tiled
+// Names follow docs/math.md: the cube T[i,j,k] = sum_d x[i,d] y[j,d] z[k,d] is tiled
 // by BLOCK_I x BLOCK_J (i, j) pairs (the BP = BLOCK_I * BLOCK_J rows of a tile
 // product) against BLOCK_K rows of z, reducing d in chunks of BLOCK_D; the
 // backward's W contraction writes output columns in chunks of BLOCK_DW.
