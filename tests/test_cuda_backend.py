@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from symile_kernels import backends, chunked, symile_loss
+from symile_kernels import _build, backends, chunked, symile_loss
 from symile_kernels.backends import Backend
 
 from oracle_check import check_against_oracle, make_inputs, relative_error
@@ -51,10 +51,8 @@ no_gpu_only = pytest.mark.skipif(CUDA, reason="CPU stand-in for the GPU tests, w
 NVCC = shutil.which("nvcc") or shutil.which(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
 GXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
 # The defines and flags torch's CUDAExtension passes, so CI compiles what the build compiles.
-NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-lineinfo",
-              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-              "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+NVCC_FLAGS = ["-std=c++17", *_build.NVCC_FLAGS, *_build.TORCH_NVCC_DEFINES,
+              *_build.gencode_flags(_build.DEFAULT_CUDA_ARCH_LIST, ptx=False),
               "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror,-fPIC"]
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
 
@@ -148,6 +146,14 @@ def test_cu_file_compiles_for_sm80_sm90_without_warnings(builds, cu_file):
     print(f"{cu_file}: compiled for sm_80 + sm_90 in {seconds:.0f} s")
 
 
+def test_mode_map_matches_plan_h():
+    import re
+
+    enum = (CSRC / "plan.h").read_text().split("enum Mode", 1)[1].split("};", 1)[0]
+    found = {name.lower(): int(value) for name, value in re.findall(r"k(\w+)\s*=\s*(\d+)", enum)}
+    assert found == _build.MATH_MODES
+
+
 def test_every_cu_file_is_built_by_the_extension():
     import symile_kernels.cuda as cuda_backend
 
@@ -172,7 +178,7 @@ def test_host_planning_logic(builds):
 # ---------------------------------------------------------------------------
 # The kernel sources on the CPU through the emulation.
 
-MODES = {"ieee": 0, "tf32": 1, "bf16": 2}
+MODES = _build.MATH_MODES
 MODE_TOLERANCE = {"ieee": None, "tf32": "tf32", "bf16": torch.bfloat16}
 
 
