@@ -100,7 +100,8 @@ def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, 
         if need_dz:
             dz += G.view(-1, z.shape[0]).T @ xy
         if need_dtau:
-            dtau += torch.dot(G.view(-1), T.view(-1))
+            # float64 accumulation: <G, T> sums N^3 terms that largely cancel (docs/math.md section 6.1).
+            dtau += torch.dot(G.view(-1).double(), T.view(-1).double()).to(dtau.dtype)
     return tuple(None if g is None else g * s for g, s in ((dx, tau), (dy, tau), (dz, tau), (dtau, 1)))
 
 
