@@ -5,15 +5,29 @@ sees the torch already installed (an isolated build would fetch its own).
 Environment switches: SYMILE_KERNELS_NO_EXTENSIONS=1 skips every compiled
 extension (the package then JIT-builds on first use where it can).
 """
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
 
 
+def _load_build_settings():
+    """symile_kernels/_build.py (compiler flags, architectures, sources), loaded by path: it is
+    torch-free, and importing the package itself here would need it installed."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "symile_kernels", "_build.py")
+    spec = importlib.util.spec_from_file_location("symile_kernels_build_settings", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _load_build_settings()
+
+
 def _cpu_extensions():
     """The C++ CPU backend's extension ``symile_kernels._cpu_kernels`` (csrc/cpu/).
 
-    Built with -O3, -fopenmp (Linux) and -march=native (the build machine's vector instructions);
+    Flags from symile_kernels/_build.py: -O3, -fopenmp (Linux), -march=native;
     SYMILE_KERNELS_PORTABLE=1 drops -march=native for a binary that runs on any
     x86-64/arm64 CPU (the kernels then use plain loops). Skipped, with a note,
     when no C++ compiler is found: the package then JIT-builds on first use
@@ -28,14 +42,8 @@ def _cpu_extensions():
         return []
     from torch.utils.cpp_extension import CppExtension
 
-    flags = [] if sys.platform == "win32" else ["-O3"]
-    if os.environ.get("SYMILE_KERNELS_PORTABLE") != "1" and sys.platform != "win32":
-        flags.append("-march=native")
-    # at::parallel_for only runs in parallel when the extension itself is compiled
-    # with OpenMP (torch's CPU builds use GNU OpenMP on Linux); elsewhere it is serial.
-    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    return [CppExtension("symile_kernels._cpu_kernels", ["csrc/cpu/symile_cpu.cpp"],
-                         extra_compile_args={"cxx": flags + openmp}, extra_link_args=openmp)]
+    return [CppExtension("symile_kernels._cpu_kernels", list(BUILD.CPU_SOURCES),
+                         extra_compile_args={"cxx": BUILD.cpu_cxx_flags()}, extra_link_args=BUILD.openmp_flags())]
 
 
 def _cuda_extensions():
@@ -46,7 +54,7 @@ def _cuda_extensions():
     JIT-builds it on first use on a CUDA machine, see symile_kernels/cuda.py).
     Architectures: TORCH_CUDA_ARCH_LIST, torch's standard switch; when unset,
     "8.0;9.0+PTX" (sm_80 cubins also run on sm_86/sm_89; the PTX lets newer GPUs
-    JIT). The nvcc flags match symile_kernels.cuda.nvcc_flags().
+    JIT). Flags and sources: symile_kernels/_build.py, which the JIT build reads too.
     """
     import sys
 
@@ -62,13 +70,12 @@ def _cuda_extensions():
     if CUDA_HOME is None:
         print("symile_kernels: nvcc not found (set CUDA_HOME); skipping the CUDA extension", file=sys.stderr)
         return []
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", BUILD.DEFAULT_CUDA_ARCH_LIST)
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = ["csrc/cuda/binding.cpp", "csrc/cuda/cube.cu", "csrc/cuda/pair.cu"]
+    sources = [f"{BUILD.CUDA_SOURCE_DIR}/{name}" for name in BUILD.CUDA_SOURCES]
     return [CUDAExtension("symile_kernels._cuda_kernels", sources,
-                          include_dirs=[os.path.join(here, "csrc", "cuda")],
-                          extra_compile_args={"cxx": ["-O3"],
-                                              "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]})]
+                          include_dirs=[os.path.join(here, BUILD.CUDA_SOURCE_DIR)],
+                          extra_compile_args={"cxx": list(BUILD.CUDA_CXX_FLAGS), "nvcc": list(BUILD.NVCC_FLAGS)})]
 
 
 def _extensions():

@@ -64,6 +64,8 @@ def measure(config: dict) -> dict:
     reps = [torch.nn.functional.normalize(torch.randn(N, d, device=device), dim=1).to(dtype).requires_grad_()
             for _ in range(M)]
     tau = torch.tensor(config["tau"], device=device, requires_grad=True)
+    if config.get("frozen"):  # one modality frozen: its gradient pass is skipped (docs/math.md section 2)
+        reps[-1].requires_grad_(False)
 
     def forward():
         with torch.no_grad():
@@ -125,6 +127,7 @@ def markdown_table(rows: list[dict], mm_rate: "float | None") -> str:
     lines = ["| backend | M | N | d | dtype | sampling | fwd ms | fwd+bwd ms | peak MiB | model TFLOP/s | % of mm |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        r = dict(r, backend=r["backend"] + (" (last modality frozen)" if r.get("frozen") else ""))
         if r["status"] != "ok":
             lines.append(f"| {r['backend']} | {r['M']} | {r['N']} | {r['d']} | {r['dtype']} | {r['sampling']} "
                          f"| {r['status']} | | | | |")
@@ -154,6 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument("--no-mm", action="store_true", help="skip the dense matrix-product rate")
     parser.add_argument("--json", help="write the rows and machine info to this file")
+    parser.add_argument("--frozen", action="store_true",
+                        help="also time each configuration with the last modality frozen (no gradient)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -168,9 +173,10 @@ def main(argv=None) -> list[dict]:
     rows = []
     for N in args.N:
         for d in args.d:
-            for backend in args.backends:
+            for backend, frozen in [(b, f) for b in args.backends for f in ((False, True) if args.frozen else (False,))]:
                 config = dict(backend=backend, M=args.M, N=N, d=d, dtype=args.dtype, sampling=args.sampling,
-                              device=args.device, tau=args.tau, repeats=args.repeats, warmup=args.warmup)
+                              device=args.device, tau=args.tau, repeats=args.repeats, warmup=args.warmup,
+                              frozen=frozen)
                 reason = skip_reason(config, limit)
                 row = dict(config, status=reason) if reason else run_in_subprocess(config, args.timeout)
                 rows.append(row)

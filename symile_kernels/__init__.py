@@ -2,8 +2,8 @@
 
 Public API: ``symile_loss``, ``Symile`` (drop-in for ``symile.Symile``),
 ``SymileLoss``, ``clip_loss``, ``MIPSimilarity``, ``mip_similarity`` and
-``available_backends``. The math is SPEC.md's; ``symile_kernels.reference``
-is the executable oracle.
+``available_backends``; ``symile_kernels.backends.register`` adds a backend.
+The math is in docs/math.md; ``symile_kernels.reference`` is the executable oracle.
 """
 from . import ops  # registers the symile_kernels:: torch operators
 from .backends import available_backends

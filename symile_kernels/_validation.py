@@ -57,7 +57,10 @@ def check_representations(representations: Sequence[Tensor], name: str = "repres
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; float32, bf16 and fp16 compute in float32."""
+    """The dtype of tau, the positive logits and the LSE vectors for rows of ``dtype``:
+    float64 for float64, float32 for float32, bf16 and fp16. (bf16/fp16 rows keep
+    their dtype for the products on backends that accept low precision, and are
+    cast to float32 for the others; see ``symile_kernels.loss``.)"""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -93,6 +96,7 @@ def prepare(representations: Sequence[Tensor], logit_scale: Union[float, Tensor]
     Returns ``(reps, tau)``: reps are contiguous (N, d) tensors in the promoted
     input dtype (the dtype the loss is returned in), tau a 0-dim tensor of the
     compute dtype (``compute_dtype`` of it: float32 or float64) on their device.
+    Whether bf16/fp16 rows are then cast is the loss's decision, per backend.
     """
     reps = check_representations(representations)
     tau = check_logit_scale(logit_scale, compute_dtype(reps[0].dtype), reps[0].device)

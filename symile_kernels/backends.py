@@ -1,31 +1,46 @@
 """Backend registry and dispatch.
 
 A backend supplies four plain functions (no autograd) over contiguous
-float32/float64 tensors that share one device and dtype; ``tau`` is a 0-dim
-tensor of that dtype on that device (SPEC section 1):
+tensors that share one device and dtype; ``tau`` is a 0-dim tensor of the
+compute dtype on that device (docs/math.md section 1). The rows are float32 or
+float64, or bf16/fp16 for a backend with ``accepts_low_precision`` (tau, the
+LSE vectors and pos are then float32):
 
 ``cube_lse_forward(x, y, z, tau) -> (La, Lb, Lc)``
     x: (I, d), y: (J, d), z: (K, d); the cube may be rectangular (folded
     modalities for M > 3, local rows in distributed runs). Returns the log-sum-exp
     vectors La (I,), Lb (J,), Lc (K,) of the cube ``tau * T[i,j,k]`` reduced over
-    (j,k), (i,k) and (i,j) (SPEC section 2).
+    (j,k), (i,k) and (i,j) (docs/math.md section 2).
 ``cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc) -> (dx, dy, dz, dtau)``
     gLa (I,), gLb (J,), gLc (K,): incoming gradients of La, Lb, Lc. With
     ``G = gLa[i] e^(tau T - La[i]) + gLb[j] e^(tau T - Lb[j]) + gLc[k] e^(tau T - Lc[k])``
-    returns SPEC section 2's contractions of G: dx, dy, dz shaped like x, y, z
+    returns docs/math.md section 2's contractions of G: dx, dy, dz shaped like x, y, z
     and dtau (0-dim). The positive term of G is not included (it is plain torch).
 ``pair_lse_forward(a, b, pos, tau) -> L``
     a: (I, d), b: (J, d) with I <= J, pos: (I,). ``L[i] = LSE_j l[i, j]`` over the
     J columns, with ``l[i, j] = tau <a[i], b[j]>`` off the diagonal and
-    ``l[i, i] = pos[i]`` (SPEC section 3; CLIP when ``pos[i] = tau <a[i], b[i]>``).
+    ``l[i, i] = pos[i]`` (docs/math.md section 3; CLIP when ``pos[i] = tau <a[i], b[i]>``).
     I < J happens in distributed runs: a process's local rows against the global
     batch, rotated so that each row's positive column is its own index.
 ``pair_lse_backward(a, b, pos, tau, L, gL) -> (da, db, dpos, dtau)``
     Gradients of ``sum_i gL[i] L[i]``.
 
-Backends are loaded lazily from ``_MODULES``: a module that fails to import, or
-whose ``BACKEND.unavailable_reason(device)`` returns a message, is not usable,
-and asking for it by name raises that message.
+A backend with ``skips_unneeded_grads`` also takes ``needs=(bool, bool, bool, bool)``
+by keyword in both backward functions (which of dx, dy, dz, dtau, or da, db, dpos,
+dtau, some input requires) and may return None for the others.
+
+The built-in backends are loaded lazily from their modules: a module that fails
+to import, or whose ``BACKEND.unavailable_reason(device)`` returns a message, is
+not usable, and asking for it by name raises that message. ``register`` adds a
+backend (a ``Backend`` record, or ``register_module`` for a lazily imported
+module) under its name; ``unregister`` removes one that was added.
+
+Example:
+    >>> from symile_kernels import backends, chunked
+    >>> mine = dataclasses.replace(chunked.BACKEND, name="mine")
+    >>> backends.register(mine)
+    >>> symile_loss(reps, 14.3, backend="mine")
+    >>> backends.unregister("mine")
 """
 from __future__ import annotations
 
@@ -38,7 +53,7 @@ from typing import Callable, Optional
 import torch
 
 # name -> module that defines ``BACKEND``. Only finished, tested kernels go here.
-_MODULES = {
+_BUILTIN = {
     "chunked": "symile_kernels.chunked",
     "triton": "symile_kernels.triton",
     "cuda": "symile_kernels.cuda",
@@ -52,6 +67,8 @@ _AUTO_ORDER = {
 }
 _FALLBACK = "chunked"
 ENV_VAR = "SYMILE_KERNELS_BACKEND"
+# Every name a backend= argument may take; ``register`` and ``unregister`` update it.
+_MODULES = dict(_BUILTIN)
 NAMES = ("auto", "reference") + tuple(_MODULES)
 
 
@@ -71,6 +88,12 @@ class Backend:
     # tau and pos: products in that dtype, float32 accumulation and LSE vectors,
     # gradients in the input dtype. Otherwise such inputs are upcast to float32 first.
     accepts_low_precision: bool = False
+    # The name of the backend that runs float64 inputs instead of this one (for a backend
+    # whose kernels have no float64 path); the registry, not the backend, routes them.
+    float64_route: Optional[str] = None
+    # True when both backward functions take ``needs=`` and skip the outputs no input needs
+    # (module docstring); otherwise every output is computed and the unneeded ones dropped.
+    skips_unneeded_grads: bool = False
 
 
 _loaded: dict[str, Backend] = {}
@@ -78,10 +101,65 @@ _load_errors: dict[str, str] = {}
 _warned: set[str] = set()
 
 
+def register(backend: Backend, *, replace: bool = False) -> None:
+    """Makes ``backend`` available as ``backend=backend.name`` everywhere (losses, ops, ``auto`` excluded).
+
+    Raises TypeError for anything but a ``Backend``, ValueError for the reserved
+    names "auto" and "reference", and for a name already in use unless ``replace``.
+    """
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a symile_kernels.backends.Backend; got {type(backend).__name__}")
+    _add(backend.name, None, replace)
+    _loaded[backend.name] = backend
+
+
+def register_module(name: str, module: str, *, replace: bool = False) -> None:
+    """Like ``register``, for a backend defined as ``BACKEND`` in ``module``, imported on first use
+    (an import error then makes it unavailable, with the error as the reason)."""
+    if not isinstance(module, str):
+        raise TypeError(f"module must be a module name (str); got {type(module).__name__}")
+    _add(name, module, replace)
+
+
+def unregister(name: str) -> None:
+    """Removes a backend that ``register`` or ``register_module`` added; a built-in backend
+    that was replaced comes back. Raises ValueError for a name nothing registered."""
+    if name not in _MODULES or (name in _BUILTIN and _MODULES[name] == _BUILTIN[name]):
+        raise ValueError(f"no backend {name!r} was registered (built-in backends cannot be removed)")
+    _forget(name)
+    if name in _BUILTIN:
+        _MODULES[name] = _BUILTIN[name]
+    else:
+        del _MODULES[name]
+    _refresh_names()
+
+
+def _add(name: str, module: Optional[str], replace: bool) -> None:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a backend's name must be a non-empty str; got {name!r}")
+    if name in ("auto", "reference"):
+        raise ValueError(f"backend name {name!r} is reserved")
+    if name in _MODULES and not replace:
+        raise ValueError(f"a backend named {name!r} is already registered; pass replace=True to replace it")
+    _forget(name)
+    _MODULES[name] = module
+    _refresh_names()
+
+
+def _forget(name: str) -> None:
+    _loaded.pop(name, None)
+    _load_errors.pop(name, None)
+
+
+def _refresh_names() -> None:
+    global NAMES
+    NAMES = ("auto", "reference") + tuple(_MODULES)
+
+
 def _load(name: str) -> Optional[Backend]:
     if name in _loaded:
         return _loaded[name]
-    if name in _load_errors or name not in _MODULES:
+    if name in _load_errors or _MODULES.get(name) is None:
         return None
     try:
         module = importlib.import_module(_MODULES[name])
@@ -160,6 +238,15 @@ def get(name: str) -> Backend:
     backend = _load(name)
     if backend is None:
         raise ValueError(f"backend {name!r} is not available: {_load_errors.get(name, 'unknown backend')}")
+    return backend
+
+
+def for_dtype(name: str, dtype: torch.dtype) -> Backend:
+    """The Backend that runs backend ``name`` on inputs of ``dtype``: its ``float64_route``
+    for float64 inputs when it names one, else the backend itself."""
+    backend = get(name)
+    if dtype == torch.float64 and backend.float64_route is not None:
+        return get(backend.float64_route)
     return backend
 
 

@@ -4,7 +4,7 @@ It tiles the M = 3 cube ``tau * T[i,j,k]`` over blocks of anchor rows i and
 partner rows j, each tile a (BLOCK_I, BLOCK_J, K) slab computed as one matrix
 product of the (i, j) row products ``x[i] * y[j]`` with z. The forward keeps
 running log-sum-exps; the backward recomputes each tile from the saved LSE
-vectors (SPEC section 2). Tile sizes come from a memory budget
+vectors (docs/math.md section 2). Tile sizes come from a memory budget
 (``SYMILE_KERNELS_CHUNK_BYTES``, default 128 MiB of tile workspace), not from
 the machine. This module is the blueprint the compiled kernels follow.
 """
@@ -74,9 +74,14 @@ def cube_lse_forward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor) -> tuple[Tens
 
 
 def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, Lb: Tensor, Lc: Tensor,
-                      gLa: Tensor, gLb: Tensor, gLc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dy, dz = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(z)
-    dtau = torch.zeros_like(tau)
+                      gLa: Tensor, gLb: Tensor, gLc: Tensor, *, needs: tuple = (True,) * 4):
+    """dx, dy, dz, dtau (docs/math.md section 2); the ones ``needs`` marks False are None
+    and their contractions are skipped (W for dx and dy, G^T XY for dz, <G, T> for dtau)."""
+    need_dx, need_dy, need_dz, need_dtau = needs
+    dx = torch.zeros_like(x) if need_dx else None
+    dy = torch.zeros_like(y) if need_dy else None
+    dz = torch.zeros_like(z) if need_dz else None
+    dtau = torch.zeros_like(tau) if need_dtau else None
     for I, J in _tiles(x, y, z):
         T, xy = _tile_T(x, y, z, I, J)
         S = tau * T
@@ -86,12 +91,18 @@ def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, 
         G += E
         torch.sub(S, Lc[None, None, :], out=E).exp_().mul_(gLc[None, None, :])
         G += E
-        W = G @ z  # (bi, bj, d): W[i, j] = sum_k G[i, j, k] z[k]
-        dx[I] += (W * y[None, J]).sum(dim=1)  # N^2 d work in all: small next to the cube's N^3 d
-        dy[J] += (W * x[I, None]).sum(dim=0)
-        dz += G.view(-1, z.shape[0]).T @ xy
-        dtau += torch.dot(G.view(-1), T.view(-1))
-    return tau * dx, tau * dy, tau * dz, dtau
+        if need_dx or need_dy:
+            W = G @ z  # (bi, bj, d): W[i, j] = sum_k G[i, j, k] z[k]
+            if need_dx:
+                dx[I] += (W * y[None, J]).sum(dim=1)  # N^2 d work in all: small next to the cube's N^3 d
+            if need_dy:
+                dy[J] += (W * x[I, None]).sum(dim=0)
+        if need_dz:
+            dz += G.view(-1, z.shape[0]).T @ xy
+        if need_dtau:
+            # float64 accumulation: <G, T> sums N^3 terms that largely cancel (docs/math.md section 6.1).
+            dtau += torch.dot(G.view(-1).double(), T.view(-1).double()).to(dtau.dtype)
+    return tuple(None if g is None else g * s for g, s in ((dx, tau), (dy, tau), (dz, tau), (dtau, 1)))
 
 
 def _pair_tiles(a: Tensor, b: Tensor):
@@ -117,20 +128,28 @@ def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
     return L
 
 
-def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
-                      gL: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    da, db = torch.zeros_like(a), torch.zeros_like(b)
-    dpos = torch.zeros_like(pos)
-    dtau = torch.zeros_like(tau)
+def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, gL: Tensor, *,
+                      needs: tuple = (True,) * 4):
+    """da, db, dpos, dtau (docs/math.md section 3); the ones ``needs`` marks False are None
+    and their products are skipped."""
+    need_da, need_db, need_dpos, need_dtau = needs
+    da = torch.zeros_like(a) if need_da else None
+    db = torch.zeros_like(b) if need_db else None
+    dpos = torch.zeros_like(pos) if need_dpos else None
+    dtau = torch.zeros_like(tau) if need_dtau else None
     for I in _pair_tiles(a, b):
         T, diagonal = _pair_tile_T(a, b, I)
         P = gL[I, None] * torch.exp(torch.where(diagonal, pos[I, None], tau * T) - L[I, None])
-        dpos[I] = P[diagonal]
+        if need_dpos:
+            dpos[I] = P[diagonal]
         P = P.masked_fill(diagonal, 0)  # the diagonal's logit is pos, not tau <a, b>
-        da[I] = P @ b
-        db += P.T @ a[I]
-        dtau += (P * T).sum()
-    return tau * da, tau * db, dpos, dtau
+        if need_da:
+            da[I] = P @ b
+        if need_db:
+            db += P.T @ a[I]
+        if need_dtau:
+            dtau += (P * T).sum()
+    return tuple(None if g is None else g * s for g, s in ((da, tau), (db, tau), (dpos, 1), (dtau, 1)))
 
 
 BACKEND = Backend(
@@ -140,4 +159,5 @@ BACKEND = Backend(
     pair_lse_forward=pair_lse_forward,
     pair_lse_backward=pair_lse_backward,
     description="pure PyTorch, any device: tiles over (i, j) blocks, recomputes tiles in backward",
+    skips_unneeded_grads=True,
 )

@@ -5,7 +5,7 @@ dispatch key), with fake implementations registered here:
 
 ``cpu_cube_lse_forward(x, y, z, tau) -> (La, Lb, Lc)``
     x: (I, d), y: (J, d), z: (K, d), tau: 0-dim; float32 or float64, contiguous, CPU.
-    La (I,), Lb (J,), Lc (K,): SPEC section 2's log-sum-exps of ``tau * T``.
+    La (I,), Lb (J,), Lc (K,): docs/math.md section 2's log-sum-exps of ``tau * T``.
 ``cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc) -> (dx, dy, dz, dtau)``
 ``cpu_pair_lse_forward(a, b, pos, tau) -> L`` and
 ``cpu_pair_lse_backward(a, b, pos, tau, L, gL) -> (da, db, dpos, dtau)``
@@ -22,38 +22,28 @@ SYMILE_KERNELS_PORTABLE=1 builds without ``-march=native``. When neither works,
 """
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import _build
 from ._extension import CompiledOps, jit_build
 from .backends import Backend
 
 EXTENSION = "symile_kernels._cpu_kernels"
-_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu" / "symile_cpu.cpp"
+_SOURCE = Path(__file__).resolve().parent.parent / _build.CPU_SOURCES[0]
 _OPS = ("cpu_cube_lse_forward", "cpu_cube_lse_backward", "cpu_pair_lse_forward", "cpu_pair_lse_backward")
 
 def compile_flags() -> list[str]:
-    """C++ flags of the JIT build (setup.py uses the same): -O3, -fopenmp on Linux
-    (without it at::parallel_for runs serially), and -march=native unless
-    SYMILE_KERNELS_PORTABLE=1."""
-    flags = ["-O3"] + _openmp()
-    if os.environ.get("SYMILE_KERNELS_PORTABLE") != "1":
-        flags.append("-march=native")
-    return flags
-
-
-def _openmp() -> list[str]:
-    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+    """C++ flags of the CPU extension (``symile_kernels._build``, which setup.py reads too)."""
+    return _build.cpu_cxx_flags()
 
 
 def _jit_build() -> Optional[str]:
     return jit_build("C++ CPU backend", [_SOURCE], "a C++17 compiler is needed", name="symile_kernels_cpu",
-                     extra_cflags=compile_flags(), extra_ldflags=_openmp(), verbose=False)
+                     extra_cflags=compile_flags(), extra_ldflags=_build.openmp_flags(), verbose=False)
 
 
 def _register_fakes() -> None:

@@ -49,19 +49,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _build
 from ._extension import CompiledOps, jit_build
 from .backends import Backend
 
 EXTENSION = "symile_kernels._cuda_kernels"
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
-SOURCES = ("binding.cpp", "cube.cu", "pair.cu")
-MODES = {"ieee": 0, "tf32": 1, "bf16": 2}
+SOURCE_DIR = Path(__file__).resolve().parent.parent / _build.CUDA_SOURCE_DIR
+SOURCES = _build.CUDA_SOURCES
+MODES = _build.MATH_MODES
 MATH_ENV = "SYMILE_KERNELS_CUDA_MATH"
 _OPS = ("cuda_cube_lse_forward", "cuda_cube_lse_backward", "cuda_pair_lse_forward", "cuda_pair_lse_backward")
 
 def nvcc_flags() -> list[str]:
-    """nvcc flags of the JIT build (setup.py uses the same)."""
-    return ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    """nvcc flags of the JIT build (``symile_kernels._build``, which setup.py reads too)."""
+    return list(_build.NVCC_FLAGS)
 
 
 def _jit_build() -> Optional[str]:
@@ -70,7 +71,7 @@ def _jit_build() -> Optional[str]:
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         return "JIT-building needs the CUDA toolkit (nvcc); set CUDA_HOME or put nvcc on PATH"
     return jit_build("CUDA backend", [SOURCE_DIR / name for name in SOURCES], "nvcc or the C++ compiler failed",
-                     name="symile_kernels_cuda", extra_cflags=["-O3"], extra_cuda_cflags=nvcc_flags(),
+                     name="symile_kernels_cuda", extra_cflags=list(_build.CUDA_CXX_FLAGS), extra_cuda_cflags=nvcc_flags(),
                      extra_include_paths=[str(SOURCE_DIR)],
                      verbose=os.environ.get("SYMILE_KERNELS_VERBOSE_BUILD") == "1")
 

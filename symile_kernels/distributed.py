@@ -1,4 +1,4 @@
-"""Global-batch losses across processes (SPEC section 7).
+"""Global-batch losses across processes (docs/math.md section 7).
 
 With ``gather=True`` each process passes its local (n, d) slice of a global
 batch of N = world_size * n rows. ``Shard`` describes that slice and supplies

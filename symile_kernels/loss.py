@@ -2,17 +2,19 @@
 
 A thin layer over the LSE operators of ``symile_kernels.ops``: the positive
 logits, the means and the average over anchors are plain torch, so autograd
-handles them (SPEC sections 2 and 3).
+handles them (docs/math.md sections 2 and 3). The formulas it shares with the
+oracle come from ``symile_kernels._math``; only ``backend="reference"`` calls the
+oracle itself.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import backends, ops, reference
+from . import backends, ops
+from ._math import draw_n_permutations, positive_logits
 from ._validation import check_negative_sampling, prepare
 from .distributed import Shard, make_shard
 
@@ -24,12 +26,15 @@ _FOLD_ROWS = 4096
 def symile_loss(representations: Sequence[Tensor], logit_scale: Union[float, Tensor], *,
                 negative_sampling: str = "n_squared", backend: str = "auto", gather: bool = False,
                 process_group=None) -> Tensor:
-    """The Symile loss (SPEC sections 2-3) without materialising the logits.
+    """The Symile loss (docs/math.md sections 2-3) without materialising the logits.
 
     Args:
         representations: M >= 2 tensors of shape (N, d), row i of each belonging
-            to tuple i; any floating dtypes (promoted to a common one; bf16/fp16
-            compute in float32), one device.
+            to tuple i; any floating dtypes, one device, promoted to a common
+            dtype. float64 computes in float64, float32 in float32. bf16/fp16
+            rows go unconverted to backends that accept low precision ("triton",
+            "cuda": products in that dtype, float32 accumulation, LSEs and tau);
+            the other backends and the oracle get them cast to float32.
         logit_scale: tau > 0, already exponentiated: a float or a 0-dim tensor
             (gradients flow to it when it requires grad).
         negative_sampling: "n_squared" (all N^(M-1) candidates per anchor) or
@@ -42,11 +47,12 @@ def symile_loss(representations: Sequence[Tensor], logit_scale: Union[float, Ten
             same n; the loss contrasts against the whole global batch and
             returns this process's share, so that the mean over processes is the
             single-process loss of the global batch and DistributedDataParallel's
-            gradient averaging gives the single-process gradients (SPEC section
-            7). "n" then needs the same torch seed on every process.
+            gradient averaging gives the single-process gradients (
+            section 7 of docs/math.md). "n" then needs the same torch seed on every process.
 
     Returns:
-        0-dim tensor in the promoted input dtype: the mean over anchors m of
+        0-dim tensor in the promoted input dtype (gradients in each input's
+        dtype): the mean over anchors m of
         ``mean_i [LSE_m(i) - tau * MIP(R_1[i], ..., R_M[i])]``, i over this
         process's rows.
 
@@ -58,6 +64,8 @@ def symile_loss(representations: Sequence[Tensor], logit_scale: Union[float, Ten
     reps, tau, name, out_dtype = _prepare(representations, logit_scale, backend)
     shard = make_shard(gather, process_group, *reps[0].shape, reps[0].device)
     if name == "reference":
+        from . import reference  # the oracle runs only when asked for by name
+
         loss = reference.symile_loss_reference([shard.gather(r) for r in reps], tau, negative_sampling,
                                                rows=shard.rows)
     elif negative_sampling == "n":
@@ -80,6 +88,8 @@ def clip_loss(representations: Sequence[Tensor], logit_scale: Union[float, Tenso
     reps, tau, name, out_dtype = _prepare(representations, logit_scale, backend)
     shard = make_shard(gather, process_group, *reps[0].shape, reps[0].device)
     if name == "reference":
+        from . import reference
+
         total = reference.clip_loss_reference([shard.gather(r) for r in reps], tau, rows=shard.rows)
     else:
         total = sum(_symmetric_pair(reps[a], reps[b], tau, name, shard)
@@ -91,8 +101,8 @@ def _prepare(representations, logit_scale, backend: str):
     """Validated inputs, the backend name, and the dtype the loss is returned in.
 
     bf16/fp16 inputs stay in their dtype for backends that accept low precision
-    (tensor-core products, float32 accumulation); otherwise every input is cast
-    to tau's compute dtype (float32 or float64).
+    (products in that dtype, float32 accumulation); otherwise, and for the
+    oracle, every input is cast to tau's compute dtype (float32 or float64).
     """
     reps, tau = prepare(representations, logit_scale)
     name = backends.resolve(backend, reps[0].device)
@@ -103,25 +113,20 @@ def _prepare(representations, logit_scale, backend: str):
     return reps, tau, name, out_dtype
 
 
-def _positive(reps: list[Tensor], tau: Tensor) -> Tensor:
-    """The positive logits ``tau * MIP(R_1[i], ..., R_M[i])`` (n,), in tau's dtype."""
-    return tau * reference.mip([r.to(tau.dtype) for r in reps])
-
-
 def _symmetric_pair(a: Tensor, b: Tensor, tau: Tensor, backend: str, shard: Shard) -> Tensor:
     """Symmetric InfoNCE of two (n, d) tensors: the M = 2 Symile loss of the local rows."""
-    pos = _positive([a, b], tau)
+    pos = positive_logits([a, b], tau)
     La = ops.pair_lse(a, shard.roll_to_local(shard.gather(b)), pos, tau, backend)
     Lb = ops.pair_lse(b, shard.roll_to_local(shard.gather(a)), pos, tau, backend)
     return ((La - pos).mean() + (Lb - pos).mean()) / 2
 
 
 def _symile_n(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) -> Tensor:
-    """SPEC section 3: per anchor, N candidates from permuted products of the others."""
-    pos = _positive(reps, tau)
+    """docs/math.md section 3: per anchor, N candidates from permuted products of the others."""
+    pos = positive_logits(reps, tau)
     everyone = [shard.gather(r) for r in reps]
     losses = []
-    for m, perms in enumerate(reference.draw_n_permutations(len(reps), shard.N)):
+    for m, perms in enumerate(draw_n_permutations(len(reps), shard.N)):
         others = [r for o, r in enumerate(everyone) if o != m]
         shuffled = others[0][perms[0].to(reps[m].device)]
         for r, perm in zip(others[1:], perms[1:]):
@@ -132,7 +137,7 @@ def _symile_n(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) -> Te
 
 
 def _symile_cube(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) -> Tensor:
-    """SPEC section 2 for M >= 3 through the M = 3 cube.
+    """docs/math.md section 2 for M >= 3 through the M = 3 cube.
 
     For M > 3 the modalities 4..M are folded into the rows of modality 1: the
     row (l_4, ..., l_M, i) is ``R_1[i] * R_4[l_4] * ... * R_M[l_M]``, so one
@@ -142,7 +147,7 @@ def _symile_cube(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) ->
     complete, every other anchor's LSE is partial and combined over processes.
     """
     M = len(reps)
-    pos = _positive(reps, tau)
+    pos = positive_logits(reps, tau)
     x = reps[0]
     y, z, *folded = [shard.gather(r) for r in reps[1:]]
     if not folded:
@@ -179,11 +184,16 @@ class SymileLoss(nn.Module):
     Args:
         negative_sampling: "n_squared" (default) or "n".
         backend: "auto" or a backend name (see ``available_backends()``).
+        gather, process_group: as in ``symile_loss``.
 
     Shape:
         - representations: M >= 2 tensors (N, d).
         - logit_scale: float or 0-dim tensor.
         - Output: 0-dim tensor.
+
+    Example:
+        >>> loss_fn = SymileLoss()
+        >>> loss = loss_fn([x, y, z], logit_scale=14.3)
     """
 
     def __init__(self, negative_sampling: str = "n_squared", backend: str = "auto", gather: bool = False,
@@ -201,28 +211,18 @@ class SymileLoss(nn.Module):
         return f"negative_sampling={self.negative_sampling!r}, backend={self.backend!r}, gather={self.gather}"
 
 
-class Symile:
-    """Drop-in for the reference package's ``symile.Symile``.
+class Symile(SymileLoss):
+    """Drop-in for the reference package's ``symile.Symile``: ``SymileLoss`` with that
+    package's default, ``negative_sampling="n"``.
 
-    Same constructor default (``negative_sampling="n"``), called as
-    ``loss_fn(representations, logit_scale)``; for "n" it draws its permutations
-    in the reference package's order, so the same torch seed gives the same value.
+    Called as ``loss_fn(representations, logit_scale)``; for "n" it draws its
+    permutations in the reference package's order, so the same torch seed gives
+    the same value.
     """
 
     def __init__(self, negative_sampling: str = "n", backend: str = "auto", gather: bool = False,
                  process_group=None):
-        self.negative_sampling = check_negative_sampling(negative_sampling)
-        self.backend = _check_backend_name(backend)
-        self.gather, self.process_group = gather, process_group
-
-    def forward(self, representations: Sequence[Tensor], logit_scale: Union[float, Tensor]) -> Tensor:
-        return symile_loss(representations, logit_scale, negative_sampling=self.negative_sampling,
-                           backend=self.backend, gather=self.gather, process_group=self.process_group)
-
-    __call__ = forward
-
-    def __repr__(self) -> str:
-        return f"Symile(negative_sampling={self.negative_sampling!r}, backend={self.backend!r})"
+        super().__init__(negative_sampling, backend, gather, process_group)
 
 
 def _check_backend_name(backend: str) -> str:

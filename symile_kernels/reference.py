@@ -1,8 +1,10 @@
-"""The oracle: SPEC's definitions, materialised, in the inputs' dtype.
+"""The oracle: docs/math.md's definitions, materialised, in the inputs' dtype.
 
 Short and obviously right rather than fast: the "n_squared" loss builds the
 whole N^M logit tensor, so keep N small. Tests and benchmarks import these
-functions; nothing re-implements them.
+functions; nothing re-implements them. The formulas the production loss
+shares with it (MIP, the positive logits, the "n" permutations) live in
+``symile_kernels._math``, re-exported here.
 """
 from __future__ import annotations
 
@@ -13,22 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._math import draw_n_permutations, mip, positive_logits
 
-def mip(representations: Sequence[Tensor]) -> Tensor:
-    """Row-wise multilinear inner product: (N,) from M tensors of shape (N, d)."""
-    product = representations[0]
-    for r in representations[1:]:
-        product = product * r
-    return product.sum(dim=-1)
-
-
-def draw_n_permutations(M: int, N: int) -> list[list[Tensor]]:
-    """The permutations of SPEC section 3, drawn in the reference package's order.
-
-    Returns ``perms[m]``: for anchor m, one ``torch.randperm(N)`` (CPU, default
-    generator) per other modality, in increasing modality order.
-    """
-    return [[torch.randperm(N) for other in range(M) if other != m] for m in range(M)]
+__all__ = ["mip", "positive_logits", "draw_n_permutations", "cube_logits", "symile_loss_reference",
+           "clip_loss_reference"]
 
 
 def cube_logits(representations: Sequence[Tensor], logit_scale: Union[float, Tensor]) -> Tensor:
@@ -40,12 +30,12 @@ def cube_logits(representations: Sequence[Tensor], logit_scale: Union[float, Ten
 
 def symile_loss_reference(representations: Sequence[Tensor], logit_scale: Union[float, Tensor],
                           negative_sampling: str = "n_squared", rows: slice = slice(None)) -> Tensor:
-    """The Symile loss of SPEC sections 2 ("n_squared") and 3 ("n").
+    """The Symile loss of docs/math.md sections 2 ("n_squared") and 3 ("n").
 
     representations: M >= 2 tensors (N, d) of one dtype and device.
     logit_scale: tau > 0, a float or 0-dim tensor.
     rows: the anchor rows the mean runs over (all by default; one process's
-    share in a distributed batch, SPEC section 7).
+    share in a distributed batch, docs/math.md section 7).
     Returns the 0-dim loss; "n" draws from torch's default CPU generator.
     """
     M, N = len(representations), representations[0].shape[0]

@@ -1,4 +1,4 @@
-"""Zero-shot scoring by the multilinear inner product (SPEC section 4)."""
+"""Zero-shot scoring by the multilinear inner product (docs/math.md section 4)."""
 from __future__ import annotations
 
 from typing import Sequence

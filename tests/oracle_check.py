@@ -1,9 +1,9 @@
-"""Shared test helpers: SPEC section 6's inputs and the comparison with the float64 oracle.
+"""Shared test helpers: docs/math.md section 6's inputs and the comparison with the float64 oracle.
 
 Every backend's tests use ``check_against_oracle``: it runs ``symile_loss`` (or
 ``clip_loss``) with the backend under test on inputs of a given dtype, the
 oracle in float64 on the same values, and compares the loss and every gradient
-(each representation and tau) by relative error at SPEC's tolerances.
+(each representation and tau) by relative error at docs/math.md's tolerances.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from symile_kernels import clip_loss, symile_loss
 from symile_kernels.reference import clip_loss_reference, mip, symile_loss_reference
 
-# SPEC section 6: (loss, gradients) relative-error tolerances per compute mode.
+# docs/math.md section 6: (loss, gradients) relative-error tolerances per compute mode.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-9),
     torch.float32: (1e-5, 1e-4),
@@ -26,7 +26,7 @@ INPUT_KINDS = [("unit", 1.0), ("unit", 14.3), ("unit", 100.0), ("gaussian", 1.0)
 
 
 def make_inputs(kind: str, M: int, N: int, d: int, generator: torch.Generator = None) -> list[torch.Tensor]:
-    """M float64 tensors (N, d) of one of SPEC section 6's kinds (fresh random values)."""
+    """M float64 tensors (N, d) of one of docs/math.md section 6's kinds (fresh random values)."""
     reps = [torch.randn(N, d, dtype=torch.float64, generator=generator) for _ in range(M)]
     if kind in ("unit", "ties"):
         reps = [torch.nn.functional.normalize(r, dim=1) for r in reps]

@@ -58,13 +58,65 @@ def test_bad_negative_sampling_and_backend():
         symile_loss(reps3(), 1.0, backend=None)
 
 
-def test_unavailable_backend_says_why(monkeypatch):
-    monkeypatch.setitem(backends._MODULES, "broken", "symile_kernels._no_such_module")
-    monkeypatch.setattr(backends, "NAMES", backends.NAMES + ("broken",))
-    monkeypatch.delitem(backends._load_errors, "broken", raising=False)
-    with pytest.raises(ValueError, match=r"backend='broken' cannot run on cpu: importing .* failed"):
-        symile_loss(reps3(), 1.0, backend="broken")
-    assert "broken" not in available_backends()
+def test_unavailable_backend_says_why():
+    backends.register_module("broken", "symile_kernels._no_such_module")
+    try:
+        with pytest.raises(ValueError, match=r"backend='broken' cannot run on cpu: importing .* failed"):
+            symile_loss(reps3(), 1.0, backend="broken")
+        assert "broken" not in available_backends()
+    finally:
+        backends.unregister("broken")
+    assert "broken" not in backends.NAMES
+
+
+def test_register_and_unregister_a_backend():
+    import dataclasses
+
+    from symile_kernels import chunked
+
+    mine = dataclasses.replace(chunked.BACKEND, name="mine")
+    backends.register(mine)
+    try:
+        assert "mine" in available_backends() and "mine" in backends.NAMES
+        reps = make_inputs("unit", 3, 6, 4)
+        assert float(symile_loss(reps, 14.3, backend="mine")) == float(symile_loss(reps, 14.3, backend="chunked"))
+        assert SymileLoss(backend="mine").backend == "mine"
+        with pytest.raises(ValueError, match="already registered"):
+            backends.register(mine)
+        backends.register(mine, replace=True)
+    finally:
+        backends.unregister("mine")
+    assert "mine" not in backends.NAMES
+    with pytest.raises(ValueError, match="backend must be one of"):
+        symile_loss(make_inputs("unit", 3, 6, 4), 1.0, backend="mine")
+    with pytest.raises(ValueError, match="reserved"):
+        backends.register(dataclasses.replace(mine, name="reference"))
+    with pytest.raises(TypeError, match="Backend"):
+        backends.register(chunked)
+    with pytest.raises(ValueError, match="built-in backends cannot be removed"):
+        backends.unregister("chunked")
+
+
+def test_registry_routes_float64():
+    import dataclasses
+
+    from symile_kernels import chunked
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("float64 reached a backend without a float64 path")
+
+    no_f64 = dataclasses.replace(chunked.BACKEND, name="no_f64", float64_route="chunked",
+                                 cube_lse_forward=refuse, pair_lse_forward=refuse)
+    backends.register(no_f64)
+    try:
+        assert backends.for_dtype("no_f64", torch.float64) is chunked.BACKEND
+        assert backends.for_dtype("no_f64", torch.float32) is no_f64
+        reps = make_inputs("unit", 3, 6, 4)
+        assert float(symile_loss(reps, 14.3, backend="no_f64")) == float(symile_loss(reps, 14.3, backend="chunked"))
+        with pytest.raises(AssertionError, match="without a float64 path"):
+            symile_loss([r.float() for r in reps], 14.3, backend="no_f64")
+    finally:
+        backends.unregister("no_f64")
 
 
 def test_environment_override(monkeypatch):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU backend un
 
 OPS = torch.ops.symile_kernels
 
-TOL = TOLERANCES  # SPEC section 6: (loss, gradients) relative tolerances per compute mode
+TOL = TOLERANCES  # docs/math.md section 6: (loss, gradients) relative tolerances per compute mode
 
 # (N, d, tau, rows): awkward sizes, tau up to 100 with unit rows, ties, one huge row.
 CUBE_CASES = [

@@ -15,7 +15,7 @@ Without a GPU (CI) the checks are the compiler's and the CPU's:
   cube, "n" sampling and M = 2;
 * the backend says why it cannot run on CPU tensors.
 
-With CUDA the GPU tests run the compiled extension against the oracle (SPEC
+With CUDA the GPU tests run the compiled extension against the oracle (docs/math.md
 section 6 inputs and tolerances), opcheck, torch.compile and determinism.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from symile_kernels import backends, chunked, symile_loss
+from symile_kernels import _build, backends, chunked, symile_loss
 from symile_kernels.backends import Backend
 
 from oracle_check import check_against_oracle, make_inputs, relative_error
@@ -38,7 +38,12 @@ from oracle_check import check_against_oracle, make_inputs, relative_error
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc" / "cuda"
 CUDA = torch.cuda.is_available()
-gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the GPU suite runs these)")
+_skip_without_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the GPU suite runs these)")
+
+
+def gpu_only(test):
+    """Skipped without a CUDA device; marked ``gpu`` so that the GPU suite selects it (-m gpu)."""
+    return pytest.mark.gpu(_skip_without_gpu(test))
 # The compiler and emulation checks stand in for a GPU; where one is present the extension's
 # build and the GPU tests check the same sources, so the GPU suite's time goes to those.
 no_gpu_only = pytest.mark.skipif(CUDA, reason="CPU stand-in for the GPU tests, which run here instead")
@@ -46,10 +51,8 @@ no_gpu_only = pytest.mark.skipif(CUDA, reason="CPU stand-in for the GPU tests, w
 NVCC = shutil.which("nvcc") or shutil.which(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
 GXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
 # The defines and flags torch's CUDAExtension passes, so CI compiles what the build compiles.
-NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-lineinfo",
-              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-              "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+NVCC_FLAGS = ["-std=c++17", *_build.NVCC_FLAGS, *_build.TORCH_NVCC_DEFINES,
+              *_build.gencode_flags(_build.DEFAULT_CUDA_ARCH_LIST, ptx=False),
               "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror,-fPIC"]
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
 
@@ -143,6 +146,14 @@ def test_cu_file_compiles_for_sm80_sm90_without_warnings(builds, cu_file):
     print(f"{cu_file}: compiled for sm_80 + sm_90 in {seconds:.0f} s")
 
 
+def test_mode_map_matches_plan_h():
+    import re
+
+    enum = (CSRC / "plan.h").read_text().split("enum Mode", 1)[1].split("};", 1)[0]
+    found = {name.lower(): int(value) for name, value in re.findall(r"k(\w+)\s*=\s*(\d+)", enum)}
+    assert found == _build.MATH_MODES
+
+
 def test_every_cu_file_is_built_by_the_extension():
     import symile_kernels.cuda as cuda_backend
 
@@ -167,7 +178,7 @@ def test_host_planning_logic(builds):
 # ---------------------------------------------------------------------------
 # The kernel sources on the CPU through the emulation.
 
-MODES = {"ieee": 0, "tf32": 1, "bf16": 2}
+MODES = _build.MATH_MODES
 MODE_TOLERANCE = {"ieee": None, "tf32": "tf32", "bf16": torch.bfloat16}
 
 
@@ -245,14 +256,13 @@ def emulated(emu_lib, monkeypatch):
     backend = Backend(name="cuda_emu", cube_lse_forward=state.cube_lse_forward,
                       cube_lse_backward=state.cube_lse_backward, pair_lse_forward=state.pair_lse_forward,
                       pair_lse_backward=state.pair_lse_backward, accepts_low_precision=True)
-    monkeypatch.setattr(backends, "NAMES", backends.NAMES + ("cuda_emu",))
-    monkeypatch.setitem(backends._MODULES, "cuda_emu", "tests.cuda_emu")
-    monkeypatch.setitem(backends._loaded, "cuda_emu", backend)
+    backends.register(backend, replace=True)
 
     def configure(mode: str = "ieee", num_sms: int = 2):
         state.mode, state.num_sms = MODES[mode], num_sms
         return "cuda_emu"
-    return configure
+    yield configure
+    backends.unregister("cuda_emu")
 
 
 # (N, d, tau, dtype, mode, num_sms): odd sizes crossing the 4 x 16 pair tiles and 64 (32) column tiles.

@@ -1,4 +1,4 @@
-"""Global-batch losses across processes (SPEC section 7), with gloo on the CPU.
+"""Global-batch losses across processes (docs/math.md section 7), with gloo on the CPU.
 
 Each spawned process checks, for every CPU backend, M in {2, 3, 4} and both
 sampling modes: the mean over processes of the per-process losses equals the

@@ -9,7 +9,7 @@ from symile_kernels.reference import clip_loss_reference, mip, symile_loss_refer
 
 
 def brute_force_n_squared(reps, tau):
-    """SPEC section 2 with Python loops: one LSE per (anchor, row) over every candidate tuple."""
+    """docs/math.md section 2 with Python loops: one LSE per (anchor, row) over every candidate tuple."""
     M, N = len(reps), reps[0].shape[0]
     rows = [[r[i].tolist() for i in range(N)] for r in reps]
 

@@ -21,7 +21,8 @@ subpackage was imported (slow: for tests at small N).
 Dtypes: float32 (IEEE products, TF32 when ``torch.backends.cuda.matmul.allow_tf32``
 is True), and bf16/fp16 when a caller passes them (tensor-core products,
 float32 accumulation; outputs LSE in float32). float64 is not supported by
-``tl.dot`` in Triton 3.6: float64 calls run the "chunked" backend's functions.
+``tl.dot`` in Triton 3.6: the record's ``float64_route="chunked"`` has the registry
+run float64 calls on the "chunked" backend.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ from typing import Optional
 import torch
 import triton  # noqa: F401  (a missing Triton makes the backend unavailable, with the import error)
 
-from .. import chunked
 from ..backends import Backend
 from . import _launch, cube, pair
 from ._launch import kernel_configs, pinned_config
@@ -52,16 +52,13 @@ def _unavailable_reason(device: torch.device) -> Optional[str]:
     return f"Triton kernels run on CUDA devices (or the CPU with TRITON_INTERPRET=1), not {device.type}"
 
 
-def _float64_to_chunked(triton_fn, chunked_fn):
-    """float64 runs ``chunked_fn``; other dtypes ``triton_fn``, on the inputs' GPU (Triton
-    launches on the current device and stream)."""
-    def run(*tensors):
-        if tensors[0].dtype == torch.float64:
-            return chunked_fn(*tensors)
+def _on_inputs_device(triton_fn):
+    """``triton_fn`` on the inputs' GPU (Triton launches on the current device and stream)."""
+    def run(*tensors, **options):
         if tensors[0].is_cuda:
             with torch.cuda.device(tensors[0].device):
-                return triton_fn(*tensors)
-        return triton_fn(*tensors)
+                return triton_fn(*tensors, **options)
+        return triton_fn(*tensors, **options)
     run.__name__ = triton_fn.__name__
     run.__doc__ = triton_fn.__doc__
     return run
@@ -69,13 +66,16 @@ def _float64_to_chunked(triton_fn, chunked_fn):
 
 BACKEND = Backend(
     name="triton",
-    cube_lse_forward=_float64_to_chunked(cube.cube_lse_forward, chunked.cube_lse_forward),
-    cube_lse_backward=_float64_to_chunked(cube.cube_lse_backward, chunked.cube_lse_backward),
-    pair_lse_forward=_float64_to_chunked(pair.pair_lse_forward, chunked.pair_lse_forward),
-    pair_lse_backward=_float64_to_chunked(pair.pair_lse_backward, chunked.pair_lse_backward),
+    cube_lse_forward=_on_inputs_device(cube.cube_lse_forward),
+    cube_lse_backward=_on_inputs_device(cube.cube_lse_backward),
+    pair_lse_forward=_on_inputs_device(pair.pair_lse_forward),
+    pair_lse_backward=_on_inputs_device(pair.pair_lse_backward),
     unavailable_reason=_unavailable_reason,
     description="fused Triton kernels (CUDA; CPU through TRITON_INTERPRET=1): one pass forward, two "
                 "passes backward, shared exponentials; float64 runs the chunked code",
+    float64_route="chunked",
+    # The backward passes take needs=(dx, dy, dz, dtau) and skip a pass no input needs.
+    skips_unneeded_grads=True,
     # bf16/fp16 tensors go straight to the kernels: tensor-core products, float32 LSEs
     # and accumulation, gradients returned in the input dtype.
     accepts_low_precision=True,
