@@ -36,7 +36,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -80,8 +83,15 @@ constexpr int64_t kMaxSlices = 16;
 // tile of 256 x 256 is 256 KiB, which stays in a core's L2 cache.
 constexpr int64_t kTileRows = 256;
 constexpr int64_t kBlockK = 256;
-constexpr int64_t kPairBlockI = 64;
-constexpr int64_t kPairBlockJ = 512;
+constexpr int64_t kPairBlockI = 256;
+constexpr int64_t kPairBlockJ = 128;
+// TUNING ONLY (removed before merge): environment overrides of the pair tile.
+inline int64_t env_or(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : fallback;
+}
+inline int64_t pair_block_i() { static const int64_t v = env_or("SYMILE_PAIR_BI", kPairBlockI); return v; }
+inline int64_t pair_block_j() { static const int64_t v = env_or("SYMILE_PAIR_BJ", kPairBlockJ); return v; }
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -639,7 +649,7 @@ Tensor pair_tile(const Tensor& a, const Tensor& b, const scalar_t* posp, double 
 template <typename scalar_t>
 void pair_forward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, Tensor& L) {
   const int64_t N = a.size(0), J = b.size(0);
-  const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(J, kPairBlockJ);
+  const int64_t BI = std::min(N, pair_block_i()), BJ = std::min(J, pair_block_j());
   const int64_t n_iblocks = (N + BI - 1) / BI;
   const scalar_t* posp = pos.data_ptr<scalar_t>();
   scalar_t* Lp = L.data_ptr<scalar_t>();
@@ -678,66 +688,86 @@ Tensor pair_lse_forward(const Tensor& a, const Tensor& b, const Tensor& pos, con
 // P[i, j] = gL[i] e^(l[i, j] - L[i]) (one exponential per element, <= |gL[i]|);
 // dpos[i] = P[i, i]; with the diagonal zeroed, da = tau P b, db = tau P^T a and
 // dtau = sum_{j != i} P[i, j] <a[i], b[j]> = sum_i <a[i], (P b)[i]>.
+//
+// Work items are the i-blocks (BI rows), handed out in increasing order. An
+// i-block owns its rows of da, accumulated over the j-blocks in cache. db is a
+// reduction over i: block ib's share of db[j-block] (one BLAS product with
+// inner dimension BI, computed while the tile is hot) is added to db after
+// block ib - 1's, in block order (a per-j-block counter says how many blocks
+// have been folded in). The order of the sums therefore depends on the block
+// sizes only, never on the number of threads, and no per-thread or per-slice
+// copies of db exist: extra memory is one tile and one BJ x d buffer per thread.
+// Waiting cannot deadlock: block ib - 1 was taken before block ib by a running
+// worker, which waits only on ib - 2, and block 0 waits on nothing. Workers move
+// through the j-blocks at the same pace, so the waits are short.
 template <typename scalar_t>
 void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, const Tensor& L,
                           const Tensor& gL, Tensor& da, Tensor& db, Tensor& dpos, Tensor& dtau) {
   const int64_t N = a.size(0), J = b.size(0), d = a.size(1);
-  const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(J, kPairBlockJ);
-  const int64_t n_iblocks = (N + BI - 1) / BI;
-  const int64_t n_slices = num_slices(n_iblocks);
+  const int64_t BI = std::min(N, pair_block_i()), BJ = std::min(J, pair_block_j());
+  const int64_t n_iblocks = (N + BI - 1) / BI, n_jblocks = (J + BJ - 1) / BJ;
   const scalar_t* posp = pos.data_ptr<scalar_t>();
   const scalar_t* Lp = L.data_ptr<scalar_t>();
   const scalar_t* gLp = gL.data_ptr<scalar_t>();
   const scalar_t* ap = a.data_ptr<scalar_t>();
   scalar_t* dposp = dpos.data_ptr<scalar_t>();
-  Tensor db_part = at::zeros({n_slices, J, d}, a.options());
-  std::vector<double> dtau_part(n_slices, 0.0);
+  scalar_t* dbp = db.data_ptr<scalar_t>();
+  std::vector<double> dtau_part(n_iblocks, 0.0);
+  // folded[jb]: how many i-blocks have added their share to db[j-block jb].
+  std::unique_ptr<std::atomic<int64_t>[]> folded(new std::atomic<int64_t>[n_jblocks]);
+  for (int64_t jb = 0; jb < n_jblocks; ++jb) folded[jb].store(0);
 
-  std::atomic<int64_t> next_slice{0};
+  std::atomic<int64_t> next_block{0};
   const at::ThreadLocalState caller_state;
-  at::parallel_for(0, num_workers(n_slices), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, num_workers(n_iblocks), 1, [&](int64_t, int64_t) {
     SequentialBlas sequential_blas(caller_state);
     Tensor S = at::empty({BI * BJ}, a.options());
-    for (int64_t s = next_slice++; s < n_slices; s = next_slice++) {
-      Tensor dbs = db_part[s];
-      double dtau_acc = 0;
-      const auto blocks = slice_blocks(s, n_slices, n_iblocks);
-      for (int64_t ib = blocks.first; ib < blocks.second; ++ib) {
-        const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
-        Tensor dav = da.narrow(0, i0, bi);  // owned rows; holds P b until scaled by tau
-        const Tensor av = a.narrow(0, i0, bi);
-        for (int64_t j0 = 0; j0 < J; j0 += BJ) {
-          const int64_t bj = std::min(BJ, J - j0);
-          Tensor Pv = pair_tile<scalar_t>(a, b, posp, tau, S, i0, bi, j0, bj);
-          scalar_t* Pp = Pv.data_ptr<scalar_t>();
-          for (int64_t ii = 0; ii < bi; ++ii) exp_row_scale(Pp + ii * bj, bj, Lp[i0 + ii], gLp[i0 + ii]);
-          for (int64_t ii = 0; ii < bi; ++ii) {
-            const int64_t jj = i0 + ii - j0;
-            if (jj >= 0 && jj < bj) {
-              dposp[i0 + ii] = Pp[ii * bj + jj];
-              Pp[ii * bj + jj] = 0;  // the diagonal's logit is pos, not tau <a, b>
-            }
-          }
-          at::addmm_out(dav, dav, Pv, b.narrow(0, j0, bj), /*beta=*/j0 == 0 ? 0 : 1, /*alpha=*/1);
-          Tensor dbj = dbs.narrow(0, j0, bj);
-          at::addmm_out(dbj, dbj, Pv.t(), av, /*beta=*/1, /*alpha=*/1);
-        }
-        const scalar_t* dap = dav.data_ptr<scalar_t>();
+    Tensor part = at::empty({BJ, d}, a.options());
+    for (int64_t ib = next_block++; ib < n_iblocks; ib = next_block++) {
+      const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
+      Tensor dav = da.narrow(0, i0, bi);  // owned rows; holds P b until scaled by tau
+      const Tensor av = a.narrow(0, i0, bi);
+      for (int64_t jb = 0; jb < n_jblocks; ++jb) {
+        const int64_t j0 = jb * BJ, bj = std::min(BJ, J - j0);
+        Tensor Pv = pair_tile<scalar_t>(a, b, posp, tau, S, i0, bi, j0, bj);
+        scalar_t* Pp = Pv.data_ptr<scalar_t>();
+        for (int64_t ii = 0; ii < bi; ++ii) exp_row_scale(Pp + ii * bj, bj, Lp[i0 + ii], gLp[i0 + ii]);
         for (int64_t ii = 0; ii < bi; ++ii) {
-          scalar_t t = 0;
-          for (int64_t c = 0; c < d; ++c) t += ap[(i0 + ii) * d + c] * dap[ii * d + c];
-          dtau_acc += t;
+          const int64_t jj = i0 + ii - j0;
+          if (jj >= 0 && jj < bj) {
+            dposp[i0 + ii] = Pp[ii * bj + jj];
+            Pp[ii * bj + jj] = 0;  // the diagonal's logit is pos, not tau <a, b>
+          }
         }
-        dav.mul_(tau);
+        at::addmm_out(dav, dav, Pv, b.narrow(0, j0, bj), /*beta=*/jb == 0 ? 0 : 1, /*alpha=*/1);
+        Tensor partv = part.narrow(0, 0, bj);
+        at::addmm_out(partv, partv, Pv.t(), av, /*beta=*/0, /*alpha=*/1);
+        // Fold this block's share into db[j-block] after block ib - 1's.
+        while (folded[jb].load(std::memory_order_acquire) != ib) std::this_thread::yield();
+        scalar_t* dbj = dbp + j0 * d;
+        const scalar_t* pp = partv.data_ptr<scalar_t>();
+        if (ib == 0) {
+          std::copy(pp, pp + bj * d, dbj);
+        } else {
+          for (int64_t c = 0; c < bj * d; ++c) dbj[c] += pp[c];
+        }
+        folded[jb].store(ib + 1, std::memory_order_release);
       }
-      dtau_part[s] = dtau_acc;
+      const scalar_t* dap = dav.data_ptr<scalar_t>();
+      double t = 0;
+      for (int64_t ii = 0; ii < bi; ++ii) {
+        scalar_t row = 0;
+        for (int64_t c = 0; c < d; ++c) row += ap[(i0 + ii) * d + c] * dap[ii * d + c];
+        t += row;
+      }
+      dtau_part[ib] = t;
+      dav.mul_(tau);
     }
   });
 
-  at::sum_out(db, db_part, {0});
   db.mul_(tau);
   double t = 0;
-  for (int64_t s = 0; s < n_slices; ++s) t += dtau_part[s];
+  for (int64_t ib = 0; ib < n_iblocks; ++ib) t += dtau_part[ib];
   dtau.fill_(t);
 }
 
