@@ -39,13 +39,11 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define SYMILE_CPU_AVX2 1
-#endif
+#include "vec_rows.h"
 
 // MKL's per-thread thread count, when torch's BLAS is MKL (weak: absent elsewhere).
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
@@ -116,47 +114,10 @@ inline void lse_add(double& m, double& s, double m2, double s2) {
 inline double lse_value(double m, double s) { return m + std::log(s); }
 
 // ---------------------------------------------------------------------------
-// Vectorised elementwise passes over one tile row. Every pass computes at most
-// one exponential per element. The float32 versions use AVX2 + FMA when the
-// build targets them (see setup.py: -march=native unless SYMILE_KERNELS_PORTABLE=1);
-// otherwise, and for float64, plain loops with std::exp.
-
-#ifdef SYMILE_CPU_AVX2
-// e^x for 8 floats: Cody-Waite range reduction and Cephes' degree-6 polynomial
-// (about 1 ulp on [-87, 88]). Arguments are clamped to [-88.38, 88.38] (so very
-// negative arguments give 0, never garbage); the clamps take x as the second
-// operand so that a NaN passes through.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
-  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax8(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
+// Elementwise passes over one tile row. Every pass computes at most one
+// exponential per element. float64: the plain loops below, with std::exp;
+// float32: vec_rows.h's vectorised passes (AVX-512, AVX2 + FMA or plain loops,
+// chosen at run time), through the specialisations after these templates.
 
 // Returns sum_k e^(s[k] - ref) and adds w * e^(s[k] - ref) to col_sum[k].
 template <typename scalar_t>
@@ -204,80 +165,27 @@ inline void g_row_two(scalar_t* s, int64_t n, scalar_t ref, scalar_t a, const sc
   for (int64_t k = 0; k < n; ++k) s[k] = a * std::exp(s[k] - ref) + gLc[k] * std::exp(s[k] - Lc[k]);
 }
 
-#ifdef SYMILE_CPU_AVX2
+// float32: the vectorised passes at the instruction set chosen at run time (vec_rows.h).
 template <>
 inline double exp_row_col_sum<float>(const float* s, int64_t n, float ref, float w, float* col_sum) {
-  const __m256 ref8 = _mm256_set1_ps(ref), w8 = _mm256_set1_ps(w);
-  __m256 t8 = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + k), ref8));
-    t8 = _mm256_add_ps(t8, e);
-    _mm256_storeu_ps(col_sum + k, _mm256_fmadd_ps(w8, e, _mm256_loadu_ps(col_sum + k)));
-  }
-  double total = hsum8(t8);
-  for (; k < n; ++k) {
-    const float e = std::exp(s[k] - ref);
-    total += e;
-    col_sum[k] += w * e;
-  }
-  return total;
+  return vec::exp_row_col_sum(s, n, ref, w, col_sum);
 }
-
 template <>
-inline float row_max<float>(const float* s, int64_t n) {
-  __m256 m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + k));
-  float m = hmax8(m8);
-  for (; k < n; ++k) m = std::max(m, s[k]);
-  return m;
-}
-
+inline float row_max<float>(const float* s, int64_t n) { return vec::row_max(s, n); }
 template <>
-inline double exp_row_sum<float>(const float* s, int64_t n, float ref) {
-  const __m256 ref8 = _mm256_set1_ps(ref);
-  __m256 t8 = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) t8 = _mm256_add_ps(t8, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + k), ref8)));
-  double total = hsum8(t8);
-  for (; k < n; ++k) total += std::exp(s[k] - ref);
-  return total;
-}
-
+inline double exp_row_sum<float>(const float* s, int64_t n, float ref) { return vec::exp_row_sum(s, n, ref); }
 template <>
 inline void exp_row_scale<float>(float* s, int64_t n, float ref, float scale) {
-  const __m256 ref8 = _mm256_set1_ps(ref), scale8 = _mm256_set1_ps(scale);
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    _mm256_storeu_ps(s + k, _mm256_mul_ps(scale8, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + k), ref8))));
-  for (; k < n; ++k) s[k] = scale * std::exp(s[k] - ref);
+  vec::exp_row_scale(s, n, ref, scale);
 }
-
 template <>
 inline void g_row_shared<float>(float* s, int64_t n, float ref, float a, float u, const float* gv) {
-  const __m256 ref8 = _mm256_set1_ps(ref), a8 = _mm256_set1_ps(a), u8 = _mm256_set1_ps(u);
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + k), ref8));
-    _mm256_storeu_ps(s + k, _mm256_mul_ps(e, _mm256_fmadd_ps(u8, _mm256_loadu_ps(gv + k), a8)));
-  }
-  for (; k < n; ++k) s[k] = std::exp(s[k] - ref) * (a + u * gv[k]);
+  vec::g_row_shared(s, n, ref, a, u, gv);
 }
-
 template <>
 inline void g_row_two<float>(float* s, int64_t n, float ref, float a, const float* Lc, const float* gLc) {
-  const __m256 ref8 = _mm256_set1_ps(ref), a8 = _mm256_set1_ps(a);
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256 v = _mm256_loadu_ps(s + k);
-    const __m256 ea = exp8(_mm256_sub_ps(v, ref8));
-    const __m256 ec = exp8(_mm256_sub_ps(v, _mm256_loadu_ps(Lc + k)));
-    _mm256_storeu_ps(s + k, _mm256_fmadd_ps(a8, ea, _mm256_mul_ps(_mm256_loadu_ps(gLc + k), ec)));
-  }
-  for (; k < n; ++k) s[k] = a * std::exp(s[k] - ref) + gLc[k] * std::exp(s[k] - Lc[k]);
+  vec::g_row_two(s, n, ref, a, Lc, gLc);
 }
-#endif
 
 // ---------------------------------------------------------------------------
 // Input checks (each message names the tensor).
@@ -784,6 +692,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pair_lse_backward(const Tensor& a, co
   return {da, db, dpos, dtau};
 }
 
+// ---------------------------------------------------------------------------
+// Internal, for tests: e^x of a float32 tensor through the kernels' vectorised
+// exponential at instruction set `isa` ("avx512", "avx2", "scalar" or "active"),
+// and the name of the set the kernels use.
+
+Tensor exp_test(const Tensor& x, c10::string_view isa) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "symile_kernels cpu ops: x must be a float32 CPU tensor; got ", x.scalar_type(), " on ", x.device());
+  vec::Isa chosen = vec::active_isa();
+  if (isa == "avx512") chosen = vec::Isa::kAvx512;
+  else if (isa == "avx2") chosen = vec::Isa::kAvx2;
+  else if (isa == "scalar") chosen = vec::Isa::kScalar;
+  else TORCH_CHECK(isa == "active", "symile_kernels cpu ops: isa must be avx512, avx2, scalar or active; got ", isa);
+  TORCH_CHECK(vec::supported(chosen), "symile_kernels cpu ops: this CPU does not run isa ", isa);
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty_like(xc);
+  vec::exp_array(chosen, xc.data_ptr<float>(), xc.numel(), out.data_ptr<float>());
+  return out;
+}
+
 }  // namespace
 }  // namespace symile_cpu
 
@@ -796,6 +724,8 @@ TORCH_LIBRARY_FRAGMENT(symile_kernels, m) {
   m.def("cpu_pair_lse_forward(Tensor a, Tensor b, Tensor pos, Tensor tau) -> Tensor");
   m.def("cpu_pair_lse_backward(Tensor a, Tensor b, Tensor pos, Tensor tau, Tensor L, Tensor gL) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Internal (tests of the vectorised exponential): not part of the backend interface.
+  m.def("cpu_exp_test(Tensor x, str isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(symile_kernels, CPU, m) {
@@ -803,4 +733,5 @@ TORCH_LIBRARY_IMPL(symile_kernels, CPU, m) {
   m.impl("cpu_cube_lse_backward", &symile_cpu::cube_lse_backward);
   m.impl("cpu_pair_lse_forward", &symile_cpu::pair_lse_forward);
   m.impl("cpu_pair_lse_backward", &symile_cpu::pair_lse_backward);
+  m.impl("cpu_exp_test", &symile_cpu::exp_test);
 }
