@@ -101,35 +101,43 @@ def _pair_tiles(a: Tensor, b: Tensor):
         yield slice(i0, min(i0 + BLOCK_I, I))
 
 
-def _pair_tile_T(a: Tensor, b: Tensor, I: slice) -> tuple[Tensor, Tensor]:
-    """Inner products ``<a[i], b[j]>`` for i in I (bi, J), and the mask of the diagonal i == j."""
-    T = a[I] @ b.T
-    rows = torch.arange(I.start, I.stop, device=a.device)
-    diagonal = rows[:, None] == torch.arange(b.shape[0], device=a.device)[None, :]
-    return T, diagonal
+def _pair_tile_logits(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, I: slice) -> tuple[Tensor, Tensor]:
+    """Logits ``l[i, j]`` for i in I (bi, J): ``tau <a[i], b[j]>``, ``pos[i]`` on the diagonal.
+
+    Also returns the flat indices of the diagonal entries in the tile. Built in
+    place on the product (one tile-sized tensor).
+    """
+    S = torch.mm(a[I], b.T).mul_(tau)
+    rows = torch.arange(I.stop - I.start, device=a.device)
+    diagonal = rows * b.shape[0] + rows + I.start  # flat index of (i, i) in the (bi, J) tile
+    S.view(-1)[diagonal] = pos[I]
+    return S, diagonal
 
 
 def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
     L = a.new_empty(a.shape[0])
     for I in _pair_tiles(a, b):
-        T, diagonal = _pair_tile_T(a, b, I)
-        L[I] = torch.logsumexp(torch.where(diagonal, pos[I, None], tau * T), dim=1)
+        S, _ = _pair_tile_logits(a, b, pos, tau, I)
+        L[I] = torch.logsumexp(S, dim=1)
     return L
 
 
 def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
                       gL: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    da, db = torch.zeros_like(a), torch.zeros_like(b)
-    dpos = torch.zeros_like(pos)
+    da, db = torch.empty_like(a), torch.zeros_like(b)
+    dpos = torch.empty_like(pos)
     dtau = torch.zeros_like(tau)
     for I in _pair_tiles(a, b):
-        T, diagonal = _pair_tile_T(a, b, I)
-        P = gL[I, None] * torch.exp(torch.where(diagonal, pos[I, None], tau * T) - L[I, None])
-        dpos[I] = P[diagonal]
-        P = P.masked_fill(diagonal, 0)  # the diagonal's logit is pos, not tau <a, b>
-        da[I] = P @ b
-        db += P.T @ a[I]
-        dtau += (P * T).sum()
+        # P = gL[i] e^(l - L[i]), in place on the logits: no other tile-sized temporary.
+        P, diagonal = _pair_tile_logits(a, b, pos, tau, I)
+        P.sub_(L[I, None]).exp_().mul_(gL[I, None])
+        flat = P.view(-1)
+        dpos[I] = flat[diagonal]
+        flat[diagonal] = 0  # the diagonal's logit is pos, not tau <a, b>
+        torch.mm(P, b, out=da[I])
+        db.addmm_(P.T, a[I])
+        # sum_{j != i} P[i, j] <a[i], b[j]> = sum_i <a[i], (P b)[i]>: no pass over the tile.
+        dtau += (a[I] * da[I]).sum()
     return tau * da, tau * db, dpos, dtau
 
 
