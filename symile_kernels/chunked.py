@@ -4,7 +4,7 @@ It tiles the M = 3 cube ``tau * T[i,j,k]`` over blocks of anchor rows i and
 partner rows j, each tile a (BLOCK_I, BLOCK_J, K) slab computed as one matrix
 product of the (i, j) row products ``x[i] * y[j]`` with z. The forward keeps
 running log-sum-exps; the backward recomputes each tile from the saved LSE
-vectors (SPEC section 2). Tile sizes come from a memory budget
+vectors (docs/math.md section 2). Tile sizes come from a memory budget
 (``SYMILE_KERNELS_CHUNK_BYTES``, default 128 MiB of tile workspace), not from
 the machine. This module is the blueprint the compiled kernels follow.
 """

@@ -5,7 +5,7 @@ dispatch key), with fake implementations registered here:
 
 ``cpu_cube_lse_forward(x, y, z, tau) -> (La, Lb, Lc)``
     x: (I, d), y: (J, d), z: (K, d), tau: 0-dim; float32 or float64, contiguous, CPU.
-    La (I,), Lb (J,), Lc (K,): SPEC section 2's log-sum-exps of ``tau * T``.
+    La (I,), Lb (J,), Lc (K,): docs/math.md section 2's log-sum-exps of ``tau * T``.
 ``cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc) -> (dx, dy, dz, dtau)``
 ``cpu_pair_lse_forward(a, b, pos, tau) -> L`` and
 ``cpu_pair_lse_backward(a, b, pos, tau, L, gL) -> (da, db, dpos, dtau)``

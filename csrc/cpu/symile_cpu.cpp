@@ -1,4 +1,4 @@
-// Fused CPU kernels of the "cpu" backend (SPEC sections 2 and 3).
+// Fused CPU kernels of the "cpu" backend (docs/math.md sections 2 and 3).
 //
 // Operators (namespace symile_kernels, CPU dispatch key):
 //   cpu_cube_lse_forward(x, y, z, tau) -> (La, Lb, Lc)
@@ -16,7 +16,7 @@
 //    into a per-thread workspace, followed by vectorised passes over it while it
 //    is hot in cache. The cube is never held: extra memory is O(N*d + N) plus
 //    per-slice partials and the per-thread tiles.
-//  * The i range is split into a fixed number of slices (contiguous runs of
+//  * Cube: the i range is split into a fixed number of slices (contiguous runs of
 //    i-blocks, at most kMaxSlices, independent of the thread count) that the
 //    at::parallel_for threads take one at a time from a shared counter. A slice
 //    owns its rows of La and dx; reductions over i (Lb, Lc, dy, dz, dtau) go to
@@ -25,6 +25,11 @@
 //    of threads (up to 16 threads; beyond that the slice count follows the thread
 //    count), only on the problem size. The extension must be compiled with
 //    -fopenmp for at::parallel_for to use more than one thread (setup.py does).
+//  * Pair: work items are i-blocks; the reduction over i (db) is folded into db
+//    in i-block order as the blocks finish (see pair_backward_kernel), so the
+//    result does not depend on the thread count at all.
+//  * Elementwise passes over float32 tiles use vec_rows.h: AVX-512, AVX2 or plain
+//    loops chosen at run time, with a vectorised exponential (<= 2 ulp).
 //  * Log-sum-exps are kept as (m, s) pairs, value = m + log(s), in double, with
 //    a running maximum m, so tau = 100 (logits in [-100, 100]) cannot overflow.
 #include <ATen/ATen.h>
@@ -36,7 +41,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <string>
@@ -81,15 +85,11 @@ constexpr int64_t kMaxSlices = 16;
 // tile of 256 x 256 is 256 KiB, which stays in a core's L2 cache.
 constexpr int64_t kTileRows = 256;
 constexpr int64_t kBlockK = 256;
+// Pair tiles: BLOCK_I anchor rows by BLOCK_J columns, 256 KiB in float32 (in L2).
+// BLOCK_I = 256 is also the inner dimension of the backward's db product; 256 x 256
+// measured as good as 128 x 512 and 256 x 512, and better than 64 x 512 (N = 2048, d = 256).
 constexpr int64_t kPairBlockI = 256;
-constexpr int64_t kPairBlockJ = 128;
-// TUNING ONLY (removed before merge): environment overrides of the pair tile.
-inline int64_t env_or(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return v ? std::atoll(v) : fallback;
-}
-inline int64_t pair_block_i() { static const int64_t v = env_or("SYMILE_PAIR_BI", kPairBlockI); return v; }
-inline int64_t pair_block_j() { static const int64_t v = env_or("SYMILE_PAIR_BJ", kPairBlockJ); return v; }
+constexpr int64_t kPairBlockJ = 256;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -525,11 +525,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cube_lse_backward(const Tensor& x, co
 }
 
 // ---------------------------------------------------------------------------
-// Pair LSE (SPEC section 3 and M = 2): L[i] = LSE_j l[i, j], l[i, j] = tau <a[i], b[j]>
-// off the diagonal and pos[i] on it; a has I rows, b has J >= I (a process's local
-// rows against the global batch). Tiles of kPairBlockI rows by kPairBlockJ
-// columns; the I x J logits are never held. Slices as in the cube (db is the
-// reduction over i).
+// Pair LSE (docs/math.md section 3 and M = 2): L[i] = LSE_j l[i, j], l[i, j] =
+// tau <a[i], b[j]> off the diagonal and pos[i] on it; a has I rows, b has J >= I
+// (a process's local rows against the global batch). Tiles of kPairBlockI rows by
+// kPairBlockJ columns, one BLAS product each, then one vectorised pass while the
+// tile is in cache; the I x J logits are never held. This serves "n" sampling
+// (b = the permuted products of the other modalities, formed by the loss: an
+// O(N d) pass, next to the kernel's O(N^2 d)), M = 2 and clip_loss.
 
 void check_pair_inputs(const Tensor& a, const Tensor& b, const Tensor& pos, const Tensor& tau) {
   check_matrix(a, "a");
@@ -557,7 +559,7 @@ Tensor pair_tile(const Tensor& a, const Tensor& b, const scalar_t* posp, double 
 template <typename scalar_t>
 void pair_forward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, Tensor& L) {
   const int64_t N = a.size(0), J = b.size(0);
-  const int64_t BI = std::min(N, pair_block_i()), BJ = std::min(J, pair_block_j());
+  const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(J, kPairBlockJ);
   const int64_t n_iblocks = (N + BI - 1) / BI;
   const scalar_t* posp = pos.data_ptr<scalar_t>();
   scalar_t* Lp = L.data_ptr<scalar_t>();
@@ -612,7 +614,7 @@ template <typename scalar_t>
 void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, const Tensor& L,
                           const Tensor& gL, Tensor& da, Tensor& db, Tensor& dpos, Tensor& dtau) {
   const int64_t N = a.size(0), J = b.size(0), d = a.size(1);
-  const int64_t BI = std::min(N, pair_block_i()), BJ = std::min(J, pair_block_j());
+  const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(J, kPairBlockJ);
   const int64_t n_iblocks = (N + BI - 1) / BI, n_jblocks = (J + BJ - 1) / BJ;
   const scalar_t* posp = pos.data_ptr<scalar_t>();
   const scalar_t* Lp = L.data_ptr<scalar_t>();
