@@ -605,11 +605,13 @@ Tensor pair_lse_forward(const Tensor& a, const Tensor& b, const Tensor& pos, con
 // inner dimension BI, computed while the tile is hot) is added to db after
 // block ib - 1's, in block order (a per-j-block counter says how many blocks
 // have been folded in). The order of the sums therefore depends on the block
-// sizes only, never on the number of threads, and no per-thread or per-slice
-// copies of db exist: extra memory is one tile and one BJ x d buffer per thread.
+// sizes only, never on the number of threads. A share whose turn has not come is
+// parked and folded as soon as it has, so a worker does not wait on a slower one
+// (say, one whose core another process holds) until the end of its block.
+// Extra memory: per thread one tile, one BJ x d share and, only when a share had
+// to be parked, a J x d parking buffer; no per-slice copies of db.
 // Waiting cannot deadlock: block ib - 1 was taken before block ib by a running
-// worker, which waits only on ib - 2, and block 0 waits on nothing. Workers move
-// through the j-blocks at the same pace, so the waits are short.
+// worker, which waits only on ib - 2, and block 0 waits on nothing.
 template <typename scalar_t>
 void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, const Tensor& L,
                           const Tensor& gL, Tensor& da, Tensor& db, Tensor& dpos, Tensor& dtau) {
@@ -633,6 +635,31 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
     SequentialBlas sequential_blas(caller_state);
     Tensor S = at::empty({BI * BJ}, a.options());
     Tensor part = at::empty({BJ, d}, a.options());
+    Tensor parked;                // (J, d), allocated on first use: shares waiting for their turn
+    std::vector<int64_t> waiting;  // their j-blocks
+    // db[j-block jb] (+)= share; then the next block may fold its share.
+    auto fold = [&](const scalar_t* share, int64_t ib, int64_t jb) {
+      const int64_t j0 = jb * BJ, n = std::min(BJ, J - j0) * d;
+      scalar_t* dbj = dbp + j0 * d;
+      if (ib == 0) {
+        std::copy(share, share + n, dbj);
+      } else {
+        for (int64_t c = 0; c < n; ++c) dbj[c] += share[c];
+      }
+      folded[jb].store(ib + 1, std::memory_order_release);
+    };
+    // Folds the parked shares whose turn has come.
+    auto fold_ready = [&](int64_t ib) {
+      size_t kept = 0;
+      for (const int64_t jb : waiting) {
+        if (folded[jb].load(std::memory_order_acquire) == ib) {
+          fold(parked.data_ptr<scalar_t>() + jb * BJ * d, ib, jb);
+        } else {
+          waiting[kept++] = jb;
+        }
+      }
+      waiting.resize(kept);
+    };
     for (int64_t ib = next_block++; ib < n_iblocks; ib = next_block++) {
       const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
       Tensor dav = da.narrow(0, i0, bi);  // owned rows; holds P b until scaled by tau
@@ -652,16 +679,21 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
         at::addmm_out(dav, dav, Pv, b.narrow(0, j0, bj), /*beta=*/jb == 0 ? 0 : 1, /*alpha=*/1);
         Tensor partv = part.narrow(0, 0, bj);
         at::addmm_out(partv, partv, Pv.t(), av, /*beta=*/0, /*alpha=*/1);
-        // Fold this block's share into db[j-block] after block ib - 1's.
-        while (folded[jb].load(std::memory_order_acquire) != ib) std::this_thread::yield();
-        scalar_t* dbj = dbp + j0 * d;
-        const scalar_t* pp = partv.data_ptr<scalar_t>();
-        if (ib == 0) {
-          std::copy(pp, pp + bj * d, dbj);
+        // Fold this block's share into db[j-block] now if block ib - 1's is in;
+        // else park it (a thread of another process may hold up block ib - 1).
+        if (folded[jb].load(std::memory_order_acquire) == ib) {
+          fold(partv.data_ptr<scalar_t>(), ib, jb);
         } else {
-          for (int64_t c = 0; c < bj * d; ++c) dbj[c] += pp[c];
+          if (!parked.defined()) parked = at::empty({J, d}, a.options());
+          std::copy(partv.data_ptr<scalar_t>(), partv.data_ptr<scalar_t>() + bj * d,
+                    parked.data_ptr<scalar_t>() + j0 * d);
+          waiting.push_back(jb);
         }
-        folded[jb].store(ib + 1, std::memory_order_release);
+        fold_ready(ib);
+      }
+      while (!waiting.empty()) {
+        fold_ready(ib);
+        if (!waiting.empty()) std::this_thread::yield();
       }
       const scalar_t* dap = dav.data_ptr<scalar_t>();
       double t = 0;
