@@ -101,16 +101,22 @@ def _pair_tiles(a: Tensor, b: Tensor):
         yield slice(i0, min(i0 + BLOCK_I, I))
 
 
-def _pair_tile_logits(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, I: slice) -> tuple[Tensor, Tensor]:
-    """Logits ``l[i, j]`` for i in I (bi, J): ``tau <a[i], b[j]>``, ``pos[i]`` on the diagonal.
-
-    Also returns the flat indices of the diagonal entries in the tile. Built in
-    place on the product (one tile-sized tensor).
+def _pair_tile_logits(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, I: slice,
+                      shift: "Tensor | None" = None) -> tuple[Tensor, Tensor]:
+    """Logits ``l[i, j]`` for i in I (bi, J): ``tau <a[i], b[j]>``, ``pos[i]`` on the
+    diagonal, minus ``shift[i]`` when given (the backward's L). Also returns the flat
+    indices of the diagonal entries in the tile. One tile-sized tensor, written by
+    the matrix product itself (the shift is its ``beta`` term).
     """
-    S = torch.mm(a[I], b.T).mul_(tau)
-    rows = torch.arange(I.stop - I.start, device=a.device)
-    diagonal = rows * b.shape[0] + rows + I.start  # flat index of (i, i) in the (bi, J) tile
-    S.view(-1)[diagonal] = pos[I]
+    bi, J = I.stop - I.start, b.shape[0]
+    scaled = tau * a[I]  # (bi, d): cheaper than scaling the tile
+    if shift is None:
+        S = torch.mm(scaled, b.T)
+    else:
+        S = torch.addmm(shift[I, None].neg().expand(bi, J), scaled, b.T)
+    rows = torch.arange(bi, device=a.device)
+    diagonal = rows * J + rows + I.start  # flat index of (i, i) in the (bi, J) tile
+    S.view(-1)[diagonal] = pos[I] if shift is None else pos[I] - shift[I]
     return S, diagonal
 
 
@@ -128,14 +134,16 @@ def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
     dpos = torch.empty_like(pos)
     dtau = torch.zeros_like(tau)
     for I in _pair_tiles(a, b):
-        # P = gL[i] e^(l - L[i]), in place on the logits: no other tile-sized temporary.
-        P, diagonal = _pair_tile_logits(a, b, pos, tau, I)
-        P.sub_(L[I, None]).exp_().mul_(gL[I, None])
-        flat = P.view(-1)
-        dpos[I] = flat[diagonal]
+        # E = e^(l - L[i]) in place (the product writes l - L); P = gL[i] E is applied
+        # to the (bi, d) operands and results instead of the (bi, J) tile.
+        E, diagonal = _pair_tile_logits(a, b, pos, tau, I, shift=L)
+        E.exp_()
+        flat = E.view(-1)
+        dpos[I] = gL[I] * flat[diagonal]
         flat[diagonal] = 0  # the diagonal's logit is pos, not tau <a, b>
-        torch.mm(P, b, out=da[I])
-        db.addmm_(P.T, a[I])
+        torch.mm(E, b, out=da[I])
+        da[I] *= gL[I, None]
+        db.addmm_(E.T, gL[I, None] * a[I])
         # sum_{j != i} P[i, j] <a[i], b[j]> = sum_i <a[i], (P b)[i]>: no pass over the tile.
         dtau += (a[I] * da[I]).sum()
     return tau * da, tau * db, dpos, dtau
