@@ -61,7 +61,7 @@ def _cases():
 
 
 @pytest.mark.parametrize("config,rounds", _cases())
-def test_loss(benchmark, mm_rate, config, rounds):
+def test_loss(benchmark, mm_rate, bench_rows, config, rounds):
     reason = bench_loss.skip_reason(dict(config), bench_loss.memory_limit_bytes(torch.device(config["device"])))
     if reason is None and config["backend"] != "symile" and config["backend"] not in available_backends("cpu"):
         reason = f"backend {config['backend']} unavailable here"
@@ -83,4 +83,5 @@ def test_loss(benchmark, mm_rate, config, rounds):
     benchmark.extra_info.update(peak_mib=peak / 2 ** 20, model_tflops=model_tflops, mm_tflops=rate,
                                 fraction_of_mm=model_tflops / rate, fwd_bwd_median_s=seconds,
                                 threads=torch.get_num_threads(), **config)
+    bench_rows.append(dict(benchmark.extra_info))
     assert peak >= 0 and seconds > 0
