@@ -40,27 +40,37 @@ def estimated_materialised_bytes(M: int, N: int, d: int, element_size: int) -> i
     return element_size * (10 * N ** M + 6 * N ** (M - 1) * d)
 
 
-def _loss_fn(backend: str, sampling: str):
+def loss_fn(backend: str, sampling: str, loss: str = "symile"):
+    """The loss under test as ``fn(reps, tau)``: ``symile_kernels``' Symile or CLIP
+    loss with ``backend``, or the reference package's ``symile.Symile`` for
+    ``backend="symile"`` (which has no CLIP loss)."""
     if backend == "symile":
+        if loss != "symile":
+            raise ValueError("the reference package symile has no CLIP loss")
         import symile
 
         reference_loss = symile.Symile(negative_sampling=sampling)
         return lambda reps, tau: reference_loss(reps, tau)
     import symile_kernels
 
+    if loss == "clip":
+        return lambda reps, tau: symile_kernels.clip_loss(reps, tau, backend=backend)
     return lambda reps, tau: symile_kernels.symile_loss(reps, tau, negative_sampling=sampling, backend=backend)
 
 
-def measure(config: dict) -> dict:
-    """Runs one configuration in this process; returns its row (see ``main``)."""
+def setup(config: dict):
+    """Inputs of one configuration and its two timed calls: ``(forward, forward_backward)``.
+
+    Seeds torch, makes a tiny call first (it loads the code paths, so their
+    pages do not count as the loss's memory), then L2-normalised (N, d) rows.
+    """
     device = torch.device(config["device"])
     dtype = DTYPES[config["dtype"]]
-    M, N, d, sampling = config["M"], config["N"], config["d"], config["sampling"]
-    loss_fn = _loss_fn(config["backend"], sampling)
+    M, N, d = config["M"], config["N"], config["d"]
+    fn = loss_fn(config["backend"], config["sampling"], config.get("loss", "symile"))
     torch.manual_seed(0)
-    # A tiny call first loads the code paths, so their pages do not count as the loss's memory.
     tiny = [torch.randn(3, d, device=device, dtype=dtype, requires_grad=True) for _ in range(M)]
-    loss_fn(tiny, torch.tensor(config["tau"], device=device, requires_grad=True)).backward()
+    fn(tiny, torch.tensor(config["tau"], device=device, requires_grad=True)).backward()
     reps = [torch.nn.functional.normalize(torch.randn(N, d, device=device), dim=1).to(dtype).requires_grad_()
             for _ in range(M)]
     tau = torch.tensor(config["tau"], device=device, requires_grad=True)
@@ -69,24 +79,44 @@ def measure(config: dict) -> dict:
 
     def forward():
         with torch.no_grad():
-            loss_fn(reps, tau)
+            fn(reps, tau)
 
     def forward_backward():
-        loss_fn(reps, tau).backward()
+        fn(reps, tau).backward()
         for t in reps + [tau]:
             t.grad = None
 
+    return forward, forward_backward
+
+
+def peak_above(fn, device: torch.device) -> int:
+    """Runs ``fn`` once; returns its peak memory in bytes above the memory in use before it."""
     sync(device)
     baseline = reset_peak(device)
-    forward_backward()  # also the warm-up of compiled kernels
+    fn()
     sync(device)
-    peak = peak_bytes(device) - baseline
+    return peak_bytes(device) - baseline
+
+
+def config_flops(config: dict) -> "float | None":
+    """Model FLOPs of one forward+backward of ``config`` (CLIP: M (M - 1) / 2 pairs of two anchors)."""
+    M, N, d = config["M"], config["N"], config["d"]
+    if config.get("loss", "symile") == "clip":
+        return model_flops(2, N, d, "n", backward=True) * M * (M - 1) // 2
+    return model_flops(M, N, d, config["sampling"], backward=True)
+
+
+def measure(config: dict) -> dict:
+    """Runs one configuration in this process; returns its row (see ``main``)."""
+    device = torch.device(config["device"])
+    forward, forward_backward = setup(config)
+    peak = peak_above(forward_backward, device)  # also the warm-up of compiled kernels
     fwd = median_ms(forward, device, config["repeats"], warmup=config["warmup"])
     fwd_bwd = median_ms(forward_backward, device, config["repeats"])
     row = dict(config, status="ok", peak_mb=peak / 2 ** 20,
                fwd_ms=statistics.median(fwd), fwd_bwd_ms=statistics.median(fwd_bwd),
                fwd_bwd_min_ms=min(fwd_bwd), fwd_bwd_max_ms=max(fwd_bwd))
-    flops = model_flops(M, N, d, sampling, backward=True)
+    flops = config_flops(config)
     row["model_tflops"] = None if flops is None else flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
     return row
 
@@ -107,13 +137,16 @@ def run_in_subprocess(config: dict, timeout: float) -> dict:
 
 
 def skip_reason(config: dict, limit_bytes: int) -> "str | None":
+    if config["backend"] == "symile" and config.get("loss", "symile") != "symile":
+        return "the reference package has no CLIP loss"
     if config["backend"] == "symile":
         try:
             import symile  # noqa: F401
         except ImportError:
             return "reference package symile not installed"
     if config["backend"] in ("symile", "reference"):
-        need = estimated_materialised_bytes(config["M"], config["N"], config["d"], 4)
+        exponent = 2 if config["sampling"] == "n" else config["M"]
+        need = estimated_materialised_bytes(exponent, config["N"], config["d"], 4)
         if need > limit_bytes:
             return f"skipped: needs ~{need / 2 ** 30:.0f} GiB (materialises the logits)"
     return None
@@ -123,17 +156,21 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _mode(row: dict) -> str:
+    return "clip" if row.get("loss", "symile") == "clip" else row["sampling"]
+
+
 def markdown_table(rows: list[dict], mm_rate: "float | None") -> str:
     lines = ["| backend | M | N | d | dtype | sampling | fwd ms | fwd+bwd ms | peak MiB | model TFLOP/s | % of mm |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         r = dict(r, backend=r["backend"] + (" (last modality frozen)" if r.get("frozen") else ""))
         if r["status"] != "ok":
-            lines.append(f"| {r['backend']} | {r['M']} | {r['N']} | {r['d']} | {r['dtype']} | {r['sampling']} "
+            lines.append(f"| {r['backend']} | {r['M']} | {r['N']} | {r['d']} | {r['dtype']} | {_mode(r)} "
                          f"| {r['status']} | | | | |")
             continue
         share = None if r["model_tflops"] is None or not mm_rate else 100 * r["model_tflops"] / mm_rate
-        lines.append(f"| {r['backend']} | {r['M']} | {r['N']} | {r['d']} | {r['dtype']} | {r['sampling']} "
+        lines.append(f"| {r['backend']} | {r['M']} | {r['N']} | {r['d']} | {r['dtype']} | {_mode(r)} "
                      f"| {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['peak_mb']:.0f} "
                      f"| {_fmt(r['model_tflops'], '.3f')} | {_fmt(share, '.0f')} |")
     if mm_rate:
@@ -150,6 +187,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--d", type=int, nargs="+", default=[64], help="representation sizes")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--sampling", choices=["n_squared", "n"], default="n_squared")
+    parser.add_argument("--loss", choices=["symile", "clip"], default="symile",
+                        help="clip: symile_kernels.clip_loss over the M modalities' pairs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tau", type=float, default=14.3, help="logit_scale (rows are L2-normalised)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -174,8 +213,8 @@ def main(argv=None) -> list[dict]:
     for N in args.N:
         for d in args.d:
             for backend, frozen in [(b, f) for b in args.backends for f in ((False, True) if args.frozen else (False,))]:
-                config = dict(backend=backend, M=args.M, N=N, d=d, dtype=args.dtype, sampling=args.sampling,
-                              device=args.device, tau=args.tau, repeats=args.repeats, warmup=args.warmup,
+                config = dict(backend=backend, loss=args.loss, M=args.M, N=N, d=d, dtype=args.dtype,
+                              sampling=args.sampling, device=args.device, tau=args.tau, repeats=args.repeats, warmup=args.warmup,
                               frozen=frozen)
                 reason = skip_reason(config, limit)
                 row = dict(config, status=reason) if reason else run_in_subprocess(config, args.timeout)

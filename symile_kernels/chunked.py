@@ -112,44 +112,60 @@ def _pair_tiles(a: Tensor, b: Tensor):
         yield slice(i0, min(i0 + BLOCK_I, I))
 
 
-def _pair_tile_T(a: Tensor, b: Tensor, I: slice) -> tuple[Tensor, Tensor]:
-    """Inner products ``<a[i], b[j]>`` for i in I (bi, J), and the mask of the diagonal i == j."""
-    T = a[I] @ b.T
-    rows = torch.arange(I.start, I.stop, device=a.device)
-    diagonal = rows[:, None] == torch.arange(b.shape[0], device=a.device)[None, :]
-    return T, diagonal
+def _pair_tile_logits(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, I: slice,
+                      shift: "Tensor | None" = None) -> tuple[Tensor, Tensor]:
+    """Logits ``l[i, j]`` for i in I (bi, J): ``tau <a[i], b[j]>``, ``pos[i]`` on the
+    diagonal, minus ``shift[i]`` when given (the backward's L). Also returns the flat
+    indices of the diagonal entries in the tile. One tile-sized tensor, written by
+    the matrix product itself (the shift is its ``beta`` term).
+    """
+    bi, J = I.stop - I.start, b.shape[0]
+    scaled = tau * a[I]  # (bi, d): cheaper than scaling the tile
+    if shift is None:
+        S = torch.mm(scaled, b.T)
+    else:
+        S = torch.addmm(shift[I, None].neg().expand(bi, J), scaled, b.T)
+    rows = torch.arange(bi, device=a.device)
+    diagonal = rows * J + rows + I.start  # flat index of (i, i) in the (bi, J) tile
+    S.view(-1)[diagonal] = pos[I] if shift is None else pos[I] - shift[I]
+    return S, diagonal
 
 
 def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
     L = a.new_empty(a.shape[0])
     for I in _pair_tiles(a, b):
-        T, diagonal = _pair_tile_T(a, b, I)
-        L[I] = torch.logsumexp(torch.where(diagonal, pos[I, None], tau * T), dim=1)
+        S, _ = _pair_tile_logits(a, b, pos, tau, I)
+        L[I] = torch.logsumexp(S, dim=1)
     return L
 
 
 def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, gL: Tensor, *,
                       needs: tuple = (True,) * 4):
     """da, db, dpos, dtau (docs/math.md section 3); the ones ``needs`` marks False are None
-    and their products are skipped."""
+    and their products are skipped (da is formed for dtau too)."""
     need_da, need_db, need_dpos, need_dtau = needs
-    da = torch.zeros_like(a) if need_da else None
+    da = torch.empty_like(a) if need_da or need_dtau else None
     db = torch.zeros_like(b) if need_db else None
-    dpos = torch.zeros_like(pos) if need_dpos else None
+    dpos = torch.empty_like(pos) if need_dpos else None
     dtau = torch.zeros_like(tau) if need_dtau else None
     for I in _pair_tiles(a, b):
-        T, diagonal = _pair_tile_T(a, b, I)
-        P = gL[I, None] * torch.exp(torch.where(diagonal, pos[I, None], tau * T) - L[I, None])
+        # E = e^(l - L[i]) in place (the product writes l - L); P = gL[i] E is applied
+        # to the (bi, d) operands and results instead of the (bi, J) tile.
+        E, diagonal = _pair_tile_logits(a, b, pos, tau, I, shift=L)
+        E.exp_()
+        flat = E.view(-1)
         if need_dpos:
-            dpos[I] = P[diagonal]
-        P = P.masked_fill(diagonal, 0)  # the diagonal's logit is pos, not tau <a, b>
-        if need_da:
-            da[I] = P @ b
+            dpos[I] = gL[I] * flat[diagonal]
+        flat[diagonal] = 0  # the diagonal's logit is pos, not tau <a, b>
+        if da is not None:
+            torch.mm(E, b, out=da[I])
+            da[I] *= gL[I, None]
         if need_db:
-            db += P.T @ a[I]
+            db.addmm_(E.T, gL[I, None] * a[I])
         if need_dtau:
-            dtau += (P * T).sum()
-    return tuple(None if g is None else g * s for g, s in ((da, tau), (db, tau), (dpos, 1), (dtau, 1)))
+            # sum_{j != i} P[i, j] <a[i], b[j]> = sum_i <a[i], (P b)[i]>: no pass over the tile.
+            dtau += (a[I] * da[I]).sum()
+    return (tau * da if need_da else None, tau * db if need_db else None, dpos, dtau)
 
 
 BACKEND = Backend(

@@ -1,4 +1,4 @@
-// Fused CPU kernels of the "cpu" backend (SPEC sections 2 and 3).
+// Fused CPU kernels of the "cpu" backend (docs/math.md sections 2 and 3).
 //
 // Operators (namespace symile_kernels, CPU dispatch key):
 //   cpu_cube_lse_forward(x, y, z, tau) -> (La, Lb, Lc)
@@ -16,7 +16,7 @@
 //    into a per-thread workspace, followed by vectorised passes over it while it
 //    is hot in cache. The cube is never held: extra memory is O(N*d + N) plus
 //    per-slice partials and the per-thread tiles.
-//  * The i range is split into a fixed number of slices (contiguous runs of
+//  * Cube: the i range is split into a fixed number of slices (contiguous runs of
 //    i-blocks, at most kMaxSlices, independent of the thread count) that the
 //    at::parallel_for threads take one at a time from a shared counter. A slice
 //    owns its rows of La and dx; reductions over i (Lb, Lc, dy, dz, dtau) go to
@@ -25,6 +25,11 @@
 //    of threads (up to 16 threads; beyond that the slice count follows the thread
 //    count), only on the problem size. The extension must be compiled with
 //    -fopenmp for at::parallel_for to use more than one thread (setup.py does).
+//  * Pair: work items are i-blocks; the reduction over i (db) is folded into db
+//    in i-block order as the blocks finish (see pair_backward_kernel), so the
+//    result does not depend on the thread count at all.
+//  * Elementwise passes over float32 tiles use vec_rows.h: AVX-512, AVX2 or plain
+//    loops chosen at run time, with a vectorised exponential (<= 2 ulp).
 //  * Log-sum-exps are kept as (m, s) pairs, value = m + log(s), in double, with
 //    a running maximum m, so tau = 100 (logits in [-100, 100]) cannot overflow.
 #include <ATen/ATen.h>
@@ -37,12 +42,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
+#include <string>
+#include <thread>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define SYMILE_CPU_AVX2 1
-#endif
+#include "vec_rows.h"
 
 // MKL's per-thread thread count, when torch's BLAS is MKL (weak: absent elsewhere).
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
@@ -80,8 +85,11 @@ constexpr int64_t kMaxSlices = 16;
 // tile of 256 x 256 is 256 KiB, which stays in a core's L2 cache.
 constexpr int64_t kTileRows = 256;
 constexpr int64_t kBlockK = 256;
-constexpr int64_t kPairBlockI = 64;
-constexpr int64_t kPairBlockJ = 512;
+// Pair tiles: BLOCK_I anchor rows by BLOCK_J columns, 256 KiB in float32 (in L2).
+// BLOCK_I = 256 is also the inner dimension of the backward's db product; 256 x 256
+// measured as good as 128 x 512 and 256 x 512, and better than 64 x 512 (N = 2048, d = 256).
+constexpr int64_t kPairBlockI = 256;
+constexpr int64_t kPairBlockJ = 256;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -106,47 +114,10 @@ inline void lse_add(double& m, double& s, double m2, double s2) {
 inline double lse_value(double m, double s) { return m + std::log(s); }
 
 // ---------------------------------------------------------------------------
-// Vectorised elementwise passes over one tile row. Every pass computes at most
-// one exponential per element. The float32 versions use AVX2 + FMA when the
-// build targets them (see setup.py: -march=native unless SYMILE_KERNELS_PORTABLE=1);
-// otherwise, and for float64, plain loops with std::exp.
-
-#ifdef SYMILE_CPU_AVX2
-// e^x for 8 floats: Cody-Waite range reduction and Cephes' degree-6 polynomial
-// (about 1 ulp on [-87, 88]). Arguments are clamped to [-88.38, 88.38] (so very
-// negative arguments give 0, never garbage); the clamps take x as the second
-// operand so that a NaN passes through.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
-  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax8(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
+// Elementwise passes over one tile row. Every pass computes at most one
+// exponential per element. float64: the plain loops below, with std::exp;
+// float32: vec_rows.h's vectorised passes (AVX-512, AVX2 + FMA or plain loops,
+// chosen at run time), through the specialisations after these templates.
 
 // Returns sum_k e^(s[k] - ref) and adds w * e^(s[k] - ref) to col_sum[k].
 template <typename scalar_t>
@@ -194,80 +165,27 @@ inline void g_row_two(scalar_t* s, int64_t n, scalar_t ref, scalar_t a, const sc
   for (int64_t k = 0; k < n; ++k) s[k] = a * std::exp(s[k] - ref) + gLc[k] * std::exp(s[k] - Lc[k]);
 }
 
-#ifdef SYMILE_CPU_AVX2
+// float32: the vectorised passes at the instruction set chosen at run time (vec_rows.h).
 template <>
 inline double exp_row_col_sum<float>(const float* s, int64_t n, float ref, float w, float* col_sum) {
-  const __m256 ref8 = _mm256_set1_ps(ref), w8 = _mm256_set1_ps(w);
-  __m256 t8 = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + k), ref8));
-    t8 = _mm256_add_ps(t8, e);
-    _mm256_storeu_ps(col_sum + k, _mm256_fmadd_ps(w8, e, _mm256_loadu_ps(col_sum + k)));
-  }
-  double total = hsum8(t8);
-  for (; k < n; ++k) {
-    const float e = std::exp(s[k] - ref);
-    total += e;
-    col_sum[k] += w * e;
-  }
-  return total;
+  return vec::exp_row_col_sum(s, n, ref, w, col_sum);
 }
-
 template <>
-inline float row_max<float>(const float* s, int64_t n) {
-  __m256 m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + k));
-  float m = hmax8(m8);
-  for (; k < n; ++k) m = std::max(m, s[k]);
-  return m;
-}
-
+inline float row_max<float>(const float* s, int64_t n) { return vec::row_max(s, n); }
 template <>
-inline double exp_row_sum<float>(const float* s, int64_t n, float ref) {
-  const __m256 ref8 = _mm256_set1_ps(ref);
-  __m256 t8 = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) t8 = _mm256_add_ps(t8, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + k), ref8)));
-  double total = hsum8(t8);
-  for (; k < n; ++k) total += std::exp(s[k] - ref);
-  return total;
-}
-
+inline double exp_row_sum<float>(const float* s, int64_t n, float ref) { return vec::exp_row_sum(s, n, ref); }
 template <>
 inline void exp_row_scale<float>(float* s, int64_t n, float ref, float scale) {
-  const __m256 ref8 = _mm256_set1_ps(ref), scale8 = _mm256_set1_ps(scale);
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    _mm256_storeu_ps(s + k, _mm256_mul_ps(scale8, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + k), ref8))));
-  for (; k < n; ++k) s[k] = scale * std::exp(s[k] - ref);
+  vec::exp_row_scale(s, n, ref, scale);
 }
-
 template <>
 inline void g_row_shared<float>(float* s, int64_t n, float ref, float a, float u, const float* gv) {
-  const __m256 ref8 = _mm256_set1_ps(ref), a8 = _mm256_set1_ps(a), u8 = _mm256_set1_ps(u);
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + k), ref8));
-    _mm256_storeu_ps(s + k, _mm256_mul_ps(e, _mm256_fmadd_ps(u8, _mm256_loadu_ps(gv + k), a8)));
-  }
-  for (; k < n; ++k) s[k] = std::exp(s[k] - ref) * (a + u * gv[k]);
+  vec::g_row_shared(s, n, ref, a, u, gv);
 }
-
 template <>
 inline void g_row_two<float>(float* s, int64_t n, float ref, float a, const float* Lc, const float* gLc) {
-  const __m256 ref8 = _mm256_set1_ps(ref), a8 = _mm256_set1_ps(a);
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256 v = _mm256_loadu_ps(s + k);
-    const __m256 ea = exp8(_mm256_sub_ps(v, ref8));
-    const __m256 ec = exp8(_mm256_sub_ps(v, _mm256_loadu_ps(Lc + k)));
-    _mm256_storeu_ps(s + k, _mm256_fmadd_ps(a8, ea, _mm256_mul_ps(_mm256_loadu_ps(gLc + k), ec)));
-  }
-  for (; k < n; ++k) s[k] = a * std::exp(s[k] - ref) + gLc[k] * std::exp(s[k] - Lc[k]);
+  vec::g_row_two(s, n, ref, a, Lc, gLc);
 }
-#endif
 
 // ---------------------------------------------------------------------------
 // Input checks (each message names the tensor).
@@ -607,11 +525,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cube_lse_backward(const Tensor& x, co
 }
 
 // ---------------------------------------------------------------------------
-// Pair LSE (SPEC section 3 and M = 2): L[i] = LSE_j l[i, j], l[i, j] = tau <a[i], b[j]>
-// off the diagonal and pos[i] on it; a has I rows, b has J >= I (a process's local
-// rows against the global batch). Tiles of kPairBlockI rows by kPairBlockJ
-// columns; the I x J logits are never held. Slices as in the cube (db is the
-// reduction over i).
+// Pair LSE (docs/math.md section 3 and M = 2): L[i] = LSE_j l[i, j], l[i, j] =
+// tau <a[i], b[j]> off the diagonal and pos[i] on it; a has I rows, b has J >= I
+// (a process's local rows against the global batch). Tiles of kPairBlockI rows by
+// kPairBlockJ columns, one BLAS product each, then one vectorised pass while the
+// tile is in cache; the I x J logits are never held. This serves "n" sampling
+// (b = the permuted products of the other modalities, formed by the loss: an
+// O(N d) pass, next to the kernel's O(N^2 d)), M = 2 and clip_loss.
 
 void check_pair_inputs(const Tensor& a, const Tensor& b, const Tensor& pos, const Tensor& tau) {
   check_matrix(a, "a");
@@ -678,66 +598,118 @@ Tensor pair_lse_forward(const Tensor& a, const Tensor& b, const Tensor& pos, con
 // P[i, j] = gL[i] e^(l[i, j] - L[i]) (one exponential per element, <= |gL[i]|);
 // dpos[i] = P[i, i]; with the diagonal zeroed, da = tau P b, db = tau P^T a and
 // dtau = sum_{j != i} P[i, j] <a[i], b[j]> = sum_i <a[i], (P b)[i]>.
+//
+// Work items are the i-blocks (BI rows), handed out in increasing order. An
+// i-block owns its rows of da, accumulated over the j-blocks in cache. db is a
+// reduction over i: block ib's share of db[j-block] (one BLAS product with
+// inner dimension BI, computed while the tile is hot) is added to db after
+// block ib - 1's, in block order (a per-j-block counter says how many blocks
+// have been folded in). The order of the sums therefore depends on the block
+// sizes only, never on the number of threads. A share whose turn has not come is
+// parked and folded as soon as it has, so a worker does not wait on a slower one
+// (say, one whose core another process holds) until the end of its block.
+// Extra memory: per thread one tile, one BJ x d share and, only when a share had
+// to be parked, a J x d parking buffer; no per-slice copies of db.
+// Waiting cannot deadlock: block ib - 1 was taken before block ib by a running
+// worker, which waits only on ib - 2, and block 0 waits on nothing.
 template <typename scalar_t>
 void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, const Tensor& L,
                           const Tensor& gL, Tensor& da, Tensor& db, Tensor& dpos, Tensor& dtau) {
   const int64_t N = a.size(0), J = b.size(0), d = a.size(1);
   const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(J, kPairBlockJ);
-  const int64_t n_iblocks = (N + BI - 1) / BI;
-  const int64_t n_slices = num_slices(n_iblocks);
+  const int64_t n_iblocks = (N + BI - 1) / BI, n_jblocks = (J + BJ - 1) / BJ;
   const scalar_t* posp = pos.data_ptr<scalar_t>();
   const scalar_t* Lp = L.data_ptr<scalar_t>();
   const scalar_t* gLp = gL.data_ptr<scalar_t>();
   const scalar_t* ap = a.data_ptr<scalar_t>();
   scalar_t* dposp = dpos.data_ptr<scalar_t>();
-  Tensor db_part = at::zeros({n_slices, J, d}, a.options());
-  std::vector<double> dtau_part(n_slices, 0.0);
+  scalar_t* dbp = db.data_ptr<scalar_t>();
+  std::vector<double> dtau_part(n_iblocks, 0.0);
+  // folded[jb]: how many i-blocks have added their share to db[j-block jb].
+  std::unique_ptr<std::atomic<int64_t>[]> folded(new std::atomic<int64_t>[n_jblocks]);
+  for (int64_t jb = 0; jb < n_jblocks; ++jb) folded[jb].store(0);
 
-  std::atomic<int64_t> next_slice{0};
+  std::atomic<int64_t> next_block{0};
   const at::ThreadLocalState caller_state;
-  at::parallel_for(0, num_workers(n_slices), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, num_workers(n_iblocks), 1, [&](int64_t, int64_t) {
     SequentialBlas sequential_blas(caller_state);
     Tensor S = at::empty({BI * BJ}, a.options());
-    for (int64_t s = next_slice++; s < n_slices; s = next_slice++) {
-      Tensor dbs = db_part[s];
-      double dtau_acc = 0;
-      const auto blocks = slice_blocks(s, n_slices, n_iblocks);
-      for (int64_t ib = blocks.first; ib < blocks.second; ++ib) {
-        const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
-        Tensor dav = da.narrow(0, i0, bi);  // owned rows; holds P b until scaled by tau
-        const Tensor av = a.narrow(0, i0, bi);
-        for (int64_t j0 = 0; j0 < J; j0 += BJ) {
-          const int64_t bj = std::min(BJ, J - j0);
-          Tensor Pv = pair_tile<scalar_t>(a, b, posp, tau, S, i0, bi, j0, bj);
-          scalar_t* Pp = Pv.data_ptr<scalar_t>();
-          for (int64_t ii = 0; ii < bi; ++ii) exp_row_scale(Pp + ii * bj, bj, Lp[i0 + ii], gLp[i0 + ii]);
-          for (int64_t ii = 0; ii < bi; ++ii) {
-            const int64_t jj = i0 + ii - j0;
-            if (jj >= 0 && jj < bj) {
-              dposp[i0 + ii] = Pp[ii * bj + jj];
-              Pp[ii * bj + jj] = 0;  // the diagonal's logit is pos, not tau <a, b>
-            }
-          }
-          at::addmm_out(dav, dav, Pv, b.narrow(0, j0, bj), /*beta=*/j0 == 0 ? 0 : 1, /*alpha=*/1);
-          Tensor dbj = dbs.narrow(0, j0, bj);
-          at::addmm_out(dbj, dbj, Pv.t(), av, /*beta=*/1, /*alpha=*/1);
-        }
-        const scalar_t* dap = dav.data_ptr<scalar_t>();
-        for (int64_t ii = 0; ii < bi; ++ii) {
-          scalar_t t = 0;
-          for (int64_t c = 0; c < d; ++c) t += ap[(i0 + ii) * d + c] * dap[ii * d + c];
-          dtau_acc += t;
-        }
-        dav.mul_(tau);
+    Tensor part = at::empty({BJ, d}, a.options());
+    Tensor parked;                // (J, d), allocated on first use: shares waiting for their turn
+    std::vector<int64_t> waiting;  // their j-blocks
+    // db[j-block jb] (+)= share; then the next block may fold its share.
+    auto fold = [&](const scalar_t* share, int64_t ib, int64_t jb) {
+      const int64_t j0 = jb * BJ, n = std::min(BJ, J - j0) * d;
+      scalar_t* dbj = dbp + j0 * d;
+      if (ib == 0) {
+        std::copy(share, share + n, dbj);
+      } else {
+        for (int64_t c = 0; c < n; ++c) dbj[c] += share[c];
       }
-      dtau_part[s] = dtau_acc;
+      folded[jb].store(ib + 1, std::memory_order_release);
+    };
+    // Folds the parked shares whose turn has come.
+    auto fold_ready = [&](int64_t ib) {
+      size_t kept = 0;
+      for (const int64_t jb : waiting) {
+        if (folded[jb].load(std::memory_order_acquire) == ib) {
+          fold(parked.data_ptr<scalar_t>() + jb * BJ * d, ib, jb);
+        } else {
+          waiting[kept++] = jb;
+        }
+      }
+      waiting.resize(kept);
+    };
+    for (int64_t ib = next_block++; ib < n_iblocks; ib = next_block++) {
+      const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
+      Tensor dav = da.narrow(0, i0, bi);  // owned rows; holds P b until scaled by tau
+      const Tensor av = a.narrow(0, i0, bi);
+      for (int64_t jb = 0; jb < n_jblocks; ++jb) {
+        const int64_t j0 = jb * BJ, bj = std::min(BJ, J - j0);
+        Tensor Pv = pair_tile<scalar_t>(a, b, posp, tau, S, i0, bi, j0, bj);
+        scalar_t* Pp = Pv.data_ptr<scalar_t>();
+        for (int64_t ii = 0; ii < bi; ++ii) exp_row_scale(Pp + ii * bj, bj, Lp[i0 + ii], gLp[i0 + ii]);
+        for (int64_t ii = 0; ii < bi; ++ii) {
+          const int64_t jj = i0 + ii - j0;
+          if (jj >= 0 && jj < bj) {
+            dposp[i0 + ii] = Pp[ii * bj + jj];
+            Pp[ii * bj + jj] = 0;  // the diagonal's logit is pos, not tau <a, b>
+          }
+        }
+        at::addmm_out(dav, dav, Pv, b.narrow(0, j0, bj), /*beta=*/jb == 0 ? 0 : 1, /*alpha=*/1);
+        Tensor partv = part.narrow(0, 0, bj);
+        at::addmm_out(partv, partv, Pv.t(), av, /*beta=*/0, /*alpha=*/1);
+        // Fold this block's share into db[j-block] now if block ib - 1's is in;
+        // else park it (a thread of another process may hold up block ib - 1).
+        if (folded[jb].load(std::memory_order_acquire) == ib) {
+          fold(partv.data_ptr<scalar_t>(), ib, jb);
+        } else {
+          if (!parked.defined()) parked = at::empty({J, d}, a.options());
+          std::copy(partv.data_ptr<scalar_t>(), partv.data_ptr<scalar_t>() + bj * d,
+                    parked.data_ptr<scalar_t>() + j0 * d);
+          waiting.push_back(jb);
+        }
+        fold_ready(ib);
+      }
+      while (!waiting.empty()) {
+        fold_ready(ib);
+        if (!waiting.empty()) std::this_thread::yield();
+      }
+      const scalar_t* dap = dav.data_ptr<scalar_t>();
+      double t = 0;
+      for (int64_t ii = 0; ii < bi; ++ii) {
+        scalar_t row = 0;
+        for (int64_t c = 0; c < d; ++c) row += ap[(i0 + ii) * d + c] * dap[ii * d + c];
+        t += row;
+      }
+      dtau_part[ib] = t;
+      dav.mul_(tau);
     }
   });
 
-  at::sum_out(db, db_part, {0});
   db.mul_(tau);
   double t = 0;
-  for (int64_t s = 0; s < n_slices; ++s) t += dtau_part[s];
+  for (int64_t ib = 0; ib < n_iblocks; ++ib) t += dtau_part[ib];
   dtau.fill_(t);
 }
 
@@ -754,6 +726,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pair_lse_backward(const Tensor& a, co
   return {da, db, dpos, dtau};
 }
 
+// ---------------------------------------------------------------------------
+// Internal, for tests: e^x of a float32 tensor through the kernels' vectorised
+// exponential at instruction set `isa` ("avx512", "avx2", "scalar" or "active"),
+// and the name of the set the kernels use.
+
+Tensor exp_test(const Tensor& x, c10::string_view isa) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "symile_kernels cpu ops: x must be a float32 CPU tensor; got ", x.scalar_type(), " on ", x.device());
+  vec::Isa chosen = vec::active_isa();
+  if (isa == "avx512") chosen = vec::Isa::kAvx512;
+  else if (isa == "avx2") chosen = vec::Isa::kAvx2;
+  else if (isa == "scalar") chosen = vec::Isa::kScalar;
+  else TORCH_CHECK(isa == "active", "symile_kernels cpu ops: isa must be avx512, avx2, scalar or active; got ", isa);
+  TORCH_CHECK(vec::supported(chosen), "symile_kernels cpu ops: this CPU does not run isa ", isa);
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty_like(xc);
+  vec::exp_array(chosen, xc.data_ptr<float>(), xc.numel(), out.data_ptr<float>());
+  return out;
+}
+
 }  // namespace
 }  // namespace symile_cpu
 
@@ -766,6 +758,8 @@ TORCH_LIBRARY_FRAGMENT(symile_kernels, m) {
   m.def("cpu_pair_lse_forward(Tensor a, Tensor b, Tensor pos, Tensor tau) -> Tensor");
   m.def("cpu_pair_lse_backward(Tensor a, Tensor b, Tensor pos, Tensor tau, Tensor L, Tensor gL) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Internal (tests of the vectorised exponential): not part of the backend interface.
+  m.def("cpu_exp_test(Tensor x, str isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(symile_kernels, CPU, m) {
@@ -773,4 +767,5 @@ TORCH_LIBRARY_IMPL(symile_kernels, CPU, m) {
   m.impl("cpu_cube_lse_backward", &symile_cpu::cube_lse_backward);
   m.impl("cpu_pair_lse_forward", &symile_cpu::pair_lse_forward);
   m.impl("cpu_pair_lse_backward", &symile_cpu::pair_lse_backward);
+  m.impl("cpu_exp_test", &symile_cpu::exp_test);
 }

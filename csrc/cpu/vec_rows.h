@@ -1,0 +1,227 @@
+// Vectorised float32 row passes of the CPU kernels with the instruction set
+// chosen at run time: AVX-512, else AVX2 + FMA, else plain loops with std::exp.
+//
+// The row passes (rows_impl.h) are compiled once per instruction set inside a
+// `#pragma GCC target` region, so a build without -march=native (the portable
+// build, SYMILE_KERNELS_PORTABLE=1) still uses the widest set the CPU running it
+// supports; `active_isa()` picks it once (environment variable
+// SYMILE_KERNELS_CPU_ISA = scalar | avx2 | avx512 narrows the choice, for tests).
+//
+// The exponential (docs/math.md section 5: the cube does N^3 of them next to
+// 2 N^3 d product FLOPs, so at small d they bound the kernel) is Cody-Waite range
+// reduction, x = n ln2 + r with |r| <= ln2 / 2, and Cephes' degree-6 polynomial
+// for e^r, scaled by 2^n. Arguments are clamped to [-104, 89], where e^x is
+// already 0 or inf in float32, so -inf gives 0 and +inf gives inf; the clamps
+// take x as the second operand of max/min, so a NaN passes through. The scaling
+// by 2^n rounds once, so results in the subnormal range are rounded correctly
+// from the polynomial's value. Accuracy: <= 2 ulp against the correctly rounded
+// e^x over all float32 inputs (tests/test_cpu_exp.py sweeps it).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define SYMILE_CPU_X86 1
+#endif
+
+namespace symile_cpu {
+namespace vec {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// Cephes expf coefficients and the split of ln 2 (ln2_hi has 9 significant bits,
+// so n * ln2_hi is exact for |n| <= 150).
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpLo = -104.0f;
+constexpr float kExpHi = 89.0f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f;
+constexpr float kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+
+namespace scalar {
+struct Vec {
+  static constexpr int64_t W = 1;
+  float v;
+  static Vec load(const float* p) { return {*p}; }
+  static void store(float* p, Vec a) { *p = a.v; }
+  static Vec set1(float x) { return {x}; }
+  static Vec add(Vec a, Vec b) { return {a.v + b.v}; }
+  static Vec sub(Vec a, Vec b) { return {a.v - b.v}; }
+  static Vec mul(Vec a, Vec b) { return {a.v * b.v}; }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
+  static Vec max(Vec a, Vec b) { return {std::max(a.v, b.v)}; }
+  static Vec exp(Vec a) { return {std::exp(a.v)}; }
+  static float hsum(Vec a) { return a.v; }
+  static float hmax(Vec a) { return a.v; }
+};
+#include "rows_impl.h"
+}  // namespace scalar
+
+#ifdef SYMILE_CPU_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+struct Vec {
+  static constexpr int64_t W = 8;
+  __m256 v;
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static void store(float* p, Vec a) { _mm256_storeu_ps(p, a.v); }
+  static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
+  static Vec add(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  static Vec sub(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  static Vec mul(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  static Vec exp(Vec a) {
+    __m256 x = _mm256_min_ps(_mm256_set1_ps(kExpHi), a.v);
+    x = _mm256_max_ps(_mm256_set1_ps(kExpLo), x);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+    __m256 p = _mm256_set1_ps(kP0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    // 2^n as 2^n1 * 2^n2 with n1 = floor(n / 2): both are normal floats for n in
+    // [-150, 128], the first product is exact and the second rounds once.
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i n1 = _mm256_srai_epi32(ni, 1);
+    const __m256i n2 = _mm256_sub_epi32(ni, n1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+    return {_mm256_mul_ps(_mm256_mul_ps(p, s1), s2)};
+  }
+  static float hsum(Vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static float hmax(Vec a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+#include "rows_impl.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx2,fma")
+namespace avx512 {
+struct Vec {
+  static constexpr int64_t W = 16;
+  __m512 v;
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static void store(float* p, Vec a) { _mm512_storeu_ps(p, a.v); }
+  static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
+  static Vec add(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  static Vec sub(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  static Vec mul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  static Vec exp(Vec a) {
+    __m512 x = _mm512_min_ps(_mm512_set1_ps(kExpHi), a.v);
+    x = _mm512_max_ps(_mm512_set1_ps(kExpLo), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+    __m512 p = _mm512_set1_ps(kP0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP5));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return {_mm512_scalef_ps(p, n)};  // p * 2^n, one rounding, subnormals and overflow included
+  }
+  static float hsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
+  static float hmax(Vec a) { return _mm512_reduce_max_ps(a.v); }
+};
+#include "rows_impl.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif  // SYMILE_CPU_X86
+
+// Whether this CPU runs `isa`.
+inline bool supported(Isa isa) {
+#ifdef SYMILE_CPU_X86
+  __builtin_cpu_init();
+  if (isa == Isa::kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return isa == Isa::kScalar;
+}
+
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "scalar";
+}
+
+// The widest supported set, no wider than SYMILE_KERNELS_CPU_ISA when that is set.
+inline Isa detect_isa() {
+  Isa cap = Isa::kAvx512;
+  if (const char* env = std::getenv("SYMILE_KERNELS_CPU_ISA")) {
+    if (std::strcmp(env, "scalar") == 0) cap = Isa::kScalar;
+    if (std::strcmp(env, "avx2") == 0) cap = Isa::kAvx2;
+  }
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
+    if (static_cast<int>(isa) <= static_cast<int>(cap) && supported(isa)) return isa;
+  }
+  return Isa::kScalar;
+}
+
+inline Isa active_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+#ifdef SYMILE_CPU_X86
+#define SYMILE_VEC_DISPATCH(isa, call)                   \
+  switch (isa) {                                         \
+    case ::symile_cpu::vec::Isa::kAvx512: return avx512::call; \
+    case ::symile_cpu::vec::Isa::kAvx2: return avx2::call;     \
+    default: return scalar::call;                        \
+  }
+#else
+#define SYMILE_VEC_DISPATCH(isa, call) return scalar::call;
+#endif
+
+// The row passes at the active instruction set (see rows_impl.h for each one's meaning).
+inline float row_max(const float* s, int64_t n) { SYMILE_VEC_DISPATCH(active_isa(), row_max(s, n)) }
+inline double exp_row_sum(const float* s, int64_t n, float ref) {
+  SYMILE_VEC_DISPATCH(active_isa(), exp_row_sum(s, n, ref))
+}
+inline double exp_row_col_sum(const float* s, int64_t n, float ref, float w, float* col_sum) {
+  SYMILE_VEC_DISPATCH(active_isa(), exp_row_col_sum(s, n, ref, w, col_sum))
+}
+inline void exp_row_scale(float* s, int64_t n, float ref, float scale) {
+  SYMILE_VEC_DISPATCH(active_isa(), exp_row_scale(s, n, ref, scale))
+}
+inline void g_row_shared(float* s, int64_t n, float ref, float a, float u, const float* gv) {
+  SYMILE_VEC_DISPATCH(active_isa(), g_row_shared(s, n, ref, a, u, gv))
+}
+inline void g_row_two(float* s, int64_t n, float ref, float a, const float* Lc, const float* gLc) {
+  SYMILE_VEC_DISPATCH(active_isa(), g_row_two(s, n, ref, a, Lc, gLc))
+}
+// e^x elementwise at a given (supported) instruction set: the accuracy test's entry point.
+inline void exp_array(Isa isa, const float* x, int64_t n, float* out) { SYMILE_VEC_DISPATCH(isa, exp_array(x, n, out)) }
+
+#undef SYMILE_VEC_DISPATCH
+
+}  // namespace vec
+}  // namespace symile_cpu
