@@ -32,7 +32,7 @@ __device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, co
 }
 
 template <typename T, typename TIn, typename Policy>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasCubeForward)
     cube_forward_kernel(const TIn* __restrict__ x, const TIn* __restrict__ y, const TIn* __restrict__ z,
                         const T* __restrict__ tau_ptr, int64_t I, int64_t J, int64_t K, int64_t D,
                         CubeForwardPlan plan, T* __restrict__ La_part, T* __restrict__ Lb_part,
@@ -200,7 +200,7 @@ __device__ __forceinline__ void contract_chunk(const BackwardTiles<Policy, T>& s
 // every k (the logits recomputed once), then adds sum_j y[j] * W to dx_part[js, i, slab]
 // and sum_i x[i] * W to dy_part[is, j, slab] (its own rows: zero-filled by the launcher).
 template <typename T, typename TIn, typename Policy>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasCubePairs)
     cube_backward_pairs_kernel(CubeBackwardArgs<T, TIn> args, T* __restrict__ dx_part, T* __restrict__ dy_part) {
   using Tl = BackwardTiles<Policy, T>;
   using Acc = typename Tl::Acc;
@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kThreads)
 // dz_part[is, k, slab] = sum_{i in split is, j} G[i, j, k] (x[i] * y[j])[slab], the
 // logits recomputed once per (i-block, j-block) tile.
 template <typename T, typename TIn, typename Policy>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasCubeZ)
     cube_backward_z_kernel(CubeBackwardArgs<T, TIn> args, T* __restrict__ dz_part) {
   using Tl = BackwardTiles<Policy, T>;
   constexpr int BLOCK_I = Tl::BI, BLOCK_J = Tl::BJ, BLOCK_K = Tl::BK, BP = Tl::BP, ldGt = BP + Tl::c.pad_in;

@@ -31,7 +31,7 @@ __device__ __forceinline__ void pair_tile_products(const TIn* __restrict__ A, in
 }
 
 template <typename T, typename TIn, typename Policy>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasPairForward)
     pair_forward_kernel(const TIn* __restrict__ a, const TIn* __restrict__ b, const T* __restrict__ pos,
                         const T* __restrict__ tau_ptr, int64_t I, int64_t J, int64_t D, PairPlan plan,
                         T* __restrict__ L_part) {
@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
 // diagonal: da[i] = tau sum_j P[i, j] b[j], db[j] = tau sum_i P[i, j] a[i],
 // dpos[i] = gL[i] e^(pos[i] - L[i]), dtau = sum_i <a[i], da[i]> / tau.
 template <typename T, typename TIn, typename Policy, bool TRANSPOSED>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasPairBackward)
     pair_backward_kernel(const TIn* __restrict__ R, const TIn* __restrict__ Cm, const T* __restrict__ pos,
                          const T* __restrict__ tau_ptr, const T* __restrict__ L, const T* __restrict__ gL, int64_t NR,
                          int64_t NC, int64_t D, int64_t num_dw, int64_t splits, int64_t col_blocks,
@@ -140,6 +140,7 @@ __global__ void __launch_bounds__(kThreads)
     pair_tile_products<Policy, TIn>(R, r0, NR, Cm, c0, NC, D, P, Cd, S);
     load_rows<In, Acc>(Cw, ldCw, BLOCK_K, BLOCK_DW, Cm, c0, NC, dw0, D);
     __syncthreads();
+#pragma unroll 4
     for (int e = t; e < BP * BLOCK_K; e += kThreads) {
       const int r = e / BLOCK_K;
       const int kk = e % BLOCK_K;

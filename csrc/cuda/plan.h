@@ -32,6 +32,22 @@ enum Mode : int {
 
 constexpr int kThreads = 256;  // every kernel runs 256 threads (8 warps) per CTA
 constexpr int kSmemAlign = 128;
+// Register plan: the minimum CTAs per SM each kernel's __launch_bounds__ asks for, so
+// ptxas budgets 65536 / (kThreads * n) registers per thread (128 at n = 2, 255 at n = 1)
+// rather than a cap of its own choosing (left free, it capped several kernels at 128 and
+// spilled). Every kernel compiles without spills (tests/test_cuda_sass.py). The pair
+// kernels fit 128 registers: two CTAs per SM. The cube kernels do not yet without
+// spilling (the forward by 8-16 bytes, pass "z" by up to 24, pass "pairs", with a W
+// contraction and a logit tile product in flight, needs about 170-200): one CTA per SM
+// until their per-thread state shrinks (issue 13 item 2; csrc/cuda/README.md).
+constexpr int kMinCtasPairForward = 2;
+constexpr int kMinCtasPairBackward = 2;  // da, db
+constexpr int kMinCtasCubeForward = 1;
+constexpr int kMinCtasCubePairs = 1;     // backward pass "pairs"
+constexpr int kMinCtasCubeZ = 1;         // backward pass "z"
+SK_HD constexpr int register_budget(int min_ctas) {
+  return (65536 / (kThreads * min_ctas)) > 255 ? 255 : 65536 / (kThreads * min_ctas);
+}
 // Dynamic shared memory every configuration must fit: the per-block opt-in limit of
 // sm_86/sm_89 (99 KiB), the smallest among the GPUs with bf16/TF32 tensor cores.
 constexpr std::size_t kSmemLimit = 101376;

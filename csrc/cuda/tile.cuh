@@ -219,6 +219,7 @@ struct WmmaTile {
     using namespace nvcuda;
     using BLayout = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
     const int warp = threadIdx.x / 32;
+#pragma unroll 1
     for (int kk = 0; kk < kred; kk += WK) {
 #pragma unroll
       for (int q = 0; q < PER_WARP; ++q) {
@@ -333,6 +334,9 @@ __device__ __forceinline__ void load_rows(In* dst, int ld, int rows, int cols, c
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
   if (rows_vectorisable(src, D, d0, cols)) {
     const int pieces = cols / VEC;
+    // At most two pieces in flight per thread: the bf16 kernels' accumulators stay in
+    // registers under the 2-CTA cap (no spills, tests/test_cuda_sass.py).
+#pragma unroll 2
     for (int e = threadIdx.x; e < rows * pieces; e += kThreads) {
       const int r = e / pieces;
       const int dd = (e % pieces) * VEC;
@@ -361,6 +365,7 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
   if (rows_vectorisable(A, D, d0, cols) && rows_vectorisable(B, D, d0, cols)) {
     const int pieces = cols / VEC;
+#pragma unroll 2  // as load_rows: two pieces in flight
     for (int e = threadIdx.x; e < BI * BJ * pieces; e += kThreads) {
       const int p = e / pieces;
       const int dd = (e % pieces) * VEC;
@@ -480,13 +485,14 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     const int col = threadIdx.x / TPC;
     const int q = threadIdx.x % TPC;
     Acc m = ninf;
-    for (int r = q; r < ROWS; r += TPC) m = fmax(m, S[r * ld + col]);
+        for (int r = q; r < ROWS; r += TPC) m = fmax(m, S[r * ld + col]);
     m = lanes_max<TPC>(m);
     if (q == 0) colm[col] = m;
   }
   __syncthreads();
   // Block-uniform: every thread reads the same COLS maxima.
   Acc cmax = ninf, lowest = static_cast<Acc>(INFINITY);
+#pragma unroll 8  // fully unrolled, these COLS shared loads were hoisted into registers
   for (int c = 0; c < COLS; ++c) {
     const Acc m = colm[c];
     cmax = fmax(cmax, m);
@@ -499,7 +505,7 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     const Acc m = colm[col];
     Acc s = Acc(0);
     if (m != ninf) {
-      for (int r = q; r < ROWS; r += TPC) s += exp_(S[r * ld + col] - m);
+            for (int r = q; r < ROWS; r += TPC) s += exp_(S[r * ld + col] - m);
     }
     s = lanes_sum<TPC>(s);
     if (q == 0) {
@@ -512,10 +518,10 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     const int row = threadIdx.x / TPR;
     const int q = threadIdx.x % TPR;
     Acc m = ninf;
-    for (int c = q; c < COLS; c += TPR) m = fmax(m, S[row * ld + c]);
+        for (int c = q; c < COLS; c += TPR) m = fmax(m, S[row * ld + c]);
     m = lanes_max<TPR>(m);
     Acc s = Acc(0);
-    for (int c = q; c < COLS; c += TPR) {
+        for (int c = q; c < COLS; c += TPR) {
       const Acc e = m == ninf ? Acc(0) : exp_(S[row * ld + c] - m);  // the shared exponential
       S[row * ld + c] = e;
       s += e;
@@ -531,7 +537,7 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     const int col = threadIdx.x / TPC;
     const int q = threadIdx.x % TPC;
     Acc s = Acc(0);
-    for (int r = q; r < ROWS; r += TPC) s += S[r * ld + col] * roww[r];
+        for (int r = q; r < ROWS; r += TPC) s += S[r * ld + col] * roww[r];
     s = lanes_sum<TPC>(s);
     // A valid column's largest term is exp(its max - cmax) >= e^-60: s > 0.
     if (q == 0) {
@@ -566,6 +572,7 @@ __device__ __forceinline__ Acc pair_factors(const Acc* LA_s, const Acc* gA_s, co
   }
   __syncthreads();
   Acc c0 = neg_inf<Acc>();
+#pragma unroll 8
   for (int p = 0; p < BP; ++p) c0 = fmax(c0, ref[p]);
   if (t < BP) u[t] = ref[t] == neg_inf<Acc>() ? Acc(0) : vexp_(ref[t] - c0);
   __syncthreads();
@@ -585,6 +592,7 @@ __device__ __forceinline__ void tile_G(const Acc* S, int ldS, Acc tau, const Acc
                                        int64_t NC, Acc* bcol, In* G, int ldG) {
   const int t = threadIdx.x;
   Acc lowest = static_cast<Acc>(INFINITY);  // block-uniform
+#pragma unroll 8
   for (int k = 0; k < BK && k0 + k < NC; ++k) lowest = lowest < LC_s[k] ? lowest : LC_s[k];
   const bool share = c0 - lowest <= static_cast<Acc>(kBackwardShareSpread);
   if (share && t < BK) bcol[t] = k0 + t < NC ? gC_s[t] * vexp_(c0 - LC_s[t]) : Acc(0);
