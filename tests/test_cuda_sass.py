@@ -13,6 +13,9 @@ CUDA toolkit's, else the copy shipped with Triton). Per kernel:
   every kernel holds today): each asks ptxas for its planned CTAs per SM
   through ``__launch_bounds__`` (plan.h ``kMinCtas*``);
 * the pair kernels fit 128 registers per thread: two 256-thread CTAs per SM;
+* z tiles (and the pair forward's column tiles) in the tiles' own type (bf16 rows in
+  bf16 tiles, float32 rows in TF32 tiles) reach shared memory through cp.async
+  (LDGSTS.E.BYPASS.128, committed by LDGDEPBAR, waited by DEPBAR);
 * marked xfail (strict, so it fails once the work lands): fragments loaded by
   ``ldmatrix`` (LDSM), issue 13's item 2, which is not done: WMMA's
   load_matrix_sync compiles to plain shared loads.
@@ -156,3 +159,12 @@ def test_pair_kernels_fit_two_ctas_per_sm_in_registers(kernels, arch):
     assert len(pair) >= 2 * 6, [k.name for k in pair]  # forward and backward per (rows, policy)
     over = {k.name: k.registers for k in pair if not 0 < k.registers <= 128}
     assert not over, over
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_z_tiles_copy_through_cp_async(kernels, arch):
+    pattern = r"(cube_\w+|pair_forward)_kernelI(f13__nv_bfloat16NS_10Bf16|ffNS_10Tf32)Policy"
+    chosen = [k for k in kernels.values() if k.arch == arch and re.search(pattern, k.name)]
+    assert len(chosen) == 8, [k.name for k in chosen]  # 3 cube kernels and the pair forward, 2 (rows, tiles)
+    for k in chosen:
+        assert "LDGSTS.E.BYPASS.128" in k.sass and "LDGDEPBAR" in k.sass, f"{k.name} ({arch}) has no cp.async"

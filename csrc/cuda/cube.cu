@@ -17,7 +17,8 @@ namespace symile_cuda {
 namespace {
 
 // The logits' raw products S[p, k] = sum_d (x[a0 + p / BJ] * y[b0 + p % BJ])[d] z[k0 + k][d] of
-// a BP x BLOCK_K tile over the full d (BLOCK_D columns per step), stored to S (ld ldS).
+// a BP x BLOCK_K tile over the full d (BLOCK_D columns per step), stored to S (ld ldS); Cd
+// holds kOperandStages buffers of z rows (tile_products).
 template <typename Policy, typename TIn, int BI, int BJ, int BK, int BD>
 __device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, const TIn* __restrict__ y,
                                                    const TIn* __restrict__ z, int64_t a0, int64_t NA, int64_t b0,
@@ -28,7 +29,8 @@ __device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, co
   using Acc = typename Policy::Acc;
   tile_products<Policy, BI * BJ, BK, BD>(
       D, [&](int64_t d0) { load_pair_products<In, Acc, TIn, BI, BJ>(P, ldP, BD, x, y, a0, NA, b0, NB, d0, D); },
-      [&](int64_t d0) { load_rows<In, Acc>(Cd, ldP, BK, BD, z, k0, NC, d0, D); }, P, Cd, ldP, S, ldS);
+      [&](int64_t d0, In* dst) { load_rows_async<In, Acc>(dst, ldP, BK, BD, z, k0, NC, d0, D); }, P, Cd,
+      tile_bytes(BK, BD, Policy::cfg.pad_in, Policy::cfg.in_size), ldP, S, ldS);
 }
 
 template <typename T, typename TIn, typename Policy>

@@ -66,6 +66,10 @@ struct TileConfig {
 
 SK_HD constexpr int tile_pairs(const TileConfig& c) { return c.BLOCK_I * c.BLOCK_J; }
 
+// Buffers of the logit tile product's second operand (rows of z, or of the pair kernels'
+// columns): one is filled by cp.async while the other feeds the tile product.
+constexpr int kOperandStages = 2;
+
 // Padding: SIMT tiles use one element (odd strides avoid bank conflicts); WMMA
 // tiles use 16 bytes so every ldm is a multiple of 8 (16-bit) or 4 (32-bit)
 // elements and every fragment pointer stays 32-byte aligned.
@@ -93,8 +97,8 @@ SK_HD constexpr ForwardLayout forward_layout(const TileConfig& c) {
   const int BP = tile_pairs(c);
   const std::size_t S = 0;                                                  // BP x BLOCK_K accumulators (logits)
   const std::size_t P = S + tile_bytes(BP, c.BLOCK_K, c.pad_acc, c.acc_size);  // BP x BLOCK_D row products
-  const std::size_t Z = P + tile_bytes(BP, c.BLOCK_D, c.pad_in, c.in_size);    // BLOCK_K x BLOCK_D rows of z
-  const std::size_t pair_m = Z + tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size);
+  const std::size_t Z = P + tile_bytes(BP, c.BLOCK_D, c.pad_in, c.in_size);    // 2 x BLOCK_K x BLOCK_D rows of z
+  const std::size_t pair_m = Z + kOperandStages * tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size);
   const std::size_t pair_s = pair_m + tile_bytes(1, BP, 0, c.acc_size);
   const std::size_t row_l = pair_s + tile_bytes(1, BP, 0, c.acc_size);
   const std::size_t row_ls = row_l + tile_bytes(1, BP, 0, c.acc_size);     // running sums beside row_l's maxima
@@ -215,7 +219,7 @@ SK_HD constexpr CubeBackwardLayout cube_backward_layout(const TileConfig& c, int
   const std::size_t P = S + tile_bytes(BP, c.BLOCK_K, c.pad_acc, c.acc_size);
   const std::size_t Cd = P + tile_bytes(BP, c.BLOCK_D, c.pad_in, c.in_size);
   const std::size_t Op = 0;
-  const std::size_t G = max_size(Cd + tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size),
+  const std::size_t G = max_size(Cd + kOperandStages * tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size),
                                  Op + tile_bytes(op_rows, kCubeChunk, c.pad_in, c.in_size));
   const std::size_t W = G + (z_pass ? tile_bytes(c.BLOCK_K, BP, c.pad_in, c.in_size)
                                     : tile_bytes(BP, c.BLOCK_K, c.pad_in, c.in_size));

@@ -25,6 +25,27 @@
     const uint4 sk_raw = *reinterpret_cast<const uint4*>(src); \
     memcpy((out), &sk_raw, 16);                                \
   } while (0)
+// cp.async (sm_80+): a 16-byte global-to-shared copy that bypasses registers and L1 (.cg),
+// reading src_bytes (0 or 16) and zero-filling the rest; both addresses 16-byte aligned.
+// The copies of a thread land once their commit group is waited for (wait_group n: all
+// but the newest n groups); a barrier then shows them to the other threads.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define SK_CP_ASYNC16(dst, src, src_bytes)                                                      \
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(                        \
+                   static_cast<unsigned>(__cvta_generic_to_shared(dst))),                        \
+               "l"(src), "r"(src_bytes))
+#define SK_CP_ASYNC_COMMIT() asm volatile("cp.async.commit_group;\n" ::)
+#define SK_CP_ASYNC_WAIT(newest) asm volatile("cp.async.wait_group %0;\n" ::"n"(newest))
+#else  // older targets (never launched: the binding refuses them): a synchronous copy
+#define SK_CP_ASYNC16(dst, src, src_bytes)                                   \
+  do {                                                                      \
+    uint4 sk_raw = make_uint4(0, 0, 0, 0);                                  \
+    if ((src_bytes) > 0) sk_raw = *reinterpret_cast<const uint4*>(src);     \
+    *reinterpret_cast<uint4*>(dst) = sk_raw;                                \
+  } while (0)
+#define SK_CP_ASYNC_COMMIT() ((void)0)
+#define SK_CP_ASYNC_WAIT(newest) ((void)0)
+#endif
 #endif
 
 #include <cmath>
@@ -357,6 +378,33 @@ __device__ __forceinline__ void load_rows(In* dst, int ld, int rows, int cols, c
   }
 }
 
+// load_rows through cp.async: the copies land at the caller's SK_CP_ASYNC_WAIT (then a
+// barrier). Only when the rows are already the operand type (no conversion on the way)
+// and every 16-byte piece is aligned at both ends (rows_vectorisable, and a shared row
+// stride and base on 16 bytes); pieces of rows >= n or columns >= D are zero fills that
+// read nothing. Otherwise (float rows in bf16 tiles, odd d, offset bases, SIMT strides)
+// load_rows, synchronously: its stores are visible after the same barrier.
+template <typename In, typename Acc, typename T>
+__device__ __forceinline__ void load_rows_async(In* dst, int ld, int rows, int cols, const T* __restrict__ src,
+                                                int64_t row0, int64_t n, int64_t d0, int64_t D) {
+  if constexpr (std::is_same<In, T>::value) {
+    constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+    if ((ld * sizeof(In)) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
+        rows_vectorisable(src, D, d0, cols)) {
+      const int pieces = cols / VEC;
+      for (int e = threadIdx.x; e < rows * pieces; e += kThreads) {
+        const int r = e / pieces;
+        const int dd = (e % pieces) * VEC;
+        const int64_t row = row0 + r, col = d0 + dd;
+        const bool inside = row < n && col < D;
+        SK_CP_ASYNC16(dst + r * ld + dd, inside ? src + row * D + col : src, inside ? 16 : 0);
+      }
+      return;
+    }
+  }
+  load_rows<In, Acc>(dst, ld, rows, cols, src, row0, n, d0, D);
+}
+
 // Row products of BLOCK_I x BLOCK_J pairs: dst[p][dd] = A[a0 + p / BJ][d] * B[b0 + p % BJ][d].
 template <typename In, typename Acc, typename T, int BI, int BJ>
 __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, const T* __restrict__ A,
@@ -393,21 +441,53 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
 
 // ---------------------------------------------------------------------------
 // S (BM x BN logits' raw products, ld ldS) = A B^T over the full d, BD columns per step:
-// load_a(d0) stages A's BM x BD chunk in P and load_b(d0) B's BN x BD chunk in Cd (both
-// ld ldP, zero-filled outside the tensors). Every thread calls; S is ready on return.
-template <typename Policy, int BM, int BN, int BD, typename LoadA, typename LoadB>
+// load_a(d0) stages A's BM x BD chunk in P; load_b(d0, buf) B's BN x BD chunk in buffer buf
+// of Cd (STAGES = 2 buffers of bytes_b each, both ld ldP, zero-filled outside the
+// tensors), through cp.async where it can: B's next chunk is in flight while this chunk's
+// products run (double buffering). Every thread calls; S is ready on return.
+// STAGES = 1: one buffer, B loaded synchronously after the previous step's barrier (the pair
+// backward, whose W accumulators leave no registers for copies in flight under its plan).
+template <typename Policy, int BM, int BN, int BD, int STAGES = kOperandStages, typename LoadA, typename LoadB>
 __device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&& load_b, const typename Policy::In* P,
-                                              const typename Policy::In* Cd, int ldP, typename Policy::Acc* S,
-                                              int ldS) {
+                                              typename Policy::In* Cd, std::size_t bytes_b, int ldP,
+                                              typename Policy::Acc* S, int ldS) {
+  using In = typename Policy::In;
+  static_assert(STAGES == 1 || STAGES == 2, "one buffer, or two: current and next");
+  if constexpr (STAGES == 1) {
+    (void)bytes_b;
+    TileFor<Policy, BM, BN> acc;
+    acc.zero();
+    for (int64_t d0 = 0; d0 < D; d0 += BD) {
+      load_a(d0);
+      load_b(d0, Cd);
+      __syncthreads();
+      acc.template mma<true>(P, ldP, Cd, ldP, BD);
+      __syncthreads();
+    }
+    acc.store(S, ldS);
+    __syncthreads();
+    return;
+  }
+  In* cur = Cd;
+  In* next = reinterpret_cast<In*>(reinterpret_cast<unsigned char*>(Cd) + bytes_b);
   TileFor<Policy, BM, BN> acc;
   acc.zero();
+  load_b(int64_t(0), cur);
+  SK_CP_ASYNC_COMMIT();
   for (int64_t d0 = 0; d0 < D; d0 += BD) {
+    // `next` was last read by the previous step's products (a barrier since).
+    if (d0 + BD < D) load_b(d0 + BD, next);
+    SK_CP_ASYNC_COMMIT();  // possibly empty: every step commits one group
     load_a(d0);
-    load_b(d0);
+    SK_CP_ASYNC_WAIT(1);   // this step's chunk has landed (only the next one may be in flight)
     __syncthreads();
-    acc.template mma<true>(P, ldP, Cd, ldP, BD);
+    acc.template mma<true>(P, ldP, cur, ldP, BD);
     __syncthreads();
+    In* const done = cur;
+    cur = next;
+    next = done;
   }
+  SK_CP_ASYNC_WAIT(0);  // the last, empty group
   acc.store(S, ldS);
   __syncthreads();
 }

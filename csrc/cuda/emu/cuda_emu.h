@@ -72,10 +72,10 @@ inline cudaError_t last_error = cudaSuccess;
 // when it ends; the totals of every launch are kept in order, with the launch's name.
 struct LaunchWork {
   const char* name;
-  int64_t grid, flops, exps, vexps, vloads;
+  int64_t grid, flops, exps, vexps, vloads, async_copies;
 };
-inline thread_local int64_t tl_flops = 0, tl_exps = 0, tl_vexps = 0, tl_vloads = 0;
-inline std::atomic<int64_t> launch_flops{0}, launch_exps{0}, launch_vexps{0}, launch_vloads{0};
+inline thread_local int64_t tl_flops = 0, tl_exps = 0, tl_vexps = 0, tl_vloads = 0, tl_async = 0;
+inline std::atomic<int64_t> launch_flops{0}, launch_exps{0}, launch_vexps{0}, launch_vloads{0}, launch_async{0};
 inline std::vector<LaunchWork> launches;
 
 inline void count_flops(int64_t n) { tl_flops += n; }
@@ -98,6 +98,47 @@ inline void load16(const void* src, void* out) {
   std::memcpy(out, src, 16);
 }
 
+// cp.async (sm_80+, PTX "cp.async.cg.shared.global" with 16-byte copies, commit_group,
+// wait_group): a copy lands in shared memory only when its group is waited for, so the
+// emulation fills the destination with NaN bytes at issue and copies at the matching
+// wait_group; a kernel that read it earlier (or let another thread read it before the
+// barrier after the wait) sees NaN. Both addresses must be 16-byte aligned (else the copy
+// is undefined on a GPU: abort here); src_bytes < 16 copies that many and zero-fills the
+// rest (0: a pure zero fill that reads nothing). A thread that ends with copies not waited
+// for aborts.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  int src_bytes;
+};
+inline thread_local std::vector<AsyncCopy> tl_open;                // issued, not committed
+inline thread_local std::vector<std::vector<AsyncCopy>> tl_groups;  // committed, oldest first
+
+inline void cp_async16(void* dst, const void* src, int src_bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fail("cp.async 16-byte copy to a shared address not 16-byte aligned");
+  if (src_bytes < 0 || src_bytes > 16) fail("cp.async src-size outside [0, 16]");
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    fail("cp.async 16-byte copy from a global address not 16-byte aligned");
+  }
+  if (src_bytes > 0) ++tl_async;
+  std::memset(dst, 0xFF, 16);
+  tl_open.push_back(AsyncCopy{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes});
+}
+inline void cp_async_commit() {
+  tl_groups.push_back(std::move(tl_open));
+  tl_open.clear();
+}
+// Completes every committed group but the newest `newest` ones (uncommitted copies stay pending).
+inline void cp_async_wait(std::size_t newest) {
+  while (tl_groups.size() > newest) {
+    for (const AsyncCopy& c : tl_groups.front()) {
+      if (c.src_bytes > 0) std::memcpy(c.dst, c.src, static_cast<std::size_t>(c.src_bytes));
+      std::memset(c.dst + c.src_bytes, 0, static_cast<std::size_t>(16 - c.src_bytes));
+    }
+    tl_groups.erase(tl_groups.begin());
+  }
+}
+
 template <typename... P, typename... A>
 void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t smem_bytes, A... args) {
   static_assert(sizeof...(P) == sizeof...(A), "kernel argument count");
@@ -109,6 +150,7 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
   launch_exps = 0;
   launch_vexps = 0;
   launch_vloads = 0;
+  launch_async = 0;
   for (int64_t b = 0; b < grid; ++b) {
     Block block;
     const std::size_t bytes = smem_bytes == 0 ? 128 : (smem_bytes + 127) / 128 * 128;
@@ -124,19 +166,23 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
         gridDim.x = static_cast<unsigned>(grid);
         blockDim.x = kBlockThreads;
         tls_block = &block;
-        tl_flops = tl_exps = tl_vexps = tl_vloads = 0;
+        tl_flops = tl_exps = tl_vexps = tl_vloads = tl_async = 0;
+        tl_open.clear();
+        tl_groups.clear();
         kernel(static_cast<P>(args)...);
+        if (!tl_open.empty() || !tl_groups.empty()) fail("the kernel ended with cp.async copies not waited for");
         launch_flops += tl_flops;
         launch_exps += tl_exps;
         launch_vexps += tl_vexps;
         launch_vloads += tl_vloads;
+        launch_async += tl_async;
       });
     }
     for (auto& th : threads) th.join();
     ::operator delete(smem, std::align_val_t(128));
   }
   launches.push_back(LaunchWork{name, grid, launch_flops.load(), launch_exps.load(),
-                                launch_vexps.load(), launch_vloads.load()});
+                                launch_vexps.load(), launch_vloads.load(), launch_async.load()});
 }
 
 }  // namespace symile_emu
@@ -148,6 +194,9 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
 #define SK_COUNT_EXP() ::symile_emu::count_exp()
 #define SK_COUNT_VEXP() ::symile_emu::count_vexp()
 #define SK_LOAD16(src, out) ::symile_emu::load16((src), (out))
+#define SK_CP_ASYNC16(dst, src, src_bytes) ::symile_emu::cp_async16((dst), (src), (src_bytes))
+#define SK_CP_ASYNC_COMMIT() ::symile_emu::cp_async_commit()
+#define SK_CP_ASYNC_WAIT(newest) ::symile_emu::cp_async_wait(newest)
 
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int value) {
