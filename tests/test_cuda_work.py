@@ -243,8 +243,12 @@ def async_selftest(tmp_path_factory):
     ("early_read", 0, " ".join(["nan"] * 8)),      # read before the wait: poison
     ("misaligned", None, "cp.async 16-byte copy to a shared address not 16-byte aligned"),
     ("unwaited", None, "the kernel ended with cp.async copies not waited for"),
+    # ldmatrix x4 + mma.sync m16n8k16 per lane (MmaBf16Tile): exact on small multiples of 1/8
+    ("mma_col", 0, "max_err 0"),
+    ("mma_row", 0, "max_err 0"),
+    ("ldsm_misaligned", None, "ldmatrix row address not 16-byte aligned"),
 ])
-def test_emulated_cp_async_semantics(async_selftest, case, rc, out):
+def test_emulated_cp_async_and_ldmatrix_semantics(async_selftest, case, rc, out):
     import subprocess
 
     done = subprocess.run([str(async_selftest), case], capture_output=True, text=True, timeout=60)

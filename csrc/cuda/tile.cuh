@@ -284,9 +284,134 @@ struct WmmaTile {
   }
 };
 
+// bf16 fragments through ldmatrix and mma.sync (PTX, sm_80+): the emulation models both
+// per lane (emu/cuda_emu.h), so a fragment layout or an unaligned row aborts or goes wrong
+// on the CPU as it would on a GPU.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row, bool trans) {
+#ifdef SYMILE_CUDA_EMULATE
+  symile_emu::ldmatrix_x4(r, row, trans);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if (trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  }
+#else
+  (void)row;
+  (void)trans;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+  __trap();  // bf16 fragments need sm_80; the binding refuses older devices
+#endif
+}
+
+__device__ __forceinline__ void mma_16816_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef SYMILE_CUDA_EMULATE
+  symile_emu::mma_16816_bf16(d, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  (void)d;
+  (void)a;
+  (void)b0;
+  (void)b1;
+  __trap();
+#endif
+}
+
+// A warp-tiled bf16 tile product as WmmaTile (16 x 16 output tiles, PER_WARP per warp), each
+// tile two m16n8k16 products per 16 of k. A is row-major (ld lda); B_COL: B(k, n) = Bs[n ldb + k]
+// (rows of n, k contiguous: ldmatrix as stored), else Bs[k ldb + n] (ldmatrix .trans). Every
+// fragment row is 16 bytes at a 16-byte-aligned address: ld * 2 bytes and the base on 16 bytes
+// (plan.h pads bf16 rows by 8 elements; plan_test.cpp checks the strides).
+template <int BM, int BN>
+struct MmaBf16Tile {
+  static constexpr int WARPS = kThreads / 32;
+  static constexpr int TILES_N = BN / 16;
+  static constexpr int TILES = (BM / 16) * TILES_N;
+  static_assert(BM % 16 == 0 && BN % 16 == 0 && TILES % WARPS == 0, "tile must split into 16 x 16 pieces per warp");
+  static constexpr int PER_WARP = TILES / WARPS;
+  float acc[PER_WARP][2][4];  // [tile][n half][c0..c3]
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int q = 0; q < PER_WARP; ++q)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[q][h][i] = 0.0f;
+  }
+
+  template <bool B_COL>
+  __device__ __forceinline__ void mma(const __nv_bfloat16* As, int lda, const __nv_bfloat16* Bs, int ldb, int kred) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    // This lane's row address within each x4 load (matrix lane / 8, row lane % 8).
+    const int a_row = lane % 16, a_col = (lane / 16) * 8;
+    const int j = lane / 8, r = lane % 8;
+    const int b_n = (j / 2) * 8 + (B_COL ? r : 0), b_k = (j % 2) * 8 + (B_COL ? 0 : r);
+#pragma unroll 1
+    for (int kk = 0; kk < kred; kk += 16) {
+#pragma unroll
+      for (int q = 0; q < PER_WARP; ++q) {
+        const int t = warp + q * WARPS;
+        const int tm = t / TILES_N, tn = t % TILES_N;
+        uint32_t a[4], b[4];
+        ldsm_x4(a, As + (tm * 16 + a_row) * lda + kk + a_col, false);
+        ldsm_x4(b, B_COL ? Bs + (tn * 16 + b_n) * ldb + kk + b_k : Bs + (kk + b_k) * ldb + tn * 16 + b_n, !B_COL);
+        mma_16816_bf16(acc[q][0], a, b[0], b[1]);  // columns tn * 16 + 0..7
+        mma_16816_bf16(acc[q][1], a, b[2], b[3]);  // columns tn * 16 + 8..15
+      }
+    }
+  }
+
+  // acc[q][h][i] is row (lane / 4) + 8 (i / 2), column h * 8 + 2 (lane % 4) + i % 2 of tile q.
+  __device__ __forceinline__ void load(const float* Cs, int ldc) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int q = 0; q < PER_WARP; ++q) {
+      const int t = warp + q * WARPS;
+      const float* base = Cs + (t / TILES_N) * 16 * ldc + (t % TILES_N) * 16;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[q][h][i] = base[(lane / 4 + 8 * (i / 2)) * ldc + h * 8 + 2 * (lane % 4) + i % 2];
+    }
+  }
+
+  __device__ __forceinline__ void store(float* Cs, int ldc) const {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int q = 0; q < PER_WARP; ++q) {
+      const int t = warp + q * WARPS;
+      float* base = Cs + (t / TILES_N) * 16 * ldc + (t % TILES_N) * 16;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) base[(lane / 4 + 8 * (i / 2)) * ldc + h * 8 + 2 * (lane % 4) + i % 2] = acc[q][h][i];
+    }
+  }
+};
+
+// The bf16 kernels use WMMA unless built with -DSK_BF16_LDMATRIX: MmaBf16Tile compiles for
+// sm_80/sm_90 without spills and passes the emulation's work and accuracy tests, but its
+// per-lane emulation (a warp barrier per ldmatrix and per mma) makes the N = 128 work test
+// about 5x slower; it is checked on its own by emu/async_selftest.cpp until that is cut.
+#ifdef SK_BF16_LDMATRIX
+constexpr bool kBf16Ldmatrix = true;
+#else
+constexpr bool kBf16Ldmatrix = false;
+#endif
 template <typename Policy, int BM, int BN>
-using TileFor = typename std::conditional<Policy::kWmma, WmmaTile<typename Policy::In, BM, BN>,
-                                          SimtTile<typename Policy::Acc, BM, BN>>::type;
+using TileFor = typename std::conditional<
+    !Policy::kWmma, SimtTile<typename Policy::Acc, BM, BN>,
+    typename std::conditional<kBf16Ldmatrix && std::is_same<typename Policy::In, __nv_bfloat16>::value,
+                              MmaBf16Tile<BM, BN>, WmmaTile<typename Policy::In, BM, BN>>::type>::type;
 
 // A policy's tile sizes and the leading dimensions of its logit (S) and operand (P) tiles.
 template <typename Policy>

@@ -5,10 +5,14 @@
 //   early_read  reading the destination before its wait_group sees NaN (poison)
 //   misaligned  a 16-byte cp.async to an address off a 16-byte boundary aborts
 //   unwaited    a kernel that ends with copies not waited for aborts
+//   mma_col     MmaBf16Tile (ldmatrix x4 + mma.sync m16n8k16) against a float reference, B by rows of n
+//   mma_row     the same with B by rows of k (ldmatrix .trans), accumulating onto loaded values
+//   ldsm_misaligned  an ldmatrix row address off a 16-byte boundary aborts
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "../tile.cuh"
 
@@ -44,17 +48,73 @@ __global__ void kernel(int g_case) {
   }
 }
 
+// C (64 x 32, float) = C0 + A (64 x 48, row-major) B (48 x 32) in MmaBf16Tile; bf16 values are
+// small integers / 8, so every product and sum is exact in float and the check is equality.
+constexpr int kM = 64, kN = 32, kK = 48, kLd = kK + 8, kLdB = kN + 8, kLdC = kN + 4;
+float g_max_err = -1;
+
+__global__ void mma_kernel(int which) {
+  using symile_cuda::MmaBf16Tile;
+  SK_DYNAMIC_SMEM(smem);
+  auto* A = reinterpret_cast<__nv_bfloat16*>(smem);
+  auto* B = A + kM * kLd;                       // B_COL: kN rows of kK; else kK rows of kN
+  float* C = reinterpret_cast<float*>(B + kN * kLd + kK * kLdB);
+  const bool col = which == 4 || which == 6;
+  auto val = [](int a, int b, int m) { return static_cast<float>((a * 7 + b * 3) % m - m / 2) / 8.0f; };
+  for (int e = threadIdx.x; e < kM * kK; e += symile_cuda::kThreads) {
+    A[(e / kK) * kLd + e % kK] = __float2bfloat16_rn(val(e / kK, e % kK, 9));
+  }
+  for (int e = threadIdx.x; e < kK * kN; e += symile_cuda::kThreads) {
+    const int k = e / kN, n = e % kN;
+    const __nv_bfloat16 v = __float2bfloat16_rn(val(k, n + 1, 7));
+    if (col) {
+      B[n * kLd + k] = v;
+    } else {
+      B[k * kLdB + n] = v;
+    }
+  }
+  for (int e = threadIdx.x; e < kM * kN; e += symile_cuda::kThreads) C[(e / kN) * kLdC + e % kN] = col ? 0.0f : 1.5f;
+  __syncthreads();
+  MmaBf16Tile<kM, kN> t;
+  if (col) {
+    t.zero();
+    t.mma<true>(which == 6 ? A + 4 : A, kLd, B, kLd, kK);  // case 6: rows start 8 bytes off
+  } else {
+    t.load(C, kLdC);
+    t.mma<false>(A, kLd, B, kLdB, kK);
+  }
+  __syncthreads();
+  t.store(C, kLdC);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float err = 0;
+    for (int m = 0; m < kM; ++m)
+      for (int n = 0; n < kN; ++n) {
+        float want = col ? 0.0f : 1.5f;
+        for (int k = 0; k < kK; ++k) want += val(m, k, 9) * val(k, n + 1, 7);
+        err = std::fmax(err, std::fabs(C[m * kLdC + n] - want));
+      }
+    g_max_err = err;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const char* names[] = {"ok", "early_read", "misaligned", "unwaited"};
+  const char* names[] = {"ok", "early_read", "misaligned", "unwaited", "mma_col", "mma_row", "ldsm_misaligned"};
   int which = -1;
-  for (int q = 0; q < 4; ++q) {
+  for (int q = 0; q < 7; ++q) {
     if (argc > 1 && std::strcmp(argv[1], names[q]) == 0) which = q;
   }
   if (which < 0) {
-    std::fprintf(stderr, "usage: async_selftest ok|early_read|misaligned|unwaited\n");
+    std::fprintf(stderr, "usage: async_selftest ok|early_read|misaligned|unwaited|mma_col|mma_row|ldsm_misaligned\n");
     return 2;
+  }
+  if (which >= 4) {
+    const std::size_t bytes = (kM * kLd + kN * kLd + kK * kLdB) * 2 + kM * kLdC * 4;
+    SK_LAUNCH(mma_kernel, 1, bytes, nullptr, which == 6 ? 6 : which);
+    std::printf("max_err %g\n", g_max_err);
+    return 0;
   }
   SK_LAUNCH(kernel, 1, 128, nullptr, which);
   for (float v : g_seen) std::printf("%s ", std::isnan(v) ? "nan" : std::to_string(static_cast<int>(v)).c_str());
