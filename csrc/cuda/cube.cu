@@ -17,7 +17,8 @@ namespace symile_cuda {
 namespace {
 
 // The logits' raw products S[p, k] = sum_d (x[a0 + p / BJ] * y[b0 + p % BJ])[d] z[k0 + k][d] of
-// a BP x BLOCK_K tile over the full d (BLOCK_D columns per step), stored to S (ld ldS).
+// a BP x BLOCK_K tile over the full d (BLOCK_D columns per step), stored to S (ld ldS); Cd
+// holds kOperandStages buffers of z rows (tile_products).
 template <typename Policy, typename TIn, int BI, int BJ, int BK, int BD>
 __device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, const TIn* __restrict__ y,
                                                    const TIn* __restrict__ z, int64_t a0, int64_t NA, int64_t b0,
@@ -28,11 +29,12 @@ __device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, co
   using Acc = typename Policy::Acc;
   tile_products<Policy, BI * BJ, BK, BD>(
       D, [&](int64_t d0) { load_pair_products<In, Acc, TIn, BI, BJ>(P, ldP, BD, x, y, a0, NA, b0, NB, d0, D); },
-      [&](int64_t d0) { load_rows<In, Acc>(Cd, ldP, BK, BD, z, k0, NC, d0, D); }, P, Cd, ldP, S, ldS);
+      [&](int64_t d0, In* dst) { load_rows_async<In, Acc>(dst, ldP, BK, BD, z, k0, NC, d0, D); }, P, Cd,
+      tile_bytes(BK, BD, Policy::cfg.pad_in, Policy::cfg.in_size), ldP, S, ldS);
 }
 
 template <typename T, typename TIn, typename Policy>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasCubeForward)
     cube_forward_kernel(const TIn* __restrict__ x, const TIn* __restrict__ y, const TIn* __restrict__ z,
                         const T* __restrict__ tau_ptr, int64_t I, int64_t J, int64_t K, int64_t D,
                         CubeForwardPlan plan, T* __restrict__ La_part, T* __restrict__ Lb_part,
@@ -200,7 +202,7 @@ __device__ __forceinline__ void contract_chunk(const BackwardTiles<Policy, T>& s
 // every k (the logits recomputed once), then adds sum_j y[j] * W to dx_part[js, i, slab]
 // and sum_i x[i] * W to dy_part[is, j, slab] (its own rows: zero-filled by the launcher).
 template <typename T, typename TIn, typename Policy>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasCubePairs)
     cube_backward_pairs_kernel(CubeBackwardArgs<T, TIn> args, T* __restrict__ dx_part, T* __restrict__ dy_part) {
   using Tl = BackwardTiles<Policy, T>;
   using Acc = typename Tl::Acc;
@@ -260,7 +262,7 @@ __global__ void __launch_bounds__(kThreads)
 // dz_part[is, k, slab] = sum_{i in split is, j} G[i, j, k] (x[i] * y[j])[slab], the
 // logits recomputed once per (i-block, j-block) tile.
 template <typename T, typename TIn, typename Policy>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasCubeZ)
     cube_backward_z_kernel(CubeBackwardArgs<T, TIn> args, T* __restrict__ dz_part) {
   using Tl = BackwardTiles<Policy, T>;
   constexpr int BLOCK_I = Tl::BI, BLOCK_J = Tl::BJ, BLOCK_K = Tl::BK, BP = Tl::BP, ldGt = BP + Tl::c.pad_in;

@@ -15,7 +15,10 @@ namespace symile_cuda {
 namespace {
 
 // The raw products S[r, k] = <A[a0 + r], B[b0 + k]> of a BP x BLOCK_K tile over the full d.
-template <typename Policy, typename TIn>
+// ASYNC: B's rows double-buffered through cp.async (load_rows_async, tile_products); the
+// backward keeps one synchronous buffer (plan.h backward_layout), its W accumulators leaving
+// no registers for copies in flight under its 128-register plan.
+template <typename Policy, typename TIn, bool ASYNC>
 __device__ __forceinline__ void pair_tile_products(const TIn* __restrict__ A, int64_t a0, int64_t NA,
                                                    const TIn* __restrict__ B, int64_t b0, int64_t NB, int64_t D,
                                                    typename Policy::In* P, typename Policy::In* Cd,
@@ -24,14 +27,21 @@ __device__ __forceinline__ void pair_tile_products(const TIn* __restrict__ A, in
   using Acc = typename Policy::Acc;
   constexpr TileConfig c = Policy::cfg;
   constexpr int BP = c.BLOCK_I * c.BLOCK_J, BK = c.BLOCK_K, BD = c.BLOCK_D, ldP = BD + c.pad_in;
-  tile_products<Policy, BP, BK, BD>(
+  tile_products<Policy, BP, BK, BD, ASYNC ? kOperandStages : 1>(
       D, [&](int64_t d0) { load_rows<In, Acc>(P, ldP, BP, BD, A, a0, NA, d0, D); },
-      [&](int64_t d0) { load_rows<In, Acc>(Cd, ldP, BK, BD, B, b0, NB, d0, D); }, P, Cd, ldP, S,
-      BK + c.pad_acc);
+      [&](int64_t d0, In* dst) {
+        if constexpr (ASYNC) {
+          load_rows_async<In, Acc>(dst, ldP, BK, BD, B, b0, NB, d0, D);
+        } else {
+          load_rows<In, Acc>(dst, ldP, BK, BD, B, b0, NB, d0, D);
+        }
+      },
+      P, Cd,
+      tile_bytes(BK, BD, c.pad_in, c.in_size), ldP, S, BK + c.pad_acc);
 }
 
 template <typename T, typename TIn, typename Policy>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasPairForward)
     pair_forward_kernel(const TIn* __restrict__ a, const TIn* __restrict__ b, const T* __restrict__ pos,
                         const T* __restrict__ tau_ptr, int64_t I, int64_t J, int64_t D, PairPlan plan,
                         T* __restrict__ L_part) {
@@ -54,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c_end = split_begin(sp + 1, plan.f_col_blocks, plan.f_splits) * BLOCK_K;
   for (int64_t c0 = split_begin(sp, plan.f_col_blocks, plan.f_splits) * BLOCK_K; c0 < c_end && c0 < J;
        c0 += BLOCK_K) {
-    pair_tile_products<Policy, TIn>(a, r0, I, b, c0, J, D, s.P, s.Z, S);
+    pair_tile_products<Policy, TIn, true>(a, r0, I, b, c0, J, D, s.P, s.Z, S);
     for (int e = t; e < BP * BLOCK_K; e += kThreads) {
       const int r = e / BLOCK_K;
       const int kk = e % BLOCK_K;
@@ -84,7 +94,7 @@ __global__ void __launch_bounds__(kThreads)
 // diagonal: da[i] = tau sum_j P[i, j] b[j], db[j] = tau sum_i P[i, j] a[i],
 // dpos[i] = gL[i] e^(pos[i] - L[i]), dtau = sum_i <a[i], da[i]> / tau.
 template <typename T, typename TIn, typename Policy, bool TRANSPOSED>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasPairBackward)
     pair_backward_kernel(const TIn* __restrict__ R, const TIn* __restrict__ Cm, const T* __restrict__ pos,
                          const T* __restrict__ tau_ptr, const T* __restrict__ L, const T* __restrict__ gL, int64_t NR,
                          int64_t NC, int64_t D, int64_t num_dw, int64_t splits, int64_t col_blocks,
@@ -137,9 +147,10 @@ __global__ void __launch_bounds__(kThreads)
       gL_s[t] = ok ? static_cast<Acc>(gL[c0 + t]) : Acc(0);
       pos_s[t] = ok ? static_cast<Acc>(pos[c0 + t]) : Acc(0);
     }
-    pair_tile_products<Policy, TIn>(R, r0, NR, Cm, c0, NC, D, P, Cd, S);
+    pair_tile_products<Policy, TIn, false>(R, r0, NR, Cm, c0, NC, D, P, Cd, S);
     load_rows<In, Acc>(Cw, ldCw, BLOCK_K, BLOCK_DW, Cm, c0, NC, dw0, D);
     __syncthreads();
+#pragma unroll 4
     for (int e = t; e < BP * BLOCK_K; e += kThreads) {
       const int r = e / BLOCK_K;
       const int kk = e % BLOCK_K;

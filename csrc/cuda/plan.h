@@ -32,6 +32,22 @@ enum Mode : int {
 
 constexpr int kThreads = 256;  // every kernel runs 256 threads (8 warps) per CTA
 constexpr int kSmemAlign = 128;
+// Register plan: the minimum CTAs per SM each kernel's __launch_bounds__ asks for, so
+// ptxas budgets 65536 / (kThreads * n) registers per thread (128 at n = 2, 255 at n = 1)
+// rather than a cap of its own choosing (left free, it capped several kernels at 128 and
+// spilled). Every kernel compiles without spills (tests/test_cuda_sass.py). The pair
+// kernels fit 128 registers: two CTAs per SM. The cube kernels do not yet without
+// spilling (the forward by 8-16 bytes, pass "z" by up to 24, pass "pairs", with a W
+// contraction and a logit tile product in flight, needs about 170-200): one CTA per SM
+// until their per-thread state shrinks (issue 13 item 2; csrc/cuda/README.md).
+constexpr int kMinCtasPairForward = 2;
+constexpr int kMinCtasPairBackward = 2;  // da, db
+constexpr int kMinCtasCubeForward = 1;
+constexpr int kMinCtasCubePairs = 1;     // backward pass "pairs"
+constexpr int kMinCtasCubeZ = 1;         // backward pass "z"
+SK_HD constexpr int register_budget(int min_ctas) {
+  return (65536 / (kThreads * min_ctas)) > 255 ? 255 : 65536 / (kThreads * min_ctas);
+}
 // Dynamic shared memory every configuration must fit: the per-block opt-in limit of
 // sm_86/sm_89 (99 KiB), the smallest among the GPUs with bf16/TF32 tensor cores.
 constexpr std::size_t kSmemLimit = 101376;
@@ -49,6 +65,10 @@ struct TileConfig {
 };
 
 SK_HD constexpr int tile_pairs(const TileConfig& c) { return c.BLOCK_I * c.BLOCK_J; }
+
+// Buffers of the logit tile product's second operand (rows of z, or of the pair kernels'
+// columns): one is filled by cp.async while the other feeds the tile product.
+constexpr int kOperandStages = 2;
 
 // Padding: SIMT tiles use one element (odd strides avoid bank conflicts); WMMA
 // tiles use 16 bytes so every ldm is a multiple of 8 (16-bit) or 4 (32-bit)
@@ -77,8 +97,8 @@ SK_HD constexpr ForwardLayout forward_layout(const TileConfig& c) {
   const int BP = tile_pairs(c);
   const std::size_t S = 0;                                                  // BP x BLOCK_K accumulators (logits)
   const std::size_t P = S + tile_bytes(BP, c.BLOCK_K, c.pad_acc, c.acc_size);  // BP x BLOCK_D row products
-  const std::size_t Z = P + tile_bytes(BP, c.BLOCK_D, c.pad_in, c.in_size);    // BLOCK_K x BLOCK_D rows of z
-  const std::size_t pair_m = Z + tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size);
+  const std::size_t Z = P + tile_bytes(BP, c.BLOCK_D, c.pad_in, c.in_size);    // 2 x BLOCK_K x BLOCK_D rows of z
+  const std::size_t pair_m = Z + kOperandStages * tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size);
   const std::size_t pair_s = pair_m + tile_bytes(1, BP, 0, c.acc_size);
   const std::size_t row_l = pair_s + tile_bytes(1, BP, 0, c.acc_size);
   const std::size_t row_ls = row_l + tile_bytes(1, BP, 0, c.acc_size);     // running sums beside row_l's maxima
@@ -199,7 +219,7 @@ SK_HD constexpr CubeBackwardLayout cube_backward_layout(const TileConfig& c, int
   const std::size_t P = S + tile_bytes(BP, c.BLOCK_K, c.pad_acc, c.acc_size);
   const std::size_t Cd = P + tile_bytes(BP, c.BLOCK_D, c.pad_in, c.in_size);
   const std::size_t Op = 0;
-  const std::size_t G = max_size(Cd + tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size),
+  const std::size_t G = max_size(Cd + kOperandStages * tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size),
                                  Op + tile_bytes(op_rows, kCubeChunk, c.pad_in, c.in_size));
   const std::size_t W = G + (z_pass ? tile_bytes(c.BLOCK_K, BP, c.pad_in, c.in_size)
                                     : tile_bytes(BP, c.BLOCK_K, c.pad_in, c.in_size));

@@ -25,6 +25,27 @@
     const uint4 sk_raw = *reinterpret_cast<const uint4*>(src); \
     memcpy((out), &sk_raw, 16);                                \
   } while (0)
+// cp.async (sm_80+): a 16-byte global-to-shared copy that bypasses registers and L1 (.cg),
+// reading src_bytes (0 or 16) and zero-filling the rest; both addresses 16-byte aligned.
+// The copies of a thread land once their commit group is waited for (wait_group n: all
+// but the newest n groups); a barrier then shows them to the other threads.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define SK_CP_ASYNC16(dst, src, src_bytes)                                                      \
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(                        \
+                   static_cast<unsigned>(__cvta_generic_to_shared(dst))),                        \
+               "l"(src), "r"(src_bytes))
+#define SK_CP_ASYNC_COMMIT() asm volatile("cp.async.commit_group;\n" ::)
+#define SK_CP_ASYNC_WAIT(newest) asm volatile("cp.async.wait_group %0;\n" ::"n"(newest))
+#else  // older targets (never launched: the binding refuses them): a synchronous copy
+#define SK_CP_ASYNC16(dst, src, src_bytes)                                   \
+  do {                                                                      \
+    uint4 sk_raw = make_uint4(0, 0, 0, 0);                                  \
+    if ((src_bytes) > 0) sk_raw = *reinterpret_cast<const uint4*>(src);     \
+    *reinterpret_cast<uint4*>(dst) = sk_raw;                                \
+  } while (0)
+#define SK_CP_ASYNC_COMMIT() ((void)0)
+#define SK_CP_ASYNC_WAIT(newest) ((void)0)
+#endif
 #endif
 
 #include <cmath>
@@ -219,6 +240,7 @@ struct WmmaTile {
     using namespace nvcuda;
     using BLayout = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
     const int warp = threadIdx.x / 32;
+#pragma unroll 1
     for (int kk = 0; kk < kred; kk += WK) {
 #pragma unroll
       for (int q = 0; q < PER_WARP; ++q) {
@@ -262,9 +284,134 @@ struct WmmaTile {
   }
 };
 
+// bf16 fragments through ldmatrix and mma.sync (PTX, sm_80+): the emulation models both
+// per lane (emu/cuda_emu.h), so a fragment layout or an unaligned row aborts or goes wrong
+// on the CPU as it would on a GPU.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row, bool trans) {
+#ifdef SYMILE_CUDA_EMULATE
+  symile_emu::ldmatrix_x4(r, row, trans);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if (trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  }
+#else
+  (void)row;
+  (void)trans;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+  __trap();  // bf16 fragments need sm_80; the binding refuses older devices
+#endif
+}
+
+__device__ __forceinline__ void mma_16816_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef SYMILE_CUDA_EMULATE
+  symile_emu::mma_16816_bf16(d, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  (void)d;
+  (void)a;
+  (void)b0;
+  (void)b1;
+  __trap();
+#endif
+}
+
+// A warp-tiled bf16 tile product as WmmaTile (16 x 16 output tiles, PER_WARP per warp), each
+// tile two m16n8k16 products per 16 of k. A is row-major (ld lda); B_COL: B(k, n) = Bs[n ldb + k]
+// (rows of n, k contiguous: ldmatrix as stored), else Bs[k ldb + n] (ldmatrix .trans). Every
+// fragment row is 16 bytes at a 16-byte-aligned address: ld * 2 bytes and the base on 16 bytes
+// (plan.h pads bf16 rows by 8 elements; plan_test.cpp checks the strides).
+template <int BM, int BN>
+struct MmaBf16Tile {
+  static constexpr int WARPS = kThreads / 32;
+  static constexpr int TILES_N = BN / 16;
+  static constexpr int TILES = (BM / 16) * TILES_N;
+  static_assert(BM % 16 == 0 && BN % 16 == 0 && TILES % WARPS == 0, "tile must split into 16 x 16 pieces per warp");
+  static constexpr int PER_WARP = TILES / WARPS;
+  float acc[PER_WARP][2][4];  // [tile][n half][c0..c3]
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int q = 0; q < PER_WARP; ++q)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[q][h][i] = 0.0f;
+  }
+
+  template <bool B_COL>
+  __device__ __forceinline__ void mma(const __nv_bfloat16* As, int lda, const __nv_bfloat16* Bs, int ldb, int kred) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    // This lane's row address within each x4 load (matrix lane / 8, row lane % 8).
+    const int a_row = lane % 16, a_col = (lane / 16) * 8;
+    const int j = lane / 8, r = lane % 8;
+    const int b_n = (j / 2) * 8 + (B_COL ? r : 0), b_k = (j % 2) * 8 + (B_COL ? 0 : r);
+#pragma unroll 1
+    for (int kk = 0; kk < kred; kk += 16) {
+#pragma unroll
+      for (int q = 0; q < PER_WARP; ++q) {
+        const int t = warp + q * WARPS;
+        const int tm = t / TILES_N, tn = t % TILES_N;
+        uint32_t a[4], b[4];
+        ldsm_x4(a, As + (tm * 16 + a_row) * lda + kk + a_col, false);
+        ldsm_x4(b, B_COL ? Bs + (tn * 16 + b_n) * ldb + kk + b_k : Bs + (kk + b_k) * ldb + tn * 16 + b_n, !B_COL);
+        mma_16816_bf16(acc[q][0], a, b[0], b[1]);  // columns tn * 16 + 0..7
+        mma_16816_bf16(acc[q][1], a, b[2], b[3]);  // columns tn * 16 + 8..15
+      }
+    }
+  }
+
+  // acc[q][h][i] is row (lane / 4) + 8 (i / 2), column h * 8 + 2 (lane % 4) + i % 2 of tile q.
+  __device__ __forceinline__ void load(const float* Cs, int ldc) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int q = 0; q < PER_WARP; ++q) {
+      const int t = warp + q * WARPS;
+      const float* base = Cs + (t / TILES_N) * 16 * ldc + (t % TILES_N) * 16;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[q][h][i] = base[(lane / 4 + 8 * (i / 2)) * ldc + h * 8 + 2 * (lane % 4) + i % 2];
+    }
+  }
+
+  __device__ __forceinline__ void store(float* Cs, int ldc) const {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int q = 0; q < PER_WARP; ++q) {
+      const int t = warp + q * WARPS;
+      float* base = Cs + (t / TILES_N) * 16 * ldc + (t % TILES_N) * 16;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) base[(lane / 4 + 8 * (i / 2)) * ldc + h * 8 + 2 * (lane % 4) + i % 2] = acc[q][h][i];
+    }
+  }
+};
+
+// The bf16 kernels use WMMA unless built with -DSK_BF16_LDMATRIX: MmaBf16Tile compiles for
+// sm_80/sm_90 without spills and passes the emulation's work and accuracy tests, but its
+// per-lane emulation (a warp barrier per ldmatrix and per mma) makes the N = 128 work test
+// about 5x slower; it is checked on its own by emu/async_selftest.cpp until that is cut.
+#ifdef SK_BF16_LDMATRIX
+constexpr bool kBf16Ldmatrix = true;
+#else
+constexpr bool kBf16Ldmatrix = false;
+#endif
 template <typename Policy, int BM, int BN>
-using TileFor = typename std::conditional<Policy::kWmma, WmmaTile<typename Policy::In, BM, BN>,
-                                          SimtTile<typename Policy::Acc, BM, BN>>::type;
+using TileFor = typename std::conditional<
+    !Policy::kWmma, SimtTile<typename Policy::Acc, BM, BN>,
+    typename std::conditional<kBf16Ldmatrix && std::is_same<typename Policy::In, __nv_bfloat16>::value,
+                              MmaBf16Tile<BM, BN>, WmmaTile<typename Policy::In, BM, BN>>::type>::type;
 
 // A policy's tile sizes and the leading dimensions of its logit (S) and operand (P) tiles.
 template <typename Policy>
@@ -333,6 +480,9 @@ __device__ __forceinline__ void load_rows(In* dst, int ld, int rows, int cols, c
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
   if (rows_vectorisable(src, D, d0, cols)) {
     const int pieces = cols / VEC;
+    // At most two pieces in flight per thread: the bf16 kernels' accumulators stay in
+    // registers under the 2-CTA cap (no spills, tests/test_cuda_sass.py).
+#pragma unroll 2
     for (int e = threadIdx.x; e < rows * pieces; e += kThreads) {
       const int r = e / pieces;
       const int dd = (e % pieces) * VEC;
@@ -353,6 +503,33 @@ __device__ __forceinline__ void load_rows(In* dst, int ld, int rows, int cols, c
   }
 }
 
+// load_rows through cp.async: the copies land at the caller's SK_CP_ASYNC_WAIT (then a
+// barrier). Only when the rows are already the operand type (no conversion on the way)
+// and every 16-byte piece is aligned at both ends (rows_vectorisable, and a shared row
+// stride and base on 16 bytes); pieces of rows >= n or columns >= D are zero fills that
+// read nothing. Otherwise (float rows in bf16 tiles, odd d, offset bases, SIMT strides)
+// load_rows, synchronously: its stores are visible after the same barrier.
+template <typename In, typename Acc, typename T>
+__device__ __forceinline__ void load_rows_async(In* dst, int ld, int rows, int cols, const T* __restrict__ src,
+                                                int64_t row0, int64_t n, int64_t d0, int64_t D) {
+  if constexpr (std::is_same<In, T>::value) {
+    constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+    if ((ld * sizeof(In)) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
+        rows_vectorisable(src, D, d0, cols)) {
+      const int pieces = cols / VEC;
+      for (int e = threadIdx.x; e < rows * pieces; e += kThreads) {
+        const int r = e / pieces;
+        const int dd = (e % pieces) * VEC;
+        const int64_t row = row0 + r, col = d0 + dd;
+        const bool inside = row < n && col < D;
+        SK_CP_ASYNC16(dst + r * ld + dd, inside ? src + row * D + col : src, inside ? 16 : 0);
+      }
+      return;
+    }
+  }
+  load_rows<In, Acc>(dst, ld, rows, cols, src, row0, n, d0, D);
+}
+
 // Row products of BLOCK_I x BLOCK_J pairs: dst[p][dd] = A[a0 + p / BJ][d] * B[b0 + p % BJ][d].
 template <typename In, typename Acc, typename T, int BI, int BJ>
 __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, const T* __restrict__ A,
@@ -361,6 +538,7 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
   if (rows_vectorisable(A, D, d0, cols) && rows_vectorisable(B, D, d0, cols)) {
     const int pieces = cols / VEC;
+#pragma unroll 2  // as load_rows: two pieces in flight
     for (int e = threadIdx.x; e < BI * BJ * pieces; e += kThreads) {
       const int p = e / pieces;
       const int dd = (e % pieces) * VEC;
@@ -388,21 +566,53 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
 
 // ---------------------------------------------------------------------------
 // S (BM x BN logits' raw products, ld ldS) = A B^T over the full d, BD columns per step:
-// load_a(d0) stages A's BM x BD chunk in P and load_b(d0) B's BN x BD chunk in Cd (both
-// ld ldP, zero-filled outside the tensors). Every thread calls; S is ready on return.
-template <typename Policy, int BM, int BN, int BD, typename LoadA, typename LoadB>
+// load_a(d0) stages A's BM x BD chunk in P; load_b(d0, buf) B's BN x BD chunk in buffer buf
+// of Cd (STAGES = 2 buffers of bytes_b each, both ld ldP, zero-filled outside the
+// tensors), through cp.async where it can: B's next chunk is in flight while this chunk's
+// products run (double buffering). Every thread calls; S is ready on return.
+// STAGES = 1: one buffer, B loaded synchronously after the previous step's barrier (the pair
+// backward, whose W accumulators leave no registers for copies in flight under its plan).
+template <typename Policy, int BM, int BN, int BD, int STAGES = kOperandStages, typename LoadA, typename LoadB>
 __device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&& load_b, const typename Policy::In* P,
-                                              const typename Policy::In* Cd, int ldP, typename Policy::Acc* S,
-                                              int ldS) {
+                                              typename Policy::In* Cd, std::size_t bytes_b, int ldP,
+                                              typename Policy::Acc* S, int ldS) {
+  using In = typename Policy::In;
+  static_assert(STAGES == 1 || STAGES == 2, "one buffer, or two: current and next");
+  if constexpr (STAGES == 1) {
+    (void)bytes_b;
+    TileFor<Policy, BM, BN> acc;
+    acc.zero();
+    for (int64_t d0 = 0; d0 < D; d0 += BD) {
+      load_a(d0);
+      load_b(d0, Cd);
+      __syncthreads();
+      acc.template mma<true>(P, ldP, Cd, ldP, BD);
+      __syncthreads();
+    }
+    acc.store(S, ldS);
+    __syncthreads();
+    return;
+  }
+  In* cur = Cd;
+  In* next = reinterpret_cast<In*>(reinterpret_cast<unsigned char*>(Cd) + bytes_b);
   TileFor<Policy, BM, BN> acc;
   acc.zero();
+  load_b(int64_t(0), cur);
+  SK_CP_ASYNC_COMMIT();
   for (int64_t d0 = 0; d0 < D; d0 += BD) {
+    // `next` was last read by the previous step's products (a barrier since).
+    if (d0 + BD < D) load_b(d0 + BD, next);
+    SK_CP_ASYNC_COMMIT();  // possibly empty: every step commits one group
     load_a(d0);
-    load_b(d0);
+    SK_CP_ASYNC_WAIT(1);   // this step's chunk has landed (only the next one may be in flight)
     __syncthreads();
-    acc.template mma<true>(P, ldP, Cd, ldP, BD);
+    acc.template mma<true>(P, ldP, cur, ldP, BD);
     __syncthreads();
+    In* const done = cur;
+    cur = next;
+    next = done;
   }
+  SK_CP_ASYNC_WAIT(0);  // the last, empty group
   acc.store(S, ldS);
   __syncthreads();
 }
@@ -480,13 +690,14 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     const int col = threadIdx.x / TPC;
     const int q = threadIdx.x % TPC;
     Acc m = ninf;
-    for (int r = q; r < ROWS; r += TPC) m = fmax(m, S[r * ld + col]);
+        for (int r = q; r < ROWS; r += TPC) m = fmax(m, S[r * ld + col]);
     m = lanes_max<TPC>(m);
     if (q == 0) colm[col] = m;
   }
   __syncthreads();
   // Block-uniform: every thread reads the same COLS maxima.
   Acc cmax = ninf, lowest = static_cast<Acc>(INFINITY);
+#pragma unroll 8  // fully unrolled, these COLS shared loads were hoisted into registers
   for (int c = 0; c < COLS; ++c) {
     const Acc m = colm[c];
     cmax = fmax(cmax, m);
@@ -499,7 +710,7 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     const Acc m = colm[col];
     Acc s = Acc(0);
     if (m != ninf) {
-      for (int r = q; r < ROWS; r += TPC) s += exp_(S[r * ld + col] - m);
+            for (int r = q; r < ROWS; r += TPC) s += exp_(S[r * ld + col] - m);
     }
     s = lanes_sum<TPC>(s);
     if (q == 0) {
@@ -512,10 +723,10 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     const int row = threadIdx.x / TPR;
     const int q = threadIdx.x % TPR;
     Acc m = ninf;
-    for (int c = q; c < COLS; c += TPR) m = fmax(m, S[row * ld + c]);
+        for (int c = q; c < COLS; c += TPR) m = fmax(m, S[row * ld + c]);
     m = lanes_max<TPR>(m);
     Acc s = Acc(0);
-    for (int c = q; c < COLS; c += TPR) {
+        for (int c = q; c < COLS; c += TPR) {
       const Acc e = m == ninf ? Acc(0) : exp_(S[row * ld + c] - m);  // the shared exponential
       S[row * ld + c] = e;
       s += e;
@@ -531,7 +742,7 @@ __device__ __forceinline__ void tile_lse_shared(Acc* S, int ld, Acc* colm, Acc* 
     const int col = threadIdx.x / TPC;
     const int q = threadIdx.x % TPC;
     Acc s = Acc(0);
-    for (int r = q; r < ROWS; r += TPC) s += S[r * ld + col] * roww[r];
+        for (int r = q; r < ROWS; r += TPC) s += S[r * ld + col] * roww[r];
     s = lanes_sum<TPC>(s);
     // A valid column's largest term is exp(its max - cmax) >= e^-60: s > 0.
     if (q == 0) {
@@ -566,6 +777,7 @@ __device__ __forceinline__ Acc pair_factors(const Acc* LA_s, const Acc* gA_s, co
   }
   __syncthreads();
   Acc c0 = neg_inf<Acc>();
+#pragma unroll 8
   for (int p = 0; p < BP; ++p) c0 = fmax(c0, ref[p]);
   if (t < BP) u[t] = ref[t] == neg_inf<Acc>() ? Acc(0) : vexp_(ref[t] - c0);
   __syncthreads();
@@ -585,6 +797,7 @@ __device__ __forceinline__ void tile_G(const Acc* S, int ldS, Acc tau, const Acc
                                        int64_t NC, Acc* bcol, In* G, int ldG) {
   const int t = threadIdx.x;
   Acc lowest = static_cast<Acc>(INFINITY);  // block-uniform
+#pragma unroll 8
   for (int k = 0; k < BK && k0 + k < NC; ++k) lowest = lowest < LC_s[k] ? lowest : LC_s[k];
   const bool share = c0 - lowest <= static_cast<Acc>(kBackwardShareSpread);
   if (share && t < BK) bcol[t] = k0 + t < NC ? gC_s[t] * vexp_(c0 - LC_s[t]) : Acc(0);

@@ -26,7 +26,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) alignas(n)
 
@@ -57,6 +57,12 @@ struct Block {
   std::barrier<> all{kBlockThreads};
   std::unique_ptr<std::barrier<>> warp[kWarps];
   alignas(16) double shfl[kWarps][32];
+  // Warp exchanges of ldmatrix (row addresses) and mma.sync (A and B registers), in two
+  // slots used alternately: one barrier per call (a lane rewrites a slot only after every
+  // lane has passed the next call's barrier, so after every lane has read it).
+  const unsigned char* ldsm[2][kWarps][32];
+  uint32_t frag[2][kWarps][32][6];
+  int slot[kWarps * 32] = {};
   unsigned char* smem = nullptr;
   Block() {
     for (auto& w : warp) w = std::make_unique<std::barrier<>>(32);
@@ -72,10 +78,10 @@ inline cudaError_t last_error = cudaSuccess;
 // when it ends; the totals of every launch are kept in order, with the launch's name.
 struct LaunchWork {
   const char* name;
-  int64_t grid, flops, exps, vexps, vloads;
+  int64_t grid, flops, exps, vexps, vloads, async_copies;
 };
-inline thread_local int64_t tl_flops = 0, tl_exps = 0, tl_vexps = 0, tl_vloads = 0;
-inline std::atomic<int64_t> launch_flops{0}, launch_exps{0}, launch_vexps{0}, launch_vloads{0};
+inline thread_local int64_t tl_flops = 0, tl_exps = 0, tl_vexps = 0, tl_vloads = 0, tl_async = 0;
+inline std::atomic<int64_t> launch_flops{0}, launch_exps{0}, launch_vexps{0}, launch_vloads{0}, launch_async{0};
 inline std::vector<LaunchWork> launches;
 
 inline void count_flops(int64_t n) { tl_flops += n; }
@@ -98,6 +104,47 @@ inline void load16(const void* src, void* out) {
   std::memcpy(out, src, 16);
 }
 
+// cp.async (sm_80+, PTX "cp.async.cg.shared.global" with 16-byte copies, commit_group,
+// wait_group): a copy lands in shared memory only when its group is waited for, so the
+// emulation fills the destination with NaN bytes at issue and copies at the matching
+// wait_group; a kernel that read it earlier (or let another thread read it before the
+// barrier after the wait) sees NaN. Both addresses must be 16-byte aligned (else the copy
+// is undefined on a GPU: abort here); src_bytes < 16 copies that many and zero-fills the
+// rest (0: a pure zero fill that reads nothing). A thread that ends with copies not waited
+// for aborts.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  int src_bytes;
+};
+inline thread_local std::vector<AsyncCopy> tl_open;                // issued, not committed
+inline thread_local std::vector<std::vector<AsyncCopy>> tl_groups;  // committed, oldest first
+
+inline void cp_async16(void* dst, const void* src, int src_bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fail("cp.async 16-byte copy to a shared address not 16-byte aligned");
+  if (src_bytes < 0 || src_bytes > 16) fail("cp.async src-size outside [0, 16]");
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    fail("cp.async 16-byte copy from a global address not 16-byte aligned");
+  }
+  if (src_bytes > 0) ++tl_async;
+  std::memset(dst, 0xFF, 16);
+  tl_open.push_back(AsyncCopy{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes});
+}
+inline void cp_async_commit() {
+  tl_groups.push_back(std::move(tl_open));
+  tl_open.clear();
+}
+// Completes every committed group but the newest `newest` ones (uncommitted copies stay pending).
+inline void cp_async_wait(std::size_t newest) {
+  while (tl_groups.size() > newest) {
+    for (const AsyncCopy& c : tl_groups.front()) {
+      if (c.src_bytes > 0) std::memcpy(c.dst, c.src, static_cast<std::size_t>(c.src_bytes));
+      std::memset(c.dst + c.src_bytes, 0, static_cast<std::size_t>(16 - c.src_bytes));
+    }
+    tl_groups.erase(tl_groups.begin());
+  }
+}
+
 template <typename... P, typename... A>
 void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t smem_bytes, A... args) {
   static_assert(sizeof...(P) == sizeof...(A), "kernel argument count");
@@ -109,6 +156,7 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
   launch_exps = 0;
   launch_vexps = 0;
   launch_vloads = 0;
+  launch_async = 0;
   for (int64_t b = 0; b < grid; ++b) {
     Block block;
     const std::size_t bytes = smem_bytes == 0 ? 128 : (smem_bytes + 127) / 128 * 128;
@@ -124,19 +172,23 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
         gridDim.x = static_cast<unsigned>(grid);
         blockDim.x = kBlockThreads;
         tls_block = &block;
-        tl_flops = tl_exps = tl_vexps = tl_vloads = 0;
+        tl_flops = tl_exps = tl_vexps = tl_vloads = tl_async = 0;
+        tl_open.clear();
+        tl_groups.clear();
         kernel(static_cast<P>(args)...);
+        if (!tl_open.empty() || !tl_groups.empty()) fail("the kernel ended with cp.async copies not waited for");
         launch_flops += tl_flops;
         launch_exps += tl_exps;
         launch_vexps += tl_vexps;
         launch_vloads += tl_vloads;
+        launch_async += tl_async;
       });
     }
     for (auto& th : threads) th.join();
     ::operator delete(smem, std::align_val_t(128));
   }
   launches.push_back(LaunchWork{name, grid, launch_flops.load(), launch_exps.load(),
-                                launch_vexps.load(), launch_vloads.load()});
+                                launch_vexps.load(), launch_vloads.load(), launch_async.load()});
 }
 
 }  // namespace symile_emu
@@ -148,6 +200,9 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
 #define SK_COUNT_EXP() ::symile_emu::count_exp()
 #define SK_COUNT_VEXP() ::symile_emu::count_vexp()
 #define SK_LOAD16(src, out) ::symile_emu::load16((src), (out))
+#define SK_CP_ASYNC16(dst, src, src_bytes) ::symile_emu::cp_async16((dst), (src), (src_bytes))
+#define SK_CP_ASYNC_COMMIT() ::symile_emu::cp_async_commit()
+#define SK_CP_ASYNC_WAIT(newest) ::symile_emu::cp_async_wait(newest)
 
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int value) {
@@ -176,6 +231,71 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   b->warp[w]->arrive_and_wait();
   return r;
 }
+
+// ---------------------------------------------------------------------------
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 and mma.sync.aligned.m16n8k16.row.col
+// .f32.bf16.bf16.f32 with their per-lane semantics (PTX ISA, "Warp-level matrix load
+// instruction: ldmatrix" and "Matrix fragments for mma.m16n8k16"): every lane of the warp
+// calls; lane l gives the address of row l % 8 of matrix l / 8, which must be 16-byte
+// aligned (else undefined on a GPU: abort here). Register j of lane l then holds row l / 4,
+// columns 2 (l % 4) and 2 (l % 4) + 1 of matrix j (.trans: rows 2 (l % 4) and 2 (l % 4) + 1
+// of column l / 4), the lower column (row) in the low 16 bits.
+namespace symile_emu {
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
+  Block* b = tls_block;
+  const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+  const int sl = b->slot[threadIdx.x] ^= 1;
+  const unsigned char* const(&rows)[32] = b->ldsm[sl][w];
+  b->ldsm[sl][w][lane] = static_cast<const unsigned char*>(row);
+  b->warp[w]->arrive_and_wait();
+  for (int j = 0; j < 4; ++j) {
+    uint16_t lo, hi;
+    if (!trans) {
+      const unsigned char* src = rows[j * 8 + lane / 4] + (lane % 4) * 4;
+      std::memcpy(&lo, src, 2);
+      std::memcpy(&hi, src + 2, 2);
+    } else {
+      std::memcpy(&lo, rows[j * 8 + (lane % 4) * 2] + (lane / 4) * 2, 2);
+      std::memcpy(&hi, rows[j * 8 + (lane % 4) * 2 + 1] + (lane / 4) * 2, 2);
+    }
+    r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+}
+
+inline float bf16_bits(uint32_t reg, int high) {
+  const uint32_t u = (high ? reg >> 16 : reg & 0xFFFFu) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// d (this lane's 4 accumulators) += A (16 x 16) B (16 x 8): A(row, k) is in lane (row % 8) * 4 +
+// (k % 8) / 2, register (k / 8) * 2 + row / 8; B(k, n) in lane n * 4 + (k % 8) / 2, register k / 8;
+// d[i] is row lane / 4 + 8 (i / 2), column 2 (lane % 4) + i % 2.
+inline void mma_16816_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  Block* b = tls_block;
+  const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+  const int sl = b->slot[threadIdx.x] ^= 1;
+  uint32_t(&f)[32][6] = b->frag[sl][w];
+  uint32_t* mine = f[lane];
+  for (int q = 0; q < 4; ++q) mine[q] = a[q];
+  mine[4] = b0;
+  mine[5] = b1;
+  b->warp[w]->arrive_and_wait();
+  if (lane == 0) count_flops(int64_t(2) * 16 * 8 * 16);
+  for (int i = 0; i < 4; ++i) {
+    const int row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
+    float v = d[i];
+    for (int k = 0; k < 16; ++k) {
+      const float x = bf16_bits(f[(row % 8) * 4 + (k % 8) / 2][(k / 8) * 2 + row / 8], k % 2);
+      const float y = bf16_bits(f[col * 4 + (k % 8) / 2][4 + k / 8], k % 2);
+      v += x * y;
+    }
+    d[i] = v;
+  }
+}
+}  // namespace symile_emu
 
 // ---------------------------------------------------------------------------
 // bf16 with round-to-nearest-even conversion.

@@ -120,3 +120,8 @@ extern "C" const char* emu_work_launch(int64_t n, int64_t* grid, int64_t* flops,
   *vloads = w.vloads;
   return w.name;
 }
+
+// cp.async copies (with a source, not pure zero fills) of launch n.
+extern "C" int64_t emu_work_async_copies(int64_t n) {
+  return symile_emu::launches.at(static_cast<std::size_t>(n)).async_copies;
+}
