@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 from symile_kernels import available_backends, backends, symile_loss  # noqa: E402
 from symile_kernels import chunked  # noqa: E402
 
-from oracle_check import check_against_oracle, make_inputs, relative_error  # noqa: E402
+from harness import check_against_oracle, make_inputs, relative_error  # noqa: E402
 
 _CHILD_ENV = "SYMILE_KERNELS_TRITON_TEST_CHILD"
 CUDA = torch.cuda.is_available()
