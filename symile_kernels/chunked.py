@@ -152,12 +152,8 @@ def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
     return tuple(None if g is None else g * s for g, s in ((da, tau), (db, tau), (dpos, 1), (dtau, 1)))
 
 
-BACKEND = Backend(
-    name="chunked",
-    cube_lse_forward=cube_lse_forward,
-    cube_lse_backward=cube_lse_backward,
-    pair_lse_forward=pair_lse_forward,
-    pair_lse_backward=pair_lse_backward,
+BACKEND = Backend.from_namespace(
+    "chunked", globals(),
     description="pure PyTorch, any device: tiles over (i, j) blocks, recomputes tiles in backward",
     skips_unneeded_grads=True,
 )

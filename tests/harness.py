@@ -134,3 +134,24 @@ def check_against_oracle(backend: str, reps64: list[torch.Tensor], tau: float, *
         if name != "loss":
             assert err <= grad_tol, f"{name} error {err:.3g} > {grad_tol}: {errors}"
     return errors
+
+
+def check_compile_matches_eager(step, reps: list[torch.Tensor], tolerance: float = 1e-6) -> None:
+    """``torch.compile(step, fullgraph=True)`` gives eager's loss and gradients.
+
+    step(x, y, z, log_tau) returns a scalar loss; ``reps`` are its three
+    representations, log_tau is 2.0 on their device. Eager runs first (a backend's
+    availability is then cached); both runs draw the same seed ("n" sampling).
+    """
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        args = [r.clone().requires_grad_() for r in reps] + [torch.tensor(2.0, device=reps[0].device,
+                                                                          requires_grad=True)]
+        torch.manual_seed(3)
+        loss = fn(*args)
+        loss.backward()
+        results.append([loss.detach()] + [a.grad for a in args])
+    for eager, comp in zip(*results):
+        assert relative_error(comp, eager) < tolerance

@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import symile_kernels
 from symile_kernels import ops, symile_loss
 from symile_kernels.chunked import tile_shape
 

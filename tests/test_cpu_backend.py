@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import symile_kernels
 from symile_kernels import cpu as cpu_backend
 
-from harness import TOLERANCES, make_inputs, rel
+from harness import TOLERANCES, check_compile_matches_eager, make_inputs, rel
 
 _REASON = cpu_backend.load_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU backend unavailable: {_REASON}")
@@ -125,23 +125,11 @@ def test_opcheck_generic_ops_with_cpu_backend():
 
 @pytest.mark.parametrize("negative_sampling", ["n_squared", "n"])
 def test_torch_compile_fullgraph(negative_sampling):
-    torch._dynamo.reset()
-    reps = make_reps(3, 9, 6, "unit", torch.float32)
-
     def step(x, y, z, log_tau):
         return 2 * symile_kernels.symile_loss([x, y, z], log_tau.exp(), negative_sampling=negative_sampling,
                                               backend="cpu")
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (step, compiled):
-        args = [r.clone().requires_grad_(True) for r in reps] + [torch.tensor(2.0, requires_grad=True)]
-        torch.manual_seed(3)
-        loss = fn(*args)
-        loss.backward()
-        results.append([loss.detach()] + [a.grad for a in args])
-    for eager, comp in zip(*results):
-        assert rel(comp, eager) < 1e-6
+    check_compile_matches_eager(step, make_reps(3, 9, 6, "unit", torch.float32))
 
 
 def _rss_bytes():

@@ -40,9 +40,7 @@ class _Emulated:
 
     def backend(self, name: str = "cuda_emu") -> Backend:
         """A Backend record over these launchers, for ``backends.register``."""
-        return Backend(name=name, cube_lse_forward=self.cube_lse_forward, cube_lse_backward=self.cube_lse_backward,
-                       pair_lse_forward=self.pair_lse_forward, pair_lse_backward=self.pair_lse_backward,
-                       accepts_low_precision=True)
+        return Backend.from_namespace(name, self, accepts_low_precision=True)
 
     def _fn(self, name: str, dtype: torch.dtype):
         return getattr(self.lib, f"emu_{name}_{self.SUFFIX[dtype]}")

@@ -12,7 +12,7 @@ import torch
 from symile_kernels import backends, symile_loss
 
 from cuda_common import check_rectangular_pairs, gpu_only
-from harness import check_against_oracle, make_inputs, relative_error
+from harness import check_against_oracle, check_compile_matches_eager, make_inputs, relative_error
 
 
 GPU_CUBE_CASES = [(N, d, tau, dtype) for N, d in ((1, 3), (2, 1), (7, 48), (33, 200), (129, 3), (130, 256))
@@ -142,22 +142,10 @@ def test_gpu_opcheck(dtype):
 @gpu_only
 @pytest.mark.parametrize("negative_sampling", ["n_squared", "n"])
 def test_gpu_torch_compile_fullgraph(negative_sampling):
-    torch._dynamo.reset()
-    reps = [r.to("cuda", torch.float32) for r in make_inputs("unit", 3, 33, 48)]
-
     def step(x, y, z, log_tau):
         return symile_loss([x, y, z], log_tau.exp(), negative_sampling=negative_sampling, backend="cuda")
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (step, compiled):  # eager first: the backend's availability is then cached
-        args = [r.clone().requires_grad_() for r in reps] + [torch.tensor(2.0, device="cuda", requires_grad=True)]
-        torch.manual_seed(3)
-        loss = fn(*args)
-        loss.backward()
-        results.append([loss.detach()] + [a.grad for a in args])
-    for eager, comp in zip(*results):
-        assert relative_error(comp, eager) < 1e-6
+    check_compile_matches_eager(step, [r.to("cuda", torch.float32) for r in make_inputs("unit", 3, 33, 48)])
 
 
 @gpu_only
