@@ -3,7 +3,7 @@
 benchmarks/count_work_cuda.py runs csrc/cuda/cube.cu through csrc/cuda/emu, whose
 counters record the tile-product FLOPs of every ``mma_sync`` (and SIMT FMA) and
 the calls of ``exp_`` (per cube element) and ``vexp_`` (per row, column, tile or
-partial LSE). The bounds (docs/math.md section 5, issue 13):
+partial LSE). The bounds (docs/math.md section 5):
 
 * forward + backward execute at most 1.7x the model FLOPs 6 N^3 d: the forward's
   logits, one recomputation in each of the backward's two passes and the two
