@@ -9,6 +9,8 @@ seed comes from tests/conftest.py (one per test).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from symile_kernels import clip_loss, symile_loss
@@ -155,3 +157,31 @@ def check_compile_matches_eager(step, reps: list[torch.Tensor], tolerance: float
         results.append([loss.detach()] + [a.grad for a in args])
     for eager, comp in zip(*results):
         assert relative_error(comp, eager) < tolerance
+
+
+class Case(NamedTuple):
+    """One correctness case: M modalities of N rows of d features of input ``kind`` at ``tau``,
+    computed in ``dtype`` (``_test_correctness`` runs it against the oracle)."""
+
+    M: int
+    N: int
+    d: int
+    kind: str
+    tau: float
+    dtype: torch.dtype
+    negative_sampling: str = "n_squared"
+    loss: str = "symile"
+    seed: int = 0
+    floor: float | None = None  # None: docs/math.md section 6.1's floor; 1e-3: harness.rel's stricter one
+
+    def id(self) -> str:
+        extra = "" if self.loss == "symile" and self.negative_sampling == "n_squared" else \
+            f"-{self.loss if self.loss != 'symile' else self.negative_sampling}"
+        return f"M{self.M}-N{self.N}-d{self.d}-{self.kind}-tau{self.tau}-{str(self.dtype)[6:]}{extra}"
+
+
+def _test_correctness(backend: str, case: Case, device: str = "cpu") -> dict:
+    """Asserts ``backend``'s loss and gradients on ``case`` match the float64 oracle; returns the errors."""
+    return check_against_oracle(backend, make_inputs(case.kind, case.M, case.N, case.d), case.tau,
+                                dtype=case.dtype, negative_sampling=case.negative_sampling, loss=case.loss,
+                                device=device, seed=case.seed, floor=case.floor)

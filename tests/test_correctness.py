@@ -1,44 +1,24 @@
 """Every backend's loss and gradients against the float64 oracle: one parametrised body.
 
 Each case (modalities, sizes, input kind, tau, dtype, negative sampling, loss)
-runs for every backend of ``BACKENDS`` through ``_test_correctness``; a new
+runs for every backend of ``BACKENDS`` through ``harness._test_correctness``; a new
 backend gets the whole battery by adding its name. Backends that need a machine
 this one lacks are skipped with the reason. The triton backend runs these cases
-in its interpreter child process (tests/test_triton_backend.py), the cuda
+in its interpreter child process through the same body (tests/test_triton_backend.py), the cuda
 backend through its emulation (tests/test_cuda_emulation.py).
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import pytest
 import torch
 
 from symile_kernels import backends
 
-from harness import INPUT_KINDS, check_against_oracle, make_inputs
+from harness import INPUT_KINDS, Case, _test_correctness
 
 BACKENDS = ["chunked", "cpu"]
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
-
-
-class Case(NamedTuple):
-    M: int
-    N: int
-    d: int
-    kind: str
-    tau: float
-    dtype: torch.dtype
-    negative_sampling: str = "n_squared"
-    loss: str = "symile"
-    seed: int = 0
-    floor: float | None = None  # None: docs/math.md section 6.1's floor; 1e-3: harness.rel's stricter one
-
-    def id(self) -> str:
-        extra = "" if self.loss == "symile" and self.negative_sampling == "n_squared" else \
-            f"-{self.loss if self.loss != 'symile' else self.negative_sampling}"
-        return f"M{self.M}-N{self.N}-d{self.d}-{self.kind}-tau{self.tau}-{str(self.dtype)[6:]}{extra}"
 
 
 STRICT = 1e-3
@@ -73,13 +53,6 @@ CASES = [
     *[Case(M, 33, 48, "unit", 14.3, F64, loss="clip") for M in (2, 3, 4)],
     Case(3, 33, 48, "unit", 14.3, F64, loss="clip", floor=STRICT),
 ]
-
-
-def _test_correctness(backend: str, case: Case, device: str = "cpu") -> dict:
-    """Asserts ``backend``'s loss and gradients on ``case`` match the float64 oracle; returns the errors."""
-    return check_against_oracle(backend, make_inputs(case.kind, case.M, case.N, case.d), case.tau,
-                                dtype=case.dtype, negative_sampling=case.negative_sampling, loss=case.loss,
-                                device=device, seed=case.seed, floor=case.floor)
 
 
 @pytest.mark.parametrize("case", CASES, ids=Case.id)
