@@ -237,7 +237,7 @@ def pytest_command(root: str, smoke: bool) -> list[str]:
     base = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider"]
     with open(os.path.join(root, "pyproject.toml")) as f:
         has_marker = re.search(r'^\s*"gpu\s*:', f.read(), re.M) is not None
-    files = [p for p in ("tests/test_triton_backend.py", "tests/test_cuda_backend.py")
+    files = [p for p in ("tests/test_triton_backend.py", "tests/test_cuda_gpu.py")
              if os.path.exists(os.path.join(root, p))]
     command = base + (["-m", "gpu", "tests"] if has_marker else files)
     if smoke:  # the plumbing only: collect, run nothing

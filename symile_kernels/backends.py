@@ -47,8 +47,10 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from functools import partial
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -70,6 +72,10 @@ ENV_VAR = "SYMILE_KERNELS_BACKEND"
 # Every name a backend= argument may take; ``register`` and ``unregister`` update it.
 _MODULES = dict(_BUILTIN)
 NAMES = ("auto", "reference") + tuple(_MODULES)
+
+
+# The four functions every backend provides (module docstring).
+KERNELS = ("cube_lse_forward", "cube_lse_backward", "pair_lse_forward", "pair_lse_backward")
 
 
 @dataclass
@@ -94,6 +100,14 @@ class Backend:
     # True when both backward functions take ``needs=`` and skip the outputs no input needs
     # (module docstring); otherwise every output is computed and the unneeded ones dropped.
     skips_unneeded_grads: bool = False
+
+    @classmethod
+    def from_namespace(cls, name: str, namespace: Any, **fields: Any) -> "Backend":
+        """The record whose four kernel functions (``KERNELS``) are the same-named entries
+        of ``namespace``: a mapping such as a module's ``globals()``, or any object's
+        attributes. ``fields`` sets the other fields."""
+        get = namespace.__getitem__ if isinstance(namespace, Mapping) else partial(getattr, namespace)
+        return cls(name=name, **{kernel: get(kernel) for kernel in KERNELS}, **fields)
 
 
 _loaded: dict[str, Backend] = {}

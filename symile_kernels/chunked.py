@@ -168,12 +168,8 @@ def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
     return (tau * da if need_da else None, tau * db if need_db else None, dpos, dtau)
 
 
-BACKEND = Backend(
-    name="chunked",
-    cube_lse_forward=cube_lse_forward,
-    cube_lse_backward=cube_lse_backward,
-    pair_lse_forward=pair_lse_forward,
-    pair_lse_backward=pair_lse_backward,
+BACKEND = Backend.from_namespace(
+    "chunked", globals(),
     description="pure PyTorch, any device: tiles over (i, j) blocks, recomputes tiles in backward",
     skips_unneeded_grads=True,
 )

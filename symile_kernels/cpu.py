@@ -94,12 +94,8 @@ def _unavailable_reason(device: torch.device) -> Optional[str]:
     return load_reason()
 
 
-BACKEND = Backend(
-    name="cpu",
-    cube_lse_forward=cube_lse_forward,
-    cube_lse_backward=cube_lse_backward,
-    pair_lse_forward=pair_lse_forward,
-    pair_lse_backward=pair_lse_backward,
+BACKEND = Backend.from_namespace(
+    "cpu", globals(),
     unavailable_reason=_unavailable_reason,
     description="fused C++ (csrc/cpu): one exponential per cube element per pass, BLAS tiles, at::parallel_for",
 )

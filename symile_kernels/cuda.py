@@ -165,12 +165,8 @@ def _device_reason(device: torch.device) -> Optional[str]:
     return load_reason()
 
 
-BACKEND = Backend(
-    name="cuda",
-    cube_lse_forward=cube_lse_forward,
-    cube_lse_backward=cube_lse_backward,
-    pair_lse_forward=pair_lse_forward,
-    pair_lse_backward=pair_lse_backward,
+BACKEND = Backend.from_namespace(
+    "cuda", globals(),
     unavailable_reason=_unavailable_reason,
     accepts_low_precision=True,
     description="fused CUDA C++ (csrc/cuda): tiled online LSE, WMMA (TF32/bf16) or IEEE SIMT tile products, "

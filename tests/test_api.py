@@ -8,7 +8,7 @@ import symile_kernels
 from symile_kernels import (MIPSimilarity, Symile, SymileLoss, available_backends, backends, clip_loss,
                             mip_similarity, symile_loss)
 
-from oracle_check import make_inputs
+from harness import make_inputs
 
 
 def reps3(N=5, d=4, dtype=torch.float32):

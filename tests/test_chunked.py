@@ -3,45 +3,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import symile_kernels
 from symile_kernels import ops, symile_loss
 from symile_kernels.chunked import tile_shape
 
-from oracle_check import INPUT_KINDS, check_against_oracle, make_inputs
+from harness import check_against_oracle, make_inputs
 
-SIZES_N = (1, 2, 7, 33, 130)
-SIZES_D = (1, 3, 48)
-DTYPES = (torch.float64, torch.float32, torch.bfloat16)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("d", SIZES_D)
-@pytest.mark.parametrize("N", SIZES_N)
-def test_cube_matches_oracle(N, d, dtype):
-    check_against_oracle("chunked", make_inputs("unit", 3, N, d), 100.0, dtype=dtype)
-
-
-@pytest.mark.parametrize("kind,tau", INPUT_KINDS)
-@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
-def test_input_kinds(kind, tau, dtype):
-    check_against_oracle("chunked", make_inputs(kind, 3, 33, 48), tau, dtype=dtype)
-
-
-@pytest.mark.parametrize("M,N,d", [(2, 33, 48), (2, 1, 3), (4, 7, 3), (4, 13, 48), (5, 5, 3)])
-@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
-def test_other_modality_counts(M, N, d, dtype):
-    check_against_oracle("chunked", make_inputs("unit", M, N, d), 14.3, dtype=dtype)
-
-
-@pytest.mark.parametrize("M,N,d", [(2, 33, 5), (3, 130, 48), (3, 7, 1), (5, 33, 3)])
-@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
-def test_n_sampling(M, N, d, dtype):
-    check_against_oracle("chunked", make_inputs("unit", M, N, d), 100.0, dtype=dtype, negative_sampling="n", seed=7)
-
-
-@pytest.mark.parametrize("M", (2, 3, 4))
-def test_clip_loss(M):
-    check_against_oracle("chunked", make_inputs("unit", M, 33, 48), 14.3, loss="clip")
+# Its loss and gradients against the oracle: tests/test_correctness.py.
 
 
 @pytest.mark.parametrize("budget", (1, 5000, 40000))

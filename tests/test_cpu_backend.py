@@ -11,9 +11,8 @@ import torch.nn.functional as F
 
 import symile_kernels
 from symile_kernels import cpu as cpu_backend
-from symile_kernels.reference import symile_loss_reference, clip_loss_reference
 
-from oracle_check import TOLERANCES
+from harness import TOLERANCES, check_compile_matches_eager, make_inputs, rel
 
 _REASON = cpu_backend.load_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU backend unavailable: {_REASON}")
@@ -21,126 +20,18 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU backend un
 OPS = torch.ops.symile_kernels
 
 TOL = TOLERANCES  # docs/math.md section 6: (loss, gradients) relative tolerances per compute mode
-
-# (N, d, tau, rows): awkward sizes, tau up to 100 with unit rows, ties, one huge row.
-CUBE_CASES = [
-    (1, 3, 1.0, "unit"),
-    (2, 1, 14.3, "unit"),
-    (7, 48, 100.0, "unit"),
-    (33, 200, 100.0, "unit"),
-    (129, 48, 14.3, "unit"),
-    (33, 3, 1.0, "gauss"),
-    (7, 48, 1.0, "ties"),
-    (33, 48, 100.0, "ties"),
-    (33, 48, 14.3, "huge"),
-    (33, 48, 100.0, "huge"),
-    (33, 48, 100.0, "faint"),
-]
 DTYPES = (torch.float64, torch.float32)
+# Its loss and gradients against the oracle: tests/test_correctness.py.
 
 
-def rel(out, ref):
-    """||out - ref|| / ||ref||; the floor 1e-3 keeps an exactly-zero reference (N = 1: every
-    gradient is 0) from turning rounding noise into an infinite relative error."""
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-3)).item()
-
-
-def make_reps(M, N, d, rows, dtype=torch.float64):
-    """M fresh (N, d) float64 representations of the given kind, cast to ``dtype``."""
-    reps = [torch.randn(N, d, dtype=torch.float64) for _ in range(M)]
-    if rows in ("unit", "ties", "huge"):
-        reps = [F.normalize(r, dim=1) for r in reps]
-    if rows == "ties":  # every row of each modality repeats one of two rows
-        reps = [r[torch.arange(N) % 2] for r in reps]
-    if rows == "huge":  # one row ten times longer: logits up to 10 tau
-        reps[0][N // 2] *= 10
-    if rows == "faint":  # rows near one direction (logits near tau) but one faint last-modality row
-        # (logits near 0): tiles span > 30 in log space, which takes the kernels' second-exponential paths.
-        direction = torch.zeros(d, dtype=torch.float64)
-        direction[d // 2] = 1  # a basis vector: the multilinear product of three copies is 1
-        reps = [F.normalize(direction + 0.1 / d ** 0.5 * torch.randn(N, d, dtype=torch.float64), dim=1)
-                for _ in range(M)]
-        reps[-1][N // 3] *= 1e-3
-    return [r.to(dtype) for r in reps]
-
-
-def loss_and_grads(fn, reps, tau, gout):
-    reps = [r.detach().clone().requires_grad_(True) for r in reps]
-    tau_t = torch.tensor(tau, dtype=reps[0].dtype if reps[0].dtype != torch.bfloat16 else torch.float32,
-                         requires_grad=True)
-    loss = fn(reps, tau_t)
-    (loss * gout).backward()
-    return loss.detach(), [r.grad for r in reps] + [tau_t.grad]
-
-
-def check_against_oracle(reps, tau, negative_sampling="n_squared", seed=None):
-    dtype = reps[0].dtype
-    gout = torch.rand(()).item() + 0.5  # a random grad_output of the scalar loss
-
-    def ours(r, t):
-        if seed is not None:
-            torch.manual_seed(seed)
-        return symile_kernels.symile_loss(r, t, negative_sampling=negative_sampling, backend="cpu")
-
-    def oracle(r, t):
-        if seed is not None:
-            torch.manual_seed(seed)
-        return symile_loss_reference(r, t, negative_sampling)
-
-    loss, grads = loss_and_grads(ours, reps, tau, gout)
-    ref_loss, ref_grads = loss_and_grads(oracle, [r.double() for r in reps], tau, gout)
-    assert loss.dtype == dtype
-    assert all(g.dtype == (dtype if i < len(reps) else grads[-1].dtype) for i, g in enumerate(grads))
-    loss_tol, grad_tol = TOL[dtype]
-    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
-    assert rel(loss, ref_loss) < loss_tol, (rel(loss, ref_loss), loss_tol)
-    for name, g, ref in zip([f"d{m}" for m in range(len(reps))] + ["dtau"], grads, ref_grads):
-        assert rel(g, ref) < grad_tol, (name, rel(g, ref), grad_tol)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("N,d,tau,rows", CUBE_CASES)
-def test_m3_n_squared_matches_oracle(N, d, tau, rows, dtype):
-    check_against_oracle(make_reps(3, N, d, rows, dtype), tau)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("N,d,tau,rows", [(7, 5, 14.3, "unit"), (5, 48, 100.0, "unit"), (6, 3, 1.0, "gauss"),
-                                          (6, 8, 100.0, "faint")])
-def test_m4_n_squared_matches_oracle(N, d, tau, rows, dtype):
-    check_against_oracle(make_reps(4, N, d, rows, dtype), tau)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M,N,d,tau,rows", [(3, 33, 48, 100.0, "unit"), (3, 129, 200, 14.3, "unit"),
-                                            (4, 7, 3, 1.0, "gauss"), (3, 33, 48, 14.3, "huge")])
-def test_n_sampling_matches_oracle_with_same_seed(M, N, d, tau, rows, dtype):
-    check_against_oracle(make_reps(M, N, d, rows, dtype), tau, negative_sampling="n", seed=1234 + N)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("N,d,tau,rows", [(1, 3, 1.0, "unit"), (33, 48, 100.0, "unit"), (129, 200, 14.3, "ties"),
-                                          (600, 7, 1.0, "gauss"), (33, 8, 100.0, "faint")])
-def test_m2_clip_matches_oracle(N, d, tau, rows, dtype):
-    check_against_oracle(make_reps(2, N, d, rows, dtype), tau)
-
-
-def test_clip_loss_matches_oracle():
-    reps = make_reps(3, 33, 48, "unit")
-    ours = symile_kernels.clip_loss(reps, 14.3, backend="cpu")
-    assert rel(ours, clip_loss_reference(reps, 14.3)) < TOL[torch.float64][0]
-
-
-@pytest.mark.parametrize("negative_sampling", ["n_squared", "n"])
-def test_bf16_inputs_give_bf16_grads(negative_sampling):
-    reps = make_reps(3, 33, 48, "unit", torch.bfloat16)
-    check_against_oracle(reps, 14.3, negative_sampling, seed=7 if negative_sampling == "n" else None)
+def make_reps(M, N, d, kind, dtype=torch.float64):
+    """M fresh (N, d) representations of a harness input kind, cast to ``dtype``."""
+    return [r.to(dtype) for r in make_inputs(kind, M, N, d)]
 
 
 @pytest.mark.parametrize("M,negative_sampling", [(3, "n_squared"), (4, "n_squared"), (3, "n"), (2, "n_squared")])
 def test_gradcheck_float64(M, negative_sampling):
-    reps = [r.requires_grad_(True) for r in make_reps(M, 4, 3, "gauss")]
+    reps = [r.requires_grad_(True) for r in make_reps(M, 4, 3, "gaussian")]
     tau = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
 
     def fn(*args):
@@ -234,23 +125,11 @@ def test_opcheck_generic_ops_with_cpu_backend():
 
 @pytest.mark.parametrize("negative_sampling", ["n_squared", "n"])
 def test_torch_compile_fullgraph(negative_sampling):
-    torch._dynamo.reset()
-    reps = make_reps(3, 9, 6, "unit", torch.float32)
-
     def step(x, y, z, log_tau):
         return 2 * symile_kernels.symile_loss([x, y, z], log_tau.exp(), negative_sampling=negative_sampling,
                                               backend="cpu")
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (step, compiled):
-        args = [r.clone().requires_grad_(True) for r in reps] + [torch.tensor(2.0, requires_grad=True)]
-        torch.manual_seed(3)
-        loss = fn(*args)
-        loss.backward()
-        results.append([loss.detach()] + [a.grad for a in args])
-    for eager, comp in zip(*results):
-        assert rel(comp, eager) < 1e-6
+    check_compile_matches_eager(step, make_reps(3, 9, 6, "unit", torch.float32))
 
 
 def _rss_bytes():

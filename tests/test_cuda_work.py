@@ -3,7 +3,7 @@
 benchmarks/count_work_cuda.py runs csrc/cuda/cube.cu through csrc/cuda/emu, whose
 counters record the tile-product FLOPs of every ``mma_sync`` (and SIMT FMA) and
 the calls of ``exp_`` (per cube element) and ``vexp_`` (per row, column, tile or
-partial LSE). The bounds (docs/math.md section 5, issue 13):
+partial LSE). The bounds (docs/math.md section 5):
 
 * forward + backward execute at most 1.7x the model FLOPs 6 N^3 d: the forward's
   logits, one recomputation in each of the backward's two passes and the two
@@ -27,7 +27,7 @@ import torch
 
 from symile_kernels import backends
 
-from oracle_check import check_against_oracle, make_inputs
+from harness import check_against_oracle, make_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -62,19 +62,13 @@ def test_work_bounds_at_n128(lib, d):
 
 
 @pytest.fixture
-def emulated_backend(lib, monkeypatch):
-    from test_cuda_backend import _Emulated
-
-    from symile_kernels.backends import Backend
+def emulated_backend(lib):
+    from test_cuda_emulation import _Emulated
 
     state = _Emulated(lib, 0, 2)
-    backend = Backend(name="cuda_emu", cube_lse_forward=state.cube_lse_forward,
-                      cube_lse_backward=state.cube_lse_backward, pair_lse_forward=state.pair_lse_forward,
-                      pair_lse_backward=state.pair_lse_backward, accepts_low_precision=True)
-    monkeypatch.setattr(backends, "NAMES", backends.NAMES + ("cuda_emu",))
-    monkeypatch.setitem(backends._MODULES, "cuda_emu", "tests.cuda_emu")
-    monkeypatch.setitem(backends._loaded, "cuda_emu", backend)
-    return state
+    backends.register(state.backend(), replace=True)
+    yield state
+    backends.unregister("cuda_emu")
 
 
 def _element_exps(lib, kernel: str) -> int:

@@ -233,9 +233,9 @@ def test_the_gpu_plan_puts_correctness_and_headline_rows_first():
 
 
 def test_pytest_and_sanitizer_output_parsing():
-    out = "F.\nFAILED tests/test_cuda_backend.py::test_x - AssertionError\nERROR tests/test_triton_backend.py::t\n1 failed"
+    out = "F.\nFAILED tests/test_cuda_gpu.py::test_x - AssertionError\nERROR tests/test_triton_backend.py::t\n1 failed"
     parsed = checks.parse_pytest(out, 1)
-    assert parsed["failed"] == {"cuda": ["tests/test_cuda_backend.py::test_x"],
+    assert parsed["failed"] == {"cuda": ["tests/test_cuda_gpu.py::test_x"],
                                 "triton": ["tests/test_triton_backend.py::t"]} and not parsed["ok"]
     assert checks.parse_pytest("5 passed in 1s", 0)["ok"]
     clean = checks.parse_sanitizer("sanitizer script done\n========= ERROR SUMMARY: 0 errors\n", 0)

@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from symile_kernels import backends, chunked, symile_loss
 
-from oracle_check import make_inputs
+from harness import make_inputs
 
 _CONTRACTIONS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.dot.default}
 

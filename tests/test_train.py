@@ -1,4 +1,4 @@
-"""The reference trainer (issue 6): it reproduces the Symile paper's synthetic
+"""The reference trainer: it reproduces the Symile paper's synthetic
 effect, is deterministic, round-trips checkpoints and rejects bad arguments.
 
 Every run here is small (a few dozen optimisation steps on the CPU) and runs

@@ -1,4 +1,4 @@
-"""The reference trainer under torchrun (issue 7): two gloo processes on the CPU
+"""The reference trainer under torchrun: two gloo processes on the CPU
 train on a shared global batch and reproduce the single-process claims.
 
 The two-process run is a real ``python -m torch.distributed.run`` in a

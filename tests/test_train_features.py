@@ -1,4 +1,4 @@
-"""Task ``features`` of the trainer (issue 15): the user's own embeddings in
+"""Task ``features`` of the trainer: the user's own embeddings in
 .npz / .safetensors / .pt / .npy files, seeded or labelled splits, missing
 rows, retrieval metrics, bad input, and the m3-synthetic example file.
 

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 from symile_kernels import available_backends, backends, symile_loss  # noqa: E402
 from symile_kernels import chunked  # noqa: E402
 
-from oracle_check import check_against_oracle, make_inputs, relative_error  # noqa: E402
+from harness import Case, _test_correctness, check_against_oracle, make_inputs, relative_error  # noqa: E402
 
 _CHILD_ENV = "SYMILE_KERNELS_TRITON_TEST_CHILD"
 CUDA = torch.cuda.is_available()
@@ -54,34 +54,32 @@ N_CASES = [(3, 33, 48), (2, 33, 5), (4, 7, 3)] + ([(3, 1025, 59), (2, 4097, 256)
 @kernels
 @pytest.mark.parametrize("N,d,tau,dtype", CUBE_CASES, ids=str)
 def test_cube_matches_oracle(N, d, tau, dtype):
-    check_against_oracle("triton", make_inputs("unit", 3, N, d), tau, dtype=dtype, device=DEVICE)
+    _test_correctness("triton", Case(3, N, d, "unit", tau, dtype), device=DEVICE)
 
 
 @kernels
 @pytest.mark.parametrize("kind,tau", [("gaussian", 1.0), ("ties", 14.3), ("huge_row", 1.0)])
 def test_input_kinds(kind, tau):
-    check_against_oracle("triton", make_inputs(kind, 3, 13 if not CUDA else 131, 5), tau,
-                         dtype=torch.float32, device=DEVICE)
+    _test_correctness("triton", Case(3, 13 if not CUDA else 131, 5, kind, tau, torch.float32), device=DEVICE)
 
 
 @kernels
 @pytest.mark.parametrize("M,N,d", [(4, 5, 3)] + ([(4, 23, 48), (5, 9, 17)] if CUDA else []))
 def test_rectangular_cube_from_folded_modalities(M, N, d):
     # M > 3 folds modalities into x's rows: I = N^(M-2) rows against J = K = N.
-    check_against_oracle("triton", make_inputs("unit", M, N, d), 14.3, dtype=torch.float32, device=DEVICE)
+    _test_correctness("triton", Case(M, N, d, "unit", 14.3, torch.float32), device=DEVICE)
 
 
 @kernels
 @pytest.mark.parametrize("M,N,d", N_CASES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_n_sampling_and_pairs(M, N, d, dtype):
-    check_against_oracle("triton", make_inputs("unit", M, N, d), 100.0, dtype=dtype,
-                         negative_sampling="n", device=DEVICE, seed=7)
+    _test_correctness("triton", Case(M, N, d, "unit", 100.0, dtype, "n", seed=7), device=DEVICE)
 
 
 @kernels
 def test_clip_loss():
-    check_against_oracle("triton", make_inputs("unit", 3, 20, 48), 14.3, loss="clip", device=DEVICE)
+    _test_correctness("triton", Case(3, 20, 48, "unit", 14.3, torch.float64, loss="clip"), device=DEVICE)
 
 
 def _adversarial(N: int, d: int) -> list:

@@ -1,4 +1,4 @@
-"""Data-parallel training under ``torchrun`` (SPEC section 7).
+"""Data-parallel training under ``torchrun`` (docs/math.md section 7).
 
 ``torchrun --nproc_per_node=P -m symile_kernels.train ...`` starts P copies of
 the trainer with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in their
