@@ -3,7 +3,7 @@
 //
 // Plain C++17 with no CUDA or torch types, so the same arithmetic is used by the
 // kernels (through SK_HD under nvcc) and unit-tested on a machine without a GPU
-// (csrc/cuda/plan_test.cpp, compiled with g++ by tests/test_cuda_backend.py).
+// (csrc/cuda/plan_test.cpp, compiled with g++ by tests/test_cuda_build.py).
 //
 // Names follow docs/math.md: the cube T[i,j,k] = sum_d x[i,d] y[j,d] z[k,d] is tiled
 // by BLOCK_I x BLOCK_J (i, j) pairs (the BP = BLOCK_I * BLOCK_J rows of a tile

@@ -1,6 +1,6 @@
 // Host-only unit test of plan.h (tile configurations, shared-memory layouts,
 // launch geometry, argument checks). Built and run with g++ by
-// tests/test_cuda_backend.py; needs no GPU and no CUDA headers.
+// tests/test_cuda_build.py; needs no GPU and no CUDA headers.
 // Prints one line per failed check and exits non-zero when any failed.
 #include <cstdio>
 #include <string>

@@ -6,7 +6,7 @@
 // alignment and ldm rules are checked, so a layout that would be undefined on a
 // GPU aborts here). Shared memory starts filled with 0xFF bytes (NaN) so a read
 // before a write shows. Not part of the extension: compiled only with
-// -DSYMILE_CUDA_EMULATE by tests/test_cuda_backend.py.
+// -DSYMILE_CUDA_EMULATE by tests/test_cuda_emulation.py.
 #pragma once
 
 #include <atomic>

@@ -1,5 +1,5 @@
 // C entry points over the launchers for the CPU emulation (ctypes in
-// tests/test_cuda_backend.py). Workspaces start as NaN so a partial that is read
+// tests/test_cuda_emulation.py). Workspaces start as NaN so a partial that is read
 // before it is written shows in the results. num_sms sets the forward's launch
 // geometry (j-splits and units per CTA), so tests can exercise several.
 #include <limits>
