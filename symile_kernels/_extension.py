@@ -4,7 +4,8 @@ The compiled backends ("cpu", "cuda") each register four operators from a C++
 library that comes from, in order: the extension ``pip install
 --no-build-isolation -e .`` built, else a JIT build of the sources with
 ``torch.utils.cpp_extension.load`` (ninja, into torch's extension cache), which
-prints one line when it starts. SYMILE_KERNELS_NO_JIT=1 disables the JIT build.
+prints one line when it compiles (not when it loads a cached build).
+SYMILE_KERNELS_NO_JIT=1 disables the JIT build.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Callable, Optional
 import torch
 
 NO_JIT_ENV = "SYMILE_KERNELS_NO_JIT"
+# Seconds after which a JIT load is taken to be compiling (a cached load takes about 0.2 s).
+_COMPILE_NOTICE_S = 2.0
 
 
 def jit_build(label: str, sources: list, failure_hint: str, **load_kwargs) -> Optional[str]:
@@ -36,13 +39,20 @@ def jit_build(label: str, sources: list, failure_hint: str, **load_kwargs) -> Op
         verify_ninja_availability()
     except Exception as exc:
         return f"JIT-building needs ninja ({exc}); pip install ninja"
-    print(f"symile_kernels: JIT-building the {label} from {os.path.dirname(str(sources[0]))} "
-          "(once, a minute or two)...", file=sys.stderr, flush=True)
+    # A cached, up-to-date build loads in a fraction of a second; only a load still running
+    # after _COMPILE_NOTICE_S is compiling, and only then is the one line printed.
+    notice = threading.Timer(_COMPILE_NOTICE_S, print, args=(
+        f"symile_kernels: JIT-building the {label} from {os.path.dirname(str(sources[0]))} "
+        "(once, a minute or two)...",), kwargs={"file": sys.stderr, "flush": True})
+    notice.daemon = True
+    notice.start()
     try:
         load(sources=[str(s) for s in sources], is_python_module=False, **load_kwargs)
     except Exception as exc:
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         return f"JIT-building it failed ({failure_hint}): " + " | ".join(lines[-3:])
+    finally:
+        notice.cancel()
     return None
 
 

@@ -68,26 +68,50 @@ def check_logit_scale(logit_scale: Union[float, Tensor], dtype: torch.dtype, dev
     """tau as a 0-dim tensor of ``dtype`` on ``device``; gradients flow back to a tensor argument.
 
     Raises TypeError for anything but a real number or a one-element floating
-    tensor, ValueError unless tau is positive and finite.
+    tensor, ValueError unless tau is positive and finite once rounded to
+    ``dtype`` (1e39 overflows float32 to inf, 1e-50 underflows it to 0).
+    Under torch.compile the value is not read here (it may be symbolic): the
+    operators of ``symile_kernels.ops`` check it when the graph runs.
     """
     if isinstance(logit_scale, Tensor):
         if logit_scale.numel() != 1:
             raise ValueError(f"logit_scale must be a scalar (0-dim tensor); got shape {tuple(logit_scale.shape)}")
         if not logit_scale.is_floating_point():
             raise TypeError(f"logit_scale must be a floating tensor; got {logit_scale.dtype}")
-        # Reading the value syncs a GPU; a compiled graph skips the check rather than break.
+        tau = logit_scale.reshape(()).to(device=device, dtype=dtype)
         if not torch.compiler.is_compiling():
-            _check_positive_finite(float(logit_scale.detach().reshape(())))
-        return logit_scale.reshape(()).to(device=device, dtype=dtype)
+            check_tau_value(tau, "logit_scale")  # reads the value: one sync on a GPU
+        return tau
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
         raise TypeError(f"logit_scale must be a float or a 0-dim tensor; got {type(logit_scale).__name__}")
-    _check_positive_finite(float(logit_scale))
-    return torch.tensor(float(logit_scale), dtype=dtype, device=device)
+    if torch.compiler.is_compiling():
+        # The float may be symbolic (dynamic=True); via float64 so that 1e39 becomes inf in float32
+        # (rejected by the operator when the graph runs) instead of failing inductor's constant fold.
+        return torch.full((), logit_scale, dtype=torch.float64, device=device).to(dtype)
+    value = _as_float(logit_scale, "logit_scale")
+    _check_positive_finite(value, "logit_scale", dtype)
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
-def _check_positive_finite(value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"logit_scale must be a positive finite scalar (tau, already exponentiated); got {value}")
+def check_tau_value(tau: Tensor, name: str = "tau (logit_scale)") -> None:
+    """Raises ValueError unless the 0-dim tensor ``tau`` is positive and finite in its own dtype."""
+    _check_positive_finite(float(tau.detach()), name, tau.dtype)
+
+
+def _as_float(value, name: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int such as 10**400
+        raise ValueError(f"{name} must be a positive finite scalar (tau, already exponentiated); "
+                         f"got an int too large for a float") from None
+
+
+def _check_positive_finite(value: float, name: str, dtype: torch.dtype) -> None:
+    rounded = float(torch.tensor(value, dtype=torch.float64).to(dtype)) if dtype != torch.float64 else value
+    if not (math.isfinite(rounded) and rounded > 0):
+        raise ValueError(f"{name} must be a positive finite scalar (tau, already exponentiated) in the "
+                         f"compute dtype {dtype}; got {value!r}" + (f" (rounds to {rounded} in {dtype})"
+                                                                    if rounded != value and value == value else ""))
 
 
 def prepare(representations: Sequence[Tensor], logit_scale: Union[float, Tensor]):

@@ -247,6 +247,20 @@ def _require(name: str, device: torch.device, source: str) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
+def resolve_for_loss(name: str, device: torch.device) -> tuple[str, bool]:
+    """``resolve(name, device)`` and whether that backend ``accepts_low_precision``
+    (False for "reference").
+
+    torch.compile runs this eagerly while tracing and keeps the result as a
+    constant: importing and building a backend cannot be traced, and the choice
+    is a property of the process, not of the inputs. A compiled graph therefore
+    keeps the backend it was traced with.
+    """
+    resolved = resolve(name, device)
+    return resolved, resolved != "reference" and get(resolved).accepts_low_precision
+
+
 def get(name: str) -> Backend:
     """The loaded Backend object for a name that ``resolve`` returned."""
     backend = _load(name)

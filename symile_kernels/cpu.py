@@ -15,7 +15,7 @@ The compiled library comes from, in order: the extension that
 ``pip install --no-build-isolation -e .`` built (``symile_kernels._cpu_kernels``),
 else a JIT build of the sources with ``torch.utils.cpp_extension.load`` (ninja,
 into torch's extension cache, TORCH_EXTENSIONS_DIR), which prints one line
-when it starts. SYMILE_KERNELS_NO_JIT=1 disables the JIT build;
+when it compiles. SYMILE_KERNELS_NO_JIT=1 disables the JIT build;
 SYMILE_KERNELS_PORTABLE=1 builds without ``-march=native``. When neither works,
 ``BACKEND.unavailable_reason`` says why, "cpu" is left out of
 ``available_backends()``, and ``backend="cpu"`` raises that message.

@@ -105,10 +105,10 @@ def _prepare(representations, logit_scale, backend: str):
     oracle, every input is cast to tau's compute dtype (float32 or float64).
     """
     reps, tau = prepare(representations, logit_scale)
-    name = backends.resolve(backend, reps[0].device)
+    name, accepts_low_precision = backends.resolve_for_loss(backend, reps[0].device)
     out_dtype = reps[0].dtype
     low_precision = out_dtype in (torch.bfloat16, torch.float16)
-    if not (low_precision and name != "reference" and backends.get(name).accepts_low_precision):
+    if not (low_precision and accepts_low_precision):
         reps = [r.to(tau.dtype) for r in reps]
     return reps, tau, name, out_dtype
 
@@ -128,12 +128,23 @@ def _symile_n(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) -> Te
     losses = []
     for m, perms in enumerate(draw_n_permutations(len(reps), shard.N)):
         others = [r for o, r in enumerate(everyone) if o != m]
-        shuffled = others[0][perms[0].to(reps[m].device)]
+        shuffled = _take_rows(others[0], perms[0])
         for r, perm in zip(others[1:], perms[1:]):
-            shuffled = shuffled * r[perm.to(r.device)]
+            shuffled = shuffled * _take_rows(r, perm)
         L = ops.pair_lse(reps[m], shard.roll_to_local(shuffled).contiguous(), pos, tau, backend)
         losses.append((L - pos).mean())
     return sum(losses) / len(reps)
+
+
+def _take_rows(r: Tensor, perm: Tensor) -> Tensor:
+    """``r[perm]`` for a (N, d) tensor and a (N,) permutation drawn on the CPU.
+
+    Written as a gather: inductor's randperm-index rewrite (torch/_inductor/fx_passes/
+    misc_patterns.py) fails on ``r[randperm(N)]`` and ``index_select``, which broke
+    ``torch.compile(fullgraph=True)`` for "n".
+    """
+    index = perm.to(r.device)[:, None].expand(-1, r.shape[1])
+    return torch.gather(r, 0, index)
 
 
 def _symile_cube(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) -> Tensor:

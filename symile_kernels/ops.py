@@ -24,6 +24,52 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._validation import check_tau_value
+
+
+def _check_operands(op: str, rows: Sequence[tuple[str, Tensor]], tau: Tensor,
+                    vectors: Sequence[tuple[str, Tensor, int]] = ()) -> None:
+    """The structural checks every backend relies on, made once here so that every backend
+    (and the fake implementations, hence torch.compile's trace) gets them.
+
+    rows: (name, tensor) pairs that must be 2-D (n >= 1, d >= 1, one d), one floating dtype, one device.
+    tau: 0-dim tensor of the compute dtype of the rows (float64 for float64, float32 otherwise).
+    vectors: (name, tensor, length) of 1-D tensors in tau's dtype (pos, La, gL, ...).
+    """
+    first_name, first = rows[0]
+    for name, t in rows:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{op}: {name} must be 2-D (n, d) with n >= 1 and d >= 1; got shape {tuple(t.shape)}")
+        if t.shape[1] != first.shape[1]:
+            raise ValueError(f"{op}: {name} has d = {t.shape[1]} but {first_name} has d = {first.shape[1]}")
+        if t.dtype != first.dtype or not t.is_floating_point():
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; every row tensor needs one floating dtype "
+                            f"({first_name} has {first.dtype})")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+    compute = torch.float64 if first.dtype == torch.float64 else torch.float32
+    if not isinstance(tau, Tensor) or tau.dim() != 0 or tau.dtype != compute or tau.device != first.device:
+        got = (f"{type(tau).__name__}" if not isinstance(tau, Tensor)
+               else f"shape {tuple(tau.shape)}, {tau.dtype} on {tau.device}")
+        raise TypeError(f"{op}: tau must be a 0-dim {compute} tensor on {first.device} "
+                        f"(the compute dtype of {first.dtype} rows); got {got}")
+    for name, v, length in vectors:
+        if v.shape != (length,) or v.dtype != compute or v.device != first.device:
+            raise ValueError(f"{op}: {name} must have shape ({length},), dtype {compute} on {first.device}; "
+                             f"got shape {tuple(v.shape)}, {v.dtype} on {v.device}")
+
+
+def _check_cube(op, x, y, z, tau, vectors=()):
+    _check_operands(op, (("x", x), ("y", y), ("z", z)), tau, vectors)
+
+
+def _check_pair(op, a, b, pos, tau, vectors=()):
+    _check_operands(op, (("a", a), ("b", b)), tau, (("pos", pos, a.shape[0]), *vectors))
+    if a.shape[0] > b.shape[0]:
+        raise ValueError(f"pair_lse: a has {a.shape[0]} rows but b only {b.shape[0]}; "
+                         "row i's positive is column i of b, so a needs I <= J rows")
 
 
 def _backward(name: str, kind: str, inputs: Sequence[Tensor], rest: Sequence[Tensor],
@@ -53,11 +99,14 @@ def cube_lse(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, backend: str) -> tupl
     tau: 0-dim tensor of the compute dtype (float32 or float64), same device; the
     LSE vectors come back in that dtype.
     """
+    _check_cube("cube_lse", x, y, z, tau)
+    check_tau_value(tau)
     return tuple(backends.for_dtype(backend, x.dtype).cube_lse_forward(x, y, z, tau))
 
 
 @cube_lse.register_fake
 def _(x, y, z, tau, backend):
+    _check_cube("cube_lse", x, y, z, tau)
     return tuple(t.new_empty(t.shape[0], dtype=tau.dtype) for t in (x, y, z))
 
 
@@ -69,11 +118,18 @@ def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, 
 
     needs: four flags for dx, dy, dz, dtau; an output whose flag is False is an empty (0,) tensor.
     """
+    _check_cube("cube_lse_backward", x, y, z, tau, _cube_vectors(x, y, z, La, Lb, Lc, gLa, gLb, gLc))
     return _backward(backend, "cube_lse_backward", (x, y, z, tau), (La, Lb, Lc, gLa, gLb, gLc), needs)
+
+
+def _cube_vectors(x, y, z, La, Lb, Lc, gLa, gLb, gLc):
+    return (("La", La, x.shape[0]), ("Lb", Lb, y.shape[0]), ("Lc", Lc, z.shape[0]),
+            ("gLa", gLa, x.shape[0]), ("gLb", gLb, y.shape[0]), ("gLc", gLc, z.shape[0]))
 
 
 @cube_lse_backward.register_fake
 def _(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, backend, needs):
+    _check_cube("cube_lse_backward", x, y, z, tau, _cube_vectors(x, y, z, La, Lb, Lc, gLa, gLb, gLc))
     return _fake_grads((x, y, z, tau), needs)
 
 
@@ -97,6 +153,21 @@ def _cube_backward(ctx, gLa, gLb, gLc):
 cube_lse.register_autograd(_cube_backward, setup_context=_cube_setup)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "symile_kernels: the fused losses have no second derivative (a backward of the backward, e.g. "
+        "autograd.grad(..., create_graph=True) followed by another backward). For higher-order gradients "
+        "use backend='reference' (the materialised float64-capable oracle, O(N^M) memory) or compute the "
+        "loss with plain torch ops.")
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+cube_lse_backward.register_autograd(_no_double_backward, setup_context=_no_setup)
+
+
 @torch.library.custom_op("symile_kernels::pair_lse", mutates_args=())
 def pair_lse(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, backend: str) -> Tensor:
     """L (I,): ``L[i] = LSE_j l[i,j]``, ``l[i,j] = tau <a[i], b[j]>`` for j != i, ``l[i,i] = pos[i]``.
@@ -105,11 +176,14 @@ def pair_lse(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, backend: str) -> Te
     accept low precision), contiguous, one device.
     pos: (I,) and tau (0-dim), of the compute dtype (float32 or float64); L comes back in it.
     """
+    _check_pair("pair_lse", a, b, pos, tau)
+    check_tau_value(tau)
     return backends.for_dtype(backend, a.dtype).pair_lse_forward(a, b, pos, tau)
 
 
 @pair_lse.register_fake
 def _(a, b, pos, tau, backend):
+    _check_pair("pair_lse", a, b, pos, tau)
     return pos.new_empty(a.shape[0])
 
 
@@ -120,11 +194,13 @@ def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
 
     needs: four flags for da, db, dpos, dtau; an output whose flag is False is an empty (0,) tensor.
     """
+    _check_pair("pair_lse_backward", a, b, pos, tau, (("L", L, a.shape[0]), ("gL", gL, a.shape[0])))
     return _backward(backend, "pair_lse_backward", (a, b, pos, tau), (L, gL), needs)
 
 
 @pair_lse_backward.register_fake
 def _(a, b, pos, tau, L, gL, backend, needs):
+    _check_pair("pair_lse_backward", a, b, pos, tau, (("L", L, a.shape[0]), ("gL", gL, a.shape[0])))
     return _fake_grads((a, b, pos, tau), needs)
 
 
@@ -144,3 +220,4 @@ def _pair_backward(ctx, gL):
 
 
 pair_lse.register_autograd(_pair_backward, setup_context=_pair_setup)
+pair_lse_backward.register_autograd(_no_double_backward, setup_context=_no_setup)
