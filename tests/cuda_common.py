@@ -136,4 +136,4 @@ def check_rectangular_pairs(forward, backward, I: int, J: int, d: int, dtype: to
     cast = [t.to(dtype).contiguous() for t in (a, b, pos, tau, L, gL)]
     out = [forward(*cast[:4]), *backward(*cast)]
     for name, got, want in zip(("L", "da", "db", "dpos", "dtau"), out, expected):
-        assert got.shape == want.shape and relative_error(got, want) < tolerance, name
+        assert got.shape == want.shape and relative_error(got, want) < tolerance, (name, relative_error(got, want))

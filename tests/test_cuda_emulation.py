@@ -166,8 +166,12 @@ def test_emulated_pairs_n_sampling_and_clip(emulated, mode):
 @pytest.mark.parametrize("I,J,d,dtype", [(5, 70, 3, torch.float64), (66, 67, 130, torch.float32)], ids=str)
 def test_emulated_rectangular_pairs_match_chunked(emu_lib, I, J, d, dtype):
     emu = _Emulated(emu_lib, 0, 2)
+    # float64: 1e-10, ten times tighter than docs/math.md section 6's 1e-9. chunked forms dtau as
+    # sum_i <a[i], (P b)[i]> and the kernel as sum P * T; where the random gL's terms cancel the
+    # two float64 roundings differ by about 1.5e-12 relative (chunked's is within 2e-14 of a
+    # materialised autograd dtau on such inputs).
     check_rectangular_pairs(emu.pair_lse_forward, emu.pair_lse_backward, I, J, d, dtype,
-                            1e-12 if dtype == torch.float64 else 1e-5)
+                            1e-10 if dtype == torch.float64 else 1e-5)
 
 
 @no_gpu_only
