@@ -9,7 +9,9 @@ one-process group must give exactly the non-distributed result.
 import copy
 import datetime
 import json
+import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -88,10 +90,14 @@ def _worker(rank, world_size, port, result_path):
     if rank == 0:
         with open(result_path, "w") as f:
             json.dump({"errors": errors, "backends": backends}, f)
-    # Every rank leaves together: a rank that tears gloo down while a peer is still in a collective
-    # aborts the peer ("terminate called without an active exception"), seen under heavy load.
+    # Every rank leaves together, then exits at once, running no destructors: tearing the
+    # gloo group down at interpreter exit can deadlock (seen here: ~ProcessGroupGloo, reached
+    # from DistributedDataParallel's reducer, joins a worker thread that waits for the GIL to
+    # free a finished barrier's tensors) or abort a peer still inside a collective.
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port():

@@ -83,14 +83,8 @@ def init(device: torch.device) -> Context:
 
 
 def shutdown() -> None:
-    """Leaves the default process group, if any, once every rank has reached this point.
-
-    A rank that tears gloo down while a peer is still inside a collective makes the
-    peer abort ("terminate called without an active exception"); the barrier
-    keeps the ranks' exits together.
-    """
+    """Leaves the default process group, if any."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
