@@ -34,7 +34,7 @@ MODES = {  # name: (input pointer dtype, DOT_DTYPE, PRECISION)
     "tf32": ("*fp32", tl.float32, "tf32"),
     "bf16": ("*bf16", tl.bfloat16, None),
 }
-BUCKET_D = {"small": 128, "large": 256}
+BUCKET_D = {"small": 128, "large": 256, "xlarge": 512}
 _INTS = {"I", "J", "K", "D", "I_PER_SPLIT", "J_PER_SPLIT"}
 _INPUTS = {"X", "Y", "Z", "A", "B"}
 
@@ -78,7 +78,8 @@ def compile_case(case: tuple) -> dict:
             signature[p.name] = "constexpr"
         else:
             signature[p.name] = "i32" if p.name in _INTS else (pointer if p.name in _INPUTS else "*fp32")
-    constexprs = dict(config.kwargs, D_PAD=BUCKET_D[bucket], PRECISION=precision, DOT_DTYPE=dot_dtype,
+    D0, D1, D2 = _launch.d_segments(BUCKET_D[bucket])
+    constexprs = dict(config.kwargs, D0=D0, D1=D1, D2=D2, PRECISION=precision, DOT_DTYPE=dot_dtype,
                       GRAD_DTYPE=dot_dtype, GRAD_PRECISION=precision, SHARE_SPREAD=60.0)
     constexprs = {k: v for k, v in constexprs.items() if signature.get(k) == "constexpr"}
     row = dict(kernel=kernel, list=name, index=index, mode=mode, capability=capability, d_pad=BUCKET_D[bucket],

@@ -7,6 +7,8 @@ subpackage is first imported: ``TRITON_INTERPRET=1`` must be set before that.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import os
 from typing import Callable
 
@@ -29,10 +31,32 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def d_pad(d: int) -> int:
-    """The feature size a kernel is specialised for: d rounded up to a power of two (at least 16,
-    tl.dot's smallest K), so that every tile holds the whole feature axis in one block."""
-    return max(16, triton.next_power_of_2(d))
+MAX_SEGMENT = 256
+
+
+@functools.lru_cache(maxsize=None)
+def d_segments(d: int) -> tuple:
+    """(D0, D1, D2): the feature segments a kernel is specialised for, powers of two of at least 16
+    (tl.dot's smallest K), D0 >= D1 >= D2, 0 for an unused segment; the smallest total >= d that
+    three such sizes reach, with the fewest segments (48 -> 32 + 16, 200 -> 128 + 64 + 16,
+    240 -> 256). The kernels execute tile products over D0 + D1 + D2 features."""
+    if d < 1:
+        raise ValueError(f"feature size d must be positive, got {d}")
+    # Segments of at most MAX_SEGMENT features while three of them cover d: the compiler keeps
+    # 256-wide operands and accumulators in registers where a 512-wide one spills.
+    top = min(MAX_SEGMENT if d <= 3 * MAX_SEGMENT else d, 1 << (max(d, 16) - 1).bit_length())
+    sizes = [16 << s for s in range(top.bit_length()) if 16 << s <= top]
+    best = None
+    for count in (1, 2, 3):
+        for combo in itertools.combinations_with_replacement(reversed(sizes), count):
+            if sum(combo) >= d and (best is None or (sum(combo), count) < best[0]):
+                best = (sum(combo), count), combo
+    return tuple(best[1]) + (0,) * (3 - len(best[1]))
+
+
+def d_exec(d: int) -> int:
+    """The feature size the kernels' tile products execute: d rounded up to D0 + D1 + D2."""
+    return sum(d_segments(d))
 
 
 def dot_precision(dtype: torch.dtype):
@@ -108,8 +132,8 @@ def tune_on_prefix(op: str, *tensors: torch.Tensor) -> int:
 
 # ---------------------------------------------------------------- configurations
 
-# Every kernel's configurations: "<kernel>/<sm90|sm80>/<small|large>" (feature sizes up to 128, and
-# 256-512, after padding to a power of two) hold the GPU lists; "<kernel>/interpreter" the small
+# Every kernel's configurations: "<kernel>/<sm90|sm80>/<small|large|xlarge>" (executed feature sizes,
+# d_exec, up to 128, 129-256 and above 256) hold the GPU lists; "<kernel>/interpreter" the small
 # default for CPU tensors. Filled by cube.py and pair.py.
 _CONFIGS: dict = {}
 _PINNED: dict = {}
@@ -147,14 +171,17 @@ def pinned_config(name: str, index: int):
 
 
 def bucket(d: int) -> str:
-    return "small" if d_pad(d) <= 128 else "large"
+    """The configuration list of feature size d: "small" (executed size up to 128), "large" (up
+    to 256) or "xlarge" (up to 512; larger d take the "xlarge" lists too)."""
+    size = d_exec(d)
+    return "small" if size <= 128 else "large" if size <= 256 else "xlarge"
 
 
 def pick(kernel: str, device: torch.device, dtype: torch.dtype, d: int, rows: int,
          run: Callable[[triton.Config], None]) -> triton.Config:
     """The configuration to launch ``kernel`` with: the pinned one, the interpreter's, the first of
     the device's list, or (CUDA problems of at least TUNE_MIN_ROWS rows, once per list, device,
-    dtype, padded d and precision) the fastest of the list, timed with ``run(config)``."""
+    dtype, feature segments and precision) the fastest of the list, timed with ``run(config)``."""
     if kernel in _PINNED:
         return _PINNED[kernel]
     if device.type != "cuda" or INTERPRETED:
@@ -163,7 +190,7 @@ def pick(kernel: str, device: torch.device, dtype: torch.dtype, d: int, rows: in
     configs = _CONFIGS[name]
     if len(configs) == 1 or not should_tune(rows):
         return configs[0]
-    key = (name, device.index, dtype, d_pad(d), dot_precision(dtype))
+    key = (name, device.index, dtype, d_segments(d), dot_precision(dtype))
     if key not in _CHOSEN:
         from triton.testing import do_bench
 

@@ -2,11 +2,14 @@
 
 The cube ``S[i,j,k] = tau * sum_d x[i,d] y[j,d] z[k,d]`` is never written to
 memory. A tile has BLOCK_P = BLOCK_I * BLOCK_J rows, the (i, j) pairs of an
-i-block and a j-block, and BLOCK_K columns: it is one ``tl.dot`` of the row
-products ``x[i] * y[j]`` (BLOCK_P, D_PAD) with a block of z transposed (D_PAD,
-BLOCK_K). d is a compile-time constant, padded to D_PAD (a power of two, masked
-loads): a tile covers the whole feature axis in one block, and the row
-products are built once per (i-block, j-block) and reused for every k-block.
+i-block and a j-block, and BLOCK_K columns: the ``tl.dot`` of the row products
+``x[i] * y[j]`` (BLOCK_P, d) with a block of z transposed (d, BLOCK_K). d is
+split into up to three compile-time feature segments D0 + D1 + D2 >= d (powers
+of two of at least 16, masked loads; 48 = 32 + 16, 200 -> 128 + 64 + 16,
+``_launch.d_segments``), each with its own operand tiles and accumulators: a
+tile covers the whole feature axis, its products execute over D0 + D1 + D2
+features (not d padded to a power of two), and the row products are built once
+per (i-block, j-block) and reused for every k-block.
 The kernels work in base 2 (``exp2``, logits ``tau * log2(e) * T``); saved LSEs
 stay natural logs.
 
@@ -95,23 +98,53 @@ K_LOG2E = tl.constexpr(LOG2E)
 
 
 # ---------------------------------------------------------------- device helpers
+#
+# The feature axis is split into up to three segments of compile-time sizes D0 >= D1 >= D2 (powers of
+# two, at least 16, tl.dot's smallest K; D1 = 0 or D2 = 0 when unused, and every `if D1 > 0:` on a
+# constexpr is resolved at compile time, so an unused segment costs nothing): segment s covers
+# features [OFF, OFF + SEG) with OFF = D0 (s = 1) or D0 + D1 (s = 2). Each segment has its own operand
+# tiles and accumulators, and a tile's logits are the sum of the segments' products (accumulated in
+# one tl.dot chain), so the executed FLOPs follow d rounded up to D0 + D1 + D2 (48 = 32 + 16), not to
+# the next power of two (_launch.d_segments).
+
 
 @triton.jit
-def _row_products(X, Y, i_idx, j_idx, p_valid, D, D_PAD: tl.constexpr):
-    """x[i_p] * y[j_p] over the whole (padded) feature axis: (BLOCK_P, D_PAD) float32, 0 where masked."""
-    offs_d = tl.arange(0, D_PAD)
-    mask = p_valid[:, None] & (offs_d < D)[None, :]
-    xv = tl.load(X + i_idx[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-    yv = tl.load(Y + j_idx[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-    return xv.to(tl.float32) * yv.to(tl.float32)
+def _rows(X, idx, valid, D, OFF: tl.constexpr, SEG: tl.constexpr):
+    """x[idx, OFF:OFF+SEG] in float32: (len(idx), SEG), 0 where masked or beyond d."""
+    offs_d = OFF + tl.arange(0, SEG)
+    mask = valid[:, None] & (offs_d < D)[None, :]
+    return tl.load(X + idx[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _rows_t(Z, k_idx, k_valid, D, D_PAD: tl.constexpr):
-    """z[k]^T for the k-block: (D_PAD, BLOCK_K) in z's dtype, 0 where masked."""
-    offs_d = tl.arange(0, D_PAD)
+def _row_products(X, Y, i_idx, j_idx, p_valid, D, OFF: tl.constexpr, SEG: tl.constexpr):
+    """x[i_p] * y[j_p] over one feature segment: (BLOCK_P, SEG) float32, 0 where masked."""
+    return _rows(X, i_idx, p_valid, D, OFF, SEG) * _rows(Y, j_idx, p_valid, D, OFF, SEG)
+
+
+@triton.jit
+def _rows_t(Z, k_idx, k_valid, D, OFF: tl.constexpr, SEG: tl.constexpr):
+    """z[k, OFF:OFF+SEG]^T for the k-block: (SEG, BLOCK_K) in z's dtype, 0 where masked."""
+    offs_d = OFF + tl.arange(0, SEG)
     return tl.load(Z + k_idx[None, :].to(tl.int64) * D + offs_d[:, None],
                    mask=k_valid[None, :] & (offs_d < D)[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(OUT, idx, valid, D, value, OFF: tl.constexpr, SEG: tl.constexpr):
+    """OUT[idx, OFF:OFF+SEG] = value (float32 rows of width D), where valid."""
+    offs_d = OFF + tl.arange(0, SEG)
+    tl.store(OUT + idx[:, None] * D + offs_d[None, :], value, mask=valid[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _add_rows(OUT, idx, valid, D, value, seen, OFF: tl.constexpr, SEG: tl.constexpr):
+    """OUT[idx, OFF:OFF+SEG] = value, plus its old contents when ``seen`` > 0, where valid."""
+    offs_d = OFF + tl.arange(0, SEG)
+    ptr = OUT + idx[:, None] * D + offs_d[None, :]
+    mask = valid[:, None] & (offs_d < D)[None, :]
+    keep = (mask.to(tl.int32) * 0 + seen) > 0  # a block, not a scalar: the interpreter wants block masks
+    tl.store(ptr, value + tl.load(ptr, mask=mask & keep, other=0.0), mask=mask)
 
 
 @triton.jit
@@ -136,8 +169,9 @@ def _row_factor(la_p, lb_p, gla_p, glb_p, p_valid):
 
 @triton.jit
 def _cube_fwd_kernel(X, Y, Z, TAU, LA_PART, LB_PART, LC_PART, I, J, K, D, J_PER_SPLIT,
-                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
-                     PRECISION: tl.constexpr, SHARE_SPREAD: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D0: tl.constexpr,
+                     D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr, SHARE_SPREAD: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr):
     """Partial La (splits, I), Lb (i-blocks, J) and Lc (i-blocks * splits, K) of the cube, natural log.
 
     Program (pid_i, pid_s) owns x rows [pid_i*BLOCK_I, +BLOCK_I) and j in its split; it writes
@@ -159,13 +193,22 @@ def _cube_fwd_kernel(X, Y, Z, TAU, LA_PART, LB_PART, LC_PART, I, J, K, D, J_PER_
         j_idx = j0 + offs_p % BLOCK_J
         p_valid = i_valid & (j_idx < j_stop)
         # The row products once per (i-block, j-block), reused by every k-block.
-        xy = _row_products(X, Y, i_idx, j_idx, p_valid, D, D_PAD).to(DOT_DTYPE)
+        xy0 = _row_products(X, Y, i_idx, j_idx, p_valid, D, 0, D0).to(DOT_DTYPE)
+        if D1 > 0:
+            xy1 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0, D1).to(DOT_DTYPE)
+        if D2 > 0:
+            xy2 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0 + D1, D2).to(DOT_DTYPE)
         r_max = tl.full((BLOCK_P,), NEG_INF, tl.float32)  # online LSE over k of row p
         r_sum = tl.zeros((BLOCK_P,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_idx = k0 + tl.arange(0, BLOCK_K)
             k_valid = k_idx < K
-            T = tl.dot(xy, _rows_t(Z, k_idx, k_valid, D, D_PAD).to(DOT_DTYPE), input_precision=PRECISION)
+            T = tl.dot(xy0, _rows_t(Z, k_idx, k_valid, D, 0, D0).to(DOT_DTYPE), input_precision=PRECISION)
+            if D1 > 0:
+                T = tl.dot(xy1, _rows_t(Z, k_idx, k_valid, D, D0, D1).to(DOT_DTYPE), T, input_precision=PRECISION)
+            if D2 > 0:
+                T = tl.dot(xy2, _rows_t(Z, k_idx, k_valid, D, D0 + D1, D2).to(DOT_DTYPE), T,
+                           input_precision=PRECISION)
             S = tl.where(p_valid[:, None] & k_valid[None, :], tau2 * T, NEG_INF)
             new = tl.maximum(r_max, tl.max(S, axis=1))  # -inf on masked rows
             ref = tl.where(new == NEG_INF, 0.0, new)
@@ -209,8 +252,9 @@ def _cube_fwd_kernel(X, Y, Z, TAU, LA_PART, LB_PART, LC_PART, I, J, K, D, J_PER_
 def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_PART, I, J, K, D,
                           I_PER_SPLIT, J_PER_SPLIT,
                           BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                          D_PAD: tl.constexpr, PRECISION: tl.constexpr, SHARE_SPREAD: tl.constexpr,
-                          DOT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr):
+                          D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
+                          SHARE_SPREAD: tl.constexpr, DOT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+                          GRAD_PRECISION: tl.constexpr):
     """W[i, j] = sum_k G[i, j, k] z[k] for the program's (i, j) rows, recomputing each tile once over
     the whole feature axis, and from it UX_PART[s_j, i] = sum_{j in split} y[j] * W[i, j] and
     UY_PART[s_i, j] = sum_{i in split} x[i] * W[i, j] (float32, (splits, rows, D)).
@@ -223,35 +267,51 @@ def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_P
     pid_sj = tl.program_id(1)
     tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
     offs_p = tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, D_PAD)
-    d_valid = offs_d < D
     i_start = pid_si.to(tl.int64) * I_PER_SPLIT
     i_stop = tl.minimum(i_start + I_PER_SPLIT, I)
     j_start = pid_sj.to(tl.int64) * J_PER_SPLIT
     j_stop = tl.minimum(j_start + J_PER_SPLIT, J)
+    ux_out = UX_PART + pid_sj.to(tl.int64) * I * D
+    uy_out = UY_PART + pid_si.to(tl.int64) * J * D
     for i0 in range(i_start, i_stop, BLOCK_I):
         i_idx = i0 + offs_p // BLOCK_J
         i_valid = i_idx < i_stop
         la_p = tl.load(LA + i_idx, mask=i_valid, other=float("inf")) * K_LOG2E
         gla_p = tl.load(GLA + i_idx, mask=i_valid, other=0.0).to(tl.float32)
-        ux = tl.zeros((BLOCK_I, D_PAD), tl.float32)
+        ux0 = tl.zeros((BLOCK_I, D0), tl.float32)
+        if D1 > 0:
+            ux1 = tl.zeros((BLOCK_I, D1), tl.float32)
+        if D2 > 0:
+            ux2 = tl.zeros((BLOCK_I, D2), tl.float32)
         for j0 in range(j_start, j_stop, BLOCK_J):
             j_idx = j0 + offs_p % BLOCK_J
             p_valid = i_valid & (j_idx < j_stop)
             lb_p = tl.load(LB + j_idx, mask=p_valid, other=float("inf")) * K_LOG2E
             glb_p = tl.load(GLB + j_idx, mask=p_valid, other=0.0).to(tl.float32)
-            xy = _row_products(X, Y, i_idx, j_idx, p_valid, D, D_PAD).to(DOT_DTYPE)
+            xy0 = _row_products(X, Y, i_idx, j_idx, p_valid, D, 0, D0).to(DOT_DTYPE)
+            w0 = tl.zeros((BLOCK_P, D0), tl.float32)
+            if D1 > 0:
+                xy1 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0, D1).to(DOT_DTYPE)
+                w1 = tl.zeros((BLOCK_P, D1), tl.float32)
+            if D2 > 0:
+                xy2 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0 + D1, D2).to(DOT_DTYPE)
+                w2 = tl.zeros((BLOCK_P, D2), tl.float32)
             # Per-row factors, once per (i-block, j-block): G = E * (a + u * b_col) with
             # E = 2^(S - ref) <= 1 (every LSE bounds the logits it covers).
             ref, a_row = _row_factor(la_p, lb_p, gla_p, glb_p, p_valid)
             c0 = tl.max(tl.where(p_valid, ref, NEG_INF), axis=0)
             u = tl.exp2(tl.where(p_valid, ref, c0) - c0)  # <= 1
-            w = tl.zeros((BLOCK_P, D_PAD), tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 k_idx = k0 + tl.arange(0, BLOCK_K)
                 k_valid = k_idx < K
-                zt = _rows_t(Z, k_idx, k_valid, D, D_PAD)
-                T = tl.dot(xy, zt.to(DOT_DTYPE), input_precision=PRECISION)
+                zt0 = _rows_t(Z, k_idx, k_valid, D, 0, D0)
+                T = tl.dot(xy0, zt0.to(DOT_DTYPE), input_precision=PRECISION)
+                if D1 > 0:
+                    zt1 = _rows_t(Z, k_idx, k_valid, D, D0, D1)
+                    T = tl.dot(xy1, zt1.to(DOT_DTYPE), T, input_precision=PRECISION)
+                if D2 > 0:
+                    zt2 = _rows_t(Z, k_idx, k_valid, D, D0 + D1, D2)
+                    T = tl.dot(xy2, zt2.to(DOT_DTYPE), T, input_precision=PRECISION)
                 S = tl.where(p_valid[:, None] & k_valid[None, :], tau2 * T, NEG_INF)
                 lc_k = tl.load(LC + k_idx, mask=k_valid, other=float("inf")) * K_LOG2E
                 glc_k = tl.load(GLC + k_idx, mask=k_valid, other=0.0).to(tl.float32)
@@ -262,28 +322,45 @@ def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_P
                     G = E * (a_row[:, None] + u[:, None] * b_col[None, :])
                 else:  # exact fallback: the Lc term with its own exponential
                     G = E * a_row[:, None] + glc_k[None, :] * tl.exp2(S - lc_k[None, :])
-                w = tl.dot(G.to(GRAD_DTYPE), tl.trans(zt).to(GRAD_DTYPE), w, input_precision=GRAD_PRECISION)
-            mask_y = p_valid[:, None] & d_valid[None, :]
-            y_rows = tl.load(Y + j_idx[:, None] * D + offs_d[None, :], mask=mask_y, other=0.0).to(tl.float32)
-            x_rows = tl.load(X + i_idx[:, None] * D + offs_d[None, :], mask=mask_y, other=0.0).to(tl.float32)
-            ux += tl.sum(tl.reshape(w * y_rows, (BLOCK_I, BLOCK_J, D_PAD)), axis=1)
-            uy = tl.sum(tl.reshape(w * x_rows, (BLOCK_I, BLOCK_J, D_PAD)), axis=0)
+                G = G.to(GRAD_DTYPE)
+                w0 = tl.dot(G, tl.trans(zt0).to(GRAD_DTYPE), w0, input_precision=GRAD_PRECISION)
+                if D1 > 0:
+                    w1 = tl.dot(G, tl.trans(zt1).to(GRAD_DTYPE), w1, input_precision=GRAD_PRECISION)
+                if D2 > 0:
+                    w2 = tl.dot(G, tl.trans(zt2).to(GRAD_DTYPE), w2, input_precision=GRAD_PRECISION)
+            # Ux[i] += sum_j y[j] * W[i, j] (registers); Uy[j] = sum_i x[i] * W[i, j] (the program's rows,
+            # started afresh at the split's first i-block).
             j_rows = j0 + tl.arange(0, BLOCK_J)
-            uy_ptr = UY_PART + (pid_si.to(tl.int64) * J + j_rows[:, None]) * D + offs_d[None, :]
-            uy_mask = (j_rows < j_stop)[:, None] & d_valid[None, :]
-            started = (uy_mask.to(tl.int32) * 0 + i0) > i_start  # the split's first i-block starts afresh
-            uy += tl.load(uy_ptr, mask=uy_mask & started, other=0.0)
-            tl.store(uy_ptr, uy, mask=uy_mask)
+            j_ok = j_rows < j_stop
+            seen = i0 - i_start  # 0 at the split's first i-block
+            ux0 += tl.sum(tl.reshape(w0 * _rows(Y, j_idx, p_valid, D, 0, D0), (BLOCK_I, BLOCK_J, D0)), axis=1)
+            uy = tl.sum(tl.reshape(w0 * _rows(X, i_idx, p_valid, D, 0, D0), (BLOCK_I, BLOCK_J, D0)), axis=0)
+            _add_rows(uy_out, j_rows, j_ok, D, uy, seen, 0, D0)
+            if D1 > 0:
+                ux1 += tl.sum(tl.reshape(w1 * _rows(Y, j_idx, p_valid, D, D0, D1), (BLOCK_I, BLOCK_J, D1)), axis=1)
+                uy = tl.sum(tl.reshape(w1 * _rows(X, i_idx, p_valid, D, D0, D1), (BLOCK_I, BLOCK_J, D1)), axis=0)
+                _add_rows(uy_out, j_rows, j_ok, D, uy, seen, D0, D1)
+            if D2 > 0:
+                ux2 += tl.sum(tl.reshape(w2 * _rows(Y, j_idx, p_valid, D, D0 + D1, D2), (BLOCK_I, BLOCK_J, D2)),
+                              axis=1)
+                uy = tl.sum(tl.reshape(w2 * _rows(X, i_idx, p_valid, D, D0 + D1, D2), (BLOCK_I, BLOCK_J, D2)),
+                            axis=0)
+                _add_rows(uy_out, j_rows, j_ok, D, uy, seen, D0 + D1, D2)
         i_rows = i0 + tl.arange(0, BLOCK_I)
-        ux_ptr = UX_PART + (pid_sj.to(tl.int64) * I + i_rows[:, None]) * D + offs_d[None, :]
-        tl.store(ux_ptr, ux, mask=(i_rows < i_stop)[:, None] & d_valid[None, :])
+        i_ok = i_rows < i_stop
+        _store_rows(ux_out, i_rows, i_ok, D, ux0, 0, D0)
+        if D1 > 0:
+            _store_rows(ux_out, i_rows, i_ok, D, ux1, D0, D1)
+        if D2 > 0:
+            _store_rows(ux_out, i_rows, i_ok, D, ux2, D0 + D1, D2)
 
 
 @triton.jit
 def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K, D, I_PER_SPLIT,
                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                        D_PAD: tl.constexpr, PRECISION: tl.constexpr, SHARE_SPREAD: tl.constexpr,
-                        DOT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr):
+                        D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
+                        SHARE_SPREAD: tl.constexpr, DOT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+                        GRAD_PRECISION: tl.constexpr):
     """V_PART[s, k, :] = sum_{i in split s, j} G[i, j, k] (x[i] * y[j]) (float32), each tile
     recomputed once over the whole feature axis.
 
@@ -302,13 +379,19 @@ def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K
     k_valid = k_idx < K
     lc_k = tl.load(LC + k_idx, mask=k_valid, other=float("inf")) * K_LOG2E
     glc_k = tl.load(GLC + k_idx, mask=k_valid, other=0.0).to(tl.float32)
-    zt = _rows_t(Z, k_idx, k_valid, D, D_PAD).to(DOT_DTYPE)
+    zt0 = _rows_t(Z, k_idx, k_valid, D, 0, D0).to(DOT_DTYPE)
+    acc0 = tl.zeros((BLOCK_K, D0), tl.float32)
+    if D1 > 0:
+        zt1 = _rows_t(Z, k_idx, k_valid, D, D0, D1).to(DOT_DTYPE)
+        acc1 = tl.zeros((BLOCK_K, D1), tl.float32)
+    if D2 > 0:
+        zt2 = _rows_t(Z, k_idx, k_valid, D, D0 + D1, D2).to(DOT_DTYPE)
+        acc2 = tl.zeros((BLOCK_K, D2), tl.float32)
     c1 = tl.max(tl.where(k_valid, lc_k, NEG_INF), axis=0)
     low_c = tl.min(tl.where(k_valid, lc_k, c1), axis=0)
     v = tl.exp2(tl.where(k_valid, lc_k, c1) - c1)  # <= 1
     i_start = pid_s.to(tl.int64) * I_PER_SPLIT
     i_stop = tl.minimum(i_start + I_PER_SPLIT, I)
-    acc = tl.zeros((BLOCK_K, D_PAD), tl.float32)
     for i0 in range(i_start, i_stop, BLOCK_I):
         i_blk = i0 + tl.arange(0, BLOCK_I)
         ib_valid = i_blk < i_stop
@@ -325,9 +408,14 @@ def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K
             glb_j = tl.load(GLB + j_blk, mask=jb_valid, other=0.0).to(tl.float32)
             j_idx = j0 + offs_p % BLOCK_J
             p_valid = i_valid & (j_idx < J)
-            xy32 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D_PAD)
-            xy = xy32.to(DOT_DTYPE)
-            T = tl.dot(xy, zt, input_precision=PRECISION)
+            xy0 = _row_products(X, Y, i_idx, j_idx, p_valid, D, 0, D0)
+            T = tl.dot(xy0.to(DOT_DTYPE), zt0, input_precision=PRECISION)
+            if D1 > 0:
+                xy1 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0, D1)
+                T = tl.dot(xy1.to(DOT_DTYPE), zt1, T, input_precision=PRECISION)
+            if D2 > 0:
+                xy2 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0 + D1, D2)
+                T = tl.dot(xy2.to(DOT_DTYPE), zt2, T, input_precision=PRECISION)
             valid = p_valid[:, None] & k_valid[None, :]
             S = tl.where(valid, tau2 * T, NEG_INF)
             low_b = tl.min(tl.where(jb_valid, lb_j, c1), axis=0)
@@ -343,11 +431,18 @@ def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K
                 glb_p = tl.load(GLB + j_idx, mask=p_valid, other=0.0).to(tl.float32)
                 ref, a_row = _row_factor(la_p, lb_p, gla_p, glb_p, p_valid)
                 G = tl.exp2(S - ref[:, None]) * a_row[:, None] + glc_k[None, :] * tl.exp2(S - lc_k[None, :])
-            G = tl.where(valid, G, 0.0)
-            acc = tl.dot(tl.trans(G).to(GRAD_DTYPE), xy32.to(GRAD_DTYPE), acc, input_precision=GRAD_PRECISION)
-    offs_d = tl.arange(0, D_PAD)
-    out = V_PART + (pid_s.to(tl.int64) * K + k_idx[:, None]) * D + offs_d[None, :]
-    tl.store(out, acc, mask=k_valid[:, None] & (offs_d < D)[None, :])
+            Gt = tl.trans(tl.where(valid, G, 0.0)).to(GRAD_DTYPE)
+            acc0 = tl.dot(Gt, xy0.to(GRAD_DTYPE), acc0, input_precision=GRAD_PRECISION)
+            if D1 > 0:
+                acc1 = tl.dot(Gt, xy1.to(GRAD_DTYPE), acc1, input_precision=GRAD_PRECISION)
+            if D2 > 0:
+                acc2 = tl.dot(Gt, xy2.to(GRAD_DTYPE), acc2, input_precision=GRAD_PRECISION)
+    out = V_PART + pid_s.to(tl.int64) * K * D
+    _store_rows(out, k_idx, k_valid, D, acc0, 0, D0)
+    if D1 > 0:
+        _store_rows(out, k_idx, k_valid, D, acc1, D0, D1)
+    if D2 > 0:
+        _store_rows(out, k_idx, k_valid, D, acc2, D0 + D1, D2)
 
 
 # ---------------------------------------------------------------- configurations
@@ -371,6 +466,8 @@ _CONFIG_LISTS = {
         "sm90/large": _configs([(4, 16, 64, 8, 2), (4, 16, 32, 8, 2)]),
         "sm80/small": _configs([(4, 16, 32, 8, 2), (8, 8, 32, 8, 2)]),
         "sm80/large": _configs([(4, 16, 32, 4, 2), (2, 16, 64, 4, 2)]),
+        "sm90/xlarge": _configs([(4, 16, 64, 8, 2), (4, 16, 32, 8, 2)]),
+        "sm80/xlarge": _configs([(4, 16, 32, 4, 2), (2, 16, 64, 4, 2)]),
         "interpreter": _configs([(4, 8, 16, 4, 1)]),
     },
     "cube_bwd_rows": {
@@ -378,6 +475,8 @@ _CONFIG_LISTS = {
         "sm90/large": _configs([(4, 16, 32, 8, 1)]),
         "sm80/small": _configs([(4, 16, 32, 8, 2), (8, 8, 32, 8, 2)]),
         "sm80/large": _configs([(2, 16, 64, 8, 1)]),
+        "sm90/xlarge": _configs([(4, 16, 32, 8, 1)]),
+        "sm80/xlarge": _configs([(2, 16, 64, 8, 1)]),
         "interpreter": _configs([(4, 8, 16, 4, 1)]),
     },
     "cube_bwd_dz": {
@@ -385,6 +484,8 @@ _CONFIG_LISTS = {
         "sm90/large": _configs([(2, 32, 32, 8, 1)]),
         "sm80/small": _configs([(4, 8, 32, 4, 2)]),
         "sm80/large": _configs([(4, 8, 32, 8, 1)]),
+        "sm90/xlarge": _configs([(2, 32, 32, 8, 1)]),
+        "sm80/xlarge": _configs([(4, 8, 32, 8, 1)]),
         "interpreter": _configs([(4, 8, 16, 4, 1)]),
     },
 }
@@ -394,7 +495,8 @@ KERNELS = {"cube_fwd": _cube_fwd_kernel, "cube_bwd_rows": _cube_bwd_rows_kernel,
 
 
 def _constexprs(dtype: torch.dtype, d: int, spread: float, grads: bool) -> dict:
-    meta = dict(D_PAD=_cfg.d_pad(d), PRECISION=_cfg.dot_precision(dtype), SHARE_SPREAD=spread * LOG2E,
+    D0, D1, D2 = _cfg.d_segments(d)
+    meta = dict(D0=D0, D1=D1, D2=D2, PRECISION=_cfg.dot_precision(dtype), SHARE_SPREAD=spread * LOG2E,
                 DOT_DTYPE=_cfg.dot_dtype(dtype))
     if grads:
         meta["GRAD_DTYPE"], meta["GRAD_PRECISION"] = _cfg.grad_dot(dtype)

@@ -6,8 +6,8 @@ for a process's local rows against a gathered batch), computed as a tiled row
 LSE (online maximum over blocks of columns, as in tiled CLIP losses): the I x J
 logits are never held. The backward recomputes tiles from L: a row pass owns
 rows of a (da, dpos), a column pass owns rows of b (db); each recomputes a tile
-once over the whole feature axis (d is a compile-time constant, padded to a
-power of two) and holds its d-wide accumulator in registers: 2 I J d FLOPs
+once over the whole feature axis (d split into compile-time feature segments, as
+in cube.py) and holds its d-wide accumulator in registers: 2 I J d FLOPs
 forward, 8 I J d backward (model: 4), one base-2 exponential per logit and pass.
 dtau = sum_i <a[i], da[i]> / tau is plain torch.
 """
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import _launch as _cfg
 from ._launch import LOG2E
+from .cube import _rows, _rows_t, _store_rows
 
 # Kernels may only read constexpr globals (Triton >= 3.2 rejects plain Python globals).
 NEG_INF = tl.constexpr(float("-inf"))
@@ -27,15 +28,18 @@ K_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
-def _pair_logits(A, B, POS, tau2, rows, r_valid, cols, c_valid, D, D_PAD: tl.constexpr,
-                 PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """(l, diagonal): base-2 logits (BLOCK_M, BLOCK_N) float32 (-inf where masked) and i == j."""
-    offs_d = tl.arange(0, D_PAD)
-    d_valid = offs_d < D
-    a = tl.load(A + rows[:, None] * D + offs_d[None, :], mask=r_valid[:, None] & d_valid[None, :], other=0.0)
-    bt = tl.load(B + cols[None, :].to(tl.int64) * D + offs_d[:, None], mask=c_valid[None, :] & d_valid[:, None],
-                 other=0.0)
-    T = tl.dot(a.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION)
+def _pair_logits(A, B, POS, tau2, rows, r_valid, cols, c_valid, D, D0: tl.constexpr, D1: tl.constexpr,
+                 D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """(l, diagonal): base-2 logits (BLOCK_M, BLOCK_N) float32 (-inf where masked) and i == j.
+    The feature axis is split into segments D0, D1, D2 (cube.py: the products of each, summed)."""
+    T = tl.dot(_rows(A, rows, r_valid, D, 0, D0).to(DOT_DTYPE),
+               _rows_t(B, cols, c_valid, D, 0, D0).to(DOT_DTYPE), input_precision=PRECISION)
+    if D1 > 0:
+        T = tl.dot(_rows(A, rows, r_valid, D, D0, D1).to(DOT_DTYPE),
+                   _rows_t(B, cols, c_valid, D, D0, D1).to(DOT_DTYPE), T, input_precision=PRECISION)
+    if D2 > 0:
+        T = tl.dot(_rows(A, rows, r_valid, D, D0 + D1, D2).to(DOT_DTYPE),
+                   _rows_t(B, cols, c_valid, D, D0 + D1, D2).to(DOT_DTYPE), T, input_precision=PRECISION)
     pos = tl.load(POS + rows, mask=r_valid, other=0.0).to(tl.float32) * K_LOG2E
     diagonal = rows[:, None] == cols[None, :]
     logits = tl.where(diagonal, pos[:, None], tau2 * T)
@@ -44,8 +48,8 @@ def _pair_logits(A, B, POS, tau2, rows, r_valid, cols, c_valid, D, D_PAD: tl.con
 
 @triton.jit
 def _pair_fwd_kernel(A, B, POS, TAU, L, I, J, D,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                     D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """L[i] (natural log) for the program's BLOCK_M rows, online over blocks of BLOCK_N columns."""
     tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -54,7 +58,7 @@ def _pair_fwd_kernel(A, B, POS, TAU, L, I, J, D,
     s = tl.zeros((BLOCK_M,), tl.float32)
     for j0 in range(0, J, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        l, _ = _pair_logits(A, B, POS, tau2, rows, r_valid, cols, cols < J, D, D_PAD, PRECISION, DOT_DTYPE)
+        l, _ = _pair_logits(A, B, POS, tau2, rows, r_valid, cols, cols < J, D, D0, D1, D2, PRECISION, DOT_DTYPE)
         new = tl.maximum(m, tl.max(l, axis=1))
         ref = tl.where(new == NEG_INF, 0.0, new)
         s = s * tl.exp2(m - ref) + tl.sum(tl.exp2(l - ref[:, None]), axis=1)
@@ -63,10 +67,10 @@ def _pair_fwd_kernel(A, B, POS, TAU, L, I, J, D,
 
 
 @triton.jit
-def _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D_PAD: tl.constexpr,
-            PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D0: tl.constexpr, D1: tl.constexpr,
+            D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """(P off the diagonal, P on the diagonal) with P = gL[i] 2^(l[i, j] - L[i]) (base 2), 0 where masked."""
-    l, diagonal = _pair_logits(A, B, POS, tau2, rows, r_valid, cols, c_valid, D, D_PAD, PRECISION, DOT_DTYPE)
+    l, diagonal = _pair_logits(A, B, POS, tau2, rows, r_valid, cols, c_valid, D, D0, D1, D2, PRECISION, DOT_DTYPE)
     Lr = tl.load(L + rows, mask=r_valid, other=0.0) * K_LOG2E
     g = tl.load(GL + rows, mask=r_valid, other=0.0).to(tl.float32)
     P = g[:, None] * tl.exp2(l - Lr[:, None])
@@ -75,48 +79,70 @@ def _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D_PAD: tl.c
 
 @triton.jit
 def _pair_bwd_rows_kernel(A, B, POS, TAU, L, GL, UA, DPOS, I, J, D,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                          PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
-                          GRAD_PRECISION: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                          D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                          GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """UA[i] = sum_{j != i} P[i, j] b[j] (whole rows); DPOS[i] = P[i, i]."""
     tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_valid = rows < I
-    offs_d = tl.arange(0, D_PAD)
-    d_valid = offs_d < D
-    u = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    u0 = tl.zeros((BLOCK_M, D0), tl.float32)
+    if D1 > 0:
+        u1 = tl.zeros((BLOCK_M, D1), tl.float32)
+    if D2 > 0:
+        u2 = tl.zeros((BLOCK_M, D2), tl.float32)
     dpos = tl.zeros((BLOCK_M,), tl.float32)
     for j0 in range(0, J, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
+        cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         c_valid = cols < J
-        P, P_diag = _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D_PAD, PRECISION, DOT_DTYPE)
+        P, P_diag = _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D0, D1, D2, PRECISION,
+                            DOT_DTYPE)
         dpos += tl.sum(P_diag, axis=1)
-        b = tl.load(B + cols[:, None].to(tl.int64) * D + offs_d[None, :],
-                    mask=c_valid[:, None] & d_valid[None, :], other=0.0)
-        u = tl.dot(P.to(GRAD_DTYPE), b.to(GRAD_DTYPE), u, input_precision=GRAD_PRECISION)
-    tl.store(UA + rows[:, None] * D + offs_d[None, :], u, mask=r_valid[:, None] & d_valid[None, :])
+        P = P.to(GRAD_DTYPE)
+        u0 = tl.dot(P, _rows(B, cols, c_valid, D, 0, D0).to(GRAD_DTYPE), u0, input_precision=GRAD_PRECISION)
+        if D1 > 0:
+            u1 = tl.dot(P, _rows(B, cols, c_valid, D, D0, D1).to(GRAD_DTYPE), u1, input_precision=GRAD_PRECISION)
+        if D2 > 0:
+            u2 = tl.dot(P, _rows(B, cols, c_valid, D, D0 + D1, D2).to(GRAD_DTYPE), u2,
+                        input_precision=GRAD_PRECISION)
+    _store_rows(UA, rows, r_valid, D, u0, 0, D0)
+    if D1 > 0:
+        _store_rows(UA, rows, r_valid, D, u1, D0, D1)
+    if D2 > 0:
+        _store_rows(UA, rows, r_valid, D, u2, D0 + D1, D2)
     tl.store(DPOS + rows, dpos, mask=r_valid)
 
 
 @triton.jit
 def _pair_bwd_cols_kernel(A, B, POS, TAU, L, GL, UB, I, J, D,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                          PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
-                          GRAD_PRECISION: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                          D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                          GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """UB[j] = sum_{i != j} P[i, j] a[i] (whole rows) for the program's BLOCK_N columns j."""
     tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_valid = cols < J
-    offs_d = tl.arange(0, D_PAD)
-    d_valid = offs_d < D
-    u = tl.zeros((BLOCK_N, D_PAD), tl.float32)
+    u0 = tl.zeros((BLOCK_N, D0), tl.float32)
+    if D1 > 0:
+        u1 = tl.zeros((BLOCK_N, D1), tl.float32)
+    if D2 > 0:
+        u2 = tl.zeros((BLOCK_N, D2), tl.float32)
     for i0 in range(0, I, BLOCK_M):
         rows = (i0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         r_valid = rows < I
-        P, _ = _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D_PAD, PRECISION, DOT_DTYPE)
-        a = tl.load(A + rows[:, None] * D + offs_d[None, :], mask=r_valid[:, None] & d_valid[None, :], other=0.0)
-        u = tl.dot(tl.trans(P).to(GRAD_DTYPE), a.to(GRAD_DTYPE), u, input_precision=GRAD_PRECISION)
-    tl.store(UB + cols[:, None] * D + offs_d[None, :], u, mask=c_valid[:, None] & d_valid[None, :])
+        P, _ = _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D0, D1, D2, PRECISION, DOT_DTYPE)
+        Pt = tl.trans(P).to(GRAD_DTYPE)
+        u0 = tl.dot(Pt, _rows(A, rows, r_valid, D, 0, D0).to(GRAD_DTYPE), u0, input_precision=GRAD_PRECISION)
+        if D1 > 0:
+            u1 = tl.dot(Pt, _rows(A, rows, r_valid, D, D0, D1).to(GRAD_DTYPE), u1, input_precision=GRAD_PRECISION)
+        if D2 > 0:
+            u2 = tl.dot(Pt, _rows(A, rows, r_valid, D, D0 + D1, D2).to(GRAD_DTYPE), u2,
+                        input_precision=GRAD_PRECISION)
+    _store_rows(UB, cols, c_valid, D, u0, 0, D0)
+    if D1 > 0:
+        _store_rows(UB, cols, c_valid, D, u1, D0, D1)
+    if D2 > 0:
+        _store_rows(UB, cols, c_valid, D, u2, D0 + D1, D2)
 
 
 def _configs(shapes) -> list:
@@ -132,18 +158,24 @@ _PAIR_LISTS = {
         "sm90/large": _configs([(64, 64, 8, 2), (64, 32, 4, 2)]),
         "sm80/small": _configs([(64, 64, 4, 2), (64, 32, 4, 2)]),
         "sm80/large": _configs([(64, 32, 4, 2), (32, 32, 4, 2)]),
+        "sm90/xlarge": _configs([(64, 64, 8, 2), (64, 32, 4, 2)]),
+        "sm80/xlarge": _configs([(64, 32, 4, 2), (32, 32, 4, 2)]),
     },
     "pair_bwd_rows": {
         "sm90/small": _configs([(64, 32, 8, 2), (64, 64, 8, 2)]),
         "sm90/large": _configs([(64, 16, 4, 2)]),
         "sm80/small": _configs([(64, 32, 4, 2), (64, 16, 4, 2)]),
         "sm80/large": _configs([(64, 32, 8, 2)]),
+        "sm90/xlarge": _configs([(64, 16, 4, 2)]),
+        "sm80/xlarge": _configs([(64, 32, 8, 2)]),
     },
     "pair_bwd_cols": {
         "sm90/small": _configs([(32, 64, 8, 2), (32, 64, 4, 2)]),
         "sm90/large": _configs([(32, 64, 8, 2), (16, 64, 4, 2)]),
         "sm80/small": _configs([(32, 64, 4, 2), (64, 64, 8, 2)]),
         "sm80/large": _configs([(32, 64, 4, 2), (32, 64, 8, 2)]),
+        "sm90/xlarge": _configs([(32, 64, 8, 2), (16, 64, 4, 2)]),
+        "sm80/xlarge": _configs([(32, 64, 4, 2), (32, 64, 8, 2)]),
     },
 }
 KERNELS = {"pair_fwd": _pair_fwd_kernel, "pair_bwd_rows": _pair_bwd_rows_kernel,
@@ -153,7 +185,8 @@ for _name, _lists in _PAIR_LISTS.items():
 
 
 def _run(name: str, grid_of, args: tuple, device, dtype, d: int, rows: int, grads: bool) -> None:
-    meta = dict(D_PAD=_cfg.d_pad(d), PRECISION=_cfg.dot_precision(dtype), DOT_DTYPE=_cfg.dot_dtype(dtype))
+    D0, D1, D2 = _cfg.d_segments(d)
+    meta = dict(D0=D0, D1=D1, D2=D2, PRECISION=_cfg.dot_precision(dtype), DOT_DTYPE=_cfg.dot_dtype(dtype))
     if grads:
         meta["GRAD_DTYPE"], meta["GRAD_PRECISION"] = _cfg.grad_dot(dtype)
 
