@@ -354,29 +354,32 @@ void cube_forward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, doub
     }
   });
 
-  scalar_t* Lap = La.data_ptr<scalar_t>();
-  scalar_t* Lbp = Lb.data_ptr<scalar_t>();
-  scalar_t* Lcp = Lc.data_ptr<scalar_t>();
-  for (int64_t i = 0; i < I; ++i) Lap[i] = static_cast<scalar_t>(lse_value(La_m[i], La_s[i]));
+  double* Lap = La.data_ptr<double>();
+  double* Lbp = Lb.data_ptr<double>();
+  double* Lcp = Lc.data_ptr<double>();
+  for (int64_t i = 0; i < I; ++i) Lap[i] = lse_value(La_m[i], La_s[i]);
   // Slice partials, combined in slice order.
   for (int64_t j = 0; j < J; ++j) {
     double m = -kInf, s = 0;
     for (int64_t sl = 0; sl < n_slices; ++sl) lse_add(m, s, Lb_m[sl * J + j], Lb_s[sl * J + j]);
-    Lbp[j] = static_cast<scalar_t>(lse_value(m, s));
+    Lbp[j] = lse_value(m, s);
   }
   for (int64_t k = 0; k < K; ++k) {
     double m = -kInf, s = 0;
     for (int64_t sl = 0; sl < n_slices; ++sl) lse_add(m, s, Lc_m[sl * K + k], Lc_s[sl * K + k]);
-    Lcp[k] = static_cast<scalar_t>(lse_value(m, s));
+    Lcp[k] = lse_value(m, s);
   }
 }
 
 std::tuple<Tensor, Tensor, Tensor> cube_lse_forward(const Tensor& x, const Tensor& y, const Tensor& z,
                                                     const Tensor& tau) {
   check_cube_inputs(x, y, z, tau);
-  Tensor La = at::empty({x.size(0)}, x.options());
-  Tensor Lb = at::empty({y.size(0)}, x.options());
-  Tensor Lc = at::empty({z.size(0)}, x.options());
+  // float64 whatever the compute dtype: L = m + log(s) keeps log(s) below float32's ulp of m
+  // (docs/math.md section 6.4).
+  const auto lse_options = x.options().dtype(at::kDouble);
+  Tensor La = at::empty({x.size(0)}, lse_options);
+  Tensor Lb = at::empty({y.size(0)}, lse_options);
+  Tensor Lc = at::empty({z.size(0)}, lse_options);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cpu_cube_lse_forward", [&] {
     cube_forward_kernel<scalar_t>(x, y, z, tau.item<double>(), La, Lb, Lc);
   });
@@ -562,7 +565,7 @@ void pair_forward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, do
   const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(J, kPairBlockJ);
   const int64_t n_iblocks = (N + BI - 1) / BI;
   const scalar_t* posp = pos.data_ptr<scalar_t>();
-  scalar_t* Lp = L.data_ptr<scalar_t>();
+  double* Lp = L.data_ptr<double>();
   // Each i-block owns its rows of L: no cross-thread reduction.
   std::atomic<int64_t> next_block{0};
   const at::ThreadLocalState caller_state;
@@ -581,14 +584,14 @@ void pair_forward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, do
           lse_add(m[ii], s[ii], rm, exp_row_sum(Sp + ii * bj, bj, rm));
         }
       }
-      for (int64_t ii = 0; ii < bi; ++ii) Lp[i0 + ii] = static_cast<scalar_t>(lse_value(m[ii], s[ii]));
+      for (int64_t ii = 0; ii < bi; ++ii) Lp[i0 + ii] = lse_value(m[ii], s[ii]);
     }
   });
 }
 
 Tensor pair_lse_forward(const Tensor& a, const Tensor& b, const Tensor& pos, const Tensor& tau) {
   check_pair_inputs(a, b, pos, tau);
-  Tensor L = at::empty({a.size(0)}, a.options());
+  Tensor L = at::empty({a.size(0)}, a.options().dtype(at::kDouble));  // float64: docs/math.md section 6.4
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cpu_pair_lse_forward", [&] {
     pair_forward_kernel<scalar_t>(a, b, pos, tau.item<double>(), L);
   });
