@@ -398,7 +398,7 @@ std::tuple<Tensor, Tensor, Tensor> cube_lse_forward(const Tensor& x, const Tenso
 // long as Q - min_k Lc[k] <= kShareGap, which the tile checks. An underflowed E
 // (< e^-87) or u (< e^-87) then only drops terms below e^-(87 - kShareGap) times
 // the g's. Tiles failing the check use two exponentials per element.
-// Then W[r] = sum_k G[r, k] z[k] (a BLAS product per k-block), dz += G^T XY,
+// Then W[r] = sum_k G[r, k] z[k] (a BLAS product per k-block), dz += G^T XY (per i-block, then per slice),
 // and per row pair dx[i] += y[j] * W[r], dy[j] += x[i] * W[r],
 // dtau += <XY[r], W[r]> (= sum_k G T); dx, dy, dz are scaled by tau at the end.
 template <typename scalar_t>
@@ -432,6 +432,9 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
     Tensor XY = at::empty({R_max, d}, x.options());
     Tensor S = at::empty({R_max * blk.BLOCK_K}, x.options());
     Tensor W = at::empty({R_max, d}, x.options());
+    // dz of one i-block, folded into the slice's dz after its j-loop: two short float32 sums
+    // instead of one over every (i, j) tile of the slice (3.7e-4 relative error at I = J = 4096).
+    Tensor dz_blk = at::empty({K, d}, x.options());
     std::vector<scalar_t> mn(R_max), a(R_max), u(R_max), gv(blk.BLOCK_K);
     for (int64_t s = next_slice++; s < n_slices; s = next_slice++) {
       scalar_t* dyp = dy_part[s].data_ptr<scalar_t>();
@@ -471,8 +474,8 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
             }
             // W (+)= G @ z[k-block];  dz[k-block] += G^T @ XY.
             at::addmm_out(Wv, Wv, Gv, zk, /*beta=*/k0 == 0 ? 0 : 1, /*alpha=*/1);
-            Tensor dzk = dzs.narrow(0, k0, bk);
-            at::addmm_out(dzk, dzk, Gv.t(), XYv, /*beta=*/1, /*alpha=*/1);
+            Tensor dzk = dz_blk.narrow(0, k0, bk);
+            at::addmm_out(dzk, dzk, Gv.t(), XYv, /*beta=*/j0 == 0 ? 0 : 1, /*alpha=*/1);
           }
           const scalar_t* Wp = Wv.data_ptr<scalar_t>();
           for (int64_t r = 0; r < R; ++r) {
@@ -492,6 +495,7 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
             dtau_acc += t;
           }
         }
+        dzs.add_(dz_blk);
       }
       dtau_part[s] = dtau_acc;
     }
