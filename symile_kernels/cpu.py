@@ -34,7 +34,7 @@ from ._extension import CompiledOps, jit_build
 from .backends import Backend
 
 EXTENSION = "symile_kernels._cpu_kernels"
-_SOURCE = Path(__file__).resolve().parent.parent / _build.CPU_SOURCES[0]
+_SOURCE = Path(_build.source_root(Path(__file__).resolve().parent)) / _build.CPU_SOURCES[0]
 _OPS = ("cpu_cube_lse_forward", "cpu_cube_lse_backward", "cpu_pair_lse_forward", "cpu_pair_lse_backward")
 
 def compile_flags() -> list[str]:
