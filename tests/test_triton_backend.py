@@ -118,8 +118,9 @@ def _close(out, ref, tol):
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 def test_low_precision_backend_functions(dtype, grad_scale):
     # The backend functions take bf16/fp16 tensors directly (tensor-core products on a
-    # GPU; float32 products under the interpreter) with float32 LSEs: compared with the
-    # chunked backend in float64 on the same rounded values (docs/math.md section 6: 2e-2 loss, 5e-2 grads).
+    # GPU; float32 products under the interpreter) with float32 arithmetic and float64 LSEs:
+    # compared with the chunked backend in float64 on the same rounded values (docs/math.md
+    # section 6: 2e-2 loss, 5e-2 grads).
     from symile_kernels.triton import BACKEND
 
     I, J, K, d = (13, 11, 9, 20) if not CUDA else (301, 129, 257, 200)
@@ -127,7 +128,7 @@ def test_low_precision_backend_functions(dtype, grad_scale):
     tau = torch.tensor(14.3, device=DEVICE)
     exact = [t.double().cpu() for t in (x, y, z)]
     L = BACKEND.cube_lse_forward(x, y, z, tau)
-    assert all(v.dtype == torch.float32 for v in L)
+    assert all(v.dtype == torch.float64 for v in L)  # docs/math.md section 6.4
     L_ref = chunked.cube_lse_forward(*exact, tau.double().cpu())
     _close(L, L_ref, 2e-2)
     # Upstream gradients from rand, or at the mean loss's scale (1 / (3 N) per LSE).
@@ -141,6 +142,18 @@ def test_low_precision_backend_functions(dtype, grad_scale):
     P = BACKEND.pair_lse_forward(a, b, pos, tau)
     P_ref = chunked.pair_lse_forward(a.double().cpu(), b.double().cpu(), pos.double().cpu(), tau.double().cpu())
     _close([P], [P_ref], 2e-2)
+
+
+@kernels
+def test_float64_lse_at_huge_logits():
+    # docs/math.md section 6.4 (issue 14 items 10 and 12c): at logits near 1e8 the kernels keep
+    # (max, sum) pairs through every merge and return float64 LSEs, so a tie's log 2 survives and
+    # the backward's e^(S - L) sums to 1 (a float32 max + log(sum) gave twice the tie's gradient).
+    from test_numerics_edges import check_cube_tie, check_n_sampling_norm_1e4, check_pair_tie
+
+    check_cube_tie("triton", DEVICE)
+    check_pair_tie("triton", DEVICE)
+    check_n_sampling_norm_1e4("triton", DEVICE)
 
 
 @kernels

@@ -25,10 +25,21 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FORWARD_SHARE_SPREAD = 60.0
 BACKWARD_SHARE_SPREAD = 40.0
 
-# The kernels work in base 2 (exp2 is the hardware's exponential): logits are
-# tau * log2(e) * T and the saved natural-log LSEs are scaled by LOG2E on load.
+# exp2 is the hardware's exponential: the kernels evaluate e^x as 2^(x * LOG2E), x a difference of
+# natural-log logits or LSEs (never a base-2 logit, which rounds away log(sum) at logits near 1e8).
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+
+
+def lse_from_pairs(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """float64 LSE per line from a kernel's float32 (max, sum) partials, both (parts, n) or (n,):
+    ``M + log(sum_p s_p e^(m_p - M))`` with M = max_p m_p, all in float64 (docs/math.md section 6.4:
+    log(sum) survives next to a max near 1e8). -inf where every part is empty."""
+    m, s = m.double(), s.double()
+    if m.dim() == 1:
+        return m + torch.log(s)
+    top = m.max(dim=0).values
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return top + torch.log((s * torch.exp(m - safe)).sum(dim=0))
 
 
 MAX_SEGMENT = 256

@@ -10,17 +10,20 @@ of two of at least 16, masked loads; 48 = 32 + 16, 200 -> 128 + 64 + 16,
 tile covers the whole feature axis, its products execute over D0 + D1 + D2
 features (not d padded to a power of two), and the row products are built once
 per (i-block, j-block) and reused for every k-block.
-The kernels work in base 2 (``exp2``, logits ``tau * log2(e) * T``); saved LSEs
-stay natural logs.
+Logits and LSEs stay in natural-log units; every exponential is ``exp2`` of a
+difference of them scaled by log2(e) (``_exp``), never of a base-2 logit, which
+would round away what the difference keeps at logits near 1e8.
 
 Forward (one pass, grid = (i-blocks, j-splits)): each program owns BLOCK_I rows
 of x and a range of j, and walks every k. Per (i, j) row it keeps an online
 log-sum-exp over k (running maximum); after each j-block those rows give a
 partial Lb for the j-block (reduced over the program's i) and feed the partial
 La. Lc needs a reduction over (i, j): each program keeps its own partial-Lc
-row in a workspace (programs x K floats) that only it reads and writes. The
-partials are combined with ``torch.logsumexp``, so results do not depend on
-scheduling (no atomics).
+row in a workspace (programs x K pairs) that only it reads and writes. Every
+partial is a float32 (max, sum) pair, merged as pairs; the launcher combines a
+line's partials and forms ``L = max + log(sum)`` in float64 (docs/math.md
+section 6.4: a float32 max + log(sum) loses log(sum) near 1e8), in a fixed
+order, so results do not depend on scheduling (no atomics).
 
 Backward (two passes, each owning its outputs, no atomics; each recomputes every
 tile once over the whole d, so forward+backward executes 10 N^3 d FLOPs against
@@ -36,17 +39,17 @@ the model's 6 N^3 d):
 ``needs`` skips the dz pass when dz is not wanted, and the rows pass when none
 of dx, dy, dtau is.
 
-Workspace (float32): forward (I / BLOCK_I) * (J + splits * K) partial LSEs;
+Workspace (float32): forward 2 (I / BLOCK_I) * (J + splits * K) + 2 splits * I (pairs);
 backward (splits_j * I + splits_i * J + splits_k * K) * d with about
 sqrt(4 * SMs) splits of each axis in the rows pass (about 190 MiB at N = 4096,
 d = 256 on 132 SMs); never N^3.
 
 Shared exponentials (docs/math.md section 5: for d <= 128 the exponentials, not
-the products, bound this kernel). Spreads below are in natural-log units; the
-kernels compare them scaled by log2(e).
-* Forward: one exponential per cube element, ``E = 2^(S - m_p)`` with m_p the
+the products, bound this kernel). Spreads below are in natural-log units, as are
+the kernels' logits.
+* Forward: one exponential per cube element, ``E = e^(S - m_p)`` with m_p the
   row's running maximum (online LSE), serves the row (La, Lb) reduction and the
-  column (Lc) reduction: the column sums are ``sum_p 2^(m_p - c) E[p,k]`` with c
+  column (Lc) reduction: the column sums are ``sum_p e^(m_p - c) E[p,k]`` with c
   the largest m_p, BLOCK_P extra exponentials per tile instead of BLOCK_P *
   BLOCK_K. Float32 exp flushes results below e^-87.3 to zero, so a column whose
   largest logit lies far below c would lose terms or vanish. The shared path is
@@ -55,19 +58,19 @@ kernels compare them scaled by log2(e).
   1.4e-12 of its column's largest term, below float32 rounding even summed over
   the tile's rows. Other tiles use a second, per-column-referenced exponential,
   and the result stays exact. Masked rows have m_p = -inf, so their column
-  weight is 2^(-inf) = 0 (a reference of 0 once overflowed when c < -88.7).
+  weight is e^(-inf) = 0 (a reference of 0 once overflowed when c < -88.7).
 * Backward, rows pass: ``G = gLa e^(S-La) + gLb e^(S-Lb) + gLc e^(S-Lc)`` uses
-  one exponential ``E = 2^(S - r_p)``, ``r_p = min(La[i], Lb[j])`` (so E <= 1,
+  one exponential ``E = e^(S - r_p)``, ``r_p = min(La[i], Lb[j])`` (so E <= 1,
   since an LSE bounds every logit it covers): the La, Lb terms are E times a
-  per-row factor <= 1, the Lc term is ``E * 2^(r_p - c0) * 2^(c0 - Lc[k])`` with
+  per-row factor <= 1, the Lc term is ``E * e^(r_p - c0) * e^(c0 - Lc[k])`` with
   c0 the block's largest r_p. Sharing is used only when ``c0 - min Lc <=
   BACKWARD_SHARE_SPREAD = 40``: the per-column factor is then at most e^40 (no
   overflow) and a flushed term is below gLc e^(40-87.3), so the flushed part of
   a column's total is below N^2 e^-47.3 (1e-11 relative at N = 65536). Other
   tiles compute the Lc term with its own exponential.
-* Backward, dz pass: the same sharing referenced to the columns, ``E = 2^(S -
-  Lc[k])`` <= 1 and ``G = E (gLc + 2^(Lc[k] - c1) (gLa 2^(c1 - La[i]) + gLb
-  2^(c1 - Lb[j])))`` with c1 the k-block's largest Lc: BLOCK_I + BLOCK_J factor
+* Backward, dz pass: the same sharing referenced to the columns, ``E = e^(S -
+  Lc[k])`` <= 1 and ``G = E (gLc + e^(Lc[k] - c1) (gLa e^(c1 - La[i]) + gLb
+  e^(c1 - Lb[j])))`` with c1 the k-block's largest Lc: BLOCK_I + BLOCK_J factor
   exponentials per tile. Shared only when c1 minus the smallest of the tile's
   La, Lb and the block's Lc is at most BACKWARD_SHARE_SPREAD (the same bound);
   otherwise the tile takes the rows pass's exact form.
@@ -75,7 +78,7 @@ kernels compare them scaled by log2(e).
 Dtypes: float32 inputs use IEEE products, or TF32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is True; bf16/fp16 inputs (when a
 caller passes them) use that dtype's tensor-core products for the logits with
-float32 accumulation, LSE and G. G's contractions take bf16 operands for bf16
+float32 accumulation, (max, sum) pairs and G; the LSE vectors are returned in float64. G's contractions take bf16 operands for bf16
 inputs and float32 operands (TF32) for fp16 inputs, whose range cannot hold G
 (``_launch.grad_dot``). float64 is not supported by ``tl.dot`` and is routed to
 the "chunked" backend (see ``symile_kernels.triton``).
@@ -90,7 +93,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch as _cfg
-from ._launch import BACKWARD_SHARE_SPREAD, FORWARD_SHARE_SPREAD, LN2, LOG2E
+from ._launch import BACKWARD_SHARE_SPREAD, FORWARD_SHARE_SPREAD, LOG2E
 
 # Kernels may only read constexpr globals (Triton >= 3.2 rejects plain Python globals).
 NEG_INF = tl.constexpr(float("-inf"))
@@ -148,19 +151,28 @@ def _add_rows(OUT, idx, valid, D, value, seen, OFF: tl.constexpr, SEG: tl.conste
 
 
 @triton.jit
-def _log2_add(a, b):
-    """log2(2^a + 2^b), elementwise, with one exponential; -inf when both are -inf."""
-    m = tl.maximum(a, b)
-    m_safe = tl.where(m == NEG_INF, 0.0, m)
-    return m + tl.log2(1.0 + tl.exp2(tl.minimum(a, b) - m_safe))
+def _exp(x):
+    """e^x as the hardware evaluates it, 2^(x log2(e)). x is always a difference of two logits or
+    LSEs (natural log units), formed before the scaling: at logits near 1e8 a base-2 logit
+    tau log2(e) T would round to a multiple of 16 and lose what the difference keeps."""
+    return tl.exp2(x * K_LOG2E)
+
+
+@triton.jit
+def _merge(m1, s1, m2, s2):
+    """The running-maximum merge of two (max, sum) pairs, elementwise, with one exponential:
+    (M, s1 e^(m1 - M) + s2 e^(m2 - M)), M = max(m1, m2); (-inf, 0) when both are empty."""
+    m = tl.maximum(m1, m2)
+    e = _exp(tl.minimum(m1, m2) - tl.where(m == NEG_INF, 0.0, m))  # 0 when the smaller is -inf
+    return m, tl.where(m1 >= m2, s1 + s2 * e, s1 * e + s2)
 
 
 @triton.jit
 def _row_factor(la_p, lb_p, gla_p, glb_p, p_valid):
-    """(ref, a): ref = min(La, Lb) (base 2, 0 on masked rows) and a = gLa 2^(ref-La) + gLb 2^(ref-Lb),
+    """(ref, a): ref = min(La, Lb) (0 on masked rows) and a = gLa e^(ref-La) + gLb e^(ref-Lb),
     with one exponential per row (one of the two exponents is 0)."""
     ref = tl.where(p_valid, tl.minimum(la_p, lb_p), 0.0)
-    e = tl.exp2(tl.where(p_valid, -tl.abs(la_p - lb_p), NEG_INF))
+    e = _exp(tl.where(p_valid, -tl.abs(la_p - lb_p), NEG_INF))
     a = tl.where(la_p <= lb_p, gla_p + glb_p * e, gla_p * e + glb_p)
     return ref, tl.where(p_valid, a, 0.0)
 
@@ -168,27 +180,29 @@ def _row_factor(la_p, lb_p, gla_p, glb_p, p_valid):
 # ---------------------------------------------------------------- kernels
 
 @triton.jit
-def _cube_fwd_kernel(X, Y, Z, TAU, LA_PART, LB_PART, LC_PART, I, J, K, D, J_PER_SPLIT,
+def _cube_fwd_kernel(X, Y, Z, TAU, LA_M, LA_S, LB_M, LB_S, LC_M, LC_S, I, J, K, D, J_PER_SPLIT,
                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D0: tl.constexpr,
                      D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr, SHARE_SPREAD: tl.constexpr,
                      DOT_DTYPE: tl.constexpr):
-    """Partial La (splits, I), Lb (i-blocks, J) and Lc (i-blocks * splits, K) of the cube, natural log.
+    """Partial La (splits, I), Lb (i-blocks, J) and Lc (i-blocks * splits, K) of the cube, each as a
+    (max, sum) pair: LSE = max + log(sum), formed in float64 by the launcher (docs/math.md section 6.4).
 
     Program (pid_i, pid_s) owns x rows [pid_i*BLOCK_I, +BLOCK_I) and j in its split; it writes
-    LA_PART[pid_s, its i], LB_PART[pid_i, its j] and its own LC_PART row (kept in base 2 while
-    it runs, converted at the end). SHARE_SPREAD is in base-2 units.
+    LA_*[pid_s, its i], LB_*[pid_i, its j] and its own LC_* row. Every merge keeps (max, sum) pairs:
+    a float32 max + log(sum) would round log(sum) away at logits near 1e8.
     """
     BLOCK_P: tl.constexpr = BLOCK_I * BLOCK_J
     pid_i = tl.program_id(0)
     pid_s = tl.program_id(1)
-    tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
+    tau = tl.load(TAU).to(tl.float32)
     offs_p = tl.arange(0, BLOCK_P)
     i_idx = pid_i.to(tl.int64) * BLOCK_I + offs_p // BLOCK_J
     i_valid = i_idx < I
     j_start = pid_s.to(tl.int64) * J_PER_SPLIT
     j_stop = tl.minimum(j_start + J_PER_SPLIT, J)
-    lc_row = LC_PART + (pid_i.to(tl.int64) * tl.num_programs(1) + pid_s) * K
-    la = tl.full((BLOCK_P,), NEG_INF, tl.float32)  # base-2 LSE over (j, k) so far, per row p = (i, j)
+    lc_row = (pid_i.to(tl.int64) * tl.num_programs(1) + pid_s) * K
+    la_m = tl.full((BLOCK_P,), NEG_INF, tl.float32)  # (max, sum) over (j, k) so far, per row p = (i, j)
+    la_s = tl.zeros((BLOCK_P,), tl.float32)
     for j0 in range(j_start, j_stop, BLOCK_J):
         j_idx = j0 + offs_p % BLOCK_J
         p_valid = i_valid & (j_idx < j_stop)
@@ -209,43 +223,49 @@ def _cube_fwd_kernel(X, Y, Z, TAU, LA_PART, LB_PART, LC_PART, I, J, K, D, J_PER_
             if D2 > 0:
                 T = tl.dot(xy2, _rows_t(Z, k_idx, k_valid, D, D0 + D1, D2).to(DOT_DTYPE), T,
                            input_precision=PRECISION)
-            S = tl.where(p_valid[:, None] & k_valid[None, :], tau2 * T, NEG_INF)
+            S = tl.where(p_valid[:, None] & k_valid[None, :], tau * T, NEG_INF)
             new = tl.maximum(r_max, tl.max(S, axis=1))  # -inf on masked rows
             ref = tl.where(new == NEG_INF, 0.0, new)
-            E = tl.exp2(S - ref[:, None])  # the one shared exponential per element, <= 1
-            r_sum = r_sum * tl.exp2(r_max - ref) + tl.sum(E, axis=1)
+            E = _exp(S - ref[:, None])  # the one shared exponential per element, <= 1
+            r_sum = r_sum * _exp(r_max - ref) + tl.sum(E, axis=1)
             r_max = new
             # Columns (Lc) reuse E when every column maximum is within SHARE_SPREAD of the rows' reference.
             c = tl.max(new, axis=0)  # finite: the tile has a valid row with a valid column
             col_max = tl.max(S, axis=0)
             lowest = tl.min(tl.where(k_valid, col_max, c), axis=0)
             if lowest >= c - SHARE_SPREAD:
-                w = tl.exp2(new - c)  # <= 1; 0 on masked rows (new = -inf: no overflow, no 0 * inf)
+                w = _exp(new - c)  # <= 1; 0 on masked rows (new = -inf: no overflow, no 0 * inf)
                 col_sum = tl.sum(E * w[:, None], axis=0)
                 col_ref = tl.zeros((BLOCK_K,), tl.float32) + c
             else:
                 col_ref = tl.where(k_valid, col_max, 0.0)
-                col_sum = tl.sum(tl.exp2(S - col_ref[None, :]), axis=0)
-            tile_lc = col_ref + tl.log2(col_sum)
+                col_sum = tl.sum(_exp(S - col_ref[None, :]), axis=0)
+            col_ref = tl.where(k_valid, col_ref, NEG_INF)
             # The program's own Lc row: started afresh at its first j-block, so relaunches (tuning) are safe.
             started = (k_idx * 0 + j0) > j_start  # a block, not a scalar: the interpreter wants block masks
-            old = tl.load(lc_row + k_idx, mask=k_valid & started, other=NEG_INF)
-            tl.store(lc_row + k_idx, _log2_add(old, tile_lc), mask=k_valid)
-        R = r_max + tl.log2(r_sum)  # base-2 LSE over k of row (i, j); -inf on masked rows
-        la = _log2_add(la, R)
-        # Per-row quantities stay 1-D vectors (BLOCK_P,) through their exponentials.
-        m_j = tl.max(tl.reshape(R, (BLOCK_I, BLOCK_J)), axis=0)
-        m_j = tl.where(m_j == NEG_INF, 0.0, m_j)
-        m_p = tl.reshape(tl.broadcast_to(m_j[None, :], (BLOCK_I, BLOCK_J)), (BLOCK_P,))
-        lb = m_j + tl.log2(tl.sum(tl.reshape(tl.exp2(R - m_p), (BLOCK_I, BLOCK_J)), axis=0))
+            old_m = tl.load(LC_M + lc_row + k_idx, mask=k_valid & started, other=NEG_INF)
+            old_s = tl.load(LC_S + lc_row + k_idx, mask=k_valid & started, other=0.0)
+            lc_m, lc_s = _merge(old_m, old_s, col_ref, col_sum)
+            tl.store(LC_M + lc_row + k_idx, lc_m, mask=k_valid)
+            tl.store(LC_S + lc_row + k_idx, lc_s, mask=k_valid)
+        la_m, la_s = _merge(la_m, la_s, r_max, r_sum)
+        # Lb of the j-block: row (i, j)'s pair reduced over the block's i. Per-row quantities stay
+        # 1-D vectors (BLOCK_P,) through their exponentials.
+        m_j = tl.max(tl.reshape(r_max, (BLOCK_I, BLOCK_J)), axis=0)
+        m_j_safe = tl.where(m_j == NEG_INF, 0.0, m_j)
+        m_p = tl.reshape(tl.broadcast_to(m_j_safe[None, :], (BLOCK_I, BLOCK_J)), (BLOCK_P,))
+        s_j = tl.sum(tl.reshape(r_sum * _exp(r_max - m_p), (BLOCK_I, BLOCK_J)), axis=0)
         j_cols = j0 + tl.arange(0, BLOCK_J)
-        tl.store(LB_PART + pid_i.to(tl.int64) * J + j_cols, lb * (1.0 / K_LOG2E), mask=j_cols < j_stop)
-    m_i = tl.max(tl.reshape(la, (BLOCK_I, BLOCK_J)), axis=1)
-    m_i = tl.where(m_i == NEG_INF, 0.0, m_i)
-    m_p = tl.reshape(tl.broadcast_to(m_i[:, None], (BLOCK_I, BLOCK_J)), (BLOCK_P,))
-    la_i = m_i + tl.log2(tl.sum(tl.reshape(tl.exp2(la - m_p), (BLOCK_I, BLOCK_J)), axis=1))
+        lb_at = pid_i.to(tl.int64) * J + j_cols
+        tl.store(LB_M + lb_at, m_j, mask=j_cols < j_stop)
+        tl.store(LB_S + lb_at, s_j, mask=j_cols < j_stop)
+    m_i = tl.max(tl.reshape(la_m, (BLOCK_I, BLOCK_J)), axis=1)
+    m_i_safe = tl.where(m_i == NEG_INF, 0.0, m_i)
+    m_p = tl.reshape(tl.broadcast_to(m_i_safe[:, None], (BLOCK_I, BLOCK_J)), (BLOCK_P,))
+    s_i = tl.sum(tl.reshape(la_s * _exp(la_m - m_p), (BLOCK_I, BLOCK_J)), axis=1)
     i_rows = pid_i.to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
-    tl.store(LA_PART + pid_s.to(tl.int64) * I + i_rows, la_i * (1.0 / K_LOG2E), mask=i_rows < I)
+    tl.store(LA_M + pid_s.to(tl.int64) * I + i_rows, m_i, mask=i_rows < I)
+    tl.store(LA_S + pid_s.to(tl.int64) * I + i_rows, s_i, mask=i_rows < I)
 
 
 @triton.jit
@@ -265,7 +285,7 @@ def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_P
     BLOCK_P: tl.constexpr = BLOCK_I * BLOCK_J
     pid_si = tl.program_id(0)
     pid_sj = tl.program_id(1)
-    tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
+    tau = tl.load(TAU).to(tl.float32)
     offs_p = tl.arange(0, BLOCK_P)
     i_start = pid_si.to(tl.int64) * I_PER_SPLIT
     i_stop = tl.minimum(i_start + I_PER_SPLIT, I)
@@ -276,7 +296,7 @@ def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_P
     for i0 in range(i_start, i_stop, BLOCK_I):
         i_idx = i0 + offs_p // BLOCK_J
         i_valid = i_idx < i_stop
-        la_p = tl.load(LA + i_idx, mask=i_valid, other=float("inf")) * K_LOG2E
+        la_p = tl.load(LA + i_idx, mask=i_valid, other=float("inf"))
         gla_p = tl.load(GLA + i_idx, mask=i_valid, other=0.0).to(tl.float32)
         ux0 = tl.zeros((BLOCK_I, D0), tl.float32)
         if D1 > 0:
@@ -286,7 +306,7 @@ def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_P
         for j0 in range(j_start, j_stop, BLOCK_J):
             j_idx = j0 + offs_p % BLOCK_J
             p_valid = i_valid & (j_idx < j_stop)
-            lb_p = tl.load(LB + j_idx, mask=p_valid, other=float("inf")) * K_LOG2E
+            lb_p = tl.load(LB + j_idx, mask=p_valid, other=float("inf"))
             glb_p = tl.load(GLB + j_idx, mask=p_valid, other=0.0).to(tl.float32)
             xy0 = _row_products(X, Y, i_idx, j_idx, p_valid, D, 0, D0).to(DOT_DTYPE)
             w0 = tl.zeros((BLOCK_P, D0), tl.float32)
@@ -297,10 +317,10 @@ def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_P
                 xy2 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0 + D1, D2).to(DOT_DTYPE)
                 w2 = tl.zeros((BLOCK_P, D2), tl.float32)
             # Per-row factors, once per (i-block, j-block): G = E * (a + u * b_col) with
-            # E = 2^(S - ref) <= 1 (every LSE bounds the logits it covers).
+            # E = e^(S - ref) <= 1 (every LSE bounds the logits it covers).
             ref, a_row = _row_factor(la_p, lb_p, gla_p, glb_p, p_valid)
             c0 = tl.max(tl.where(p_valid, ref, NEG_INF), axis=0)
-            u = tl.exp2(tl.where(p_valid, ref, c0) - c0)  # <= 1
+            u = _exp(tl.where(p_valid, ref, c0) - c0)  # <= 1
             for k0 in range(0, K, BLOCK_K):
                 k_idx = k0 + tl.arange(0, BLOCK_K)
                 k_valid = k_idx < K
@@ -312,16 +332,16 @@ def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_P
                 if D2 > 0:
                     zt2 = _rows_t(Z, k_idx, k_valid, D, D0 + D1, D2)
                     T = tl.dot(xy2, zt2.to(DOT_DTYPE), T, input_precision=PRECISION)
-                S = tl.where(p_valid[:, None] & k_valid[None, :], tau2 * T, NEG_INF)
-                lc_k = tl.load(LC + k_idx, mask=k_valid, other=float("inf")) * K_LOG2E
+                S = tl.where(p_valid[:, None] & k_valid[None, :], tau * T, NEG_INF)
+                lc_k = tl.load(LC + k_idx, mask=k_valid, other=float("inf"))
                 glc_k = tl.load(GLC + k_idx, mask=k_valid, other=0.0).to(tl.float32)
-                E = tl.exp2(S - ref[:, None])  # the one exponential per element; 0 where masked
+                E = _exp(S - ref[:, None])  # the one exponential per element; 0 where masked
                 lowest = tl.min(tl.where(k_valid, lc_k, c0), axis=0)
                 if c0 - lowest <= SHARE_SPREAD:
-                    b_col = glc_k * tl.exp2(c0 - lc_k)  # <= gLc 2^SHARE_SPREAD; 0 on masked columns
+                    b_col = glc_k * _exp(c0 - lc_k)  # <= gLc e^SHARE_SPREAD; 0 on masked columns
                     G = E * (a_row[:, None] + u[:, None] * b_col[None, :])
                 else:  # exact fallback: the Lc term with its own exponential
-                    G = E * a_row[:, None] + glc_k[None, :] * tl.exp2(S - lc_k[None, :])
+                    G = E * a_row[:, None] + glc_k[None, :] * _exp(S - lc_k[None, :])
                 G = G.to(GRAD_DTYPE)
                 w0 = tl.dot(G, tl.trans(zt0).to(GRAD_DTYPE), w0, input_precision=GRAD_PRECISION)
                 if D1 > 0:
@@ -366,18 +386,18 @@ def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K
 
     Program (pid_k, pid_s) owns rows k of its block (z's block and the accumulator stay in
     registers) and the i-split s. The shared exponential is referenced to the columns:
-    G = E * (gLc + v[k] * (A[i] + B[j])) with E = 2^(S - Lc[k]) <= 1, v[k] = 2^(Lc[k] - c1),
-    A[i] = gLa 2^(c1 - La[i]), B[j] = gLb 2^(c1 - Lb[j]), c1 the block's largest Lc: BLOCK_I +
+    G = E * (gLc + v[k] * (A[i] + B[j])) with E = e^(S - Lc[k]) <= 1, v[k] = e^(Lc[k] - c1),
+    A[i] = gLa e^(c1 - La[i]), B[j] = gLb e^(c1 - Lb[j]), c1 the block's largest Lc: BLOCK_I +
     BLOCK_J exponentials per tile besides the one per element.
     """
     BLOCK_P: tl.constexpr = BLOCK_I * BLOCK_J
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
-    tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
+    tau = tl.load(TAU).to(tl.float32)
     offs_p = tl.arange(0, BLOCK_P)
     k_idx = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_valid = k_idx < K
-    lc_k = tl.load(LC + k_idx, mask=k_valid, other=float("inf")) * K_LOG2E
+    lc_k = tl.load(LC + k_idx, mask=k_valid, other=float("inf"))
     glc_k = tl.load(GLC + k_idx, mask=k_valid, other=0.0).to(tl.float32)
     zt0 = _rows_t(Z, k_idx, k_valid, D, 0, D0).to(DOT_DTYPE)
     acc0 = tl.zeros((BLOCK_K, D0), tl.float32)
@@ -389,22 +409,22 @@ def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K
         acc2 = tl.zeros((BLOCK_K, D2), tl.float32)
     c1 = tl.max(tl.where(k_valid, lc_k, NEG_INF), axis=0)
     low_c = tl.min(tl.where(k_valid, lc_k, c1), axis=0)
-    v = tl.exp2(tl.where(k_valid, lc_k, c1) - c1)  # <= 1
+    v = _exp(tl.where(k_valid, lc_k, c1) - c1)  # <= 1
     i_start = pid_s.to(tl.int64) * I_PER_SPLIT
     i_stop = tl.minimum(i_start + I_PER_SPLIT, I)
     for i0 in range(i_start, i_stop, BLOCK_I):
         i_blk = i0 + tl.arange(0, BLOCK_I)
         ib_valid = i_blk < i_stop
-        la_i = tl.load(LA + i_blk, mask=ib_valid, other=float("inf")) * K_LOG2E
+        la_i = tl.load(LA + i_blk, mask=ib_valid, other=float("inf"))
         gla_i = tl.load(GLA + i_blk, mask=ib_valid, other=0.0).to(tl.float32)
         low_a = tl.min(tl.where(ib_valid, la_i, c1), axis=0)
-        A_i = gla_i * tl.exp2(tl.where(ib_valid, tl.minimum(c1 - la_i, SHARE_SPREAD), NEG_INF))
+        A_i = gla_i * _exp(tl.where(ib_valid, tl.minimum(c1 - la_i, SHARE_SPREAD), NEG_INF))
         i_idx = i0 + offs_p // BLOCK_J
         i_valid = i_idx < i_stop
         for j0 in range(0, J, BLOCK_J):
             j_blk = j0 + tl.arange(0, BLOCK_J)
             jb_valid = j_blk < J
-            lb_j = tl.load(LB + j_blk, mask=jb_valid, other=float("inf")) * K_LOG2E
+            lb_j = tl.load(LB + j_blk, mask=jb_valid, other=float("inf"))
             glb_j = tl.load(GLB + j_blk, mask=jb_valid, other=0.0).to(tl.float32)
             j_idx = j0 + offs_p % BLOCK_J
             p_valid = i_valid & (j_idx < J)
@@ -417,20 +437,20 @@ def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K
                 xy2 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0 + D1, D2)
                 T = tl.dot(xy2.to(DOT_DTYPE), zt2, T, input_precision=PRECISION)
             valid = p_valid[:, None] & k_valid[None, :]
-            S = tl.where(valid, tau2 * T, NEG_INF)
+            S = tl.where(valid, tau * T, NEG_INF)
             low_b = tl.min(tl.where(jb_valid, lb_j, c1), axis=0)
             if c1 - tl.minimum(tl.minimum(low_a, low_b), low_c) <= SHARE_SPREAD:
-                B_j = glb_j * tl.exp2(tl.where(jb_valid, c1 - lb_j, NEG_INF))
+                B_j = glb_j * _exp(tl.where(jb_valid, c1 - lb_j, NEG_INF))
                 AB = tl.reshape(A_i[:, None] + B_j[None, :], (BLOCK_P,))
-                E = tl.exp2(S - tl.where(k_valid, lc_k, 0.0)[None, :])  # one exponential per element
+                E = _exp(S - tl.where(k_valid, lc_k, 0.0)[None, :])  # one exponential per element
                 G = E * (glc_k[None, :] + v[None, :] * AB[:, None])
             else:  # exact fallback: row-referenced La/Lb terms and the Lc term with its own exponential
-                la_p = tl.load(LA + i_idx, mask=p_valid, other=float("inf")) * K_LOG2E
+                la_p = tl.load(LA + i_idx, mask=p_valid, other=float("inf"))
                 gla_p = tl.load(GLA + i_idx, mask=p_valid, other=0.0).to(tl.float32)
-                lb_p = tl.load(LB + j_idx, mask=p_valid, other=float("inf")) * K_LOG2E
+                lb_p = tl.load(LB + j_idx, mask=p_valid, other=float("inf"))
                 glb_p = tl.load(GLB + j_idx, mask=p_valid, other=0.0).to(tl.float32)
                 ref, a_row = _row_factor(la_p, lb_p, gla_p, glb_p, p_valid)
-                G = tl.exp2(S - ref[:, None]) * a_row[:, None] + glc_k[None, :] * tl.exp2(S - lc_k[None, :])
+                G = _exp(S - ref[:, None]) * a_row[:, None] + glc_k[None, :] * _exp(S - lc_k[None, :])
             Gt = tl.trans(tl.where(valid, G, 0.0)).to(GRAD_DTYPE)
             acc0 = tl.dot(Gt, xy0.to(GRAD_DTYPE), acc0, input_precision=GRAD_PRECISION)
             if D1 > 0:
@@ -496,7 +516,7 @@ KERNELS = {"cube_fwd": _cube_fwd_kernel, "cube_bwd_rows": _cube_bwd_rows_kernel,
 
 def _constexprs(dtype: torch.dtype, d: int, spread: float, grads: bool) -> dict:
     D0, D1, D2 = _cfg.d_segments(d)
-    meta = dict(D0=D0, D1=D1, D2=D2, PRECISION=_cfg.dot_precision(dtype), SHARE_SPREAD=spread * LOG2E,
+    meta = dict(D0=D0, D1=D1, D2=D2, PRECISION=_cfg.dot_precision(dtype), SHARE_SPREAD=spread,
                 DOT_DTYPE=_cfg.dot_dtype(dtype))
     if grads:
         meta["GRAD_DTYPE"], meta["GRAD_PRECISION"] = _cfg.grad_dot(dtype)
@@ -513,7 +533,7 @@ def _splits(owned: int, looped: int, device: torch.device) -> tuple:
 # ---------------------------------------------------------------- launchers
 
 def cube_lse_forward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """La (I,), Lb (J,), Lc (K,) in float32 of ``tau * T``.
+    """La (I,), Lb (J,), Lc (K,) in float64 of ``tau * T`` (float32 arithmetic, log(sum) kept).
 
     x: (I, d), y: (J, d), z: (K, d): contiguous, one dtype (float32, bf16 or fp16), one device.
     tau: 0-dim tensor on that device, read by the kernel (no host sync).
@@ -532,15 +552,15 @@ def cube_lse_forward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor) -> tuple[Tens
         i_blocks = triton.cdiv(I, bi)
         per, splits = _splits(i_blocks, triton.cdiv(J, bj), device)
         f32 = dict(device=device, dtype=torch.float32)
-        out["parts"] = (torch.empty(splits, I, **f32), torch.empty(i_blocks, J, **f32),
-                        torch.empty(i_blocks * splits, K, **f32))
+        out["parts"] = (torch.empty(splits, I, **f32), torch.empty(splits, I, **f32),
+                        torch.empty(i_blocks, J, **f32), torch.empty(i_blocks, J, **f32),
+                        torch.empty(i_blocks * splits, K, **f32), torch.empty(i_blocks * splits, K, **f32))
         _cfg.launch(_cube_fwd_kernel, (i_blocks, splits), (x, y, z, tau, *out["parts"], I, J, K, D, per * bj),
                     config, **meta)
 
     run(_cfg.pick("cube_fwd", device, x.dtype, D, max(I, J, K), run))
-    La_part, Lb_part, Lc_part = out["parts"]
-    return (torch.logsumexp(La_part, dim=0), torch.logsumexp(Lb_part, dim=0),
-            torch.logsumexp(Lc_part * LN2, dim=0))
+    parts = out["parts"]
+    return tuple(_cfg.lse_from_pairs(parts[n], parts[n + 1]) for n in (0, 2, 4))
 
 
 def _rows_u(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc) -> tuple[Tensor, Tensor]:
@@ -595,7 +615,9 @@ def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, 
     """dx, dy, dz (shaped and typed like x, y, z) and dtau (0-dim, tau's dtype) of
     ``sum gLa*La + gLb*Lb + gLc*Lc`` (docs/math.md section 2 without the positive term).
 
-    La (I,), Lb (J,), Lc (K,): the forward's float32 LSEs; gLa, gLb, gLc: their gradients.
+    La (I,), Lb (J,), Lc (K,) and gLa, gLb, gLc (read as float32): the LSEs and their gradients, or,
+    from ``symile_kernels/ops.py``, each LSE rounded down to float32 and its gradient reweighted
+    (docs/math.md section 6.4); the kernels use them only as ``gL * e^(S - L)``.
     needs: which of (dx, dy, dz, dtau) the caller uses; a pass none of them needs is skipped
     and its outputs are None (dx, dy and dtau share the rows pass, dz has its own).
     """

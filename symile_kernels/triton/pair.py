@@ -8,7 +8,8 @@ logits are never held. The backward recomputes tiles from L: a row pass owns
 rows of a (da, dpos), a column pass owns rows of b (db); each recomputes a tile
 once over the whole feature axis (d split into compile-time feature segments, as
 in cube.py) and holds its d-wide accumulator in registers: 2 I J d FLOPs
-forward, 8 I J d backward (model: 4), one base-2 exponential per logit and pass.
+forward, 8 I J d backward (model: 4), one exponential per logit and pass. The forward
+returns L in float64, formed from a float32 (max, sum) pair per row (docs/math.md section 6.4).
 dtau = sum_i <a[i], da[i]> / tau is plain torch.
 """
 from __future__ import annotations
@@ -19,18 +20,16 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch as _cfg
-from ._launch import LOG2E
-from .cube import _rows, _rows_t, _store_rows
+from .cube import _exp, _rows, _rows_t, _store_rows
 
 # Kernels may only read constexpr globals (Triton >= 3.2 rejects plain Python globals).
 NEG_INF = tl.constexpr(float("-inf"))
-K_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
-def _pair_logits(A, B, POS, tau2, rows, r_valid, cols, c_valid, D, D0: tl.constexpr, D1: tl.constexpr,
+def _pair_logits(A, B, POS, tau, rows, r_valid, cols, c_valid, D, D0: tl.constexpr, D1: tl.constexpr,
                  D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """(l, diagonal): base-2 logits (BLOCK_M, BLOCK_N) float32 (-inf where masked) and i == j.
+    """(l, diagonal): logits (BLOCK_M, BLOCK_N) float32 (-inf where masked) and i == j.
     The feature axis is split into segments D0, D1, D2 (cube.py: the products of each, summed)."""
     T = tl.dot(_rows(A, rows, r_valid, D, 0, D0).to(DOT_DTYPE),
                _rows_t(B, cols, c_valid, D, 0, D0).to(DOT_DTYPE), input_precision=PRECISION)
@@ -40,40 +39,43 @@ def _pair_logits(A, B, POS, tau2, rows, r_valid, cols, c_valid, D, D0: tl.conste
     if D2 > 0:
         T = tl.dot(_rows(A, rows, r_valid, D, D0 + D1, D2).to(DOT_DTYPE),
                    _rows_t(B, cols, c_valid, D, D0 + D1, D2).to(DOT_DTYPE), T, input_precision=PRECISION)
-    pos = tl.load(POS + rows, mask=r_valid, other=0.0).to(tl.float32) * K_LOG2E
+    pos = tl.load(POS + rows, mask=r_valid, other=0.0).to(tl.float32)
     diagonal = rows[:, None] == cols[None, :]
-    logits = tl.where(diagonal, pos[:, None], tau2 * T)
+    logits = tl.where(diagonal, pos[:, None], tau * T)
     return tl.where(r_valid[:, None] & c_valid[None, :], logits, NEG_INF), diagonal
 
 
 @triton.jit
-def _pair_fwd_kernel(A, B, POS, TAU, L, I, J, D,
+def _pair_fwd_kernel(A, B, POS, TAU, L_M, L_S, I, J, D,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                      D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """L[i] (natural log) for the program's BLOCK_M rows, online over blocks of BLOCK_N columns."""
-    tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
+    """L[i] = L_M[i] + log(L_S[i]) for the program's BLOCK_M rows, online over blocks of BLOCK_N
+    columns: the (max, sum) pair is stored, and L formed in float64 by the launcher (docs/math.md
+    section 6.4: a float32 max + log(sum) loses log(sum) at logits near 1e8)."""
+    tau = tl.load(TAU).to(tl.float32)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_valid = rows < I
     m = tl.full((BLOCK_M,), NEG_INF, tl.float32)
     s = tl.zeros((BLOCK_M,), tl.float32)
     for j0 in range(0, J, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        l, _ = _pair_logits(A, B, POS, tau2, rows, r_valid, cols, cols < J, D, D0, D1, D2, PRECISION, DOT_DTYPE)
+        l, _ = _pair_logits(A, B, POS, tau, rows, r_valid, cols, cols < J, D, D0, D1, D2, PRECISION, DOT_DTYPE)
         new = tl.maximum(m, tl.max(l, axis=1))
         ref = tl.where(new == NEG_INF, 0.0, new)
-        s = s * tl.exp2(m - ref) + tl.sum(tl.exp2(l - ref[:, None]), axis=1)
+        s = s * _exp(m - ref) + tl.sum(_exp(l - ref[:, None]), axis=1)
         m = new
-    tl.store(L + rows, (m + tl.log2(s)) * (1.0 / K_LOG2E), mask=r_valid)
+    tl.store(L_M + rows, m, mask=r_valid)
+    tl.store(L_S + rows, s, mask=r_valid)
 
 
 @triton.jit
-def _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D0: tl.constexpr, D1: tl.constexpr,
+def _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D, D0: tl.constexpr, D1: tl.constexpr,
             D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """(P off the diagonal, P on the diagonal) with P = gL[i] 2^(l[i, j] - L[i]) (base 2), 0 where masked."""
-    l, diagonal = _pair_logits(A, B, POS, tau2, rows, r_valid, cols, c_valid, D, D0, D1, D2, PRECISION, DOT_DTYPE)
-    Lr = tl.load(L + rows, mask=r_valid, other=0.0) * K_LOG2E
+    """(P off the diagonal, P on the diagonal) with P = gL[i] e^(l[i, j] - L[i]), 0 where masked."""
+    l, diagonal = _pair_logits(A, B, POS, tau, rows, r_valid, cols, c_valid, D, D0, D1, D2, PRECISION, DOT_DTYPE)
+    Lr = tl.load(L + rows, mask=r_valid, other=0.0)
     g = tl.load(GL + rows, mask=r_valid, other=0.0).to(tl.float32)
-    P = g[:, None] * tl.exp2(l - Lr[:, None])
+    P = g[:, None] * _exp(l - Lr[:, None])
     return tl.where(diagonal, 0.0, P), tl.where(diagonal, P, 0.0)
 
 
@@ -83,7 +85,7 @@ def _pair_bwd_rows_kernel(A, B, POS, TAU, L, GL, UA, DPOS, I, J, D,
                           D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                           GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """UA[i] = sum_{j != i} P[i, j] b[j] (whole rows); DPOS[i] = P[i, i]."""
-    tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
+    tau = tl.load(TAU).to(tl.float32)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_valid = rows < I
     u0 = tl.zeros((BLOCK_M, D0), tl.float32)
@@ -95,7 +97,7 @@ def _pair_bwd_rows_kernel(A, B, POS, TAU, L, GL, UA, DPOS, I, J, D,
     for j0 in range(0, J, BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         c_valid = cols < J
-        P, P_diag = _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D0, D1, D2, PRECISION,
+        P, P_diag = _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D, D0, D1, D2, PRECISION,
                             DOT_DTYPE)
         dpos += tl.sum(P_diag, axis=1)
         P = P.to(GRAD_DTYPE)
@@ -119,7 +121,7 @@ def _pair_bwd_cols_kernel(A, B, POS, TAU, L, GL, UB, I, J, D,
                           D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                           GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """UB[j] = sum_{i != j} P[i, j] a[i] (whole rows) for the program's BLOCK_N columns j."""
-    tau2 = tl.load(TAU).to(tl.float32) * K_LOG2E
+    tau = tl.load(TAU).to(tl.float32)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_valid = cols < J
     u0 = tl.zeros((BLOCK_N, D0), tl.float32)
@@ -130,7 +132,7 @@ def _pair_bwd_cols_kernel(A, B, POS, TAU, L, GL, UB, I, J, D,
     for i0 in range(0, I, BLOCK_M):
         rows = (i0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         r_valid = rows < I
-        P, _ = _pair_P(A, B, POS, L, GL, tau2, rows, r_valid, cols, c_valid, D, D0, D1, D2, PRECISION, DOT_DTYPE)
+        P, _ = _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D, D0, D1, D2, PRECISION, DOT_DTYPE)
         Pt = tl.trans(P).to(GRAD_DTYPE)
         u0 = tl.dot(Pt, _rows(A, rows, r_valid, D, 0, D0).to(GRAD_DTYPE), u0, input_precision=GRAD_PRECISION)
         if D1 > 0:
@@ -197,7 +199,7 @@ def _run(name: str, grid_of, args: tuple, device, dtype, d: int, rows: int, grad
 
 
 def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
-    """L (I,) float32: ``LSE_j l[i, j]`` over the J rows of b.
+    """L (I,) float64: ``LSE_j l[i, j]`` over the J rows of b (float32 arithmetic, log(sum) kept).
 
     a: (I, d), b: (J, d) with I <= J, contiguous, one dtype (float32, bf16 or fp16);
     pos: (I,); tau: 0-dim tensor on the same device (read by the kernel, no host sync).
@@ -207,10 +209,10 @@ def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
         pair_lse_forward(a[:rows], b[:rows], pos[:rows], tau)
     I, D = a.shape
     J = b.shape[0]
-    L = torch.empty(I, device=a.device, dtype=torch.float32)
-    _run("pair_fwd", lambda m: (triton.cdiv(I, m["BLOCK_M"]),), (a, b, pos, tau, L, I, J, D), a.device, a.dtype,
+    m, s = (torch.empty(I, device=a.device, dtype=torch.float32) for _ in range(2))
+    _run("pair_fwd", lambda c: (triton.cdiv(I, c["BLOCK_M"]),), (a, b, pos, tau, m, s, I, J, D), a.device, a.dtype,
          D, J, grads=False)
-    return L
+    return _cfg.lse_from_pairs(m, s)
 
 
 def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, gL: Tensor, *,
