@@ -4,10 +4,10 @@ Triton's compiler runs on the CPU (``triton.compile`` of an ``ASTSource`` for a 
 its wheel ships ptxas and cuobjdump), so the kernels' resources on real targets can be checked
 anywhere: shared memory per block, registers, stack (spills: Triton kernels use no stack
 otherwise) and, for sm_90, whether the PTX uses wgmma. Each "<kernel>/<sm90|sm80>/<bucket>"
-configuration list compiles for its own target at the bucket's largest padded feature size
-(128 for "small", 256 for "large"). Feature sizes 257-512 also run the "large" lists at a padded
-size of 512, which is not checked here: there the backward kernels' d-wide register accumulators
-spill (Triton 3.9, bf16: hundreds of bytes of stack in the cube's backward passes).
+configuration list compiles for its own target at the bucket's largest executed feature size
+(128 for "small", 256 for "large", 512 = 256 + 256 for "xlarge"; ``_launch.d_segments``) in every
+mode, and in bf16 also at a size that takes all three feature segments (112 = 64 + 32 + 16,
+224 = 128 + 64 + 32, 448 = 256 + 128 + 64).
 
     python -m symile_kernels.triton._compile [--jobs 2]   # prints the markdown table
 """
@@ -34,20 +34,23 @@ MODES = {  # name: (input pointer dtype, DOT_DTYPE, PRECISION)
     "tf32": ("*fp32", tl.float32, "tf32"),
     "bf16": ("*bf16", tl.bfloat16, None),
 }
-BUCKET_D = {"small": 128, "large": 256, "xlarge": 512}
+# Feature sizes compiled per bucket: (its largest, in every mode; three segments, in bf16).
+BUCKET_D = {"small": (128, 112), "large": (256, 224), "xlarge": (512, 448)}
 _INTS = {"I", "J", "K", "D", "I_PER_SPLIT", "J_PER_SPLIT"}
 _INPUTS = {"X", "Y", "Z", "A", "B"}
 
 
 def cases() -> list:
-    """(kernel, list name, config index, mode) for every GPU configuration list."""
+    """(kernel, list name, config index, mode, d) for every GPU configuration list."""
     out = []
     for name, configs in _launch.kernel_configs().items():
         kernel, *rest = name.split("/")
         if rest == ["interpreter"]:
             continue
+        largest, segmented = BUCKET_D[rest[1]]
         for index in range(len(configs)):
-            out += [(kernel, name, index, mode) for mode in MODES]
+            out += [(kernel, name, index, mode, largest) for mode in MODES]
+            out.append((kernel, name, index, "bf16", segmented))
     return out
 
 
@@ -66,7 +69,7 @@ def compile_case(case: tuple) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel, name, index, mode = case
+    kernel, name, index, mode, d = case
     fn = KERNELS[kernel]
     arch, bucket = name.split("/")[1:]
     capability = 90 if arch == "sm90" else 80
@@ -78,11 +81,11 @@ def compile_case(case: tuple) -> dict:
             signature[p.name] = "constexpr"
         else:
             signature[p.name] = "i32" if p.name in _INTS else (pointer if p.name in _INPUTS else "*fp32")
-    D0, D1, D2 = _launch.d_segments(BUCKET_D[bucket])
+    D0, D1, D2 = _launch.d_segments(d)
     constexprs = dict(config.kwargs, D0=D0, D1=D1, D2=D2, PRECISION=precision, DOT_DTYPE=dot_dtype,
                       GRAD_DTYPE=dot_dtype, GRAD_PRECISION=precision, SHARE_SPREAD=60.0)
     constexprs = {k: v for k, v in constexprs.items() if signature.get(k) == "constexpr"}
-    row = dict(kernel=kernel, list=name, index=index, mode=mode, capability=capability, d_pad=BUCKET_D[bucket],
+    row = dict(kernel=kernel, list=name, index=index, mode=mode, capability=capability, d=d, segments=(D0, D1, D2),
                warps=config.num_warps, stages=config.num_stages, blocks=dict(config.kwargs))
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
@@ -105,16 +108,17 @@ def compile_all(jobs: int = 2) -> list:
 
 
 def table(rows: list) -> str:
-    lines = ["| kernel | list | config | mode | regs | stack (spill) | shared KiB | wgmma |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| kernel | list | config | mode | d | regs | stack (spill) | shared KiB | wgmma |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         b = r["blocks"]
         shape = "x".join(str(v) for v in b.values()) + f" w{r['warps']} s{r['stages']}"
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['list']} | {shape} | {r['mode']} | error: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['kernel']} | {r['list']} | {shape} | {r['mode']} | {r['d']} | error: {r['error'][:80]} "
+                         "| | | |")
             continue
         wgmma = ("yes" if r["wgmma"] else "no") if r["capability"] == 90 else "-"
-        lines.append(f"| {r['kernel']} | {r['list']} | {shape} | {r['mode']} | {r['reg']} | {r['stack']} "
+        lines.append(f"| {r['kernel']} | {r['list']} | {shape} | {r['mode']} | {r['d']} | {r['reg']} | {r['stack']} "
                      f"| {r['shared'] / 1024:.0f} | {wgmma} |")
     return "\n".join(lines)
 
