@@ -486,8 +486,9 @@ def _configs(shapes) -> list:
 # float32 accumulator in registers, so they take fewer rows or columns, and feature sizes above 128
 # fewer still. Each shape was chosen by compiling candidates for its target (Triton 3.9, bf16) at the
 # bucket's largest size (128, 256, 512 = 256 + 256): there all compile without spills except
-# cube_bwd_rows/sm90/large (112 bytes of stack) and cube_bwd_dz/sm80/large (32 bytes), where no
-# candidate kept both wgmma (sm_90) and zero spills. Above 256 ("xlarge") no candidate avoided spills
+# cube_bwd_rows/sm90/large (112 bytes of stack), where no candidate kept both wgmma and zero spills.
+# cube_bwd_dz's "large" lists take BLOCK_K = 16, without spills at 256 and at 224 = 128 + 64 + 32;
+# cube_bwd_rows/sm80/large offers the tuner a 16-row tile without spills at 224 as well. Above 256 ("xlarge") no candidate avoided spills
 # in the backward passes: the lists hold the least-spilling shapes found (16-32 rows: no wgmma in
 # cube_bwd_rows/sm90). Feature sizes that take two or three segments (96, 112, 224, 448) spill on
 # several lists where the single segment does not (tests/test_triton_compile.py pins every case).
@@ -506,16 +507,16 @@ _CONFIG_LISTS = {
         "sm90/small": _configs([(4, 16, 32, 8, 2), (4, 16, 64, 8, 1)]),
         "sm90/large": _configs([(4, 16, 32, 8, 1)]),
         "sm80/small": _configs([(4, 16, 32, 8, 2), (8, 8, 32, 8, 2)]),
-        "sm80/large": _configs([(2, 16, 64, 8, 1)]),
+        "sm80/large": _configs([(2, 16, 64, 8, 1), (2, 8, 16, 4, 1)]),
         "sm90/xlarge": _configs([(2, 16, 16, 8, 1)]),
         "sm80/xlarge": _configs([(2, 16, 16, 8, 1)]),
         "interpreter": _configs([(4, 8, 16, 4, 1)]),
     },
     "cube_bwd_dz": {
         "sm90/small": _configs([(4, 16, 64, 8, 1), (2, 32, 64, 8, 2)]),
-        "sm90/large": _configs([(2, 32, 32, 8, 1)]),
+        "sm90/large": _configs([(2, 32, 16, 8, 1)]),
         "sm80/small": _configs([(4, 8, 32, 4, 2)]),
-        "sm80/large": _configs([(4, 8, 32, 8, 1)]),
+        "sm80/large": _configs([(4, 8, 16, 8, 1)]),
         "sm90/xlarge": _configs([(2, 32, 16, 8, 1)]),
         "sm80/xlarge": _configs([(2, 16, 16, 8, 1)]),
         "interpreter": _configs([(4, 8, 16, 4, 1)]),
