@@ -1,7 +1,8 @@
 """The "triton" backend: fused Triton kernels for the cube and pair LSEs.
 
 * ``cube.py``: La, Lb, Lc of the M = 3 cube in one pass without writing the
-  cube, and the backward in two passes that each recompute a tile once over the
+  cube (d in up to three power-of-two feature segments, ``_launch.d_segments``),
+  and the backward in two passes that each recompute a tile once over the
   whole feature axis (deterministic, no atomics), one exponential per cube
   element and pass shared across the anchors (docs/math.md sections 2 and 5).
 * ``pair.py``: the tiled row LSE of "n" sampling and M = 2 (docs/math.md section 3).
@@ -12,7 +13,7 @@
 Devices: CUDA tensors run compiled kernels, tuned (each configuration of the
 list timed) once per feature size, dtype and precision on the first call with at
 least 512 rows (on a 2048-row prefix when larger; Hopper and older GPUs, and
-feature sizes up to 128 or 256-512, get different configuration lists;
+executed feature sizes up to 128, 129-256 and 257-512, get different configuration lists;
 SYMILE_KERNELS_TRITON_AUTOTUNE=0 runs each list's first configuration untuned;
 ``pinned_config(name, index)`` forces one). CPU tensors run the same kernels through
 Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this
@@ -20,7 +21,9 @@ subpackage was imported (slow: for tests at small N).
 
 Dtypes: float32 (IEEE products, TF32 when ``torch.backends.cuda.matmul.allow_tf32``
 is True), and bf16/fp16 when a caller passes them (tensor-core products,
-float32 accumulation; outputs LSE in float32). float64 is not supported by
+float32 accumulation). The LSE vectors come back in float64: the kernels keep
+float32 (max, sum) pairs and the launchers form max + log(sum) in float64
+(docs/math.md section 6.4). float64 is not supported by
 ``tl.dot`` in Triton 3.6: the record's ``float64_route="chunked"`` has the registry
 run float64 calls on the "chunked" backend.
 """

@@ -50,7 +50,7 @@ def d_segments(d: int) -> tuple:
     """(D0, D1, D2): the feature segments a kernel is specialised for, powers of two of at least 16
     (tl.dot's smallest K), D0 >= D1 >= D2, 0 for an unused segment; the smallest total >= d that
     three such sizes reach, with the fewest segments (48 -> 32 + 16, 200 -> 128 + 64 + 16,
-    240 -> 256). The kernels execute tile products over D0 + D1 + D2 features."""
+    240 -> 256, 512 -> 256 + 256). The kernels execute tile products over D0 + D1 + D2 features."""
     if d < 1:
         raise ValueError(f"feature size d must be positive, got {d}")
     # Segments of at most MAX_SEGMENT features while three of them cover d: the compiler keeps

@@ -78,8 +78,9 @@ the kernels' logits.
 Dtypes: float32 inputs use IEEE products, or TF32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is True; bf16/fp16 inputs (when a
 caller passes them) use that dtype's tensor-core products for the logits with
-float32 accumulation, (max, sum) pairs and G; the LSE vectors are returned in float64. G's contractions take bf16 operands for bf16
-inputs and float32 operands (TF32) for fp16 inputs, whose range cannot hold G
+float32 accumulation, (max, sum) pairs and G; the LSE vectors are returned in
+float64. G's contractions take bf16 operands for bf16 inputs and float32
+operands (TF32) for fp16 inputs, whose range cannot hold G
 (``_launch.grad_dot``). float64 is not supported by ``tl.dot`` and is routed to
 the "chunked" backend (see ``symile_kernels.triton``).
 """
@@ -484,15 +485,16 @@ def _configs(shapes) -> list:
 # (BLOCK_I, BLOCK_J, BLOCK_K, warps, stages). BLOCK_P = BLOCK_I * BLOCK_J rows of 64-128 suit
 # Hopper's wgmma (M = 64 per warpgroup). The backward passes hold d-wide row products and a d-wide
 # float32 accumulator in registers, so they take fewer rows or columns, and feature sizes above 128
-# fewer still. Each shape was chosen by compiling candidates for its target (Triton 3.9, bf16) at the
-# bucket's largest size (128, 256, 512 = 256 + 256): there all compile without spills except
-# cube_bwd_rows/sm90/large (112 bytes of stack), where no candidate kept both wgmma and zero spills.
-# cube_bwd_dz's "large" lists take BLOCK_K = 16, without spills at 256 and at 224 = 128 + 64 + 32;
-# cube_bwd_rows/sm80/large offers the tuner a 16-row tile without spills at 224 as well. Above 256 ("xlarge") no candidate avoided spills
-# in the backward passes: the lists hold the least-spilling shapes found (16-32 rows: no wgmma in
-# cube_bwd_rows/sm90). Feature sizes that take two or three segments (96, 112, 224, 448) spill on
-# several lists where the single segment does not (tests/test_triton_compile.py pins every case).
-# The interpreter's default is small, so that the tests at N <= 33 cross block edges.
+# fewer still. Each shape was chosen by compiling candidates for its target (Triton 3.9, bf16).
+# At d = 128 and 256 all compile without spills except cube_bwd_rows/sm90/large (112 bytes of
+# stack), where no candidate kept both wgmma and zero spills; cube_bwd_dz's "large" lists take
+# BLOCK_K = 16, spill-free at 256 and at 224 = 128 + 64 + 32, and cube_bwd_rows/sm80/large offers
+# the tuner a 16-row shape spill-free at 224 too. Above 256 ("xlarge", 512 = 256 + 256) no
+# candidate avoided spills in the backward passes: the lists hold the least-spilling shapes found
+# (16-32 rows: no wgmma in cube_bwd_rows/sm90). Sizes that take two or three segments (96, 112,
+# 224, 448) spill on several lists where the single segment does not (tests/test_triton_compile.py
+# pins every case). The interpreter's default is small, so that the tests at N <= 33 cross block
+# edges.
 _CONFIG_LISTS = {
     "cube_fwd": {
         "sm90/small": _configs([(8, 16, 64, 8, 3), (8, 16, 32, 8, 3)]),
