@@ -16,11 +16,9 @@ CUDA toolkit's, else the copy shipped with Triton). Per kernel:
 * z tiles (and the pair forward's column tiles) in the tiles' own type (bf16 rows in
   bf16 tiles, float32 rows in TF32 tiles) reach shared memory through cp.async
   (LDGSTS.E.BYPASS.128, committed by LDGDEPBAR, waited by DEPBAR);
-* built with ``-DSK_BF16_LDMATRIX`` (not yet the default), the bf16 kernels load
-  fragments with ``ldmatrix`` (LDSM) into ``mma.sync`` without spilling;
-* marked xfail (strict, so it fails once the default changes): LDSM in the default
-  build, whose bf16 kernels still use WMMA (load_matrix_sync compiles to plain
-  shared loads).
+* the bf16 kernels load their fragments with ``ldmatrix`` (LDSM.16.M88.4) into
+  ``mma.sync`` (HMMA.16816); built with ``-DSK_BF16_WMMA`` (the WMMA fragments kept
+  to compare) they have no LDSM and still do not spill.
 """
 from __future__ import annotations
 
@@ -133,11 +131,12 @@ def test_static_shared_memory_within_limit(kernels, arch):
             assert k.static_smem <= STATIC_SMEM_LIMIT, f"{k.name}: {k.static_smem} bytes"
 
 
-@pytest.mark.xfail(strict=True, reason="default bf16 tiles still use WMMA (LDS); ldmatrix only with -DSK_BF16_LDMATRIX")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fragments_load_with_ldmatrix(kernels, arch):
     for k in _of(kernels, "bf16", arch):
-        assert "LDSM" in k.sass, f"{k.name} ({arch}) has no LDSM"
+        assert "LDSM.16.M88.4" in k.sass, f"{k.name} ({arch}) has no LDSM"
+        if "backward" in k.name or "pass" in k.name:  # contractions G (x) z and G^T (x) (x * y): B by rows of k
+            assert "LDSM.16.MT88.4" in k.sass, f"{k.name} ({arch}) has no transposed LDSM"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -172,15 +171,15 @@ def test_z_tiles_copy_through_cp_async(kernels, arch):
         assert "LDGSTS.E.BYPASS.128" in k.sass and "LDGDEPBAR" in k.sass, f"{k.name} ({arch}) has no cp.async"
 
 
-def test_ldmatrix_bf16_tiles_compile_without_spills(tmp_path):
-    # MmaBf16Tile (ldmatrix + mma.sync), not yet the default (csrc/cuda/tile.cuh kBf16Ldmatrix):
-    # pair.cu built with it for sm_80 has LDSM and HMMA in its bf16 kernels and no spills.
+def test_wmma_bf16_tiles_compile_without_spills(tmp_path):
+    # The WMMA fragments (-DSK_BF16_WMMA, csrc/cuda/tile.cuh kBf16Ldmatrix) stay buildable to compare:
+    # pair.cu built with them for sm_80 has HMMA but no LDSM in its bf16 kernels, and no spills.
     if NVCC is None or _cuobjdump() is None:
         pytest.skip("nvcc or cuobjdump not found")
-    obj = tmp_path / "pair_ldsm.o"
+    obj = tmp_path / "pair_wmma.o"
     flags = [f for f in FLAGS if "compute_90" not in f and "sm_90" not in f]
     flags = [f for i, f in enumerate(flags) if not (f == "-gencode" and i + 1 < len(flags) and flags[i + 1] == "-Xptxas")]
-    done = subprocess.run([NVCC, "-c", "pair.cu", "-o", str(obj), "-DSK_BF16_LDMATRIX", *flags], cwd=CSRC,
+    done = subprocess.run([NVCC, "-c", "pair.cu", "-o", str(obj), "-DSK_BF16_WMMA", *flags], cwd=CSRC,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not re.search(r"[1-9]\d* bytes spill (stores|loads)", done.stdout + done.stderr)
@@ -188,4 +187,4 @@ def test_ldmatrix_bf16_tiles_compile_without_spills(tmp_path):
     bf16 = [b for b in re.split(r"\n(?=\s*Function : )", sass) if "Bf16Policy" in b.split("\n", 1)[0]]
     assert len(bf16) == 6, len(bf16)
     for block in bf16:
-        assert "LDSM.16.M88.4" in block and "HMMA.16816.F32.BF16" in block, block.split("\n", 1)[0]
+        assert "LDSM" not in block and "HMMA.16816.F32.BF16" in block, block.split("\n", 1)[0]

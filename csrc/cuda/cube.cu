@@ -4,7 +4,7 @@
 //
 // A tile is BP = BLOCK_I * BLOCK_J (i, j) pairs against BLOCK_K rows of z: the
 // pairs' row products x[i] * y[j] (built in shared memory, BLOCK_D columns at a
-// time) times z^T, on tensor cores (WMMA) or SIMT FMAs. Every output row has one
+// time) times z^T, on tensor cores (mma.sync or WMMA) or SIMT FMAs. Every output row has one
 // owning CTA and partial LSEs are combined in a fixed order: no float atomics,
 // results are deterministic on a given GPU.
 #include <limits>

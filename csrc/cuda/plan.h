@@ -27,7 +27,7 @@ namespace symile_cuda {
 enum Mode : int {
   kIeee = 0,  // SIMT fused multiply-adds in the tensors' dtype (float32 or float64)
   kTf32 = 1,  // float32 tensors, products on tensor cores in TF32 (WMMA m16n16k8), float32 accumulation
-  kBf16 = 2,  // float32 tensors rounded to bf16 tiles in shared memory (WMMA m16n16k16), float32 accumulation
+  kBf16 = 2,  // float32 tensors rounded to bf16 tiles in shared memory (ldmatrix + mma.sync m16n8k16), float32 accumulation
 };
 
 constexpr int kThreads = 256;  // every kernel runs 256 threads (8 warps) per CTA

@@ -284,43 +284,55 @@ struct WmmaTile {
   }
 };
 
-// bf16 fragments through ldmatrix and mma.sync (PTX, sm_80+): the emulation models both
-// per lane (emu/cuda_emu.h), so a fragment layout or an unaligned row aborts or goes wrong
-// on the CPU as it would on a GPU.
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row, bool trans) {
+// bf16 fragments through ldmatrix and mma.sync (PTX, sm_80+). An x4 fragment is this lane's
+// four 32-bit registers on a GPU; the emulation (emu/cuda_emu.h) holds the whole warp's, so a
+// fragment layout or an unaligned row aborts or goes wrong on the CPU as it would on a GPU.
+// row_of(lane) is the row address lane `lane` gives ldmatrix (a function of the lane and of
+// values uniform over the warp): a GPU lane evaluates it for itself, the emulation for all 32.
 #ifdef SYMILE_CUDA_EMULATE
-  symile_emu::ldmatrix_x4(r, row, trans);
+using FragX4 = symile_emu::WarpX4;
+#else
+struct FragX4 {
+  uint32_t r[4];
+};
+#endif
+
+template <typename RowOf>
+__device__ __forceinline__ void ldsm_x4(FragX4& f, RowOf row_of, bool trans) {
+#ifdef SYMILE_CUDA_EMULATE
+  symile_emu::ldmatrix_x4(f, row_of, trans);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_of(static_cast<int>(threadIdx.x % 32))));
   if (trans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+                 : "=r"(f.r[0]), "=r"(f.r[1]), "=r"(f.r[2]), "=r"(f.r[3]) : "r"(addr));
   } else {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+                 : "=r"(f.r[0]), "=r"(f.r[1]), "=r"(f.r[2]), "=r"(f.r[3]) : "r"(addr));
   }
 #else
-  (void)row;
+  (void)row_of;
   (void)trans;
-  r[0] = r[1] = r[2] = r[3] = 0u;
+  f.r[0] = f.r[1] = f.r[2] = f.r[3] = 0u;
   __trap();  // bf16 fragments need sm_80; the binding refuses older devices
 #endif
 }
 
-__device__ __forceinline__ void mma_16816_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// d += A (16 x 16, fragment a) B (16 x 8, registers 2 h and 2 h + 1 of fragment b).
+__device__ __forceinline__ void mma_16816_bf16(float (&d)[4], const FragX4& a, const FragX4& b, int h) {
 #ifdef SYMILE_CUDA_EMULATE
-  symile_emu::mma_16816_bf16(d, a, b0, b1);
+  symile_emu::mma_16816_bf16(d, a, b, h);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[2 * h]), "r"(b.r[2 * h + 1]));
 #else
   (void)d;
   (void)a;
-  (void)b0;
-  (void)b1;
+  (void)b;
+  (void)h;
   __trap();
 #endif
 }
@@ -350,22 +362,31 @@ struct MmaBf16Tile {
 
   template <bool B_COL>
   __device__ __forceinline__ void mma(const __nv_bfloat16* As, int lda, const __nv_bfloat16* Bs, int ldb, int kred) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    // This lane's row address within each x4 load (matrix lane / 8, row lane % 8).
-    const int a_row = lane % 16, a_col = (lane / 16) * 8;
-    const int j = lane / 8, r = lane % 8;
-    const int b_n = (j / 2) * 8 + (B_COL ? r : 0), b_k = (j % 2) * 8 + (B_COL ? 0 : r);
+    const int warp = threadIdx.x / 32;
 #pragma unroll 1
     for (int kk = 0; kk < kred; kk += 16) {
 #pragma unroll
       for (int q = 0; q < PER_WARP; ++q) {
         const int t = warp + q * WARPS;
         const int tm = t / TILES_N, tn = t % TILES_N;
-        uint32_t a[4], b[4];
-        ldsm_x4(a, As + (tm * 16 + a_row) * lda + kk + a_col, false);
-        ldsm_x4(b, B_COL ? Bs + (tn * 16 + b_n) * ldb + kk + b_k : Bs + (kk + b_k) * ldb + tn * 16 + b_n, !B_COL);
-        mma_16816_bf16(acc[q][0], a, b[0], b[1]);  // columns tn * 16 + 0..7
-        mma_16816_bf16(acc[q][1], a, b[2], b[3]);  // columns tn * 16 + 8..15
+        // Lane l gives row l % 8 of matrix l / 8 of each x4 load. A: matrices (rows 0-7, k 0-7),
+        // (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15), the a0..a3 of m16n8k16.
+        // B: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15), so
+        // registers 0, 1 feed columns 0-7 and 2, 3 columns 8-15.
+        const __nv_bfloat16* a_base = As + tm * 16 * lda + kk;
+        const __nv_bfloat16* b_base = B_COL ? Bs + tn * 16 * ldb + kk : Bs + kk * ldb + tn * 16;
+        FragX4 a, b;
+        symile_cuda::ldsm_x4(a, [=](int l) { return a_base + (l % 16) * lda + (l / 16) * 8; }, false);
+        symile_cuda::ldsm_x4(
+            b,
+            [=](int l) {
+              const int j = l / 8, r = l % 8;
+              const int n = (j / 2) * 8 + (B_COL ? r : 0), k = (j % 2) * 8 + (B_COL ? 0 : r);
+              return B_COL ? b_base + n * ldb + k : b_base + k * ldb + n;
+            },
+            !B_COL);
+        symile_cuda::mma_16816_bf16(acc[q][0], a, b, 0);  // columns tn * 16 + 0..7
+        symile_cuda::mma_16816_bf16(acc[q][1], a, b, 1);  // columns tn * 16 + 8..15
       }
     }
   }
@@ -398,14 +419,13 @@ struct MmaBf16Tile {
   }
 };
 
-// The bf16 kernels use WMMA unless built with -DSK_BF16_LDMATRIX: MmaBf16Tile compiles for
-// sm_80/sm_90 without spills and passes the emulation's work and accuracy tests, but its
-// per-lane emulation (a warp barrier per ldmatrix and per mma) makes the N = 128 work test
-// about 5x slower; it is checked on its own by emu/async_selftest.cpp until that is cut.
-#ifdef SK_BF16_LDMATRIX
-constexpr bool kBf16Ldmatrix = true;
-#else
+// The bf16 kernels load fragments with ldmatrix into mma.sync (MmaBf16Tile); built with
+// -DSK_BF16_WMMA they use WMMA load_matrix_sync instead (plain shared loads, kept to compare).
+// TF32 tiles stay on WMMA.
+#ifdef SK_BF16_WMMA
 constexpr bool kBf16Ldmatrix = false;
+#else
+constexpr bool kBf16Ldmatrix = true;
 #endif
 template <typename Policy, int BM, int BN>
 using TileFor = typename std::conditional<
