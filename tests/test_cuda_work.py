@@ -11,6 +11,8 @@ partial LSE). The bounds (docs/math.md section 5):
 * at most 3 exponentials per cube element: one shared by the forward's row and
   column reductions, one shared by G's three terms in each backward pass, where
   the logit spreads allow sharing (always for unit rows at tau = 14.3);
+* the row products x[i] * y[j] are built once per pair block in the forward (counted:
+  N^2 d at d <= 384 in bf16 tiles), per tile of z rows in the backward;
 * the per-vector exponentials (``vexp_``) are lower order: per 64 x 64 tile 3 x 64
   in the forward (row weights, running-LSE merges, the partial Lc), 64 in pass
   "pairs" and 4 x 64 in pass "z" (G's per-pair and per-column factors), plus
@@ -59,6 +61,13 @@ def test_work_bounds_at_n128(lib, d):
     assert by_kernel["pairs_pass"]["flops"] == by_kernel["z_pass"]["flops"] == 4 * 128 ** 3 * d
     for name in ("forward_pass", "pairs_pass", "z_pass"):
         assert by_kernel[name]["exps"] == 128 ** 3, name  # one shared exponential per element
+    # Row products x[i] * y[j]: the forward builds each pair block's once over all of d and reuses it
+    # for every tile of z rows (bf16 tiles keep them up to d = 384); pass "pairs" rebuilds them per
+    # 64-row tile of z (2 here), pass "z" per k-block unit for the logits and again for its contraction.
+    pairs = 128 * 128 * d
+    assert by_kernel["forward_pass"]["pair_products"] == pairs
+    assert by_kernel["pairs_pass"]["pair_products"] == 2 * pairs
+    assert by_kernel["z_pass"]["pair_products"] == 2 * 2 * pairs
 
 
 @pytest.fixture
@@ -160,7 +169,7 @@ def test_global_rows_load_in_16_byte_pieces_where_aligned(lib, emulated_backend,
     lib.emu_work_reset()
     L = emulated_backend.cube_lse_forward(*rows, tau)
     g = [torch.randn(9) for _ in range(3)]
-    grads = emulated_backend.cube_lse_backward(*rows, tau, *L, *g)
+    grads = emulated_backend.cube_lse_backward(*rows, tau, *(v.float() for v in L), *g)  # float64 LSEs out
     loads = {r["kernel"]: r["vector_loads"] for r in count_work_cuda._launches(lib)}
     for name in ("forward_pass", "pairs_pass", "z_pass"):
         assert (loads[name] > 0) == vector, (name, loads)
@@ -200,7 +209,7 @@ def test_z_tiles_double_buffered_through_cp_async(lib, emulated_backend, dtype, 
     lib.emu_work_reset()
     L = emulated_backend.cube_lse_forward(*rows, tau)
     g = [torch.randn(N) for _ in range(3)]
-    grads = emulated_backend.cube_lse_backward(*rows, tau, *L, *g)
+    grads = emulated_backend.cube_lse_backward(*rows, tau, *(v.float() for v in L), *g)  # float64 LSEs out
     cube = _async_copies(lib)
     lib.emu_work_reset()
     P = emulated_backend.pair_lse_forward(rows[0], rows[1], torch.zeros(N), tau)

@@ -18,23 +18,37 @@ namespace {
 
 // The logits' raw products S[p, k] = sum_d (x[a0 + p / BJ] * y[b0 + p % BJ])[d] z[k0 + k][d] of
 // a BP x BLOCK_K tile over the full d (BLOCK_D columns per step), stored to S (ld ldS); Cd
-// holds kOperandStages buffers of z rows (tile_products).
+// holds kOperandStages buffers of z rows (tile_products). ldPf > 0: P already holds the
+// pairs' products over all of d (ld ldPf; the forward builds them once per pair block); else
+// P takes one BLOCK_D chunk of them per step (ld ldP), rebuilt for every tile.
 template <typename Policy, typename TIn, int BI, int BJ, int BK, int BD>
 __device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, const TIn* __restrict__ y,
                                                    const TIn* __restrict__ z, int64_t a0, int64_t NA, int64_t b0,
                                                    int64_t NB, int64_t k0, int64_t NC, int64_t D,
                                                    typename Policy::In* P, typename Policy::In* Cd, int ldP,
-                                                   typename Policy::Acc* S, int ldS) {
+                                                   typename Policy::Acc* S, int ldS, int ldPf = 0) {
   using In = typename Policy::In;
   using Acc = typename Policy::Acc;
   tile_products<Policy, BI * BJ, BK, BD>(
-      D, [&](int64_t d0) { load_pair_products<In, Acc, TIn, BI, BJ>(P, ldP, BD, x, y, a0, NA, b0, NB, d0, D); },
-      [&](int64_t d0, In* dst) { load_rows_async<In, Acc>(dst, ldP, BK, BD, z, k0, NC, d0, D); }, P, Cd,
-      tile_bytes(BK, BD, Policy::cfg.pad_in, Policy::cfg.in_size), ldP, S, ldS);
+      D,
+      [&](int64_t d0) -> const In* {
+        if (ldPf > 0) return P + d0;
+        load_pair_products<In, Acc, TIn, BI, BJ>(P, ldP, BD, x, y, a0, NA, b0, NB, d0, D);
+        return P;
+      },
+      [&](int64_t d0, In* dst) { load_rows_async<In, Acc>(dst, ldP, BK, BD, z, k0, NC, d0, D); },
+      ldPf > 0 ? ldPf : ldP, Cd, tile_bytes(BK, BD, Policy::cfg.pad_in, Policy::cfg.in_size), ldP, S, ldS);
+}
+
+// The forward's CTAs per SM for __launch_bounds__ (plan.h register plan).
+template <typename Policy, typename TIn>
+constexpr int forward_min_ctas() {
+  return std::is_same<Policy, Tf32Policy>::value && std::is_same<TIn, float>::value ? kMinCtasCubeForwardTf32
+                                                                                    : kMinCtasCubeForward;
 }
 
 template <typename T, typename TIn, typename Policy>
-__global__ void __launch_bounds__(kThreads, kMinCtasCubeForward)
+__global__ void __launch_bounds__(kThreads, (forward_min_ctas<Policy, TIn>()))
     cube_forward_kernel(const TIn* __restrict__ x, const TIn* __restrict__ y, const TIn* __restrict__ z,
                         const T* __restrict__ tau_ptr, int64_t I, int64_t J, int64_t K, int64_t D,
                         CubeForwardPlan plan, T* __restrict__ La_part, T* __restrict__ Lb_part,
@@ -45,8 +59,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtasCubeForward)
   constexpr int BLOCK_I = Tl::BI, BLOCK_J = Tl::BJ, BLOCK_K = Tl::BK, BP = Tl::BP, ldS = Tl::ldS;
   static_assert(BLOCK_I <= 32 && BLOCK_J <= 32 && BP <= kThreads, "per-row bookkeeping uses one thread per row");
   SK_DYNAMIC_SMEM(smem);
-  const Tl s(smem);
+  const Tl s(smem, plan.p_cols);
   Acc *S = s.S, *pair_m = s.pair_m, *pair_s = s.pair_s, *row_M = s.row_M, *row_S = s.row_S;
+  // Full products: P holds the pair block's x[i] * y[j] over all of d (ld ldPf), built once per
+  // pair block and read by every tile of z rows (plan.h CubeForwardPlan).
+  const int ldPf = plan.full_products ? plan.p_cols + Tl::c.pad_in : 0;
 
   const Acc tau = static_cast<Acc>(*tau_ptr);
   const int t = threadIdx.x;
@@ -76,9 +93,15 @@ __global__ void __launch_bounds__(kThreads, kMinCtasCubeForward)
         pair_m[t] = neg_inf<Acc>();
         pair_s[t] = Acc(0);
       }
+      // Visible after the barrier in tile_products; the previous pair block's last reads of P
+      // ended before the barrier that closed its k loop.
+      if (ldPf > 0) {
+        load_pair_products<typename Tl::In, Acc, TIn, BLOCK_I, BLOCK_J>(s.P, ldPf, plan.p_cols, x, y, i0, I, j0, J,
+                                                                        0, D);
+      }
       for (int64_t k0 = 0; k0 < K; k0 += BLOCK_K) {
         cube_tile_products<Policy, TIn, BLOCK_I, BLOCK_J, BLOCK_K, Tl::BD>(x, y, z, i0, I, j0, J, k0, K, D, s.P, s.Z,
-                                                                           Tl::ldP, S, ldS);
+                                                                           Tl::ldP, S, ldS, ldPf);
         // Logits tau * T; entries outside the cube (or of pairs in another j-split) are -inf.
         for (int e = t; e < BP * BLOCK_K; e += kThreads) {
           const int p = e / BLOCK_K;
@@ -298,9 +321,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtasCubeZ)
 
 template <typename T, typename TIn, typename Policy>
 cudaError_t launch_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K,
-                           int64_t D, const CubeForwardPlan& plan, T* La_part, T* Lb_part, T* Lc_part, T* La,
-                           T* Lb, T* Lc, cudaStream_t stream) {
-  if (plan.smem != forward_layout(Policy::cfg).total || plan.ctas < 1 || plan.ctas > INT32_MAX) {
+                           int64_t D, const CubeForwardPlan& plan, T* La_part, T* Lb_part, T* Lc_part, double* La,
+                           double* Lb, double* Lc, cudaStream_t stream) {
+  constexpr TileConfig c = Policy::cfg;
+  if (plan.smem != forward_layout(c, plan.p_cols).total || plan.ctas < 1 || plan.ctas > INT32_MAX ||
+      plan.p_cols % c.BLOCK_D != 0 || (plan.full_products ? plan.p_cols < D : plan.p_cols != c.BLOCK_D)) {
     return cudaErrorInvalidValue;  // the plan was made for another mode
   }
   auto forward_pass = cube_forward_kernel<T, TIn, Policy>;
@@ -365,7 +390,7 @@ cudaError_t launch_backward(const TIn* x, const TIn* y, const TIn* z, const T* t
 template <typename T, typename TIn>
 cudaError_t cube_lse_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K,
                              int64_t D, int mode, const CubeForwardPlan& plan, T* La_part, T* Lb_part, T* Lc_part,
-                             T* La, T* Lb, T* Lc, cudaStream_t stream) {
+                             double* La, double* Lb, double* Lc, cudaStream_t stream) {
   return with_policy<T, TIn>(mode, [&](auto policy) {
     return launch_forward<T, TIn, decltype(policy)>(x, y, z, tau, I, J, K, D, plan, La_part, Lb_part, Lc_part, La,
                                                     Lb, Lc, stream);
@@ -385,8 +410,8 @@ cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T*
 
 #define SK_INSTANTIATE(T, TIn)                                                                                      \
   template cudaError_t cube_lse_forward<T, TIn>(const TIn*, const TIn*, const TIn*, const T*, int64_t, int64_t,     \
-                                                int64_t, int64_t, int, const CubeForwardPlan&, T*, T*, T*, T*, T*, \
-                                                T*, cudaStream_t);                                                  \
+                                                int64_t, int64_t, int, const CubeForwardPlan&, T*, T*, T*, double*, \
+                                                double*, double*, cudaStream_t);                                   \
   template cudaError_t cube_lse_backward<T, TIn>(const TIn*, const TIn*, const TIn*, const T*, const T*, const T*, \
                                                  const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, \
                                                  int64_t, int, const CubeBackwardPlan&, T*, TIn*, TIn*, TIn*, T*, \

@@ -19,6 +19,7 @@
 #define SK_COUNT_FLOPS(n) ((void)0)
 #define SK_COUNT_EXP() ((void)0)
 #define SK_COUNT_VEXP() ((void)0)
+#define SK_COUNT_PAIR_PRODUCTS(n) ((void)0)
 // One 16-byte global load (LDG.128) into out; the caller guarantees 16-byte alignment.
 #define SK_LOAD16(src, out)                                    \
   do {                                                         \
@@ -452,8 +453,10 @@ struct ForwardTiles : TileSizes<Policy> {
   Acc *S, *pair_m, *pair_s, *row_M, *row_S, *colm, *colo, *cols, *roww;
   In *P, *Z;
 
-  __device__ explicit ForwardTiles(unsigned char* smem) {
-    constexpr ForwardLayout l = forward_layout(c);
+  // p_cols: the columns of row products P holds (plan.h forward_layout).
+  __device__ explicit ForwardTiles(unsigned char* smem, int p_cols = 0) {
+    constexpr TileConfig cfg = c;  // a local copy: the static member may not be ODR-used in device code
+    const ForwardLayout l = forward_layout(cfg, p_cols);
     Acc** acc[] = {&S, &pair_m, &pair_s, &row_M, &row_S, &colm, &colo, &cols, &roww};
     const std::size_t acc_at[] = {l.S, l.pair_m, l.pair_s, l.row_l, l.row_ls, l.colm, l.colo, l.cols, l.roww};
     for (int q = 0; q < 9; ++q) *acc[q] = reinterpret_cast<Acc*>(smem + acc_at[q]);
@@ -556,6 +559,7 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
                                                    const T* __restrict__ B, int64_t a0, int64_t NA, int64_t b0,
                                                    int64_t NB, int64_t d0, int64_t D) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  if (threadIdx.x == 0) SK_COUNT_PAIR_PRODUCTS(int64_t(BI) * BJ * cols);  // the tile's elements, zeros included
   if (rows_vectorisable(A, D, d0, cols) && rows_vectorisable(B, D, d0, cols)) {
     const int pieces = cols / VEC;
 #pragma unroll 2  // as load_rows: two pieces in flight
@@ -586,14 +590,15 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
 
 // ---------------------------------------------------------------------------
 // S (BM x BN logits' raw products, ld ldS) = A B^T over the full d, BD columns per step:
-// load_a(d0) stages A's BM x BD chunk in P; load_b(d0, buf) B's BN x BD chunk in buffer buf
+// load_a(d0) stages A's BM x BD chunk (or finds it staged) and returns where it starts in
+// shared memory (ld lda); load_b(d0, buf) B's BN x BD chunk in buffer buf
 // of Cd (STAGES = 2 buffers of bytes_b each, both ld ldP, zero-filled outside the
 // tensors), through cp.async where it can: B's next chunk is in flight while this chunk's
 // products run (double buffering). Every thread calls; S is ready on return.
 // STAGES = 1: one buffer, B loaded synchronously after the previous step's barrier (the pair
 // backward, whose W accumulators leave no registers for copies in flight under its plan).
 template <typename Policy, int BM, int BN, int BD, int STAGES = kOperandStages, typename LoadA, typename LoadB>
-__device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&& load_b, const typename Policy::In* P,
+__device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&& load_b, int lda,
                                               typename Policy::In* Cd, std::size_t bytes_b, int ldP,
                                               typename Policy::Acc* S, int ldS) {
   using In = typename Policy::In;
@@ -603,10 +608,10 @@ __device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&&
     TileFor<Policy, BM, BN> acc;
     acc.zero();
     for (int64_t d0 = 0; d0 < D; d0 += BD) {
-      load_a(d0);
+      const In* A = load_a(d0);
       load_b(d0, Cd);
       __syncthreads();
-      acc.template mma<true>(P, ldP, Cd, ldP, BD);
+      acc.template mma<true>(A, lda, Cd, ldP, BD);
       __syncthreads();
     }
     acc.store(S, ldS);
@@ -623,10 +628,10 @@ __device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&&
     // `next` was last read by the previous step's products (a barrier since).
     if (d0 + BD < D) load_b(d0 + BD, next);
     SK_CP_ASYNC_COMMIT();  // possibly empty: every step commits one group
-    load_a(d0);
+    const In* A = load_a(d0);
     SK_CP_ASYNC_WAIT(1);   // this step's chunk has landed (only the next one may be in flight)
     __syncthreads();
-    acc.template mma<true>(P, ldP, cur, ldP, BD);
+    acc.template mma<true>(A, lda, cur, ldP, BD);
     __syncthreads();
     In* const done = cur;
     cur = next;
@@ -862,9 +867,12 @@ __global__ void fill_kernel(T* __restrict__ out, int64_t n, T value) {
 
 // out[n] = LSE of R partial LSEs held as (max, sum) pairs, M = part[r * N + n] and
 // S = part[(R + r) * N + n]: one pass for the maximum, one for the rescaled sum (a
-// (-inf, 0) pair adds nothing), in the fixed order r = 0, 1, ...
+// (-inf, 0) pair adds nothing), in the fixed order r = 0, 1, ... The (max, sum) pair is
+// the compute dtype's; only the result is formed in float64, (double) m + log((double) s),
+// so log s survives where it is below half an ulp of m in the compute dtype (at m = 1e8 a
+// float32 m + log s would drop a log 2 of a tie; docs/math.md section 6.4).
 template <typename T>
-__global__ void combine_lse_kernel(const T* __restrict__ part, int64_t R, int64_t N, T* __restrict__ out) {
+__global__ void combine_lse_kernel(const T* __restrict__ part, int64_t R, int64_t N, double* __restrict__ out) {
   for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
     T m = neg_inf<T>();
     for (int64_t r = 0; r < R; ++r) m = fmax(m, part[r * N + n]);
@@ -875,7 +883,7 @@ __global__ void combine_lse_kernel(const T* __restrict__ part, int64_t R, int64_
         if (Mr != neg_inf<T>()) s += part[(R + r) * N + n] * vexp_(Mr - m);
       }
     }
-    out[n] = m == neg_inf<T>() ? m : m + log_(s);
+    out[n] = m == neg_inf<T>() ? neg_inf<double>() : static_cast<double>(m) + log_(static_cast<double>(s));
   }
 }
 

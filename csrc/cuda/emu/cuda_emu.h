@@ -72,15 +72,18 @@ inline cudaError_t last_error = cudaSuccess;
 // when it ends; the totals of every launch are kept in order, with the launch's name.
 struct LaunchWork {
   const char* name;
-  int64_t grid, flops, exps, vexps, vloads, async_copies;
+  int64_t grid, flops, exps, vexps, vloads, async_copies, pair_products;
 };
-inline thread_local int64_t tl_flops = 0, tl_exps = 0, tl_vexps = 0, tl_vloads = 0, tl_async = 0;
-inline std::atomic<int64_t> launch_flops{0}, launch_exps{0}, launch_vexps{0}, launch_vloads{0}, launch_async{0};
+inline thread_local int64_t tl_flops = 0, tl_exps = 0, tl_vexps = 0, tl_vloads = 0, tl_async = 0, tl_pairs = 0;
+inline std::atomic<int64_t> launch_flops{0}, launch_exps{0}, launch_vexps{0}, launch_vloads{0}, launch_async{0},
+    launch_pairs{0};
 inline std::vector<LaunchWork> launches;
 
 inline void count_flops(int64_t n) { tl_flops += n; }
 inline void count_exp() { ++tl_exps; }
 inline void count_vexp() { ++tl_vexps; }
+// Elements of row products x[i] * y[j] written to shared memory (pair-product tiles built).
+inline void count_pair_products(int64_t n) { tl_pairs += n; }
 
 
 inline unsigned char* dynamic_smem() { return tls_block->smem; }
@@ -151,6 +154,7 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
   launch_vexps = 0;
   launch_vloads = 0;
   launch_async = 0;
+  launch_pairs = 0;
   for (int64_t b = 0; b < grid; ++b) {
     Block block;
     const std::size_t bytes = smem_bytes == 0 ? 128 : (smem_bytes + 127) / 128 * 128;
@@ -166,7 +170,7 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
         gridDim.x = static_cast<unsigned>(grid);
         blockDim.x = kBlockThreads;
         tls_block = &block;
-        tl_flops = tl_exps = tl_vexps = tl_vloads = tl_async = 0;
+        tl_flops = tl_exps = tl_vexps = tl_vloads = tl_async = tl_pairs = 0;
         tl_open.clear();
         tl_groups.clear();
         kernel(static_cast<P>(args)...);
@@ -176,13 +180,15 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
         launch_vexps += tl_vexps;
         launch_vloads += tl_vloads;
         launch_async += tl_async;
+        launch_pairs += tl_pairs;
       });
     }
     for (auto& th : threads) th.join();
     ::operator delete(smem, std::align_val_t(128));
   }
   launches.push_back(LaunchWork{name, grid, launch_flops.load(), launch_exps.load(),
-                                launch_vexps.load(), launch_vloads.load(), launch_async.load()});
+                                launch_vexps.load(), launch_vloads.load(), launch_async.load(),
+                                launch_pairs.load()});
 }
 
 }  // namespace symile_emu
@@ -193,6 +199,7 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
 #define SK_COUNT_FLOPS(n) ::symile_emu::count_flops(n)
 #define SK_COUNT_EXP() ::symile_emu::count_exp()
 #define SK_COUNT_VEXP() ::symile_emu::count_vexp()
+#define SK_COUNT_PAIR_PRODUCTS(n) ::symile_emu::count_pair_products(n)
 #define SK_LOAD16(src, out) ::symile_emu::load16((src), (out))
 #define SK_CP_ASYNC16(dst, src, src_bytes) ::symile_emu::cp_async16((dst), (src), (src_bytes))
 #define SK_CP_ASYNC_COMMIT() ::symile_emu::cp_async_commit()
