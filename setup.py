@@ -11,6 +11,7 @@ import importlib.util
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 
 def _load_build_settings():
@@ -106,7 +107,29 @@ def _extensions():
     return ext_modules, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 
+class BuildPyWithSources(build_py):
+    """Also copies csrc/ into the built package as symile_kernels/csrc/, so that a wheel
+    without compiled extensions (build isolation: no torch) can JIT-build them on first use.
+    Editable installs read csrc/ in the checkout instead (symile_kernels/_build.source_root)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        import shutil
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        for folder, _, names in os.walk(os.path.join(here, "csrc")):
+            for name in names:
+                if name.endswith(BUILD.CSRC_SUFFIXES):
+                    relative = os.path.relpath(os.path.join(folder, name), here)
+                    target = os.path.join(self.build_lib, "symile_kernels", relative)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.copyfile(os.path.join(here, relative), target)
+
+
 ext_modules, cmdclass = _extensions()
+cmdclass = {**cmdclass, "build_py": BuildPyWithSources}
 
 setup(
     packages=find_packages(include=["symile_kernels", "symile_kernels.*"]),

@@ -10,9 +10,21 @@ from __future__ import annotations
 import os
 import sys
 
-CPU_SOURCES = ("csrc/cpu/symile_cpu.cpp",)
+CPU_SOURCES = ("csrc/cpu/symile_cpu.cpp",)  # relative to source_root()
 CUDA_SOURCE_DIR = "csrc/cuda"
 CUDA_SOURCES = ("binding.cpp", "cube.cu", "pair.cu")  # in CUDA_SOURCE_DIR
+
+# Files of csrc/ that a wheel carries (as symile_kernels/csrc/) for JIT builds on first use.
+CSRC_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
+
+
+def source_root(package_dir) -> str:
+    """The directory that holds ``csrc/``: the package itself when installed from a wheel
+    (setup.py copies csrc/ into it), else the checkout above it (editable installs)."""
+    if os.path.isdir(os.path.join(package_dir, "csrc")):
+        return str(package_dir)
+    return os.path.dirname(os.path.abspath(package_dir))
+
 
 # TORCH_CUDA_ARCH_LIST when the user sets none: sm_80 cubins also run on sm_86/sm_89;
 # the sm_90 PTX lets newer GPUs JIT.

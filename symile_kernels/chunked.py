@@ -3,7 +3,7 @@
 It tiles the M = 3 cube ``tau * T[i,j,k]`` over blocks of anchor rows i and
 partner rows j, each tile a (BLOCK_I, BLOCK_J, K) slab computed as one matrix
 product of the (i, j) row products ``x[i] * y[j]`` with z. The forward keeps
-running log-sum-exps; the backward recomputes each tile from the saved LSE
+running log-sum-exps (float64 vectors); the backward recomputes each tile from the saved LSE
 vectors (docs/math.md section 2). Tile sizes come from a memory budget
 (``SYMILE_KERNELS_CHUNK_BYTES``, default 128 MiB of tile workspace), not from
 the machine. This module is the blueprint the compiled kernels follow.
@@ -60,6 +60,16 @@ def _tile_T(x: Tensor, y: Tensor, z: Tensor, I: slice, J: slice) -> tuple[Tensor
     return (xy @ z.T).view(I.stop - I.start, J.stop - J.start, z.shape[0]), xy
 
 
+def _lse64(S: Tensor, dim) -> Tensor:
+    """float64 log-sum-exp of S over ``dim``: the maximum m and the sum of exp(S - m) in S's
+    dtype, joined as ``m + log(sum)`` in float64 (docs/math.md section 6.4: a float32
+    ``torch.logsumexp`` rounds log(sum) away at logits near 1e8)."""
+    m = S.amax(dim=dim, keepdim=True)
+    m = torch.where(m.isinf(), 0, m)  # all -inf (or an overflowed +inf): the sum says so
+    total = torch.sub(S, m).exp_().sum(dim=dim)
+    return m.squeeze(dim).to(torch.float64) + total.to(torch.float64).log()
+
+
 def cube_lse_forward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # The running log-sum-exps are float64 (N-vectors: cheap): Lc combines one partial per
     # tile, and a float32 running logaddexp over ~10^4 tiles drifts (a 6e-4 bias at N = 4096).
@@ -69,11 +79,10 @@ def cube_lse_forward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor) -> tuple[Tens
     Lc = z.new_full((z.shape[0],), -torch.inf, dtype=acc)
     for I, J in _tiles(x, y, z):
         S = tau * _tile_T(x, y, z, I, J)[0]
-        # torch.logsumexp subtracts the running maximum, so tau = 100 cannot overflow.
-        La[I] = torch.logaddexp(La[I], torch.logsumexp(S, dim=(1, 2)).to(acc))
-        Lb[J] = torch.logaddexp(Lb[J], torch.logsumexp(S, dim=(0, 2)).to(acc))
-        Lc = torch.logaddexp(Lc, torch.logsumexp(S, dim=(0, 1)).to(acc))
-    return La.to(tau.dtype), Lb.to(tau.dtype), Lc.to(tau.dtype)
+        La[I] = torch.logaddexp(La[I], _lse64(S, (1, 2)))
+        Lb[J] = torch.logaddexp(Lb[J], _lse64(S, (0, 2)))
+        Lc = torch.logaddexp(Lc, _lse64(S, (0, 1)))
+    return La, Lb, Lc
 
 
 def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, Lb: Tensor, Lc: Tensor,
@@ -135,10 +144,10 @@ def _pair_tile_logits(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, I: slice,
 
 
 def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
-    L = a.new_empty(a.shape[0])
+    L = a.new_empty(a.shape[0], dtype=torch.float64)
     for I in _pair_tiles(a, b):
         S, _ = _pair_tile_logits(a, b, pos, tau, I)
-        L[I] = torch.logsumexp(S, dim=1)
+        L[I] = _lse64(S, 1)
     return L
 
 

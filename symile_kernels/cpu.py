@@ -5,9 +5,10 @@ dispatch key), with fake implementations registered here:
 
 ``cpu_cube_lse_forward(x, y, z, tau) -> (La, Lb, Lc)``
     x: (I, d), y: (J, d), z: (K, d), tau: 0-dim; float32 or float64, contiguous, CPU.
-    La (I,), Lb (J,), Lc (K,): docs/math.md section 2's log-sum-exps of ``tau * T``.
+    La (I,), Lb (J,), Lc (K,): docs/math.md section 2's log-sum-exps of ``tau * T``, float64
+    whatever the compute dtype (section 6.4).
 ``cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc) -> (dx, dy, dz, dtau)``
-``cpu_pair_lse_forward(a, b, pos, tau) -> L`` and
+``cpu_pair_lse_forward(a, b, pos, tau) -> L`` (float64, like La) and
 ``cpu_pair_lse_backward(a, b, pos, tau, L, gL) -> (da, db, dpos, dtau)``
     as in ``symile_kernels.backends``.
 
@@ -33,7 +34,7 @@ from ._extension import CompiledOps, jit_build
 from .backends import Backend
 
 EXTENSION = "symile_kernels._cpu_kernels"
-_SOURCE = Path(__file__).resolve().parent.parent / _build.CPU_SOURCES[0]
+_SOURCE = Path(_build.source_root(Path(__file__).resolve().parent)) / _build.CPU_SOURCES[0]
 _OPS = ("cpu_cube_lse_forward", "cpu_cube_lse_backward", "cpu_pair_lse_forward", "cpu_pair_lse_backward")
 
 def compile_flags() -> list[str]:
@@ -49,7 +50,7 @@ def _jit_build() -> Optional[str]:
 def _register_fakes() -> None:
     @torch.library.register_fake("symile_kernels::cpu_cube_lse_forward")
     def _(x, y, z, tau):
-        return x.new_empty(x.shape[0]), y.new_empty(y.shape[0]), z.new_empty(z.shape[0])
+        return tuple(t.new_empty(t.shape[0], dtype=torch.float64) for t in (x, y, z))
 
     @torch.library.register_fake("symile_kernels::cpu_cube_lse_backward")
     def _(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc):
@@ -57,7 +58,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("symile_kernels::cpu_pair_lse_forward")
     def _(a, b, pos, tau):
-        return a.new_empty(a.shape[0])
+        return a.new_empty(a.shape[0], dtype=torch.float64)
 
     @torch.library.register_fake("symile_kernels::cpu_pair_lse_backward")
     def _(a, b, pos, tau, L, gL):

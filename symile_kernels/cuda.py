@@ -59,7 +59,7 @@ from ._extension import CompiledOps, jit_build
 from .backends import Backend
 
 EXTENSION = "symile_kernels._cuda_kernels"
-SOURCE_DIR = Path(__file__).resolve().parent.parent / _build.CUDA_SOURCE_DIR
+SOURCE_DIR = Path(_build.source_root(Path(__file__).resolve().parent)) / _build.CUDA_SOURCE_DIR
 SOURCES = _build.CUDA_SOURCES
 MODES = _build.MATH_MODES
 MATH_ENV = "SYMILE_KERNELS_CUDA_MATH"

@@ -13,6 +13,11 @@ The backward computes only the gradients some input needs
 backends with ``skips_unneeded_grads``, which skip those passes, and an output
 not needed comes back from the backward op as an empty (0,) tensor.
 
+The forward ops return their LSE vectors in float64 whatever the compute dtype,
+and the autograd formulas hand the backward ops each L as a shift in the compute
+dtype plus a reweighted gL (``_shift_and_weight``, docs/math.md section 6.4):
+in float32 at logits near 1e8, ``L = m + log(s)`` would round ``log(s)`` away.
+
 Only the log-normalisers are custom (as in Inf-CLIP): the positive logits, the
 means and the average over anchors are plain torch in ``symile_kernels.loss``.
 """
@@ -96,18 +101,18 @@ def cube_lse(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, backend: str) -> tupl
 
     x: (I, d), y: (J, d), z: (K, d), float32 or float64 (bf16/fp16 for backends that
     accept low precision), contiguous, one device.
-    tau: 0-dim tensor of the compute dtype (float32 or float64), same device; the
-    LSE vectors come back in that dtype.
+    tau: 0-dim tensor of the compute dtype (float32 or float64), same device.
+    The LSE vectors come back in float64 (docs/math.md section 6.4).
     """
     _check_cube("cube_lse", x, y, z, tau)
     check_tau_value(tau)
-    return tuple(backends.for_dtype(backend, x.dtype).cube_lse_forward(x, y, z, tau))
+    return tuple(L.to(torch.float64) for L in backends.for_dtype(backend, x.dtype).cube_lse_forward(x, y, z, tau))
 
 
 @cube_lse.register_fake
 def _(x, y, z, tau, backend):
     _check_cube("cube_lse", x, y, z, tau)
-    return tuple(t.new_empty(t.shape[0], dtype=tau.dtype) for t in (x, y, z))
+    return tuple(t.new_empty(t.shape[0], dtype=torch.float64) for t in (x, y, z))
 
 
 @torch.library.custom_op("symile_kernels::cube_lse_backward", mutates_args=())
@@ -116,6 +121,9 @@ def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, 
                       needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dx, dy, dz (shaped like x, y, z) and dtau (0-dim) of ``sum gLa*La + gLb*Lb + gLc*Lc``.
 
+    La, Lb, Lc and gLa, gLb, gLc are in the compute dtype: the autograd formula passes
+    each L's shift and reweighted gradient (``_shift_and_weight``), which the backends
+    use only as ``gL * exp(S - L)``, exactly as they would the LSEs themselves.
     needs: four flags for dx, dy, dz, dtau; an output whose flag is False is an empty (0,) tensor.
     """
     _check_cube("cube_lse_backward", x, y, z, tau, _cube_vectors(x, y, z, La, Lb, Lc, gLa, gLb, gLc))
@@ -139,13 +147,32 @@ def _cube_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
+def _shift_and_weight(L: Tensor, gL: "Tensor | None", dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The backward ops' stand-ins for a float64 LSE vector L (n,) and its gradient gL (n,),
+    both in the compute ``dtype`` (docs/math.md section 6.4).
+
+    shift is L rounded down to ``dtype``: the largest value <= L, so no logit exceeds it
+    (the maximum logit is itself a ``dtype`` value <= L). weight = gL * exp(shift - L),
+    formed in float64, puts back the part of L that ``dtype`` cannot hold (at most
+    log(n_terms)); then ``weight * exp(S - shift) == gL * exp(S - L)`` term by term.
+    """
+    if gL is None:
+        gL = torch.zeros_like(L)
+    if dtype == torch.float64:
+        return L, gL.to(dtype).contiguous()
+    shift = L.to(dtype)
+    shift = torch.where(shift.to(L.dtype) > L, torch.nextafter(shift, torch.full_like(shift, -torch.inf)), shift)
+    weight = gL.to(torch.float64) * torch.exp(shift.to(torch.float64) - L)
+    return shift, weight.to(dtype)
+
+
 def _cube_backward(ctx, gLa, gLb, gLc):
     x, y, z, tau, La, Lb, Lc = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:4])
     if not any(needs):
         return None, None, None, None, None
-    gLa, gLb, gLc = (torch.zeros_like(L) if g is None else g.contiguous()
-                     for g, L in ((gLa, La), (gLb, Lb), (gLc, Lc)))
+    (La, gLa), (Lb, gLb), (Lc, gLc) = (_shift_and_weight(L, g, tau.dtype)
+                                       for L, g in ((La, gLa), (Lb, gLb), (Lc, gLc)))
     grads = cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, ctx.backend, needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None)
 
@@ -174,23 +201,25 @@ def pair_lse(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, backend: str) -> Te
 
     a: (I, d), b: (J, d) with I <= J, float32 or float64 (bf16/fp16 for backends that
     accept low precision), contiguous, one device.
-    pos: (I,) and tau (0-dim), of the compute dtype (float32 or float64); L comes back in it.
+    pos: (I,) and tau (0-dim), of the compute dtype (float32 or float64).
+    L comes back in float64 (docs/math.md section 6.4).
     """
     _check_pair("pair_lse", a, b, pos, tau)
     check_tau_value(tau)
-    return backends.for_dtype(backend, a.dtype).pair_lse_forward(a, b, pos, tau)
+    return backends.for_dtype(backend, a.dtype).pair_lse_forward(a, b, pos, tau).to(torch.float64)
 
 
 @pair_lse.register_fake
 def _(a, b, pos, tau, backend):
     _check_pair("pair_lse", a, b, pos, tau)
-    return pos.new_empty(a.shape[0])
+    return pos.new_empty(a.shape[0], dtype=torch.float64)
 
 
 @torch.library.custom_op("symile_kernels::pair_lse_backward", mutates_args=())
 def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, gL: Tensor,
                       backend: str, needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """da (I, d), db (J, d), dpos (I,) and dtau (0-dim) of ``sum_i gL[i] L[i]``.
+    """da (I, d), db (J, d), dpos (I,) and dtau (0-dim) of ``sum_i gL[i] L[i]``; L and gL
+    in the compute dtype, as the shift and weight of ``_shift_and_weight`` (see cube_lse_backward).
 
     needs: four flags for da, db, dpos, dtau; an output whose flag is False is an empty (0,) tensor.
     """
@@ -215,7 +244,8 @@ def _pair_backward(ctx, gL):
     needs = list(ctx.needs_input_grad[:4])
     if not any(needs):
         return None, None, None, None, None
-    grads = pair_lse_backward(a, b, pos, tau, L, gL.contiguous(), ctx.backend, needs)
+    L, gL = _shift_and_weight(L, gL, tau.dtype)
+    grads = pair_lse_backward(a, b, pos, tau, L, gL, ctx.backend, needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None)
 
 

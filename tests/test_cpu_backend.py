@@ -89,10 +89,10 @@ def test_thread_count_does_not_change_results():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            L = OPS.cpu_cube_lse_forward(x, y, z, tau)
-            grads = OPS.cpu_cube_lse_backward(x, y, z, tau, *L, *g)
+            L = OPS.cpu_cube_lse_forward(x, y, z, tau)  # float64 LSEs; the backward takes float32 ones
+            grads = OPS.cpu_cube_lse_backward(x, y, z, tau, *(l.float() for l in L), *g)
             P = OPS.cpu_pair_lse_forward(a, b, pos, tau)
-            pgrads = OPS.cpu_pair_lse_backward(a, b, pos, tau, P, g[0])
+            pgrads = OPS.cpu_pair_lse_backward(a, b, pos, tau, P.float(), g[0])
             results.append([*L, *grads, P, *pgrads])
     finally:
         torch.set_num_threads(previous)
@@ -103,13 +103,13 @@ def test_thread_count_does_not_change_results():
 def test_opcheck_raw_cpp_ops():
     x, y, z = (torch.randn(n, 5) for n in (7, 4, 6))
     tau = torch.tensor(3.0)
-    L = OPS.cpu_cube_lse_forward(x, y, z, tau)
+    L = [l.float() for l in OPS.cpu_cube_lse_forward(x, y, z, tau)]  # the backward's dtype
     g = [torch.randn(n) for n in (7, 4, 6)]
     torch.library.opcheck(OPS.cpu_cube_lse_forward, (x, y, z, tau))
     torch.library.opcheck(OPS.cpu_cube_lse_backward, (x, y, z, tau, *L, *g))
     a, b = torch.randn(9, 5), torch.randn(9, 5)
     pos = torch.randn(9)
-    P = OPS.cpu_pair_lse_forward(a, b, pos, tau)
+    P = OPS.cpu_pair_lse_forward(a, b, pos, tau).float()
     torch.library.opcheck(OPS.cpu_pair_lse_forward, (a, b, pos, tau))
     torch.library.opcheck(OPS.cpu_pair_lse_backward, (a, b, pos, tau, P, g[0][:1].expand(9).contiguous()))
 
@@ -170,7 +170,7 @@ def test_bad_inputs_to_raw_ops_name_the_tensor():
         OPS.cpu_cube_lse_forward(x, y, torch.randn(5, 3), tau)
     with pytest.raises(RuntimeError, match="tau must have shape"):
         OPS.cpu_cube_lse_forward(x, y, z, tau.reshape(1))
-    L = OPS.cpu_cube_lse_forward(x, y, z, tau)
+    L = [l.float() for l in OPS.cpu_cube_lse_forward(x, y, z, tau)]
     with pytest.raises(RuntimeError, match="gLb must have the dtype of x"):
         OPS.cpu_cube_lse_backward(x, y, z, tau, *L, L[0], L[1].double(), L[2])
     with pytest.raises(RuntimeError, match="pos must have shape"):

@@ -77,7 +77,7 @@ def test_pair_results_are_bitwise_independent_of_thread_count():
         for threads in (1, 2, 3, 8):
             torch.set_num_threads(threads)
             L = OPS.cpu_pair_lse_forward(a, b, pos, t)
-            results.append([L, *OPS.cpu_pair_lse_backward(a, b, pos, t, L, gL)])
+            results.append([L, *OPS.cpu_pair_lse_backward(a, b, pos, t, L.to(a.dtype), gL)])
     finally:
         torch.set_num_threads(previous)
     for other in results[1:]:

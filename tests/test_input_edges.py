@@ -53,7 +53,7 @@ def test_pair_op_checks_its_inputs(backend):
         OPS.pair_lse(b, a, torch.zeros(4), torch.tensor(float("inf")), backend)
     with pytest.raises(RuntimeError, match="argument 'tau'"):  # torch's schema check names it
         OPS.pair_lse(b, a, torch.zeros(4), np.float32(2.0), backend)
-    L = OPS.pair_lse(b, a, torch.zeros(4), tau, backend)
+    L = OPS.pair_lse(b, a, torch.zeros(4), tau, backend).float()  # the backward's dtype
     with pytest.raises(ValueError, match="gL must have shape"):
         OPS.pair_lse_backward(b, a, torch.zeros(4), tau, L, torch.ones(3), backend, [True] * 4)
 
@@ -70,6 +70,7 @@ def test_cube_op_checks_its_inputs(backend):
         OPS.cube_lse(x, y, z, torch.tensor(0.0), backend)
     La, Lb, Lc = OPS.cube_lse(x, y[:3].contiguous(), z, tau, backend)  # rectangular cubes are fine
     assert (La.shape, Lb.shape, Lc.shape) == ((4,), (3,), (4,))
+    La, Lb, Lc = La.float(), Lb.float(), Lc.float()  # the backward's dtype
     with pytest.raises(ValueError, match="gLb must have shape"):
         OPS.cube_lse_backward(x, y[:3].contiguous(), z, tau, La, Lb, Lc, torch.ones(4), torch.ones(4),
                               torch.ones(4), backend, [True] * 4)

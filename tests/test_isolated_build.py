@@ -1,5 +1,6 @@
 """The hurried install (issue 14 item 1): building with pip's build isolation must not fetch
-torch, and gives a pure-Python package that installs next to the torch already there."""
+torch, and gives a pure-Python package that installs next to the torch already there and
+JIT-builds its C++ backend from the sources the wheel carries."""
 import os
 import subprocess
 import sys
@@ -32,21 +33,35 @@ def test_isolated_wheel_is_pure_python_and_installs(tmp_path):
     assert len(wheels) == 1, log
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert "symile_kernels/ops.py" in names
+    assert "symile_kernels/csrc/cpu/symile_cpu.cpp" in names  # for the JIT build on first use
+    assert "symile_kernels/csrc/cuda/cube.cu" in names
     assert not [n for n in names if n.endswith((".so", ".pyd"))], names
     assert "-py3-none-any.whl" in wheels[0].name, wheels[0].name
 
-    venv = tmp_path / "venv"  # sees this interpreter's torch, as a user's venv with torch would
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
+    # A venv that sees this interpreter's torch, as a user's venv with torch would, through a plain
+    # path entry: .pth files there are not run, so the checkout's editable install (whose finder
+    # would serve its prebuilt extension) stays out of it.
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     py = venv / "bin" / "python"
+    venv_site = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    torch_site = str(Path(__import__("torch").__file__).resolve().parents[1])
+    Path(venv_site, "outer_site.pth").write_text(torch_site + "\n")
     _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index",
           str(wheels[0])])
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SYMILE_KERNELS_BACKEND")}
-    out = _run([str(py), "-c", "import torch, symile_kernels as sk\n"
-                "print(sk.__file__)\n"
-                "x = [torch.randn(4, 3) for _ in range(3)]\n"
-                "print(float(sk.symile_loss(x, 2.0, backend='chunked')))"], cwd=tmp_path, env=env).stdout.splitlines()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SYMILE_KERNELS_BACKEND",
+                                                               "SYMILE_KERNELS_NO_JIT")}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")  # a real compile, not a cached one
+    proc = _run([str(py), "-c", "import torch, symile_kernels as sk\n"
+                 "print(sk.__file__)\n"
+                 "x = [torch.randn(4, 3) for _ in range(3)]\n"
+                 "print(float(sk.symile_loss(x, 2.0, backend='chunked')))\n"
+                 "print(float(sk.symile_loss(x, 2.0, backend='cpu')))"], cwd=tmp_path, env=env)
+    out = proc.stdout.splitlines()
     assert out[0].startswith(str(venv)), out
     assert float(out[1]) > 0
+    assert abs(float(out[2]) - float(out[1])) < 1e-5 * float(out[1]), out  # the JIT-built C++ backend
+    assert "JIT-building the C++ CPU backend" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("seconds,printed", [(0.0, False), (0.6, True)], ids=["cached", "compiling"])

@@ -29,7 +29,7 @@ class CountContractions(TorchDispatchMode):
 def _backward_counts(needs):
     x, y, z = (r.float() for r in make_inputs("unit", 3, 9, 5))
     tau = torch.tensor(14.3)
-    L = chunked.cube_lse_forward(x, y, z, tau)
+    L = [l.float() for l in chunked.cube_lse_forward(x, y, z, tau)]
     g = [torch.rand(9) for _ in range(3)]
     with CountContractions() as mode:
         grads = chunked.cube_lse_backward(x, y, z, tau, *L, *g, needs=needs)
