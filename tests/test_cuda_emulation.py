@@ -17,6 +17,7 @@ import torch
 
 from symile_kernels import _build, backends, symile_loss
 from symile_kernels.backends import Backend
+from symile_kernels.ops import _shift_and_weight
 
 from cuda_common import check_rectangular_pairs, no_gpu_only, start_builds
 from harness import check_against_oracle, make_inputs
@@ -193,14 +194,6 @@ def test_emulated_results_are_deterministic(emulated):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def _shift_and_weight(L: torch.Tensor, gL: torch.Tensor, dtype: torch.dtype):
-    """What ops passes the backward for float64 LSEs L (docs/math.md section 6.4): shift, the
-    largest value of ``dtype`` <= L, and gL e^(shift - L) formed in float64, both cast to dtype."""
-    shift = L.to(dtype)
-    shift = torch.where(shift.double() > L, torch.nextafter(shift, shift.new_tensor(float("-inf"))), shift)
-    return shift, (gL.double() * torch.exp(shift.double() - L)).to(dtype)
-
-
 @no_gpu_only
 @pytest.mark.parametrize("dtype,mode", [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float64, "ieee")],
                          ids=str)
@@ -219,7 +212,7 @@ def test_emulated_lse_keeps_log2_of_a_tie_at_logit_1e8(emu_lib, dtype, mode):
     assert abs(float(La[0]) - (1e8 + math.log(2))) < 1e-6, float(La[0]) - 1e8
     gs = [torch.tensor([1.0, 0.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
           torch.zeros(2, dtype=torch.float64)]
-    shifted = [_shift_and_weight(L, g, dtype) for L, g in zip((La, Lb, Lc), gs)]
+    shifted = [_shift_and_weight(L, g, dtype) for L, g in zip((La, Lb, Lc), gs)]  # as ops passes them
     dx, dy, dz, _ = emu.cube_lse_backward(x, y, z, tau, *(s for s, _ in shifted), *(w for _, w in shifted))
     assert float(dx[0, 0]) == pytest.approx(1e8, rel=1e-6)
     # dLa[0]/dy[j] = sum_k softmax x[0] z[k]: 0.5 * 1e4 for each tied j; dz[0] = sum_j 0.5 * 1e4.
@@ -237,3 +230,18 @@ def test_emulated_lse_keeps_log2_of_a_tie_at_logit_1e8(emu_lib, dtype, mode):
     assert float(da[0, 0]) == pytest.approx(1e4, rel=1e-6)  # the tie's average of b[j]: a float32 L gives 2e4
     assert db[:, 0].tolist() == pytest.approx([0.0, 5e3, 5e3], rel=1e-6, abs=1e-6)
     assert float(dpos[0]) == 0.0
+
+
+@no_gpu_only
+@pytest.mark.parametrize("mode", ["ieee", "tf32"])
+def test_emulated_huge_logits_through_ops(emulated, mode):
+    # tests/test_numerics_edges.py's checks (issue 14 items 10 and 12c) through ops with the
+    # emulated kernels: ties at logit 1e8 (cube and pair), and "n" sampling with rows of norm 1e4
+    # against the float64 oracle at float32's tolerance (IEEE tiles only: TF32's is 1e-2).
+    from test_numerics_edges import check_cube_tie, check_n_sampling_norm_1e4, check_pair_tie
+
+    name = emulated(mode)
+    check_cube_tie(name)
+    check_pair_tie(name)
+    if mode == "ieee":
+        check_n_sampling_norm_1e4(name)

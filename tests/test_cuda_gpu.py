@@ -193,3 +193,13 @@ def test_gpu_listed_and_big_batch_memory():
     torch.cuda.synchronize()
     assert torch.isfinite(loss)
     assert torch.cuda.max_memory_allocated() - base < 64 * 2 ** 20
+
+
+@gpu_only
+def test_gpu_huge_logits():
+    # tests/test_numerics_edges.py's checks (issue 14 items 10 and 12c) on the GPU: float64 LSEs.
+    from test_numerics_edges import check_cube_tie, check_n_sampling_norm_1e4, check_pair_tie
+
+    check_cube_tie("cuda", "cuda")
+    check_pair_tie("cuda", "cuda")
+    check_n_sampling_norm_1e4("cuda", "cuda")
