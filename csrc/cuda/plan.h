@@ -224,7 +224,7 @@ constexpr double kForwardShareSpread = 60.0;
 constexpr double kBackwardShareSpread = 40.0;
 
 struct CubeBackwardLayout {
-  std::size_t S, G, P, Cd, Op, W, LA, gA, LB, gB, ref, arow, u, LC, gC, bcol, total;
+  std::size_t S, G, P, Cd, Op, W, LA, gA, LB, gB, ref, arow, u, LC, gC, bcol, Pf, total;
 };
 
 // z_pass: accumulators BLOCK_K x slab, operand chunk BP x kCubeChunk (pair products),
@@ -232,7 +232,10 @@ struct CubeBackwardLayout {
 // The contraction's operand chunk Op reuses the bytes of S, P and Cd: it is loaded only
 // after G is built from S (tile_G ends with a barrier), and P, Cd are next written after
 // the contraction's last barrier.
-SK_HD constexpr CubeBackwardLayout cube_backward_layout(const TileConfig& c, int64_t slab, bool z_pass) {
+// p_cols > 0 adds Pf, a pair block's row products over p_cols columns (all of d, a multiple of
+// kCubeChunk; CubeBackwardPlan::full_products), kept apart from every other region.
+SK_HD constexpr CubeBackwardLayout cube_backward_layout(const TileConfig& c, int64_t slab, bool z_pass,
+                                                        int p_cols = 0) {
   const int BP = tile_pairs(c);
   const int acc_rows = z_pass ? c.BLOCK_K : BP;
   const int op_rows = z_pass ? BP : c.BLOCK_K;
@@ -255,12 +258,19 @@ SK_HD constexpr CubeBackwardLayout cube_backward_layout(const TileConfig& c, int
   const std::size_t LC = u + tile_bytes(1, vec, 0, c.acc_size);
   const std::size_t gC = LC + tile_bytes(1, vec, 0, c.acc_size);
   const std::size_t bcol = gC + tile_bytes(1, vec, 0, c.acc_size);
-  const std::size_t total = bcol + tile_bytes(1, vec, 0, c.acc_size);
-  return CubeBackwardLayout{S, G, P, Cd, Op, W, LA, gA, LB, gB, ref, arow, u, LC, gC, bcol, total};
+  const std::size_t Pf = bcol + tile_bytes(1, vec, 0, c.acc_size);
+  const std::size_t total = Pf + (p_cols > 0 ? tile_bytes(BP, p_cols, c.pad_in, c.in_size) : 0);
+  return CubeBackwardLayout{S, G, P, Cd, Op, W, LA, gA, LB, gB, ref, arow, u, LC, gC, bcol, Pf, total};
 }
 
+// full_products: both passes build a pair block's row products x[i] * y[j] once over all of d
+// (p_cols = d rounded up to kCubeChunk) and reuse them: pass "pairs" for every tile of z rows,
+// pass "z" for its logits and its contraction. Taken when they fit the device's shared memory
+// beside the slab's accumulators (the slab is chosen first); else rebuilt per tile and chunk.
 struct CubeBackwardPlan {
   int64_t slab = 0, num_slabs = 0, num_ib = 0, num_jb = 0, num_kb = 0;
+  int p_cols = 0;
+  bool full_products = false;
   int64_t pair_is = 0, pair_js = 0, pair_units = 0;  // pass "pairs": i-splits x j-splits x slabs
   int64_t z_is = 0, z_units = 0;                     // pass "z": k-blocks x i-splits x slabs
   int64_t reduce_ctas = 0;                           // dx reduction CTAs = dtau partials
@@ -289,6 +299,13 @@ inline CubeBackwardPlan plan_cube_backward(int64_t I, int64_t J, int64_t K, int6
   }
   p.slab = slab;
   p.num_slabs = ceil_div(D, slab);
+  const int64_t d_cols = ceil_div(D > 0 ? D : 1, kCubeChunk) * kCubeChunk;
+  if (d_cols <= 4096) {
+    const int pc = static_cast<int>(d_cols);
+    p.full_products = static_cast<int64_t>(cube_backward_layout(c, slab, false, pc).total) <= smem_limit &&
+                      static_cast<int64_t>(cube_backward_layout(c, slab, true, pc).total) <= smem_limit;
+  }
+  p.p_cols = p.full_products ? static_cast<int>(d_cols) : 0;
   p.num_ib = ceil_div(I, c.BLOCK_I);
   p.num_jb = ceil_div(J, c.BLOCK_J);
   p.num_kb = ceil_div(K, c.BLOCK_K);
@@ -304,8 +321,8 @@ inline CubeBackwardPlan plan_cube_backward(int64_t I, int64_t J, int64_t K, int6
   p.pair_units = p.pair_is * p.pair_js * p.num_slabs;
   p.z_units = p.num_kb * p.z_is * p.num_slabs;
   p.reduce_ctas = clamp64(ceil_div(I * D, kThreads), 1, 4 * sms);
-  p.pair_smem = cube_backward_layout(c, slab, false).total;
-  p.z_smem = cube_backward_layout(c, slab, true).total;
+  p.pair_smem = cube_backward_layout(c, slab, false, p.p_cols).total;
+  p.z_smem = cube_backward_layout(c, slab, true, p.p_cols).total;
   p.dx_part = 0;
   p.dy_part = p.dx_part + p.pair_js * I * D;
   p.dz_part = p.dy_part + p.pair_is * J * D;

@@ -157,8 +157,24 @@ static void check_cube_backward_plan(int64_t I, int64_t J, int64_t K, int64_t D,
   // Every split holds at least one block (splits never exceed the blocks).
   EXPECT(p.pair_is <= p.num_ib && p.pair_js <= p.num_jb && p.z_is <= p.num_ib, fmt, a[0], a[1], a[2], a[3], sms,
          (long long)limit);
+  // Full products: all of d in whole kCubeChunk columns, within the limit, only where they fit.
+  const int64_t d_cols = ceil_div(D, kCubeChunk) * kCubeChunk;
+  const bool fits = d_cols <= 4096 &&
+                    static_cast<int64_t>(cube_backward_layout(c, p.slab, false, static_cast<int>(d_cols)).total) <= limit &&
+                    static_cast<int64_t>(cube_backward_layout(c, p.slab, true, static_cast<int>(d_cols)).total) <= limit;
+  EXPECT(p.full_products == fits && p.p_cols == (fits ? d_cols : 0), fmt, a[0], a[1], a[2], a[3], sms,
+         (long long)limit);
+  EXPECT(p.pair_smem == cube_backward_layout(c, p.slab, false, p.p_cols).total &&
+             p.z_smem == cube_backward_layout(c, p.slab, true, p.p_cols).total,
+         fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
   for (bool z : {false, true}) {
-    const CubeBackwardLayout l = cube_backward_layout(c, p.slab, z);
+    const CubeBackwardLayout l = cube_backward_layout(c, p.slab, z, p.p_cols);
+    // Pf follows every other region (the contraction's Op aliases S, P, Cd only).
+    EXPECT(l.Pf % kSmemAlign == 0 && l.Pf >= l.bcol + tile_bytes(1, tile_pairs(c) > c.BLOCK_K ? tile_pairs(c)
+                                                                                             : c.BLOCK_K, 0, c.acc_size) &&
+               l.total == l.Pf + (p.p_cols ? tile_bytes(tile_pairs(c), p.p_cols, c.pad_in, c.in_size) : 0),
+           "cube backward Pf region");
+    EXPECT(c.pad_in == 1 || (p.p_cols + c.pad_in) * c.in_size % 16 == 0, "cube backward Pf ldm");
     // Op aliases S, P and Cd (used at other times): it must end before G.
     const int BP = tile_pairs(c);
     EXPECT(l.Op == l.S && l.Op + tile_bytes(z ? BP : c.BLOCK_K, kCubeChunk, c.pad_in, c.in_size) <= l.G,
