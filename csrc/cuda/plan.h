@@ -36,11 +36,11 @@ constexpr int kSmemAlign = 128;
 // ptxas budgets 65536 / (kThreads * n) registers per thread (128 at n = 2, 255 at n = 1)
 // rather than a cap of its own choosing (left free, it capped several kernels at 128 and
 // spilled). Every kernel compiles without spills (tests/test_cuda_sass.py). The pair
-// kernels fit 128 registers: two CTAs per SM. The cube forward fits them too (ldmatrix
-// fragments) except with float32 rows in TF32 tiles (4 bytes of spills at 128 on sm_80):
-// two CTAs per SM there too, kMinCtasCubeForwardTf32 = 1 for that one. The backward passes
-// do not yet without spilling (at 128 on sm_80: pass "pairs" 4-8 bytes with bf16 rows or
-// TF32 tiles, pass "z" 64-172 bytes; they need 130-214 at one CTA per SM), and their
+// kernels fit 128 registers: two CTAs per SM. So does the cube forward (ldmatrix fragments),
+// except with float32 rows in TF32 tiles (4 bytes of spills at 128 on sm_80, so
+// kMinCtasCubeForwardTf32 = 1). The backward passes do not yet without spilling but in
+// IEEE (at 128 on sm_80: pass "pairs" 4-16 bytes with bf16 or fp16 rows or TF32 tiles,
+// pass "z" 16-180 bytes; they use 130-214 at one CTA per SM), and their
 // full-d accumulators take about 111 KB of shared memory at bf16 d = 256: one CTA per SM
 // (issue 13 item 2; csrc/cuda/README.md).
 constexpr int kMinCtasPairForward = 2;
