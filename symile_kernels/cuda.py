@@ -174,6 +174,6 @@ BACKEND = Backend.from_namespace(
     "cuda", globals(),
     unavailable_reason=_unavailable_reason,
     accepts_low_precision=True,
-    description="fused CUDA C++ (csrc/cuda): tiled online LSE, WMMA (TF32/bf16) or IEEE SIMT tile products, "
+    description="fused CUDA C++ (csrc/cuda): tiled online LSE, mma.sync (TF32/bf16) or IEEE SIMT tile products, "
                 "row-owning backward passes (deterministic)",
 )

@@ -1,7 +1,7 @@
 """The CUDA backend's kernel sources on the CPU, through a host-thread emulation (csrc/cuda/emu).
 
 The emulation covers the CUDA subset the kernels use (one thread per CUDA
-thread, barriers, warp shuffles, WMMA fragments with their alignment rules). The
+thread, barriers, warp shuffles, ldmatrix/mma.sync and WMMA fragments with their alignment rules). The
 real ``cube.cu`` and ``pair.cu`` match the float64 oracle through ``symile_loss``
 in every mode (IEEE float32 and float64, TF32, bf16 tiles), including tau = 100,
 odd sizes, a rectangular cube, "n" sampling and M = 2. Skipped where a GPU runs

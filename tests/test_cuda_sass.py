@@ -17,9 +17,10 @@ CUDA toolkit's, else the copy shipped with Triton). Per kernel:
 * z tiles (and the pair forward's column tiles) in the tiles' own type (bf16 rows in
   bf16 tiles, float32 rows in TF32 tiles) reach shared memory through cp.async
   (LDGSTS.E.BYPASS.128, committed by LDGDEPBAR, waited by DEPBAR);
-* the bf16 kernels load their fragments with ``ldmatrix`` (LDSM.16.M88.4) into
-  ``mma.sync`` (HMMA.16816); built with ``-DSK_BF16_WMMA`` (the WMMA fragments kept
-  to compare) they have no LDSM and still do not spill.
+* the bf16 and TF32 kernels load their fragments with ``ldmatrix`` (LDSM.16.M88.4)
+  into ``mma.sync`` (HMMA.16816 / HMMA.1688); built with ``-DSK_BF16_WMMA``
+  (the WMMA fragments kept to compare) the bf16 kernels have no LDSM and still do not
+  spill.
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def _of(kernels: dict, policy: str, arch: str) -> list:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("policy,hmma", [("bf16", "HMMA.16816.F32.BF16"), ("tf32", "HMMA.1684.F32.TF32")])
+@pytest.mark.parametrize("policy,hmma", [("bf16", "HMMA.16816.F32.BF16"), ("tf32", "HMMA.1688.F32.TF32")])
 def test_tensor_core_kernels_use_hmma(kernels, arch, policy, hmma):
     for k in _of(kernels, policy, arch):
         assert k.sass, f"{k.name} missing from the SASS"
@@ -133,10 +134,11 @@ def test_static_shared_memory_within_limit(kernels, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fragments_load_with_ldmatrix(kernels, arch):
-    for k in _of(kernels, "bf16", arch):
+@pytest.mark.parametrize("policy", ["bf16", "tf32"])
+def test_fragments_load_with_ldmatrix(kernels, arch, policy):
+    for k in _of(kernels, policy, arch):
         assert "LDSM.16.M88.4" in k.sass, f"{k.name} ({arch}) has no LDSM"
-        if "backward" in k.name or "pass" in k.name:  # contractions G (x) z and G^T (x) (x * y): B by rows of k
+        if policy == "bf16" and "backward" in k.name:  # contractions G (x) z, G^T (x) (x * y): B by rows of k
             assert "LDSM.16.MT88.4" in k.sass, f"{k.name} ({arch}) has no transposed LDSM"
 
 

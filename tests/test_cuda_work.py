@@ -247,10 +247,13 @@ def async_selftest(tmp_path_factory):
     ("early_read", 0, " ".join(["nan"] * 8)),      # read before the wait: poison
     ("misaligned", None, "cp.async 16-byte copy to a shared address not 16-byte aligned"),
     ("unwaited", None, "the kernel ended with cp.async copies not waited for"),
-    # ldmatrix x4 + mma.sync m16n8k16 per lane (MmaBf16Tile): exact on small multiples of 1/8
+    # ldmatrix x4 + mma.sync m16n8k16, modelled warp-wide (MmaTile): exact on small multiples of 1/8
     ("mma_col", 0, "max_err 0"),
     ("mma_row", 0, "max_err 0"),
     ("ldsm_misaligned", None, "ldmatrix row address not 16-byte aligned"),
+    # The same in TF32 tiles (ldmatrix of 32-bit elements, LDS for B by rows of k, mma.sync m16n8k8)
+    ("mma_col_tf32", 0, "max_err 0"),
+    ("mma_row_tf32", 0, "max_err 0"),
 ])
 def test_emulated_cp_async_and_ldmatrix_semantics(async_selftest, case, rc, out):
     import subprocess

@@ -26,7 +26,7 @@ namespace symile_cuda {
 // How tile products are computed. Float64 tensors always use kIeee.
 enum Mode : int {
   kIeee = 0,  // SIMT fused multiply-adds in the tensors' dtype (float32 or float64)
-  kTf32 = 1,  // float32 tensors, products on tensor cores in TF32 (WMMA m16n16k8), float32 accumulation
+  kTf32 = 1,  // float32 tensors, products on tensor cores in TF32 (mma.sync m16n8k8), float32 accumulation
   kBf16 = 2,  // float32 tensors rounded to bf16 tiles in shared memory (ldmatrix + mma.sync), float32 accumulation
 };
 
@@ -37,7 +37,7 @@ constexpr int kSmemAlign = 128;
 // rather than a cap of its own choosing (left free, it capped several kernels at 128 and
 // spilled). Every kernel compiles without spills (tests/test_cuda_sass.py). The pair
 // kernels fit 128 registers: two CTAs per SM. So does the cube forward (ldmatrix fragments),
-// except with float32 rows in TF32 tiles (4 bytes of spills at 128 on sm_80, so
+// except with float32 rows in TF32 tiles (32 bytes of spills at 128 on sm_80, so
 // kMinCtasCubeForwardTf32 = 1). The backward passes do not yet without spilling but in
 // IEEE (at 128 on sm_80: pass "pairs" 4-16 bytes with bf16 or fp16 rows or TF32 tiles,
 // pass "z" 16-180 bytes; they use 130-214 at one CTA per SM), and their
@@ -74,9 +74,9 @@ SK_HD constexpr int tile_pairs(const TileConfig& c) { return c.BLOCK_I * c.BLOCK
 // columns): one is filled by cp.async while the other feeds the tile product.
 constexpr int kOperandStages = 2;
 
-// Padding: SIMT tiles use one element (odd strides avoid bank conflicts); WMMA
-// tiles use 16 bytes so every ldm is a multiple of 8 (16-bit) or 4 (32-bit)
-// elements and every fragment pointer stays 32-byte aligned.
+// Padding: SIMT tiles use one element (odd strides avoid bank conflicts); tensor-core
+// tiles use 16 bytes so every ldm is a multiple of 8 (16-bit) or 4 (32-bit) elements, every
+// WMMA fragment pointer stays 32-byte aligned and every ldmatrix row 16-byte aligned.
 SK_HD constexpr TileConfig config_for(int mode, int elem_size) {
   return elem_size == 8 ? TileConfig{4, 16, 32, 16, 64, 1, 1, 8, 8}
        : mode == kTf32  ? TileConfig{4, 16, 64, 32, 128, 4, 4, 4, 4}

@@ -338,13 +338,57 @@ __device__ __forceinline__ void mma_16816_bf16(float (&d)[4], const FragX4& a, c
 #endif
 }
 
-// A warp-tiled bf16 tile product as WmmaTile (16 x 16 output tiles, PER_WARP per warp), each
-// tile two m16n8k16 products per 16 of k. A is row-major (ld lda); B_COL: B(k, n) = Bs[n ldb + k]
-// (rows of n, k contiguous: ldmatrix as stored), else Bs[k ldb + n] (ldmatrix .trans). Every
-// fragment row is 16 bytes at a 16-byte-aligned address: ld * 2 bytes and the base on 16 bytes
-// (plan.h pads bf16 rows by 8 elements; plan_test.cpp checks the strides).
-template <int BM, int BN>
-struct MmaBf16Tile {
+// Registers 0..count-1 of this lane's fragment from the 32-bit shared words word_of(lane, j)
+// (plain LDS; the emulation evaluates word_of for every lane, as ldsm_x4).
+template <typename WordOf>
+__device__ __forceinline__ void lds_words(FragX4& f, WordOf word_of, int count) {
+#ifdef SYMILE_CUDA_EMULATE
+  symile_emu::gather_words(f, word_of, count);
+#else
+  const int lane = static_cast<int>(threadIdx.x % 32);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (j < count) f.r[j] = *reinterpret_cast<const uint32_t*>(word_of(lane, j));
+  }
+#endif
+}
+
+// d += A (16 x 8, fragment a) B (8 x 8, registers 2 h and 2 h + 1 of fragment b) in TF32: the
+// fragments hold float32 bits, rounded here (cvt.rna.tf32.f32) as WMMA's __float_to_tf32.
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const FragX4& a, const FragX4& b, int h) {
+#ifdef SYMILE_CUDA_EMULATE
+  symile_emu::mma_1688_tf32(d, a, b, h);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t t[6];
+  const uint32_t src[6] = {a.r[0], a.r[1], a.r[2], a.r[3], b.r[2 * h], b.r[2 * h + 1]};
+#pragma unroll
+  for (int q = 0; q < 6; ++q) asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(t[q]) : "f"(__uint_as_float(src[q])));
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(t[0]), "r"(t[1]), "r"(t[2]), "r"(t[3]), "r"(t[4]), "r"(t[5]));
+#else
+  (void)d;
+  (void)a;
+  (void)b;
+  (void)h;
+  __trap();
+#endif
+}
+
+// A warp-tiled tensor-core tile product as WmmaTile (16 x 16 output tiles, PER_WARP per warp),
+// each tile two m16n8 products per k step: bf16 (In = __nv_bfloat16, m16n8k16) or TF32 (In =
+// float, m16n8k8, operands rounded by cvt.rna as WMMA's). A is row-major (ld lda); B_COL: B(k, n) =
+// Bs[n ldb + k] (rows of n, k contiguous: ldmatrix as stored), else Bs[k ldb + n] (bf16: ldmatrix
+// .trans; TF32, whose 32-bit elements ldmatrix cannot transpose: two LDS per lane). Every
+// fragment row is 16 bytes at a 16-byte-aligned address: ld * sizeof(In) and the base on 16
+// bytes (plan.h pads bf16 rows by 8 elements, float rows by 4; plan_test.cpp checks the strides).
+template <typename In, int BM, int BN>
+struct MmaTile {
+  static constexpr bool kTf32 = std::is_same<In, float>::value;
+  static constexpr int KS = kTf32 ? 8 : 16;  // k per mma.sync
+  static constexpr int KH = KS / 2;          // k per 8 x 16-byte ldmatrix matrix
   static constexpr int WARPS = kThreads / 32;
   static constexpr int TILES_N = BN / 16;
   static constexpr int TILES = (BM / 16) * TILES_N;
@@ -362,32 +406,43 @@ struct MmaBf16Tile {
   }
 
   template <bool B_COL>
-  __device__ __forceinline__ void mma(const __nv_bfloat16* As, int lda, const __nv_bfloat16* Bs, int ldb, int kred) {
+  __device__ __forceinline__ void mma(const In* As, int lda, const In* Bs, int ldb, int kred) {
     const int warp = threadIdx.x / 32;
 #pragma unroll 1
-    for (int kk = 0; kk < kred; kk += 16) {
+    for (int kk = 0; kk < kred; kk += KS) {
 #pragma unroll
       for (int q = 0; q < PER_WARP; ++q) {
         const int t = warp + q * WARPS;
         const int tm = t / TILES_N, tn = t % TILES_N;
-        // Lane l gives row l % 8 of matrix l / 8 of each x4 load. A: matrices (rows 0-7, k 0-7),
-        // (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15), the a0..a3 of m16n8k16.
-        // B: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15), so
+        // Lane l gives row l % 8 of matrix l / 8 of each x4 load. A: matrices (rows 0-7, k 0-KH),
+        // (rows 8-15, k 0-KH), (rows 0-7, k KH-KS), (rows 8-15, k KH-KS), the a0..a3 of the mma.
+        // B: matrices (n 0-7, k 0-KH), (n 0-7, k KH-KS), (n 8-15, k 0-KH), (n 8-15, k KH-KS), so
         // registers 0, 1 feed columns 0-7 and 2, 3 columns 8-15.
-        const __nv_bfloat16* a_base = As + tm * 16 * lda + kk;
-        const __nv_bfloat16* b_base = B_COL ? Bs + tn * 16 * ldb + kk : Bs + kk * ldb + tn * 16;
+        const In* a_base = As + tm * 16 * lda + kk;
+        const In* b_base = B_COL ? Bs + tn * 16 * ldb + kk : Bs + kk * ldb + tn * 16;
         FragX4 a, b;
-        symile_cuda::ldsm_x4(a, [=](int l) { return a_base + (l % 16) * lda + (l / 16) * 8; }, false);
-        symile_cuda::ldsm_x4(
-            b,
-            [=](int l) {
-              const int j = l / 8, r = l % 8;
-              const int n = (j / 2) * 8 + (B_COL ? r : 0), k = (j % 2) * 8 + (B_COL ? 0 : r);
-              return B_COL ? b_base + n * ldb + k : b_base + k * ldb + n;
-            },
-            !B_COL);
-        symile_cuda::mma_16816_bf16(acc[q][0], a, b, 0);  // columns tn * 16 + 0..7
-        symile_cuda::mma_16816_bf16(acc[q][1], a, b, 1);  // columns tn * 16 + 8..15
+        symile_cuda::ldsm_x4(a, [=](int l) { return a_base + (l % 16) * lda + (l / 16) * KH; }, false);
+        if constexpr (B_COL || !kTf32) {
+          symile_cuda::ldsm_x4(
+              b,
+              [=](int l) {
+                const int j = l / 8, r = l % 8;
+                const int n = (j / 2) * 8 + (B_COL ? r : 0), k = (j % 2) * KH + (B_COL ? 0 : r);
+                return B_COL ? b_base + n * ldb + k : b_base + k * ldb + n;
+              },
+              !B_COL);
+        } else {
+          // Register j of lane l: B(k, n) with k = (j % 2) * 4 + l % 4, n = (j / 2) * 8 + l / 4.
+          symile_cuda::lds_words(
+              b, [=](int l, int j) { return b_base + ((j % 2) * 4 + l % 4) * ldb + (j / 2) * 8 + l / 4; }, 4);
+        }
+        if constexpr (kTf32) {
+          symile_cuda::mma_1688_tf32(acc[q][0], a, b, 0);  // columns tn * 16 + 0..7
+          symile_cuda::mma_1688_tf32(acc[q][1], a, b, 1);  // columns tn * 16 + 8..15
+        } else {
+          symile_cuda::mma_16816_bf16(acc[q][0], a, b, 0);
+          symile_cuda::mma_16816_bf16(acc[q][1], a, b, 1);
+        }
       }
     }
   }
@@ -420,19 +475,33 @@ struct MmaBf16Tile {
   }
 };
 
-// The bf16 kernels load fragments with ldmatrix into mma.sync (MmaBf16Tile); built with
-// -DSK_BF16_WMMA they use WMMA load_matrix_sync instead (plain shared loads, kept to compare).
-// TF32 tiles stay on WMMA.
+template <int BM, int BN>
+using MmaBf16Tile = MmaTile<__nv_bfloat16, BM, BN>;
+template <int BM, int BN>
+using MmaTf32Tile = MmaTile<float, BM, BN>;
+
+// The tensor-core kernels load fragments with ldmatrix into mma.sync (MmaTile); built with
+// -DSK_BF16_WMMA (-DSK_TF32_WMMA) the bf16 (TF32) tiles use WMMA load_matrix_sync instead (plain
+// shared loads, kept to compare).
 #ifdef SK_BF16_WMMA
 constexpr bool kBf16Ldmatrix = false;
 #else
 constexpr bool kBf16Ldmatrix = true;
 #endif
+#ifdef SK_TF32_WMMA
+constexpr bool kTf32Ldmatrix = false;
+#else
+constexpr bool kTf32Ldmatrix = true;
+#endif
+template <typename Policy>
+constexpr bool use_mma_tile() {
+  return Policy::kWmma && (std::is_same<typename Policy::In, __nv_bfloat16>::value ? kBf16Ldmatrix : kTf32Ldmatrix);
+}
 template <typename Policy, int BM, int BN>
 using TileFor = typename std::conditional<
     !Policy::kWmma, SimtTile<typename Policy::Acc, BM, BN>,
-    typename std::conditional<kBf16Ldmatrix && std::is_same<typename Policy::In, __nv_bfloat16>::value,
-                              MmaBf16Tile<BM, BN>, WmmaTile<typename Policy::In, BM, BN>>::type>::type;
+    typename std::conditional<use_mma_tile<Policy>(), MmaTile<typename Policy::In, BM, BN>,
+                              WmmaTile<typename Policy::In, BM, BN>>::type>::type;
 
 // A policy's tile sizes and the leading dimensions of its logit (S) and operand (P) tiles.
 template <typename Policy>

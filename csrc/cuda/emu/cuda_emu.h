@@ -298,6 +298,55 @@ inline void mma_16816_bf16(float (&d)[4], const WarpX4& a, const WarpX4& b, int 
     d[i] = v;
   }
 }
+
+// Shared-memory loads of 32-bit words into registers 0..count-1 of every lane: register j of
+// lane l is the word at word_of(l, j) (4-byte aligned, else abort), as ldmatrix, evaluated for
+// the whole warp so that mma.sync can read every lane's.
+template <typename WordOf>
+inline void gather_words(WarpX4& out, WordOf word_of, int count) {
+  for (int l = 0; l < 32; ++l)
+    for (int j = 0; j < count; ++j) {
+      const void* src = word_of(l, j);
+      if (reinterpret_cast<uintptr_t>(src) % 4 != 0) fail("32-bit shared load from an address not 4-byte aligned");
+      std::memcpy(&out.r[l][j], src, 4);
+    }
+}
+
+// Round to TF32 (10 explicit mantissa bits), to nearest with ties away, as cvt.rna.tf32.f32.
+inline float tf32_round(float f) {
+  if (!std::isfinite(f)) return f;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x1000u) & ~0x1FFFu;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float f32_bits(uint32_t reg) {
+  float f;
+  std::memcpy(&f, &reg, 4);
+  return f;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (PTX ISA, "Matrix fragments for
+// mma.m16n8k8", .tf32): d (this lane's 4 accumulators) += A (16 x 8) B (8 x 8), B from
+// registers 2 h and 2 h + 1 of b, every operand rounded to TF32 (the kernel's cvt.rna): A(row, k)
+// is in lane (row % 8) * 4 + k % 4, register (k / 4) * 2 + row / 8; B(k, n) in lane n * 4 + k % 4,
+// register 2 h + k / 4; d[i] is row lane / 4 + 8 (i / 2), column 2 (lane % 4) + i % 2.
+inline void mma_1688_tf32(float (&d)[4], const WarpX4& a, const WarpX4& b, int h) {
+  const int lane = threadIdx.x % 32;
+  if (lane == 0) count_flops(int64_t(2) * 16 * 8 * 8);
+  for (int i = 0; i < 4; ++i) {
+    const int row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
+    float v = d[i];
+    for (int k = 0; k < 8; ++k) {
+      const float x = tf32_round(f32_bits(a.r[(row % 8) * 4 + k % 4][(k / 4) * 2 + row / 8]));
+      const float y = tf32_round(f32_bits(b.r[col * 4 + k % 4][2 * h + k / 4]));
+      v += x * y;
+    }
+    d[i] = v;
+  }
+}
 }  // namespace symile_emu
 
 // ---------------------------------------------------------------------------
