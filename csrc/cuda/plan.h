@@ -39,8 +39,8 @@ constexpr int kSmemAlign = 128;
 // kernels fit 128 registers: two CTAs per SM. So does the cube forward (ldmatrix fragments),
 // except with float32 rows in TF32 tiles (32 bytes of spills at 128 on sm_80, so
 // kMinCtasCubeForwardTf32 = 1). The backward passes do not yet without spilling but in
-// IEEE (at 128 on sm_80: pass "pairs" 4-16 bytes with bf16 or fp16 rows or TF32 tiles,
-// pass "z" 16-180 bytes; they use 130-214 at one CTA per SM), and their
+// IEEE and pass "pairs" with float32 rows (at 128 on sm_80: pass "pairs" 4 bytes with bf16
+// or fp16 rows, pass "z" 16-100 bytes; they use 159-210 at one CTA per SM), and their
 // full-d accumulators take about 111 KB of shared memory at bf16 d = 256: one CTA per SM
 // (issue 13 item 2; csrc/cuda/README.md).
 constexpr int kMinCtasPairForward = 2;
