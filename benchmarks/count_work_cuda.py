@@ -12,7 +12,9 @@ per launch:
   of the backward's two contractions);
 * ``exp / element``: exponentials per cube element (``N^3`` of them): ``exp_``
   calls, evaluated per element in the tile epilogues; ``vexp / element``: the
-  ``vexp_`` calls, one per row, column, tile or partial LSE (o(1) per element).
+  ``vexp_`` calls, one per row, column, tile or partial LSE (o(1) per element);
+* ``x∘y built / N²d``: elements of the row products x[i] * y[j] written to
+  shared memory (padding included) over the N² d of building each once.
   Counts taken before the emulation told the two apart (the "before" table of
   benchmarks/results/cuda-work-before.md) hold both in exp / element.
 
@@ -68,12 +70,14 @@ def build_emulation(cache: "Path | None" = None) -> Path:
 
 def _launches(lib: ctypes.CDLL) -> list[dict]:
     lib.emu_work_launch.restype = ctypes.c_char_p
+    lib.emu_work_pair_products.restype = ctypes.c_int64
     rows = []
     for n in range(lib.emu_work_launches()):
         grid, flops, exps, vexps, vloads = (ctypes.c_int64() for _ in range(5))
         name = lib.emu_work_launch(ctypes.c_int64(n), *map(ctypes.byref, (grid, flops, exps, vexps, vloads)))
         rows.append({"kernel": name.decode(), "grid": grid.value, "flops": flops.value, "exps": exps.value,
-                     "vexps": vexps.value, "vector_loads": vloads.value})
+                     "vexps": vexps.value, "vector_loads": vloads.value,
+                     "pair_products": lib.emu_work_pair_products(ctypes.c_int64(n))})
     return rows
 
 
@@ -91,7 +95,8 @@ def cuda_work_counts(N: int, d: int, mode: str = "bf16", tau: float = 14.3, seed
     gen = torch.Generator().manual_seed(seed)
     x, y, z = (torch.nn.functional.normalize(torch.randn(N, d, generator=gen), dim=1).contiguous() for _ in range(3))
     tau_t = torch.tensor(tau, dtype=torch.float32)
-    L = [torch.empty(N) for _ in range(3)]
+    L = [torch.empty(N, dtype=torch.float64) for _ in range(3)]  # the forward's LSEs are float64
+    L32 = [torch.empty(N) for _ in range(3)]  # the backward's, in the compute dtype
     g = [torch.randn(N, generator=gen) / N for _ in range(3)]
     grads = [torch.empty(N, d) for _ in range(3)] + [torch.empty(())]
     ptr = lambda *ts: [ctypes.c_void_p(t.data_ptr()) for t in ts]  # noqa: E731
@@ -100,10 +105,12 @@ def cuda_work_counts(N: int, d: int, mode: str = "bf16", tau: float = 14.3, seed
     for name, call in (
             ("forward", lambda: lib.emu_cube_forward_f32(*ptr(x, y, z, tau_t), *sizes, ctypes.c_int(MODES[mode]),
                                                          ctypes.c_int(num_sms), *ptr(*L))),
-            ("backward", lambda: lib.emu_cube_backward_f32(*ptr(x, y, z, tau_t, *L, *g), *sizes,
+            ("backward", lambda: lib.emu_cube_backward_f32(*ptr(x, y, z, tau_t, *L32, *g), *sizes,
                                                            ctypes.c_int(MODES[mode]), ctypes.c_int(num_sms),
                                                            *ptr(*grads)))):
         lib.emu_work_reset()
+        for lo, hi in zip(L32, L):
+            lo.copy_(hi)  # rounded to float32 (ops passes a shift rounded down; the counts are the same)
         rc = call()
         if rc != 0:
             raise RuntimeError(f"the emulated cube {name} returned {rc}")
@@ -114,21 +121,25 @@ def cuda_work_counts(N: int, d: int, mode: str = "bf16", tau: float = 14.3, seed
         row["flops_per_model"] = row["flops"] / model
         row["exp_per_element"] = row["exps"] / N ** 3
         row["vexp_per_element"] = row["vexps"] / N ** 3
+        row["pair_products_per_n2d"] = row["pair_products"] / (N * N * d)
     return {"N": N, "d": d, "mode": mode, "model_flops": model, "passes": passes,
             "flops_per_model": sum(r["flops"] for r in passes) / model,
             "exp_per_element": sum(r["exps"] for r in passes) / N ** 3,
-            "vexp_per_element": sum(r["vexps"] for r in passes) / N ** 3}
+            "vexp_per_element": sum(r["vexps"] for r in passes) / N ** 3,
+            "pair_products_per_n2d": sum(r["pair_products"] for r in passes) / (N * N * d)}
 
 
 def markdown(results: list[dict]) -> str:
     """One table row per (N, d, mode): FLOPs / model and exponentials per element, total and per pass."""
-    lines = ["| N | d | mode | FLOPs / 6N³d | exp / element | vexp / element | per launch: FLOPs / 6N³d, "
-             "exp / element |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| N | d | mode | FLOPs / 6N³d | exp / element | vexp / element | x∘y built / N²d | per launch: "
+             "FLOPs / 6N³d, exp / element, x∘y built / N²d |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         per = "; ".join(f"{p['pass']} `{p['kernel']}` ×{p['grid']}: {p['flops_per_model']:.3f}, "
-                        f"{p['exp_per_element']:.3f}" for p in r["passes"] if p["flops"] or p["exps"])
+                        f"{p['exp_per_element']:.3f}, {p['pair_products_per_n2d']:.2f}" for p in r["passes"]
+                        if p["flops"] or p["exps"])
         lines.append(f"| {r['N']} | {r['d']} | {r['mode']} | {r['flops_per_model']:.3f} | "
-                     f"{r['exp_per_element']:.3f} | {r['vexp_per_element']:.3f} | {per} |")
+                     f"{r['exp_per_element']:.3f} | {r['vexp_per_element']:.3f} | {r['pair_products_per_n2d']:.2f} | "
+                     f"{per} |")
     return "\n".join(lines)
 
 

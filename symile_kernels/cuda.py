@@ -8,14 +8,19 @@ registered here:
 ``cuda_cube_lse_forward(x, y, z, tau, mode) -> (La, Lb, Lc)``
     x: (I, d), y: (J, d), z: (K, d): float32, float64, bf16 or fp16, contiguous,
     one CUDA device; tau: 0-dim, of the compute dtype (the rows' dtype; float32
-    for bf16/fp16 rows). La (I,), Lb (J,), Lc (K,) in the compute dtype:
-    docs/math.md section 2's log-sum-exps of ``tau * T`` by online (running-max) LSE over
-    tiles; the cube is never stored.
+    for bf16/fp16 rows). La (I,), Lb (J,), Lc (K,) in float64 whatever the compute
+    dtype: docs/math.md section 2's log-sum-exps of ``tau * T`` by online (running-max)
+    LSE over tiles, merged as (max, sum) pairs of the compute dtype and formed as
+    ``float64(m) + log(float64(s))`` only at the end (docs/math.md section 6.4); the cube
+    is never stored.
 ``cuda_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, mode) -> (dx, dy, dz, dtau)``
 ``cuda_pair_lse_forward(a, b, pos, tau, mode) -> L`` and
 ``cuda_pair_lse_backward(a, b, pos, tau, L, gL, mode) -> (da, db, dpos, dtau)``
-    as in ``symile_kernels.backends`` (a: (I, d), b: (J, d) with I <= J); gradients
-    of the rows come back in the rows' dtype, the others in the compute dtype.
+    as in ``symile_kernels.backends`` (a: (I, d), b: (J, d) with I <= J; L float64 as
+    the cube's); gradients of the rows come back in the rows' dtype, the others in the
+    compute dtype. The backward ops take their L vectors and gL in the compute dtype and
+    use L only inside exp(S - L), gL only as its multiplier, so ``ops`` may pass a shift
+    <= L and gL e^(shift - L) (docs/math.md section 6.4).
 
 ``mode`` chooses the tile products: 0 IEEE (SIMT FMAs in the tensors' dtype; the
 only mode for float64), 1 TF32 tensor cores, 2 bf16 tensor cores (float32
@@ -79,7 +84,7 @@ def _jit_build() -> Optional[str]:
 def _register_fakes() -> None:
     @torch.library.register_fake("symile_kernels::cuda_cube_lse_forward")
     def _(x, y, z, tau, mode):
-        return tuple(t.new_empty(t.shape[0], dtype=tau.dtype) for t in (x, y, z))
+        return tuple(t.new_empty(t.shape[0], dtype=torch.float64) for t in (x, y, z))
 
     @torch.library.register_fake("symile_kernels::cuda_cube_lse_backward")
     def _(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, mode):
@@ -87,7 +92,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("symile_kernels::cuda_pair_lse_forward")
     def _(a, b, pos, tau, mode):
-        return pos.new_empty(a.shape[0])
+        return pos.new_empty(a.shape[0], dtype=torch.float64)
 
     @torch.library.register_fake("symile_kernels::cuda_pair_lse_backward")
     def _(a, b, pos, tau, L, gL, mode):
@@ -169,6 +174,6 @@ BACKEND = Backend.from_namespace(
     "cuda", globals(),
     unavailable_reason=_unavailable_reason,
     accepts_low_precision=True,
-    description="fused CUDA C++ (csrc/cuda): tiled online LSE, WMMA (TF32/bf16) or IEEE SIMT tile products, "
+    description="fused CUDA C++ (csrc/cuda): tiled online LSE, mma.sync (TF32/bf16) or IEEE SIMT tile products, "
                 "row-owning backward passes (deterministic)",
 )

@@ -1,7 +1,7 @@
 """The CUDA backend's kernel sources on the CPU, through a host-thread emulation (csrc/cuda/emu).
 
 The emulation covers the CUDA subset the kernels use (one thread per CUDA
-thread, barriers, warp shuffles, WMMA fragments with their alignment rules). The
+thread, barriers, warp shuffles, ldmatrix/mma.sync and WMMA fragments with their alignment rules). The
 real ``cube.cu`` and ``pair.cu`` match the float64 oracle through ``symile_loss``
 in every mode (IEEE float32 and float64, TF32, bf16 tiles), including tau = 100,
 odd sizes, a rectangular cube, "n" sampling and M = 2. Skipped where a GPU runs
@@ -10,12 +10,14 @@ the compiled kernels instead (tests/test_cuda_gpu.py).
 from __future__ import annotations
 
 import ctypes
+import math
 
 import pytest
 import torch
 
 from symile_kernels import _build, backends, symile_loss
 from symile_kernels.backends import Backend
+from symile_kernels.ops import _shift_and_weight
 
 from cuda_common import check_rectangular_pairs, no_gpu_only, start_builds
 from harness import check_against_oracle, make_inputs
@@ -59,14 +61,20 @@ class _Emulated:
         return [torch.full_like(t, float("nan")) for t in shapes_like]
 
     def cube_lse_forward(self, x, y, z, tau):
-        out = [tau.new_full((t.shape[0],), float("nan")) for t in (x, y, z)]
+        out = [tau.new_full((t.shape[0],), float("nan"), dtype=torch.float64) for t in (x, y, z)]
         sizes = map(ctypes.c_int64, (x.shape[0], y.shape[0], z.shape[0], x.shape[1]))
         rc = self._fn("cube_forward", x.dtype)(*self._p(x, y, z, tau), *sizes, ctypes.c_int(self._mode(x.dtype)),
                                                ctypes.c_int(self.num_sms), *self._p(*out))
         assert rc == 0, f"launcher returned {rc}"
         return tuple(out)
 
+    @staticmethod
+    def _compute_dtype(tau, *vectors):
+        # ctypes passes pointers unchecked: the backward launchers read LSEs and gL in the compute dtype.
+        assert all(v.dtype == tau.dtype for v in vectors), [v.dtype for v in vectors]
+
     def cube_lse_backward(self, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc):
+        self._compute_dtype(tau, La, Lb, Lc, gLa, gLb, gLc)
         out = self._nan(x, y, z, tau)
         sizes = map(ctypes.c_int64, (x.shape[0], y.shape[0], z.shape[0], x.shape[1]))
         rc = self._fn("cube_backward", x.dtype)(*self._p(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc), *sizes,
@@ -76,7 +84,7 @@ class _Emulated:
         return tuple(out)
 
     def pair_lse_forward(self, a, b, pos, tau):
-        out = pos.new_full((a.shape[0],), float("nan"))
+        out = pos.new_full((a.shape[0],), float("nan"), dtype=torch.float64)
         sizes = map(ctypes.c_int64, (a.shape[0], b.shape[0], a.shape[1]))
         rc = self._fn("pair_forward", a.dtype)(*self._p(a, b, pos, tau), *sizes, ctypes.c_int(self._mode(a.dtype)),
                                                ctypes.c_int(self.num_sms), *self._p(out))
@@ -84,6 +92,7 @@ class _Emulated:
         return out
 
     def pair_lse_backward(self, a, b, pos, tau, L, gL):
+        self._compute_dtype(tau, L, gL)
         out = self._nan(a, b, pos, tau)
         sizes = map(ctypes.c_int64, (a.shape[0], b.shape[0], a.shape[1]))
         rc = self._fn("pair_backward", a.dtype)(*self._p(a, b, pos, tau, L, gL), *sizes,
@@ -183,3 +192,56 @@ def test_emulated_results_are_deterministic(emulated):
         loss = symile_loss(reps, 100.0, backend=name)
         runs.append([loss.detach()] + list(torch.autograd.grad(loss, reps)))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@no_gpu_only
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float64, "ieee")],
+                         ids=str)
+def test_emulated_lse_keeps_log2_of_a_tie_at_logit_1e8(emu_lib, dtype, mode):
+    # x[0] meets two (j, k) pairs at logit 1e8 (a tie) and the other two at -1e8 (1e4 is exact in
+    # TF32 and float32, so are the logits). La[0] = 1e8 + log 2: float64 LSEs keep the log 2 that a
+    # float32 1e8 + log 2 rounds away (ulp(1e8) = 8). The backward, given the shift and weight ops
+    # passes, gets dLa[0]/dx[0] = the tie's average of y_j z_k = 1e8 (a float32 L: 2e8).
+    emu = _Emulated(emu_lib, MODES[mode], 2)
+    x = torch.tensor([[1.0], [1e-3]], dtype=dtype)
+    y = torch.tensor([[1e4], [1e4]], dtype=dtype)
+    z = torch.tensor([[1e4], [-1e4]], dtype=dtype)
+    tau = torch.tensor(1.0, dtype=dtype)
+    La, Lb, Lc = emu.cube_lse_forward(x, y, z, tau)
+    assert La.dtype == Lb.dtype == Lc.dtype == torch.float64
+    assert abs(float(La[0]) - (1e8 + math.log(2))) < 1e-6, float(La[0]) - 1e8
+    gs = [torch.tensor([1.0, 0.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+          torch.zeros(2, dtype=torch.float64)]
+    shifted = [_shift_and_weight(L, g, dtype) for L, g in zip((La, Lb, Lc), gs)]  # as ops passes them
+    dx, dy, dz, _ = emu.cube_lse_backward(x, y, z, tau, *(s for s, _ in shifted), *(w for _, w in shifted))
+    assert float(dx[0, 0]) == pytest.approx(1e8, rel=1e-6)
+    # dLa[0]/dy[j] = sum_k softmax x[0] z[k]: 0.5 * 1e4 for each tied j; dz[0] = sum_j 0.5 * 1e4.
+    assert dy[:, 0].tolist() == pytest.approx([5e3, 5e3], rel=1e-6)
+    assert dz[:, 0].tolist() == pytest.approx([1e4, 0.0], rel=1e-6, abs=1e-6)
+
+    # The pair op ("n" sampling, M = 2): a[0] against b[1], b[2] tied at 1e8, the diagonal at -1e8.
+    a = torch.tensor([[1e4]], dtype=dtype)
+    b = torch.tensor([[-1e4], [1e4], [1e4]], dtype=dtype)
+    pos = torch.tensor([-1e8], dtype=dtype)
+    L = emu.pair_lse_forward(a, b, pos, tau)
+    assert L.dtype == torch.float64 and abs(float(L[0]) - (1e8 + math.log(2))) < 1e-6
+    shift, weight = _shift_and_weight(L, torch.ones(1, dtype=torch.float64), dtype)
+    da, db, dpos, _ = emu.pair_lse_backward(a, b, pos, tau, shift, weight)
+    assert float(da[0, 0]) == pytest.approx(1e4, rel=1e-6)  # the tie's average of b[j]: a float32 L gives 2e4
+    assert db[:, 0].tolist() == pytest.approx([0.0, 5e3, 5e3], rel=1e-6, abs=1e-6)
+    assert float(dpos[0]) == 0.0
+
+
+@no_gpu_only
+@pytest.mark.parametrize("mode", ["ieee", "tf32"])
+def test_emulated_huge_logits_through_ops(emulated, mode):
+    # tests/test_numerics_edges.py's checks (issue 14 items 10 and 12c) through ops with the
+    # emulated kernels: ties at logit 1e8 (cube and pair), and "n" sampling with rows of norm 1e4
+    # against the float64 oracle at float32's tolerance (IEEE tiles only: TF32's is 1e-2).
+    from test_numerics_edges import check_cube_tie, check_n_sampling_norm_1e4, check_pair_tie
+
+    name = emulated(mode)
+    check_cube_tie(name)
+    check_pair_tie(name)
+    if mode == "ieee":
+        check_n_sampling_norm_1e4(name)

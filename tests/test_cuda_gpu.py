@@ -118,13 +118,15 @@ def test_gpu_opcheck(dtype):
     ops = torch.ops.symile_kernels
     x, y, z = (torch.randn(n, 19, device="cuda", dtype=dtype) * 0.3 for n in (9, 11, 5))
     tau = torch.tensor(3.0, device="cuda", dtype=dtype)
-    La, Lb, Lc = ops.cuda_cube_lse_forward(x, y, z, tau, 0)
+    L64 = ops.cuda_cube_lse_forward(x, y, z, tau, 0)
+    assert all(v.dtype == torch.float64 for v in L64)  # float64 LSEs whatever the compute dtype
+    La, Lb, Lc = (v.to(dtype) for v in L64)  # the backward takes them in the compute dtype
     g = [torch.randn_like(v) for v in (La, Lb, Lc)]
     torch.library.opcheck(ops.cuda_cube_lse_forward, (x, y, z, tau, 0))
     torch.library.opcheck(ops.cuda_cube_lse_backward, (x, y, z, tau, La, Lb, Lc, *g, 0))
     a, b = (torch.randn(n, 19, device="cuda", dtype=dtype) * 0.3 for n in (13, 21))  # I < J: distributed rows
     pos = torch.randn(13, device="cuda", dtype=dtype)
-    L = ops.cuda_pair_lse_forward(a, b, pos, tau, 0)
+    L = ops.cuda_pair_lse_forward(a, b, pos, tau, 0).to(dtype)
     torch.library.opcheck(ops.cuda_pair_lse_forward, (a, b, pos, tau, 0))
     torch.library.opcheck(ops.cuda_pair_lse_backward, (a, b, pos, tau, L, torch.randn_like(L), 0))
     # bf16 rows with float32 tau and LSE vectors.
@@ -132,7 +134,8 @@ def test_gpu_opcheck(dtype):
     tau32 = tau.float()
     torch.library.opcheck(ops.cuda_cube_lse_forward, (xb, yb, zb, tau32, 0))
     Lb16 = ops.cuda_cube_lse_forward(xb, yb, zb, tau32, 0)
-    torch.library.opcheck(ops.cuda_cube_lse_backward, (xb, yb, zb, tau32, *Lb16, *(v.float() for v in g), 0))
+    torch.library.opcheck(ops.cuda_cube_lse_backward, (xb, yb, zb, tau32, *(v.float() for v in Lb16),
+                                                       *(v.float() for v in g), 0))
     # The differentiable wrapper op with this backend.
     from symile_kernels import ops as sk_ops
 
@@ -190,3 +193,13 @@ def test_gpu_listed_and_big_batch_memory():
     torch.cuda.synchronize()
     assert torch.isfinite(loss)
     assert torch.cuda.max_memory_allocated() - base < 64 * 2 ** 20
+
+
+@gpu_only
+def test_gpu_huge_logits():
+    # tests/test_numerics_edges.py's checks (issue 14 items 10 and 12c) on the GPU: float64 LSEs.
+    from test_numerics_edges import check_cube_tie, check_n_sampling_norm_1e4, check_pair_tie
+
+    check_cube_tie("cuda", "cuda")
+    check_pair_tie("cuda", "cuda")
+    check_n_sampling_norm_1e4("cuda", "cuda")

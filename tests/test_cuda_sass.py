@@ -12,15 +12,15 @@ CUDA toolkit's, else the copy shipped with Triton). Per kernel:
 * no kernel spills registers (the bf16 kernels are issue 13's requirement;
   every kernel holds today): each asks ptxas for its planned CTAs per SM
   through ``__launch_bounds__`` (plan.h ``kMinCtas*``);
-* the pair kernels fit 128 registers per thread: two 256-thread CTAs per SM;
+* the pair kernels and the cube forward (but with float32 rows in TF32 tiles) fit 128
+  registers per thread: two 256-thread CTAs per SM;
 * z tiles (and the pair forward's column tiles) in the tiles' own type (bf16 rows in
   bf16 tiles, float32 rows in TF32 tiles) reach shared memory through cp.async
   (LDGSTS.E.BYPASS.128, committed by LDGDEPBAR, waited by DEPBAR);
-* built with ``-DSK_BF16_LDMATRIX`` (not yet the default), the bf16 kernels load
-  fragments with ``ldmatrix`` (LDSM) into ``mma.sync`` without spilling;
-* marked xfail (strict, so it fails once the default changes): LDSM in the default
-  build, whose bf16 kernels still use WMMA (load_matrix_sync compiles to plain
-  shared loads).
+* the bf16 and TF32 kernels load their fragments with ``ldmatrix`` (LDSM.16.M88.4)
+  into ``mma.sync`` (HMMA.16816 / HMMA.1688); built with ``-DSK_BF16_WMMA``
+  (the WMMA fragments kept to compare) the bf16 kernels have no LDSM and still do not
+  spill.
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def _of(kernels: dict, policy: str, arch: str) -> list:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("policy,hmma", [("bf16", "HMMA.16816.F32.BF16"), ("tf32", "HMMA.1684.F32.TF32")])
+@pytest.mark.parametrize("policy,hmma", [("bf16", "HMMA.16816.F32.BF16"), ("tf32", "HMMA.1688.F32.TF32")])
 def test_tensor_core_kernels_use_hmma(kernels, arch, policy, hmma):
     for k in _of(kernels, policy, arch):
         assert k.sass, f"{k.name} missing from the SASS"
@@ -133,11 +133,13 @@ def test_static_shared_memory_within_limit(kernels, arch):
             assert k.static_smem <= STATIC_SMEM_LIMIT, f"{k.name}: {k.static_smem} bytes"
 
 
-@pytest.mark.xfail(strict=True, reason="default bf16 tiles still use WMMA (LDS); ldmatrix only with -DSK_BF16_LDMATRIX")
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fragments_load_with_ldmatrix(kernels, arch):
-    for k in _of(kernels, "bf16", arch):
-        assert "LDSM" in k.sass, f"{k.name} ({arch}) has no LDSM"
+@pytest.mark.parametrize("policy", ["bf16", "tf32"])
+def test_fragments_load_with_ldmatrix(kernels, arch, policy):
+    for k in _of(kernels, policy, arch):
+        assert "LDSM.16.M88.4" in k.sass, f"{k.name} ({arch}) has no LDSM"
+        if policy == "bf16" and "backward" in k.name:  # contractions G (x) z, G^T (x) (x * y): B by rows of k
+            assert "LDSM.16.MT88.4" in k.sass, f"{k.name} ({arch}) has no transposed LDSM"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -164,6 +166,17 @@ def test_pair_kernels_fit_two_ctas_per_sm_in_registers(kernels, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_cube_forward_fits_two_ctas_per_sm_in_registers(kernels, arch):
+    # plan.h kMinCtasCubeForward = 2 (128 registers), but float32 rows in TF32 tiles (kMinCtasCubeForwardTf32 = 1).
+    fwd = [k for k in kernels.values() if k.arch == arch and "cube_forward_kernel" in k.name]
+    assert len(fwd) == 6, [k.name for k in fwd]  # (float, float) x 3 policies, double, bf16 rows, fp16 rows
+    two = [k for k in fwd if "cube_forward_kernelIffNS_10Tf32Policy" not in k.name]
+    assert len(two) == 5
+    over = {k.name: k.registers for k in two if not 0 < k.registers <= 128}
+    assert not over, over
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_z_tiles_copy_through_cp_async(kernels, arch):
     pattern = r"(cube_\w+|pair_forward)_kernelI(f13__nv_bfloat16NS_10Bf16|ffNS_10Tf32)Policy"
     chosen = [k for k in kernels.values() if k.arch == arch and re.search(pattern, k.name)]
@@ -172,15 +185,15 @@ def test_z_tiles_copy_through_cp_async(kernels, arch):
         assert "LDGSTS.E.BYPASS.128" in k.sass and "LDGDEPBAR" in k.sass, f"{k.name} ({arch}) has no cp.async"
 
 
-def test_ldmatrix_bf16_tiles_compile_without_spills(tmp_path):
-    # MmaBf16Tile (ldmatrix + mma.sync), not yet the default (csrc/cuda/tile.cuh kBf16Ldmatrix):
-    # pair.cu built with it for sm_80 has LDSM and HMMA in its bf16 kernels and no spills.
+def test_wmma_bf16_tiles_compile_without_spills(tmp_path):
+    # The WMMA fragments (-DSK_BF16_WMMA, csrc/cuda/tile.cuh kBf16Ldmatrix) stay buildable to compare:
+    # pair.cu built with them for sm_80 has HMMA but no LDSM in its bf16 kernels, and no spills.
     if NVCC is None or _cuobjdump() is None:
         pytest.skip("nvcc or cuobjdump not found")
-    obj = tmp_path / "pair_ldsm.o"
+    obj = tmp_path / "pair_wmma.o"
     flags = [f for f in FLAGS if "compute_90" not in f and "sm_90" not in f]
     flags = [f for i, f in enumerate(flags) if not (f == "-gencode" and i + 1 < len(flags) and flags[i + 1] == "-Xptxas")]
-    done = subprocess.run([NVCC, "-c", "pair.cu", "-o", str(obj), "-DSK_BF16_LDMATRIX", *flags], cwd=CSRC,
+    done = subprocess.run([NVCC, "-c", "pair.cu", "-o", str(obj), "-DSK_BF16_WMMA", *flags], cwd=CSRC,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not re.search(r"[1-9]\d* bytes spill (stores|loads)", done.stdout + done.stderr)
@@ -188,4 +201,4 @@ def test_ldmatrix_bf16_tiles_compile_without_spills(tmp_path):
     bf16 = [b for b in re.split(r"\n(?=\s*Function : )", sass) if "Bf16Policy" in b.split("\n", 1)[0]]
     assert len(bf16) == 6, len(bf16)
     for block in bf16:
-        assert "LDSM.16.M88.4" in block and "HMMA.16816.F32.BF16" in block, block.split("\n", 1)[0]
+        assert "LDSM" not in block and "HMMA.16816.F32.BF16" in block, block.split("\n", 1)[0]

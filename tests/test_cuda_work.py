@@ -11,6 +11,8 @@ partial LSE). The bounds (docs/math.md section 5):
 * at most 3 exponentials per cube element: one shared by the forward's row and
   column reductions, one shared by G's three terms in each backward pass, where
   the logit spreads allow sharing (always for unit rows at tau = 14.3);
+* the row products x[i] * y[j] are built once per pair block in the forward and in
+  pass "pairs", once per pair block and k-block in pass "z" (where they fit shared memory);
 * the per-vector exponentials (``vexp_``) are lower order: per 64 x 64 tile 3 x 64
   in the forward (row weights, running-LSE merges, the partial Lc), 64 in pass
   "pairs" and 4 x 64 in pass "z" (G's per-pair and per-column factors), plus
@@ -59,6 +61,13 @@ def test_work_bounds_at_n128(lib, d):
     assert by_kernel["pairs_pass"]["flops"] == by_kernel["z_pass"]["flops"] == 4 * 128 ** 3 * d
     for name in ("forward_pass", "pairs_pass", "z_pass"):
         assert by_kernel[name]["exps"] == 128 ** 3, name  # one shared exponential per element
+    # Row products x[i] * y[j]: each pass builds a pair block's once over all of d where they fit its
+    # shared memory (here: the emulated device's 227 KiB): the forward and pass "pairs" reuse them for
+    # every 64-row tile of z, pass "z" (one unit per k-block: 2 here) for its logits and its contraction.
+    pairs = 128 * 128 * d
+    assert by_kernel["forward_pass"]["pair_products"] == pairs
+    assert by_kernel["pairs_pass"]["pair_products"] == pairs
+    assert by_kernel["z_pass"]["pair_products"] == 2 * pairs
 
 
 @pytest.fixture
@@ -122,13 +131,14 @@ def test_backward_slabs_when_shared_memory_is_short(lib, emulated_backend, dtype
     emulated_backend.mode, emulated_backend.num_sms = mode, 3
     lib.emu_set_smem_limit.restype = ctypes.c_int64
     flops = []
-    for slab_limit in (None, limit):
-        old = lib.emu_set_smem_limit(ctypes.c_int64(slab_limit or 10 ** 9))
+    for slab_limit in (None, limit):  # None: the emulated device's own limit (H100's 227 KiB)
+        old = lib.emu_set_smem_limit(ctypes.c_int64(slab_limit)) if slab_limit else None
         try:
             lib.emu_work_reset()
             check_against_oracle("cuda_emu", reps, 14.3, dtype=dtype, tolerance="tf32" if mode == 1 else None)
         finally:
-            lib.emu_set_smem_limit(ctypes.c_int64(old))
+            if old is not None:
+                lib.emu_set_smem_limit(ctypes.c_int64(old))
         flops.append({r["kernel"]: r["flops"] for r in count_work_cuda._launches(lib) if r["flops"]})
     whole, slabs = flops
     assert set(whole) == set(slabs) and whole["forward_pass"] == slabs["forward_pass"]
@@ -160,12 +170,12 @@ def test_global_rows_load_in_16_byte_pieces_where_aligned(lib, emulated_backend,
     lib.emu_work_reset()
     L = emulated_backend.cube_lse_forward(*rows, tau)
     g = [torch.randn(9) for _ in range(3)]
-    grads = emulated_backend.cube_lse_backward(*rows, tau, *L, *g)
+    grads = emulated_backend.cube_lse_backward(*rows, tau, *(v.float() for v in L), *g)  # float64 LSEs out
     loads = {r["kernel"]: r["vector_loads"] for r in count_work_cuda._launches(lib)}
     for name in ("forward_pass", "pairs_pass", "z_pass"):
         assert (loads[name] > 0) == vector, (name, loads)
     want = chunked.cube_lse_forward(*reps, tau)
-    want_grads = chunked.cube_lse_backward(*reps, tau, *want, *g)
+    want_grads = chunked.cube_lse_backward(*reps, tau, *(w.float() for w in want), *g)  # float64 LSEs in
     for got, ref in zip([*L, *grads], [*want, *want_grads]):
         assert torch.allclose(got, ref.to(got.dtype), rtol=2e-2, atol=2e-3)  # bf16 tiles
 
@@ -200,7 +210,7 @@ def test_z_tiles_double_buffered_through_cp_async(lib, emulated_backend, dtype, 
     lib.emu_work_reset()
     L = emulated_backend.cube_lse_forward(*rows, tau)
     g = [torch.randn(N) for _ in range(3)]
-    grads = emulated_backend.cube_lse_backward(*rows, tau, *L, *g)
+    grads = emulated_backend.cube_lse_backward(*rows, tau, *(v.float() for v in L), *g)  # float64 LSEs out
     cube = _async_copies(lib)
     lib.emu_work_reset()
     P = emulated_backend.pair_lse_forward(rows[0], rows[1], torch.zeros(N), tau)
@@ -209,7 +219,7 @@ def test_z_tiles_double_buffered_through_cp_async(lib, emulated_backend, dtype, 
         assert (got[name] > 0) == copies, (name, cube, pair)
     f32 = [r.float() for r in reps]
     want = chunked.cube_lse_forward(*f32, tau)
-    want_grads = chunked.cube_lse_backward(*f32, tau, *want, *g)
+    want_grads = chunked.cube_lse_backward(*f32, tau, *(w.float() for w in want), *g)  # float64 LSEs in
     want_pair = chunked.pair_lse_forward(f32[0], f32[1], torch.zeros(N), tau)
     for got_t, ref in zip([*L, *grads, P], [*want, *want_grads, want_pair]):
         assert torch.isfinite(got_t).all()
@@ -237,10 +247,13 @@ def async_selftest(tmp_path_factory):
     ("early_read", 0, " ".join(["nan"] * 8)),      # read before the wait: poison
     ("misaligned", None, "cp.async 16-byte copy to a shared address not 16-byte aligned"),
     ("unwaited", None, "the kernel ended with cp.async copies not waited for"),
-    # ldmatrix x4 + mma.sync m16n8k16 per lane (MmaBf16Tile): exact on small multiples of 1/8
+    # ldmatrix x4 + mma.sync m16n8k16, modelled warp-wide (MmaTile): exact on small multiples of 1/8
     ("mma_col", 0, "max_err 0"),
     ("mma_row", 0, "max_err 0"),
     ("ldsm_misaligned", None, "ldmatrix row address not 16-byte aligned"),
+    # The same in TF32 tiles (ldmatrix of 32-bit elements, LDS for B by rows of k, mma.sync m16n8k8)
+    ("mma_col_tf32", 0, "max_err 0"),
+    ("mma_row_tf32", 0, "max_err 0"),
 ])
 def test_emulated_cp_async_and_ldmatrix_semantics(async_selftest, case, rc, out):
     import subprocess

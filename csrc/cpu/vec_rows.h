@@ -8,8 +8,8 @@
 // SYMILE_KERNELS_CPU_ISA = scalar | avx2 | avx512 narrows the choice, for tests).
 //
 // The exponential (docs/math.md section 5: the cube does N^3 of them next to
-// 2 N^3 d product FLOPs, so at small d they bound the kernel) is Cody-Waite range
-// reduction, x = n ln2 + r with |r| <= ln2 / 2, and Cephes' degree-6 polynomial
+// 2 N^3 d product FLOPs, so at small d they bound the kernel; vec_exp.h, one
+// body for every SIMD set) is Cody-Waite range reduction, x = n ln2 + r with |r| <= ln2 / 2, and Cephes' degree-6 polynomial
 // for e^r, scaled by 2^n. Arguments are clamped to [-104, 89], where e^x is
 // already 0 or inf in float32, so -inf gives 0 and +inf gives inf; the clamps
 // take x as the second operand of max/min, so a NaN passes through. The scaling
@@ -79,30 +79,21 @@ struct Vec {
   static Vec mul(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
   static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
-  static Vec exp(Vec a) {
-    __m256 x = _mm256_min_ps(_mm256_set1_ps(kExpHi), a.v);
-    x = _mm256_max_ps(_mm256_set1_ps(kExpLo), x);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-    __m256 p = _mm256_set1_ps(kP0);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    // 2^n as 2^n1 * 2^n2 with n1 = floor(n / 2): both are normal floats for n in
-    // [-150, 128], the first product is exact and the second rounds once.
-    const __m256i ni = _mm256_cvtps_epi32(n);
+  static Vec min(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
+  static Vec fnmadd(Vec a, Vec b, Vec c) { return {_mm256_fnmadd_ps(a.v, b.v, c.v)}; }
+  static Vec round_nearest(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+  // p * 2^n for integral n in [-150, 128], as 2^n1 * 2^n2 with n1 = floor(n / 2): both are
+  // normal floats, the first product is exact and the second rounds once.
+  static Vec scale2n(Vec p, Vec n) {
+    const __m256i ni = _mm256_cvtps_epi32(n.v);
     const __m256i n1 = _mm256_srai_epi32(ni, 1);
     const __m256i n2 = _mm256_sub_epi32(ni, n1);
     const __m256i bias = _mm256_set1_epi32(127);
     const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
     const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
-    return {_mm256_mul_ps(_mm256_mul_ps(p, s1), s2)};
+    return {_mm256_mul_ps(_mm256_mul_ps(p.v, s1), s2)};
   }
+  static Vec exp(Vec a);
   static float hsum(Vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -116,6 +107,7 @@ struct Vec {
     return _mm_cvtss_f32(s);
   }
 };
+#include "vec_exp.h"
 #include "rows_impl.h"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -134,25 +126,18 @@ struct Vec {
   static Vec mul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
   static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
-  static Vec exp(Vec a) {
-    __m512 x = _mm512_min_ps(_mm512_set1_ps(kExpHi), a.v);
-    x = _mm512_max_ps(_mm512_set1_ps(kExpLo), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-    __m512 p = _mm512_set1_ps(kP0);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP5));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return {_mm512_scalef_ps(p, n)};  // p * 2^n, one rounding, subnormals and overflow included
+  static Vec min(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
+  static Vec fnmadd(Vec a, Vec b, Vec c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }
+  static Vec round_nearest(Vec a) {
+    return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
   }
+  // p * 2^n, one rounding, subnormals and overflow included.
+  static Vec scale2n(Vec p, Vec n) { return {_mm512_scalef_ps(p.v, n.v)}; }
+  static Vec exp(Vec a);
   static float hsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
   static float hmax(Vec a) { return _mm512_reduce_max_ps(a.v); }
 };
+#include "vec_exp.h"
 #include "rows_impl.h"
 }  // namespace avx512
 #pragma GCC pop_options

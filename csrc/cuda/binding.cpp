@@ -174,9 +174,11 @@ std::tuple<Tensor, Tensor, Tensor> cube_lse_forward(const Tensor& x, const Tenso
   check_cube(op, x, y, z, tau, mode);
   const int64_t I = x.size(0), J = y.size(0), K = z.size(0), D = x.size(1);
   const DeviceCall call(x, mode, op);
-  const symile_cuda::CubeForwardPlan plan = symile_cuda::plan_cube_forward(I, J, K, call.cfg, call.info.sms);
+  const symile_cuda::CubeForwardPlan plan = symile_cuda::plan_cube_forward(I, J, K, D, call.cfg, call.info.sms);
   const auto options = x.options().dtype(compute_dtype(x));
-  Tensor La = at::empty({I}, options), Lb = at::empty({J}, options), Lc = at::empty({K}, options);
+  // The LSEs in float64 whatever the compute dtype (launch.h); the partials in the compute dtype.
+  const auto lse = x.options().dtype(at::kDouble);
+  Tensor La = at::empty({I}, lse), Lb = at::empty({J}, lse), Lc = at::empty({K}, lse);
   Tensor La_part = at::empty({2 * plan.num_js * I}, options);
   Tensor Lb_part = at::empty({2 * plan.ctas * J}, options);
   Tensor Lc_part = at::empty({2 * plan.ctas * K}, options);
@@ -185,7 +187,8 @@ std::tuple<Tensor, Tensor, Tensor> cube_lse_forward(const Tensor& x, const Tenso
     using TIn = decltype(in_tag);
     return symile_cuda::cube_lse_forward<T, TIn>(cptr<TIn>(x), cptr<TIn>(y), cptr<TIn>(z), cptr<T>(tau), I, J, K, D,
                                                  static_cast<int>(mode), plan, mptr<T>(La_part), mptr<T>(Lb_part),
-                                                 mptr<T>(Lc_part), mptr<T>(La), mptr<T>(Lb), mptr<T>(Lc), call.stream);
+                                                 mptr<T>(Lc_part), mptr<double>(La), mptr<double>(Lb), mptr<double>(Lc),
+                                                 call.stream);
   });
   return {La, Lb, Lc};
 }
@@ -234,13 +237,13 @@ Tensor pair_lse_forward(const Tensor& a, const Tensor& b, const Tensor& pos, con
   const int64_t I = a.size(0), J = b.size(0), D = a.size(1);
   const DeviceCall call(a, mode, op);
   const symile_cuda::PairPlan plan = symile_cuda::plan_pair(I, J, D, call.cfg, call.info.sms);
-  Tensor L = at::empty({I}, pos.options());
+  Tensor L = at::empty({I}, pos.options().dtype(at::kDouble));  // float64 whatever the compute dtype (launch.h)
   Tensor L_part = at::empty({plan.forward_workspace}, pos.options());
   call.launch(plan.forward_smem, [&](auto t_tag, auto in_tag) {
     using T = decltype(t_tag);
     using TIn = decltype(in_tag);
     return symile_cuda::pair_lse_forward<T, TIn>(cptr<TIn>(a), cptr<TIn>(b), cptr<T>(pos), cptr<T>(tau), I, J, D,
-                                                 static_cast<int>(mode), plan, mptr<T>(L_part), mptr<T>(L),
+                                                 static_cast<int>(mode), plan, mptr<T>(L_part), mptr<double>(L),
                                                  call.stream);
   });
   return L;

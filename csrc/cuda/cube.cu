@@ -4,7 +4,7 @@
 //
 // A tile is BP = BLOCK_I * BLOCK_J (i, j) pairs against BLOCK_K rows of z: the
 // pairs' row products x[i] * y[j] (built in shared memory, BLOCK_D columns at a
-// time) times z^T, on tensor cores (WMMA) or SIMT FMAs. Every output row has one
+// time) times z^T, on tensor cores (mma.sync or WMMA) or SIMT FMAs. Every output row has one
 // owning CTA and partial LSEs are combined in a fixed order: no float atomics,
 // results are deterministic on a given GPU.
 #include <limits>
@@ -18,23 +18,37 @@ namespace {
 
 // The logits' raw products S[p, k] = sum_d (x[a0 + p / BJ] * y[b0 + p % BJ])[d] z[k0 + k][d] of
 // a BP x BLOCK_K tile over the full d (BLOCK_D columns per step), stored to S (ld ldS); Cd
-// holds kOperandStages buffers of z rows (tile_products).
+// holds kOperandStages buffers of z rows (tile_products). ldPf > 0: P already holds the
+// pairs' products over all of d (ld ldPf; the forward builds them once per pair block); else
+// P takes one BLOCK_D chunk of them per step (ld ldP), rebuilt for every tile.
 template <typename Policy, typename TIn, int BI, int BJ, int BK, int BD>
 __device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, const TIn* __restrict__ y,
                                                    const TIn* __restrict__ z, int64_t a0, int64_t NA, int64_t b0,
                                                    int64_t NB, int64_t k0, int64_t NC, int64_t D,
                                                    typename Policy::In* P, typename Policy::In* Cd, int ldP,
-                                                   typename Policy::Acc* S, int ldS) {
+                                                   typename Policy::Acc* S, int ldS, int ldPf = 0) {
   using In = typename Policy::In;
   using Acc = typename Policy::Acc;
   tile_products<Policy, BI * BJ, BK, BD>(
-      D, [&](int64_t d0) { load_pair_products<In, Acc, TIn, BI, BJ>(P, ldP, BD, x, y, a0, NA, b0, NB, d0, D); },
-      [&](int64_t d0, In* dst) { load_rows_async<In, Acc>(dst, ldP, BK, BD, z, k0, NC, d0, D); }, P, Cd,
-      tile_bytes(BK, BD, Policy::cfg.pad_in, Policy::cfg.in_size), ldP, S, ldS);
+      D,
+      [&](int64_t d0) -> const In* {
+        if (ldPf > 0) return P + d0;
+        load_pair_products<In, Acc, TIn, BI, BJ>(P, ldP, BD, x, y, a0, NA, b0, NB, d0, D);
+        return P;
+      },
+      [&](int64_t d0, In* dst) { load_rows_async<In, Acc>(dst, ldP, BK, BD, z, k0, NC, d0, D); },
+      ldPf > 0 ? ldPf : ldP, Cd, tile_bytes(BK, BD, Policy::cfg.pad_in, Policy::cfg.in_size), ldP, S, ldS);
+}
+
+// The forward's CTAs per SM for __launch_bounds__ (plan.h register plan).
+template <typename Policy, typename TIn>
+constexpr int forward_min_ctas() {
+  return std::is_same<Policy, Tf32Policy>::value && std::is_same<TIn, float>::value ? kMinCtasCubeForwardTf32
+                                                                                    : kMinCtasCubeForward;
 }
 
 template <typename T, typename TIn, typename Policy>
-__global__ void __launch_bounds__(kThreads, kMinCtasCubeForward)
+__global__ void __launch_bounds__(kThreads, (forward_min_ctas<Policy, TIn>()))
     cube_forward_kernel(const TIn* __restrict__ x, const TIn* __restrict__ y, const TIn* __restrict__ z,
                         const T* __restrict__ tau_ptr, int64_t I, int64_t J, int64_t K, int64_t D,
                         CubeForwardPlan plan, T* __restrict__ La_part, T* __restrict__ Lb_part,
@@ -45,8 +59,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtasCubeForward)
   constexpr int BLOCK_I = Tl::BI, BLOCK_J = Tl::BJ, BLOCK_K = Tl::BK, BP = Tl::BP, ldS = Tl::ldS;
   static_assert(BLOCK_I <= 32 && BLOCK_J <= 32 && BP <= kThreads, "per-row bookkeeping uses one thread per row");
   SK_DYNAMIC_SMEM(smem);
-  const Tl s(smem);
+  const Tl s(smem, plan.p_cols);
   Acc *S = s.S, *pair_m = s.pair_m, *pair_s = s.pair_s, *row_M = s.row_M, *row_S = s.row_S;
+  // Full products: P holds the pair block's x[i] * y[j] over all of d (ld ldPf), built once per
+  // pair block and read by every tile of z rows (plan.h CubeForwardPlan).
+  const int ldPf = plan.full_products ? plan.p_cols + Tl::c.pad_in : 0;
 
   const Acc tau = static_cast<Acc>(*tau_ptr);
   const int t = threadIdx.x;
@@ -76,9 +93,15 @@ __global__ void __launch_bounds__(kThreads, kMinCtasCubeForward)
         pair_m[t] = neg_inf<Acc>();
         pair_s[t] = Acc(0);
       }
+      // Visible after the barrier in tile_products; the previous pair block's last reads of P
+      // ended before the barrier that closed its k loop.
+      if (ldPf > 0) {
+        load_pair_products<typename Tl::In, Acc, TIn, BLOCK_I, BLOCK_J>(s.P, ldPf, plan.p_cols, x, y, i0, I, j0, J,
+                                                                        0, D);
+      }
       for (int64_t k0 = 0; k0 < K; k0 += BLOCK_K) {
         cube_tile_products<Policy, TIn, BLOCK_I, BLOCK_J, BLOCK_K, Tl::BD>(x, y, z, i0, I, j0, J, k0, K, D, s.P, s.Z,
-                                                                           Tl::ldP, S, ldS);
+                                                                           Tl::ldP, S, ldS, ldPf);
         // Logits tau * T; entries outside the cube (or of pairs in another j-split) are -inf.
         for (int e = t; e < BP * BLOCK_K; e += kThreads) {
           const int p = e / BLOCK_K;
@@ -140,8 +163,9 @@ struct Unit {
 
 // The backward passes' tile sizes and shared-memory regions (plan.h cube_backward_layout):
 // Op is the contraction's operand chunk (rows of z in pass "pairs", pair products in pass
-// "z"), W its accumulators (BP x slab, or BLOCK_K x slab), G the weights (transposed in "z").
-// Also the pass's tau (read from its device scalar).
+// "z"), W its accumulators (BP x slab, or BLOCK_K x slab), G the weights (transposed in "z");
+// with plan.full_products, Pf holds a pair block's row products over all of d (ld ldPf; else
+// ldPf = 0). Also the pass's tau (read from its device scalar).
 template <typename Policy, typename T>
 struct BackwardTiles : TileSizes<Policy> {
   using typename TileSizes<Policy>::In;
@@ -150,8 +174,8 @@ struct BackwardTiles : TileSizes<Policy> {
   static_assert(std::is_same<Acc, T>::value, "partial gradients are stored in the compute dtype");
   static constexpr int ldOp = kCubeChunk + c.pad_in;
   Acc *S, *W, *LA, *gA, *LB, *gB, *ref, *arow, *u, *LC, *gC, *bcol;
-  In *G, *P, *Cd, *Op;
-  int ldW;
+  In *G, *P, *Cd, *Op, *Pf;
+  int ldW, ldPf;
   Acc tau;
   Unit unit;
 
@@ -161,14 +185,15 @@ struct BackwardTiles : TileSizes<Policy> {
     SK_DYNAMIC_SMEM(smem);
     const int64_t slab = plan.slab;
     constexpr TileConfig cfg = c;  // a local copy: the static member may not be ODR-used in device code
-    const CubeBackwardLayout l = cube_backward_layout(cfg, slab, z_pass);
+    const CubeBackwardLayout l = cube_backward_layout(cfg, slab, z_pass, plan.p_cols);
     Acc** acc[] = {&S, &W, &LA, &gA, &LB, &gB, &ref, &arow, &u, &LC, &gC, &bcol};
     const std::size_t acc_at[] = {l.S, l.W, l.LA, l.gA, l.LB, l.gB, l.ref, l.arow, l.u, l.LC, l.gC, l.bcol};
     for (int q = 0; q < 12; ++q) *acc[q] = reinterpret_cast<Acc*>(smem + acc_at[q]);
-    In** in[] = {&G, &P, &Cd, &Op};
-    const std::size_t in_at[] = {l.G, l.P, l.Cd, l.Op};
-    for (int q = 0; q < 4; ++q) *in[q] = reinterpret_cast<In*>(smem + in_at[q]);
+    In** in[] = {&G, &P, &Cd, &Op, &Pf};
+    const std::size_t in_at[] = {l.G, l.P, l.Cd, l.Op, l.Pf};
+    for (int q = 0; q < 5; ++q) *in[q] = reinterpret_cast<In*>(smem + in_at[q]);
     ldW = static_cast<int>(slab) + c.pad_acc;
+    ldPf = plan.full_products ? plan.p_cols + c.pad_in : 0;
   }
 };
 
@@ -178,21 +203,24 @@ template <bool TRANSPOSED, typename Policy, typename T, typename TIn>
 __device__ __forceinline__ void tile_weights(const BackwardTiles<Policy, T>& s, const CubeBackwardArgs<T, TIn>& a,
                                              int64_t a0, int64_t b0, int64_t k0, T c0, int ldG) {
   using Tl = BackwardTiles<Policy, T>;
-  cube_tile_products<Policy, TIn, Tl::BI, Tl::BJ, Tl::BK, Tl::BD>(a.x, a.y, a.z, a0, a.I, b0, a.J, k0, a.K, a.D, s.P,
-                                                                  s.Cd, Tl::ldP, s.S, Tl::ldS);
+  cube_tile_products<Policy, TIn, Tl::BI, Tl::BJ, Tl::BK, Tl::BD>(a.x, a.y, a.z, a0, a.I, b0, a.J, k0, a.K, a.D,
+                                                                  s.ldPf > 0 ? s.Pf : s.P, s.Cd, Tl::ldP, s.S,
+                                                                  Tl::ldS, s.ldPf);
   tile_G<typename Tl::In, T, Tl::BP, Tl::BK, TRANSPOSED>(s.S, Tl::ldS, s.tau, s.ref, s.arow, s.u, c0, s.LC, s.gC, k0,
                                                          a.K, s.bcol, s.G, ldG);
 }
 
-// W[:, chunk ch] += G (BM x kred, ld ldG) times the operand chunk s.Op (kred x kCubeChunk),
-// the accumulators resumed from and returned to shared memory. Every thread calls after
-// staging s.Op; the barriers order the staging before and the next staging after.
+// W[:, chunk ch] += G (BM x kred, ld ldG) times the operand chunk Op (kred x kCubeChunk, ld
+// ldOp: s.Op, or the chunk's columns of s.Pf), the accumulators resumed from and returned to
+// shared memory. Every thread calls after staging Op; the barriers order the staging before
+// and the next staging after.
 template <int BM, typename Policy, typename T>
-__device__ __forceinline__ void contract_chunk(const BackwardTiles<Policy, T>& s, int ch, int ldG, int kred) {
+__device__ __forceinline__ void contract_chunk(const BackwardTiles<Policy, T>& s, int ch, int ldG, int kred,
+                                               const typename Policy::In* Op, int ldOp) {
   __syncthreads();
   TileFor<Policy, BM, kCubeChunk> w;
   w.load(s.W + ch * kCubeChunk, s.ldW);
-  w.template mma<false>(s.G, ldG, s.Op, BackwardTiles<Policy, T>::ldOp, kred);
+  w.template mma<false>(s.G, ldG, Op, ldOp, kred);
   w.store(s.W + ch * kCubeChunk, s.ldW);
   __syncthreads();
 }
@@ -223,13 +251,19 @@ __global__ void __launch_bounds__(kThreads, kMinCtasCubePairs)
       for (int e = threadIdx.x; e < BP * s.ldW; e += kThreads) s.W[e] = Acc(0);
       __syncthreads();
       const Acc c0 = pair_factors<Acc, BLOCK_I, BLOCK_J>(s.LA, s.gA, s.LB, s.gB, a0, I, b0, J, s.ref, s.arow, s.u);
+      // Full products: built once per pair block, read by every tile of z rows (visible after the
+      // barrier in tile_products; the previous block's last reads ended before this block's barriers).
+      if (s.ldPf > 0) {
+        load_pair_products<typename Tl::In, Acc, TIn, BLOCK_I, BLOCK_J>(s.Pf, s.ldPf, plan.p_cols, x, y, a0, I, b0, J,
+                                                                        0, D);
+      }
       for (int64_t k0 = 0; k0 < K; k0 += BLOCK_K) {
         load_vectors(s.LC, s.gC, Lc, gLc, k0, K, BLOCK_K);
         tile_weights<false>(s, args, a0, b0, k0, c0, ldG);
         // W[:, chunk] += G z[k0 : k0 + BLOCK_K, chunk], the accumulators resumed from shared memory.
         for (int ch = 0; ch < sl.chunks; ++ch) {
           load_rows<typename Tl::In, Acc>(s.Op, Tl::ldOp, BLOCK_K, kCubeChunk, z, k0, K, sl.col0 + ch * kCubeChunk, D);
-          contract_chunk<BP>(s, ch, ldG, BLOCK_K);
+          contract_chunk<BP>(s, ch, ldG, BLOCK_K, s.Op, Tl::ldOp);
         }
       }
       // dx_part[js, i] += sum_j y[j] * W[(i, j)] and dy_part[is, j] += sum_i x[i] * W[(i, j)].
@@ -280,12 +314,22 @@ __global__ void __launch_bounds__(kThreads, kMinCtasCubeZ)
       load_vectors(s.LB, s.gB, Lb, gLb, b0, J, BLOCK_J);
       __syncthreads();
       const T c0 = pair_factors<T, BLOCK_I, BLOCK_J>(s.LA, s.gA, s.LB, s.gB, a0, I, b0, J, s.ref, s.arow, s.u);
+      // Full products: built once per pair block for the logits and the contraction (the previous
+      // block's contraction ended with a barrier; tile_products' barrier shows them).
+      if (s.ldPf > 0) {
+        load_pair_products<typename Tl::In, T, TIn, BLOCK_I, BLOCK_J>(s.Pf, s.ldPf, plan.p_cols, x, y, a0, I, b0, J,
+                                                                      0, D);
+      }
       tile_weights<true>(s, args, a0, b0, k0, c0, ldGt);
       // V[:, chunk] += G^T (x * y)[pairs, chunk], V (in W) resumed from shared memory.
       for (int ch = 0; ch < sl.chunks; ++ch) {
-        load_pair_products<typename Tl::In, T, TIn, BLOCK_I, BLOCK_J>(s.Op, Tl::ldOp, kCubeChunk, x, y, a0, I, b0, J,
-                                                           sl.col0 + ch * kCubeChunk, D);
-        contract_chunk<BLOCK_K>(s, ch, ldGt, BP);
+        if (s.ldPf > 0) {
+          contract_chunk<BLOCK_K>(s, ch, ldGt, BP, s.Pf + sl.col0 + ch * kCubeChunk, s.ldPf);
+        } else {
+          load_pair_products<typename Tl::In, T, TIn, BLOCK_I, BLOCK_J>(s.Op, Tl::ldOp, kCubeChunk, x, y, a0, I, b0, J,
+                                                                        sl.col0 + ch * kCubeChunk, D);
+          contract_chunk<BLOCK_K>(s, ch, ldGt, BP, s.Op, Tl::ldOp);
+        }
       }
     }
   }
@@ -298,9 +342,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtasCubeZ)
 
 template <typename T, typename TIn, typename Policy>
 cudaError_t launch_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K,
-                           int64_t D, const CubeForwardPlan& plan, T* La_part, T* Lb_part, T* Lc_part, T* La,
-                           T* Lb, T* Lc, cudaStream_t stream) {
-  if (plan.smem != forward_layout(Policy::cfg).total || plan.ctas < 1 || plan.ctas > INT32_MAX) {
+                           int64_t D, const CubeForwardPlan& plan, T* La_part, T* Lb_part, T* Lc_part, double* La,
+                           double* Lb, double* Lc, cudaStream_t stream) {
+  constexpr TileConfig c = Policy::cfg;
+  if (plan.smem != forward_layout(c, plan.p_cols).total || plan.ctas < 1 || plan.ctas > INT32_MAX ||
+      plan.p_cols % c.BLOCK_D != 0 || (plan.full_products ? plan.p_cols < D : plan.p_cols != c.BLOCK_D)) {
     return cudaErrorInvalidValue;  // the plan was made for another mode
   }
   auto forward_pass = cube_forward_kernel<T, TIn, Policy>;
@@ -326,8 +372,10 @@ cudaError_t launch_backward(const TIn* x, const TIn* y, const TIn* z, const T* t
                             int64_t D, const CubeBackwardPlan& plan, T* work, TIn* dx, TIn* dy, TIn* dz, T* dtau,
                             cudaStream_t stream) {
   constexpr TileConfig c = Policy::cfg;
-  if (plan.pair_smem != cube_backward_layout(c, plan.slab, false).total ||
-      plan.z_smem != cube_backward_layout(c, plan.slab, true).total || plan.pair_units > INT32_MAX ||
+  if (plan.pair_smem != cube_backward_layout(c, plan.slab, false, plan.p_cols).total ||
+      plan.z_smem != cube_backward_layout(c, plan.slab, true, plan.p_cols).total ||
+      (plan.full_products ? plan.p_cols < D || plan.p_cols % kCubeChunk != 0 : plan.p_cols != 0) ||
+      plan.pair_units > INT32_MAX ||
       plan.z_units > INT32_MAX) {
     return cudaErrorInvalidValue;  // the plan was made for another mode
   }
@@ -365,7 +413,7 @@ cudaError_t launch_backward(const TIn* x, const TIn* y, const TIn* z, const T* t
 template <typename T, typename TIn>
 cudaError_t cube_lse_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K,
                              int64_t D, int mode, const CubeForwardPlan& plan, T* La_part, T* Lb_part, T* Lc_part,
-                             T* La, T* Lb, T* Lc, cudaStream_t stream) {
+                             double* La, double* Lb, double* Lc, cudaStream_t stream) {
   return with_policy<T, TIn>(mode, [&](auto policy) {
     return launch_forward<T, TIn, decltype(policy)>(x, y, z, tau, I, J, K, D, plan, La_part, Lb_part, Lc_part, La,
                                                     Lb, Lc, stream);
@@ -385,8 +433,8 @@ cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T*
 
 #define SK_INSTANTIATE(T, TIn)                                                                                      \
   template cudaError_t cube_lse_forward<T, TIn>(const TIn*, const TIn*, const TIn*, const T*, int64_t, int64_t,     \
-                                                int64_t, int64_t, int, const CubeForwardPlan&, T*, T*, T*, T*, T*, \
-                                                T*, cudaStream_t);                                                  \
+                                                int64_t, int64_t, int, const CubeForwardPlan&, T*, T*, T*, double*, \
+                                                double*, double*, cudaStream_t);                                   \
   template cudaError_t cube_lse_backward<T, TIn>(const TIn*, const TIn*, const TIn*, const T*, const T*, const T*, \
                                                  const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, \
                                                  int64_t, int, const CubeBackwardPlan&, T*, TIn*, TIn*, TIn*, T*, \

@@ -25,17 +25,21 @@ namespace symile_cuda {
 // Calls M(T, TIn) for every (compute type, row type) pair the launchers are built for.
 #define SK_FOR_EACH_ROW_TYPE(M) M(float, float) M(double, double) M(float, __nv_bfloat16) M(float, __half)
 
-// La (I,), Lb (J,), Lc (K,) of the cube tau * T[i,j,k] (docs/math.md section 2).
+// La (I,), Lb (J,), Lc (K,) of the cube tau * T[i,j,k] (docs/math.md section 2), in float64
+// whatever T: the partials are (max, sum) pairs of T and only the final m + log s is formed in
+// float64 (docs/math.md section 6.4).
 // Workspace ((max, sum) pairs): La_part (2 * plan.num_js * I), Lb_part (2 * plan.ctas * J),
 // Lc_part (2 * plan.ctas * K)
-// from plan_cube_forward(I, J, K, config_for(effective_mode(mode, sizeof(TIn)), sizeof(T)), num_sms).
+// from plan_cube_forward(I, J, K, D, config_for(effective_mode(mode, sizeof(TIn)), sizeof(T)), num_sms).
 template <typename T, typename TIn>
 cudaError_t cube_lse_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K,
                              int64_t D, int mode, const CubeForwardPlan& plan, T* La_part, T* Lb_part, T* Lc_part,
-                             T* La, T* Lb, T* Lc, cudaStream_t stream);
+                             double* La, double* Lb, double* Lc, cudaStream_t stream);
 
 // dx (I, D), dy (J, D), dz (K, D) and dtau (one scalar) of
 // sum gLa * La + gLb * Lb + gLc * Lc (docs/math.md section 2 without the positive term).
+// La, Lb, Lc (type T) enter only as exp(S - L) and gLa, gLb, gLc only as its multipliers, so
+// a caller may pass a shift <= L with gL e^(shift - L) (docs/math.md section 6.4).
 // plan: plan_cube_backward(I, J, K, D, cfg, num_sms, smem_limit) for the rows' config (as
 // the forward's); workspace: plan.workspace elements of T.
 template <typename T, typename TIn>
@@ -46,10 +50,11 @@ cudaError_t cube_lse_backward(const TIn* x, const TIn* y, const TIn* z, const T*
 
 // a (I, D), b (J, D) with I <= J, pos (I,). L (I,): L[i] = LSE_{j < J} l[i, j],
 // l[i, j] = tau <a[i], b[j]> (j != i), l[i, i] = pos[i] (docs/math.md section 3).
-// plan: plan_pair(I, J, D, cfg, num_sms) for the rows' config; L_part: plan.forward_workspace.
+// plan: plan_pair(I, J, D, cfg, num_sms) for the rows' config; L_part: plan.forward_workspace
+// ((max, sum) pairs of T); L in float64 as the cube's.
 template <typename T, typename TIn>
 cudaError_t pair_lse_forward(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I, int64_t J, int64_t D,
-                             int mode, const PairPlan& plan, T* L_part, T* L, cudaStream_t stream);
+                             int mode, const PairPlan& plan, T* L_part, double* L, cudaStream_t stream);
 
 // da (I, D), db (J, D), dpos (I,) and dtau of sum_i gL[i] L[i].
 // Workspace: plan.backward_workspace elements of T.

@@ -28,7 +28,11 @@ __device__ __forceinline__ void pair_tile_products(const TIn* __restrict__ A, in
   constexpr TileConfig c = Policy::cfg;
   constexpr int BP = c.BLOCK_I * c.BLOCK_J, BK = c.BLOCK_K, BD = c.BLOCK_D, ldP = BD + c.pad_in;
   tile_products<Policy, BP, BK, BD, ASYNC ? kOperandStages : 1>(
-      D, [&](int64_t d0) { load_rows<In, Acc>(P, ldP, BP, BD, A, a0, NA, d0, D); },
+      D,
+      [&](int64_t d0) -> const In* {
+        load_rows<In, Acc>(P, ldP, BP, BD, A, a0, NA, d0, D);
+        return P;
+      },
       [&](int64_t d0, In* dst) {
         if constexpr (ASYNC) {
           load_rows_async<In, Acc>(dst, ldP, BK, BD, B, b0, NB, d0, D);
@@ -36,8 +40,7 @@ __device__ __forceinline__ void pair_tile_products(const TIn* __restrict__ A, in
           load_rows<In, Acc>(dst, ldP, BK, BD, B, b0, NB, d0, D);
         }
       },
-      P, Cd,
-      tile_bytes(BK, BD, c.pad_in, c.in_size), ldP, S, BK + c.pad_acc);
+      ldP, Cd, tile_bytes(BK, BD, c.pad_in, c.in_size), ldP, S, BK + c.pad_acc);
 }
 
 template <typename T, typename TIn, typename Policy>
@@ -184,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPairBackward)
 
 template <typename T, typename TIn, typename Policy>
 cudaError_t launch_forward(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I, int64_t J, int64_t D,
-                           const PairPlan& plan, T* L_part, T* L, cudaStream_t stream) {
+                           const PairPlan& plan, T* L_part, double* L, cudaStream_t stream) {
   if (plan.forward_smem != forward_layout(Policy::cfg).total || plan.f_units > INT32_MAX) {
     return cudaErrorInvalidValue;  // the plan was made for another mode
   }
@@ -235,7 +238,7 @@ cudaError_t launch_backward(const TIn* a, const TIn* b, const T* pos, const T* t
 // The policy: with_policy (static_switch.h).
 template <typename T, typename TIn>
 cudaError_t pair_lse_forward(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I, int64_t J, int64_t D,
-                             int mode, const PairPlan& plan, T* L_part, T* L, cudaStream_t stream) {
+                             int mode, const PairPlan& plan, T* L_part, double* L, cudaStream_t stream) {
   return with_policy<T, TIn>(mode, [&](auto policy) {
     return launch_forward<T, TIn, decltype(policy)>(a, b, pos, tau, I, J, D, plan, L_part, L, stream);
   });
@@ -253,7 +256,7 @@ cudaError_t pair_lse_backward(const TIn* a, const TIn* b, const T* pos, const T*
 
 #define SK_INSTANTIATE(T, TIn)                                                                                   \
   template cudaError_t pair_lse_forward<T, TIn>(const TIn*, const TIn*, const T*, const T*, int64_t, int64_t,    \
-                                                int64_t, int, const PairPlan&, T*, T*, cudaStream_t);            \
+                                                int64_t, int, const PairPlan&, T*, double*, cudaStream_t);       \
   template cudaError_t pair_lse_backward<T, TIn>(const TIn*, const TIn*, const T*, const T*, const T*, const T*, \
                                                  int64_t, int64_t, int64_t, int, const PairPlan&, T*, TIn*, TIn*, \
                                                  T*, T*, cudaStream_t);

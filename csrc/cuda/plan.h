@@ -26,8 +26,8 @@ namespace symile_cuda {
 // How tile products are computed. Float64 tensors always use kIeee.
 enum Mode : int {
   kIeee = 0,  // SIMT fused multiply-adds in the tensors' dtype (float32 or float64)
-  kTf32 = 1,  // float32 tensors, products on tensor cores in TF32 (WMMA m16n16k8), float32 accumulation
-  kBf16 = 2,  // float32 tensors rounded to bf16 tiles in shared memory (WMMA m16n16k16), float32 accumulation
+  kTf32 = 1,  // float32 tensors, products on tensor cores in TF32 (mma.sync m16n8k8), float32 accumulation
+  kBf16 = 2,  // float32 tensors rounded to bf16 tiles in shared memory (ldmatrix + mma.sync), float32 accumulation
 };
 
 constexpr int kThreads = 256;  // every kernel runs 256 threads (8 warps) per CTA
@@ -36,13 +36,17 @@ constexpr int kSmemAlign = 128;
 // ptxas budgets 65536 / (kThreads * n) registers per thread (128 at n = 2, 255 at n = 1)
 // rather than a cap of its own choosing (left free, it capped several kernels at 128 and
 // spilled). Every kernel compiles without spills (tests/test_cuda_sass.py). The pair
-// kernels fit 128 registers: two CTAs per SM. The cube kernels do not yet without
-// spilling (the forward by 8-16 bytes, pass "z" by up to 24, pass "pairs", with a W
-// contraction and a logit tile product in flight, needs about 170-200): one CTA per SM
-// until their per-thread state shrinks (issue 13 item 2; csrc/cuda/README.md).
+// kernels fit 128 registers: two CTAs per SM. So does the cube forward (ldmatrix fragments),
+// except with float32 rows in TF32 tiles (32 bytes of spills at 128 on sm_80, so
+// kMinCtasCubeForwardTf32 = 1). The backward passes do not yet without spilling but in
+// IEEE and pass "pairs" with float32 rows (at 128 on sm_80: pass "pairs" 4 bytes with bf16
+// or fp16 rows, pass "z" 16-100 bytes; they use 159-210 at one CTA per SM), and their
+// full-d accumulators take about 111 KB of shared memory at bf16 d = 256: one CTA per SM
+// (issue 13 item 2; csrc/cuda/README.md).
 constexpr int kMinCtasPairForward = 2;
 constexpr int kMinCtasPairBackward = 2;  // da, db
-constexpr int kMinCtasCubeForward = 1;
+constexpr int kMinCtasCubeForward = 2;
+constexpr int kMinCtasCubeForwardTf32 = 1;  // float32 rows in TF32 tiles
 constexpr int kMinCtasCubePairs = 1;     // backward pass "pairs"
 constexpr int kMinCtasCubeZ = 1;         // backward pass "z"
 SK_HD constexpr int register_budget(int min_ctas) {
@@ -70,9 +74,9 @@ SK_HD constexpr int tile_pairs(const TileConfig& c) { return c.BLOCK_I * c.BLOCK
 // columns): one is filled by cp.async while the other feeds the tile product.
 constexpr int kOperandStages = 2;
 
-// Padding: SIMT tiles use one element (odd strides avoid bank conflicts); WMMA
-// tiles use 16 bytes so every ldm is a multiple of 8 (16-bit) or 4 (32-bit)
-// elements and every fragment pointer stays 32-byte aligned.
+// Padding: SIMT tiles use one element (odd strides avoid bank conflicts); tensor-core
+// tiles use 16 bytes so every ldm is a multiple of 8 (16-bit) or 4 (32-bit) elements, every
+// WMMA fragment pointer stays 32-byte aligned and every ldmatrix row 16-byte aligned.
 SK_HD constexpr TileConfig config_for(int mode, int elem_size) {
   return elem_size == 8 ? TileConfig{4, 16, 32, 16, 64, 1, 1, 8, 8}
        : mode == kTf32  ? TileConfig{4, 16, 64, 32, 128, 4, 4, 4, 4}
@@ -93,11 +97,14 @@ struct ForwardLayout {
   std::size_t S, P, Z, pair_m, pair_s, row_l, row_ls, colm, colo, cols, roww, total;
 };
 
-SK_HD constexpr ForwardLayout forward_layout(const TileConfig& c) {
+// p_cols: the columns of row products P holds, BLOCK_D (one chunk, the default) or every
+// column of d (the cube forward's products built once per pair block, CubeForwardPlan).
+SK_HD constexpr ForwardLayout forward_layout(const TileConfig& c, int p_cols = 0) {
   const int BP = tile_pairs(c);
+  const int pc = p_cols > 0 ? p_cols : c.BLOCK_D;
   const std::size_t S = 0;                                                  // BP x BLOCK_K accumulators (logits)
-  const std::size_t P = S + tile_bytes(BP, c.BLOCK_K, c.pad_acc, c.acc_size);  // BP x BLOCK_D row products
-  const std::size_t Z = P + tile_bytes(BP, c.BLOCK_D, c.pad_in, c.in_size);    // 2 x BLOCK_K x BLOCK_D rows of z
+  const std::size_t P = S + tile_bytes(BP, c.BLOCK_K, c.pad_acc, c.acc_size);  // BP x pc row products
+  const std::size_t Z = P + tile_bytes(BP, pc, c.pad_in, c.in_size);           // 2 x BLOCK_K x BLOCK_D rows of z
   const std::size_t pair_m = Z + kOperandStages * tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size);
   const std::size_t pair_s = pair_m + tile_bytes(1, BP, 0, c.acc_size);
   const std::size_t row_l = pair_s + tile_bytes(1, BP, 0, c.acc_size);
@@ -153,14 +160,29 @@ SK_HD constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b;
 // Each partial is a (max, sum) pair (buffers of twice those sizes: maxima, then sums),
 // merged by rescaled sums; they are combined by one max pass and one sum pass over
 // their rows in a fixed order, so results are deterministic for a given GPU.
+// Row products x[i] * y[j]: with full_products, a pair block's products over all of d
+// (p_cols = d rounded up to BLOCK_D columns) are built once and reused by every tile of
+// z rows; else (d too wide for kForwardProductsSmem) P holds one BLOCK_D chunk
+// (p_cols = BLOCK_D), rebuilt per chunk and per tile of z rows.
 struct CubeForwardPlan {
   int64_t num_ib = 0, num_jb = 0, num_js = 0, units = 0, units_per_cta = 0, ctas = 0;
+  int p_cols = 0;
+  bool full_products = false;
   std::size_t smem = 0;
 };
 
-inline CubeForwardPlan plan_cube_forward(int64_t I, int64_t J, int64_t K, const TileConfig& c, int num_sms) {
+// The most shared memory the forward takes to keep a pair block's products over all of d:
+// 81 KiB, so two CTAs fit an A100's SM (164 KiB, 1 KiB reserved per CTA). bf16 tiles keep
+// them up to d = 384, TF32 and IEEE float32 up to d = 160, float64 up to d = 96.
+constexpr std::size_t kForwardProductsSmem = 82944;
+
+inline CubeForwardPlan plan_cube_forward(int64_t I, int64_t J, int64_t K, int64_t D, const TileConfig& c,
+                                         int num_sms) {
   (void)K;
   CubeForwardPlan p;
+  const int64_t d_cols = ceil_div(D > 0 ? D : 1, c.BLOCK_D) * c.BLOCK_D;
+  p.full_products = d_cols <= 4096 && forward_layout(c, static_cast<int>(d_cols)).total <= kForwardProductsSmem;
+  p.p_cols = p.full_products ? static_cast<int>(d_cols) : c.BLOCK_D;
   const int64_t sms = num_sms > 0 ? num_sms : 1;
   p.num_ib = ceil_div(I, c.BLOCK_I);
   p.num_jb = ceil_div(J, c.BLOCK_J);
@@ -172,7 +194,7 @@ inline CubeForwardPlan plan_cube_forward(int64_t I, int64_t J, int64_t K, const 
   const int64_t cap = 4 * sms;
   p.units_per_cta = ceil_div(p.units, cap);
   p.ctas = ceil_div(p.units, p.units_per_cta);
-  p.smem = forward_layout(c).total;
+  p.smem = forward_layout(c, p.p_cols).total;
   return p;
 }
 
@@ -202,7 +224,7 @@ constexpr double kForwardShareSpread = 60.0;
 constexpr double kBackwardShareSpread = 40.0;
 
 struct CubeBackwardLayout {
-  std::size_t S, G, P, Cd, Op, W, LA, gA, LB, gB, ref, arow, u, LC, gC, bcol, total;
+  std::size_t S, G, P, Cd, Op, W, LA, gA, LB, gB, ref, arow, u, LC, gC, bcol, Pf, total;
 };
 
 // z_pass: accumulators BLOCK_K x slab, operand chunk BP x kCubeChunk (pair products),
@@ -210,7 +232,10 @@ struct CubeBackwardLayout {
 // The contraction's operand chunk Op reuses the bytes of S, P and Cd: it is loaded only
 // after G is built from S (tile_G ends with a barrier), and P, Cd are next written after
 // the contraction's last barrier.
-SK_HD constexpr CubeBackwardLayout cube_backward_layout(const TileConfig& c, int64_t slab, bool z_pass) {
+// p_cols > 0 adds Pf, a pair block's row products over p_cols columns (all of d, a multiple of
+// kCubeChunk; CubeBackwardPlan::full_products), kept apart from every other region.
+SK_HD constexpr CubeBackwardLayout cube_backward_layout(const TileConfig& c, int64_t slab, bool z_pass,
+                                                        int p_cols = 0) {
   const int BP = tile_pairs(c);
   const int acc_rows = z_pass ? c.BLOCK_K : BP;
   const int op_rows = z_pass ? BP : c.BLOCK_K;
@@ -233,12 +258,19 @@ SK_HD constexpr CubeBackwardLayout cube_backward_layout(const TileConfig& c, int
   const std::size_t LC = u + tile_bytes(1, vec, 0, c.acc_size);
   const std::size_t gC = LC + tile_bytes(1, vec, 0, c.acc_size);
   const std::size_t bcol = gC + tile_bytes(1, vec, 0, c.acc_size);
-  const std::size_t total = bcol + tile_bytes(1, vec, 0, c.acc_size);
-  return CubeBackwardLayout{S, G, P, Cd, Op, W, LA, gA, LB, gB, ref, arow, u, LC, gC, bcol, total};
+  const std::size_t Pf = bcol + tile_bytes(1, vec, 0, c.acc_size);
+  const std::size_t total = Pf + (p_cols > 0 ? tile_bytes(BP, p_cols, c.pad_in, c.in_size) : 0);
+  return CubeBackwardLayout{S, G, P, Cd, Op, W, LA, gA, LB, gB, ref, arow, u, LC, gC, bcol, Pf, total};
 }
 
+// full_products: both passes build a pair block's row products x[i] * y[j] once over all of d
+// (p_cols = d rounded up to kCubeChunk) and reuse them: pass "pairs" for every tile of z rows,
+// pass "z" for its logits and its contraction. Taken when they fit the device's shared memory
+// beside the slab's accumulators (the slab is chosen first); else rebuilt per tile and chunk.
 struct CubeBackwardPlan {
   int64_t slab = 0, num_slabs = 0, num_ib = 0, num_jb = 0, num_kb = 0;
+  int p_cols = 0;
+  bool full_products = false;
   int64_t pair_is = 0, pair_js = 0, pair_units = 0;  // pass "pairs": i-splits x j-splits x slabs
   int64_t z_is = 0, z_units = 0;                     // pass "z": k-blocks x i-splits x slabs
   int64_t reduce_ctas = 0;                           // dx reduction CTAs = dtau partials
@@ -267,6 +299,13 @@ inline CubeBackwardPlan plan_cube_backward(int64_t I, int64_t J, int64_t K, int6
   }
   p.slab = slab;
   p.num_slabs = ceil_div(D, slab);
+  const int64_t d_cols = ceil_div(D > 0 ? D : 1, kCubeChunk) * kCubeChunk;
+  if (d_cols <= 4096) {
+    const int pc = static_cast<int>(d_cols);
+    p.full_products = static_cast<int64_t>(cube_backward_layout(c, slab, false, pc).total) <= smem_limit &&
+                      static_cast<int64_t>(cube_backward_layout(c, slab, true, pc).total) <= smem_limit;
+  }
+  p.p_cols = p.full_products ? static_cast<int>(d_cols) : 0;
   p.num_ib = ceil_div(I, c.BLOCK_I);
   p.num_jb = ceil_div(J, c.BLOCK_J);
   p.num_kb = ceil_div(K, c.BLOCK_K);
@@ -282,8 +321,8 @@ inline CubeBackwardPlan plan_cube_backward(int64_t I, int64_t J, int64_t K, int6
   p.pair_units = p.pair_is * p.pair_js * p.num_slabs;
   p.z_units = p.num_kb * p.z_is * p.num_slabs;
   p.reduce_ctas = clamp64(ceil_div(I * D, kThreads), 1, 4 * sms);
-  p.pair_smem = cube_backward_layout(c, slab, false).total;
-  p.z_smem = cube_backward_layout(c, slab, true).total;
+  p.pair_smem = cube_backward_layout(c, slab, false, p.p_cols).total;
+  p.z_smem = cube_backward_layout(c, slab, true, p.p_cols).total;
   p.dx_part = 0;
   p.dy_part = p.dx_part + p.pair_js * I * D;
   p.dz_part = p.dy_part + p.pair_is * J * D;

@@ -67,8 +67,8 @@ static void check_config(int mode, int elem) {
   EXPECT(f.row_l + tile_bytes(1, BP, 0, c.acc_size) <= f.total, "%s: forward vectors inside", name);
 }
 
-static void check_forward_plan(int64_t I, int64_t J, int64_t K, int sms, const TileConfig& c) {
-  const CubeForwardPlan p = plan_cube_forward(I, J, K, c, sms);
+static void check_forward_plan(int64_t I, int64_t J, int64_t K, int64_t D, int sms, const TileConfig& c) {
+  const CubeForwardPlan p = plan_cube_forward(I, J, K, D, c, sms);
   EXPECT(p.num_ib == ceil_div(I, c.BLOCK_I) && p.num_jb == ceil_div(J, c.BLOCK_J), "I=%lld J=%lld block counts",
          (long long)I, (long long)J);
   EXPECT(p.num_js >= 1 && p.num_js <= p.num_jb, "num_js=%lld within [1, %lld]", (long long)p.num_js,
@@ -93,7 +93,18 @@ static void check_forward_plan(int64_t I, int64_t J, int64_t K, int sms, const T
   EXPECT(wrong == 0, "I=%lld J=%lld sms=%d: %lld tiles not visited exactly once", (long long)I, (long long)J, sms,
          (long long)wrong);
   EXPECT(split_begin(p.num_js, p.num_jb, p.num_js) == p.num_jb, "splits end at the last j-block");
-  EXPECT(p.smem == forward_layout(c).total, "forward smem");
+  EXPECT(p.smem == forward_layout(c, p.p_cols).total, "forward smem");
+  // Full products cover every column of d in whole BLOCK_D chunks within the budget; else one chunk.
+  if (p.full_products) {
+    EXPECT(p.p_cols >= D && p.p_cols % c.BLOCK_D == 0 && p.p_cols < D + c.BLOCK_D && p.smem <= kForwardProductsSmem,
+           "D=%lld: full products in %d columns, %zu bytes", (long long)D, p.p_cols, p.smem);
+    EXPECT(c.pad_in == 1 || (p.p_cols + c.pad_in) * c.in_size % 16 == 0, "D=%lld: full-products ldm",
+           (long long)D);  // tensor-core tiles (SIMT tiles keep odd strides)
+  } else {
+    EXPECT(p.p_cols == c.BLOCK_D && p.smem == forward_layout(c).total &&
+               forward_layout(c, static_cast<int>(ceil_div(D, c.BLOCK_D) * c.BLOCK_D)).total > kForwardProductsSmem,
+           "D=%lld: one chunk only when all of d does not fit", (long long)D);
+  }
 }
 
 // Pair ops: every split holds column blocks, the units of each kernel own disjoint outputs,
@@ -146,8 +157,24 @@ static void check_cube_backward_plan(int64_t I, int64_t J, int64_t K, int64_t D,
   // Every split holds at least one block (splits never exceed the blocks).
   EXPECT(p.pair_is <= p.num_ib && p.pair_js <= p.num_jb && p.z_is <= p.num_ib, fmt, a[0], a[1], a[2], a[3], sms,
          (long long)limit);
+  // Full products: all of d in whole kCubeChunk columns, within the limit, only where they fit.
+  const int64_t d_cols = ceil_div(D, kCubeChunk) * kCubeChunk;
+  const bool fits = d_cols <= 4096 &&
+                    static_cast<int64_t>(cube_backward_layout(c, p.slab, false, static_cast<int>(d_cols)).total) <= limit &&
+                    static_cast<int64_t>(cube_backward_layout(c, p.slab, true, static_cast<int>(d_cols)).total) <= limit;
+  EXPECT(p.full_products == fits && p.p_cols == (fits ? d_cols : 0), fmt, a[0], a[1], a[2], a[3], sms,
+         (long long)limit);
+  EXPECT(p.pair_smem == cube_backward_layout(c, p.slab, false, p.p_cols).total &&
+             p.z_smem == cube_backward_layout(c, p.slab, true, p.p_cols).total,
+         fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
   for (bool z : {false, true}) {
-    const CubeBackwardLayout l = cube_backward_layout(c, p.slab, z);
+    const CubeBackwardLayout l = cube_backward_layout(c, p.slab, z, p.p_cols);
+    // Pf follows every other region (the contraction's Op aliases S, P, Cd only).
+    EXPECT(l.Pf % kSmemAlign == 0 && l.Pf >= l.bcol + tile_bytes(1, tile_pairs(c) > c.BLOCK_K ? tile_pairs(c)
+                                                                                             : c.BLOCK_K, 0, c.acc_size) &&
+               l.total == l.Pf + (p.p_cols ? tile_bytes(tile_pairs(c), p.p_cols, c.pad_in, c.in_size) : 0),
+           "cube backward Pf region");
+    EXPECT(c.pad_in == 1 || (p.p_cols + c.pad_in) * c.in_size % 16 == 0, "cube backward Pf ldm");
     // Op aliases S, P and Cd (used at other times): it must end before G.
     const int BP = tile_pairs(c);
     EXPECT(l.Op == l.S && l.Op + tile_bytes(z ? BP : c.BLOCK_K, kCubeChunk, c.pad_in, c.in_size) <= l.G,
@@ -173,7 +200,9 @@ int main() {
     const TileConfig c = config_for(m[0], m[1]);
     for (int64_t I : sizes)
       for (int64_t J : {int64_t(1), int64_t(5), int64_t(33), int64_t(4096)})
-        for (int sms : sms_list) check_forward_plan(I, J, 7, sms, c);
+        for (int sms : sms_list)
+          for (int64_t D : {int64_t(1), int64_t(48), int64_t(200), int64_t(256), int64_t(1000)})
+            check_forward_plan(I, J, 7, D, sms, c);
     for (int64_t rows : sizes)
       for (int64_t D : {int64_t(1), int64_t(3), int64_t(48), int64_t(200), int64_t(256), int64_t(1000)})
         for (int sms : sms_list) check_pair_plan(rows, rows + 5, D, sms, c);
@@ -186,12 +215,19 @@ int main() {
           for (int64_t limit : {int64_t(101376), int64_t(232448), int64_t(40000)})
             check_cube_backward_plan(N, N + 3, N + 1, D, sms, limit, c);
   }
+  // Where the forward keeps a pair block's products over all of d (kForwardProductsSmem).
+  EXPECT(plan_cube_forward(64, 64, 64, 384, config_for(kBf16, 4), 132).full_products &&
+             !plan_cube_forward(64, 64, 64, 385, config_for(kBf16, 4), 132).full_products,
+         "bf16 full products up to d = 384");
+  EXPECT(plan_cube_forward(64, 64, 64, 160, config_for(kTf32, 4), 132).full_products &&
+             !plan_cube_forward(64, 64, 64, 161, config_for(kTf32, 4), 132).full_products,
+         "TF32 full products up to d = 160");
   // Per target: d = 512 in one slab where the device's shared memory allows (H100: 227 KiB).
   const CubeBackwardPlan h100 = plan_cube_backward(4096, 4096, 4096, 512, config_for(kBf16, 4), 132, 232448);
   EXPECT(h100.num_slabs == 1, "bf16 d=512 on H100: %lld slabs", (long long)h100.num_slabs);
   // Big sizes keep 64-bit arithmetic: N = 16384 at d = 256, and an N^2 * d past 2^31.
   const TileConfig f32 = config_for(kIeee, 4);
-  const CubeForwardPlan big = plan_cube_forward(16384, 16384, 16384, f32, 132);
+  const CubeForwardPlan big = plan_cube_forward(16384, 16384, 16384, 256, f32, 132);
   EXPECT(big.units == 4096 && big.ctas <= 528, "N=16384 plan: units=%lld ctas=%lld", (long long)big.units,
          (long long)big.ctas);
   EXPECT(big.ctas * 16384 * 4 < (int64_t(1) << 28), "N=16384 partial buffers stay small");

@@ -19,6 +19,7 @@
 #define SK_COUNT_FLOPS(n) ((void)0)
 #define SK_COUNT_EXP() ((void)0)
 #define SK_COUNT_VEXP() ((void)0)
+#define SK_COUNT_PAIR_PRODUCTS(n) ((void)0)
 // One 16-byte global load (LDG.128) into out; the caller guarantees 16-byte alignment.
 #define SK_LOAD16(src, out)                                    \
   do {                                                         \
@@ -284,54 +285,110 @@ struct WmmaTile {
   }
 };
 
-// bf16 fragments through ldmatrix and mma.sync (PTX, sm_80+): the emulation models both
-// per lane (emu/cuda_emu.h), so a fragment layout or an unaligned row aborts or goes wrong
-// on the CPU as it would on a GPU.
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row, bool trans) {
+// bf16 fragments through ldmatrix and mma.sync (PTX, sm_80+). An x4 fragment is this lane's
+// four 32-bit registers on a GPU; the emulation (emu/cuda_emu.h) holds the whole warp's, so a
+// fragment layout or an unaligned row aborts or goes wrong on the CPU as it would on a GPU.
+// row_of(lane) is the row address lane `lane` gives ldmatrix (a function of the lane and of
+// values uniform over the warp): a GPU lane evaluates it for itself, the emulation for all 32.
 #ifdef SYMILE_CUDA_EMULATE
-  symile_emu::ldmatrix_x4(r, row, trans);
+using FragX4 = symile_emu::WarpX4;
+#else
+struct FragX4 {
+  uint32_t r[4];
+};
+#endif
+
+template <typename RowOf>
+__device__ __forceinline__ void ldsm_x4(FragX4& f, RowOf row_of, bool trans) {
+#ifdef SYMILE_CUDA_EMULATE
+  symile_emu::ldmatrix_x4(f, row_of, trans);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_of(static_cast<int>(threadIdx.x % 32))));
   if (trans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+                 : "=r"(f.r[0]), "=r"(f.r[1]), "=r"(f.r[2]), "=r"(f.r[3]) : "r"(addr));
   } else {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+                 : "=r"(f.r[0]), "=r"(f.r[1]), "=r"(f.r[2]), "=r"(f.r[3]) : "r"(addr));
   }
 #else
-  (void)row;
+  (void)row_of;
   (void)trans;
-  r[0] = r[1] = r[2] = r[3] = 0u;
+  f.r[0] = f.r[1] = f.r[2] = f.r[3] = 0u;
   __trap();  // bf16 fragments need sm_80; the binding refuses older devices
 #endif
 }
 
-__device__ __forceinline__ void mma_16816_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// d += A (16 x 16, fragment a) B (16 x 8, registers 2 h and 2 h + 1 of fragment b).
+__device__ __forceinline__ void mma_16816_bf16(float (&d)[4], const FragX4& a, const FragX4& b, int h) {
 #ifdef SYMILE_CUDA_EMULATE
-  symile_emu::mma_16816_bf16(d, a, b0, b1);
+  symile_emu::mma_16816_bf16(d, a, b, h);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[2 * h]), "r"(b.r[2 * h + 1]));
 #else
   (void)d;
   (void)a;
-  (void)b0;
-  (void)b1;
+  (void)b;
+  (void)h;
   __trap();
 #endif
 }
 
-// A warp-tiled bf16 tile product as WmmaTile (16 x 16 output tiles, PER_WARP per warp), each
-// tile two m16n8k16 products per 16 of k. A is row-major (ld lda); B_COL: B(k, n) = Bs[n ldb + k]
-// (rows of n, k contiguous: ldmatrix as stored), else Bs[k ldb + n] (ldmatrix .trans). Every
-// fragment row is 16 bytes at a 16-byte-aligned address: ld * 2 bytes and the base on 16 bytes
-// (plan.h pads bf16 rows by 8 elements; plan_test.cpp checks the strides).
-template <int BM, int BN>
-struct MmaBf16Tile {
+// Registers 0..count-1 of this lane's fragment from the 32-bit shared words word_of(lane, j)
+// (plain LDS; the emulation evaluates word_of for every lane, as ldsm_x4).
+template <typename WordOf>
+__device__ __forceinline__ void lds_words(FragX4& f, WordOf word_of, int count) {
+#ifdef SYMILE_CUDA_EMULATE
+  symile_emu::gather_words(f, word_of, count);
+#else
+  const int lane = static_cast<int>(threadIdx.x % 32);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (j < count) f.r[j] = *reinterpret_cast<const uint32_t*>(word_of(lane, j));
+  }
+#endif
+}
+
+// d += A (16 x 8, fragment a) B (8 x 8, registers 2 h and 2 h + 1 of fragment b) in TF32: the
+// fragments hold float32 bits, rounded here (cvt.rna.tf32.f32) as WMMA's __float_to_tf32.
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const FragX4& a, const FragX4& b, int h) {
+#ifdef SYMILE_CUDA_EMULATE
+  symile_emu::mma_1688_tf32(d, a, b, h);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t t[6];
+  const uint32_t src[6] = {a.r[0], a.r[1], a.r[2], a.r[3], b.r[2 * h], b.r[2 * h + 1]};
+#pragma unroll
+  for (int q = 0; q < 6; ++q) asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(t[q]) : "f"(__uint_as_float(src[q])));
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(t[0]), "r"(t[1]), "r"(t[2]), "r"(t[3]), "r"(t[4]), "r"(t[5]));
+#else
+  (void)d;
+  (void)a;
+  (void)b;
+  (void)h;
+  __trap();
+#endif
+}
+
+// A warp-tiled tensor-core tile product as WmmaTile (16 x 16 output tiles, PER_WARP per warp),
+// each tile two m16n8 products per k step: bf16 (In = __nv_bfloat16, m16n8k16) or TF32 (In =
+// float, m16n8k8, operands rounded by cvt.rna as WMMA's). A is row-major (ld lda); B_COL: B(k, n) =
+// Bs[n ldb + k] (rows of n, k contiguous: ldmatrix as stored), else Bs[k ldb + n] (bf16: ldmatrix
+// .trans; TF32, whose 32-bit elements ldmatrix cannot transpose: two LDS per lane). Every
+// fragment row is 16 bytes at a 16-byte-aligned address: ld * sizeof(In) and the base on 16
+// bytes (plan.h pads bf16 rows by 8 elements, float rows by 4; plan_test.cpp checks the strides).
+template <typename In, int BM, int BN>
+struct MmaTile {
+  static constexpr bool kTf32 = std::is_same<In, float>::value;
+  static constexpr int KS = kTf32 ? 8 : 16;  // k per mma.sync
+  static constexpr int KH = KS / 2;          // k per 8 x 16-byte ldmatrix matrix
   static constexpr int WARPS = kThreads / 32;
   static constexpr int TILES_N = BN / 16;
   static constexpr int TILES = (BM / 16) * TILES_N;
@@ -349,23 +406,43 @@ struct MmaBf16Tile {
   }
 
   template <bool B_COL>
-  __device__ __forceinline__ void mma(const __nv_bfloat16* As, int lda, const __nv_bfloat16* Bs, int ldb, int kred) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    // This lane's row address within each x4 load (matrix lane / 8, row lane % 8).
-    const int a_row = lane % 16, a_col = (lane / 16) * 8;
-    const int j = lane / 8, r = lane % 8;
-    const int b_n = (j / 2) * 8 + (B_COL ? r : 0), b_k = (j % 2) * 8 + (B_COL ? 0 : r);
+  __device__ __forceinline__ void mma(const In* As, int lda, const In* Bs, int ldb, int kred) {
+    const int warp = threadIdx.x / 32;
 #pragma unroll 1
-    for (int kk = 0; kk < kred; kk += 16) {
+    for (int kk = 0; kk < kred; kk += KS) {
 #pragma unroll
       for (int q = 0; q < PER_WARP; ++q) {
         const int t = warp + q * WARPS;
         const int tm = t / TILES_N, tn = t % TILES_N;
-        uint32_t a[4], b[4];
-        ldsm_x4(a, As + (tm * 16 + a_row) * lda + kk + a_col, false);
-        ldsm_x4(b, B_COL ? Bs + (tn * 16 + b_n) * ldb + kk + b_k : Bs + (kk + b_k) * ldb + tn * 16 + b_n, !B_COL);
-        mma_16816_bf16(acc[q][0], a, b[0], b[1]);  // columns tn * 16 + 0..7
-        mma_16816_bf16(acc[q][1], a, b[2], b[3]);  // columns tn * 16 + 8..15
+        // Lane l gives row l % 8 of matrix l / 8 of each x4 load. A: matrices (rows 0-7, k 0-KH),
+        // (rows 8-15, k 0-KH), (rows 0-7, k KH-KS), (rows 8-15, k KH-KS), the a0..a3 of the mma.
+        // B: matrices (n 0-7, k 0-KH), (n 0-7, k KH-KS), (n 8-15, k 0-KH), (n 8-15, k KH-KS), so
+        // registers 0, 1 feed columns 0-7 and 2, 3 columns 8-15.
+        const In* a_base = As + tm * 16 * lda + kk;
+        const In* b_base = B_COL ? Bs + tn * 16 * ldb + kk : Bs + kk * ldb + tn * 16;
+        FragX4 a, b;
+        symile_cuda::ldsm_x4(a, [=](int l) { return a_base + (l % 16) * lda + (l / 16) * KH; }, false);
+        if constexpr (B_COL || !kTf32) {
+          symile_cuda::ldsm_x4(
+              b,
+              [=](int l) {
+                const int j = l / 8, r = l % 8;
+                const int n = (j / 2) * 8 + (B_COL ? r : 0), k = (j % 2) * KH + (B_COL ? 0 : r);
+                return B_COL ? b_base + n * ldb + k : b_base + k * ldb + n;
+              },
+              !B_COL);
+        } else {
+          // Register j of lane l: B(k, n) with k = (j % 2) * 4 + l % 4, n = (j / 2) * 8 + l / 4.
+          symile_cuda::lds_words(
+              b, [=](int l, int j) { return b_base + ((j % 2) * 4 + l % 4) * ldb + (j / 2) * 8 + l / 4; }, 4);
+        }
+        if constexpr (kTf32) {
+          symile_cuda::mma_1688_tf32(acc[q][0], a, b, 0);  // columns tn * 16 + 0..7
+          symile_cuda::mma_1688_tf32(acc[q][1], a, b, 1);  // columns tn * 16 + 8..15
+        } else {
+          symile_cuda::mma_16816_bf16(acc[q][0], a, b, 0);
+          symile_cuda::mma_16816_bf16(acc[q][1], a, b, 1);
+        }
       }
     }
   }
@@ -398,20 +475,33 @@ struct MmaBf16Tile {
   }
 };
 
-// The bf16 kernels use WMMA unless built with -DSK_BF16_LDMATRIX: MmaBf16Tile compiles for
-// sm_80/sm_90 without spills and passes the emulation's work and accuracy tests, but its
-// per-lane emulation (a warp barrier per ldmatrix and per mma) makes the N = 128 work test
-// about 5x slower; it is checked on its own by emu/async_selftest.cpp until that is cut.
-#ifdef SK_BF16_LDMATRIX
-constexpr bool kBf16Ldmatrix = true;
-#else
+template <int BM, int BN>
+using MmaBf16Tile = MmaTile<__nv_bfloat16, BM, BN>;
+template <int BM, int BN>
+using MmaTf32Tile = MmaTile<float, BM, BN>;
+
+// The tensor-core kernels load fragments with ldmatrix into mma.sync (MmaTile); built with
+// -DSK_BF16_WMMA (-DSK_TF32_WMMA) the bf16 (TF32) tiles use WMMA load_matrix_sync instead (plain
+// shared loads, kept to compare).
+#ifdef SK_BF16_WMMA
 constexpr bool kBf16Ldmatrix = false;
+#else
+constexpr bool kBf16Ldmatrix = true;
 #endif
+#ifdef SK_TF32_WMMA
+constexpr bool kTf32Ldmatrix = false;
+#else
+constexpr bool kTf32Ldmatrix = true;
+#endif
+template <typename Policy>
+constexpr bool use_mma_tile() {
+  return Policy::kWmma && (std::is_same<typename Policy::In, __nv_bfloat16>::value ? kBf16Ldmatrix : kTf32Ldmatrix);
+}
 template <typename Policy, int BM, int BN>
 using TileFor = typename std::conditional<
     !Policy::kWmma, SimtTile<typename Policy::Acc, BM, BN>,
-    typename std::conditional<kBf16Ldmatrix && std::is_same<typename Policy::In, __nv_bfloat16>::value,
-                              MmaBf16Tile<BM, BN>, WmmaTile<typename Policy::In, BM, BN>>::type>::type;
+    typename std::conditional<use_mma_tile<Policy>(), MmaTile<typename Policy::In, BM, BN>,
+                              WmmaTile<typename Policy::In, BM, BN>>::type>::type;
 
 // A policy's tile sizes and the leading dimensions of its logit (S) and operand (P) tiles.
 template <typename Policy>
@@ -432,8 +522,10 @@ struct ForwardTiles : TileSizes<Policy> {
   Acc *S, *pair_m, *pair_s, *row_M, *row_S, *colm, *colo, *cols, *roww;
   In *P, *Z;
 
-  __device__ explicit ForwardTiles(unsigned char* smem) {
-    constexpr ForwardLayout l = forward_layout(c);
+  // p_cols: the columns of row products P holds (plan.h forward_layout).
+  __device__ explicit ForwardTiles(unsigned char* smem, int p_cols = 0) {
+    constexpr TileConfig cfg = c;  // a local copy: the static member may not be ODR-used in device code
+    const ForwardLayout l = forward_layout(cfg, p_cols);
     Acc** acc[] = {&S, &pair_m, &pair_s, &row_M, &row_S, &colm, &colo, &cols, &roww};
     const std::size_t acc_at[] = {l.S, l.pair_m, l.pair_s, l.row_l, l.row_ls, l.colm, l.colo, l.cols, l.roww};
     for (int q = 0; q < 9; ++q) *acc[q] = reinterpret_cast<Acc*>(smem + acc_at[q]);
@@ -536,6 +628,7 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
                                                    const T* __restrict__ B, int64_t a0, int64_t NA, int64_t b0,
                                                    int64_t NB, int64_t d0, int64_t D) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  if (threadIdx.x == 0) SK_COUNT_PAIR_PRODUCTS(int64_t(BI) * BJ * cols);  // the tile's elements, zeros included
   if (rows_vectorisable(A, D, d0, cols) && rows_vectorisable(B, D, d0, cols)) {
     const int pieces = cols / VEC;
 #pragma unroll 2  // as load_rows: two pieces in flight
@@ -566,14 +659,15 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
 
 // ---------------------------------------------------------------------------
 // S (BM x BN logits' raw products, ld ldS) = A B^T over the full d, BD columns per step:
-// load_a(d0) stages A's BM x BD chunk in P; load_b(d0, buf) B's BN x BD chunk in buffer buf
+// load_a(d0) stages A's BM x BD chunk (or finds it staged) and returns where it starts in
+// shared memory (ld lda); load_b(d0, buf) B's BN x BD chunk in buffer buf
 // of Cd (STAGES = 2 buffers of bytes_b each, both ld ldP, zero-filled outside the
 // tensors), through cp.async where it can: B's next chunk is in flight while this chunk's
 // products run (double buffering). Every thread calls; S is ready on return.
 // STAGES = 1: one buffer, B loaded synchronously after the previous step's barrier (the pair
 // backward, whose W accumulators leave no registers for copies in flight under its plan).
 template <typename Policy, int BM, int BN, int BD, int STAGES = kOperandStages, typename LoadA, typename LoadB>
-__device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&& load_b, const typename Policy::In* P,
+__device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&& load_b, int lda,
                                               typename Policy::In* Cd, std::size_t bytes_b, int ldP,
                                               typename Policy::Acc* S, int ldS) {
   using In = typename Policy::In;
@@ -583,10 +677,10 @@ __device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&&
     TileFor<Policy, BM, BN> acc;
     acc.zero();
     for (int64_t d0 = 0; d0 < D; d0 += BD) {
-      load_a(d0);
+      const In* A = load_a(d0);
       load_b(d0, Cd);
       __syncthreads();
-      acc.template mma<true>(P, ldP, Cd, ldP, BD);
+      acc.template mma<true>(A, lda, Cd, ldP, BD);
       __syncthreads();
     }
     acc.store(S, ldS);
@@ -603,10 +697,10 @@ __device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&&
     // `next` was last read by the previous step's products (a barrier since).
     if (d0 + BD < D) load_b(d0 + BD, next);
     SK_CP_ASYNC_COMMIT();  // possibly empty: every step commits one group
-    load_a(d0);
+    const In* A = load_a(d0);
     SK_CP_ASYNC_WAIT(1);   // this step's chunk has landed (only the next one may be in flight)
     __syncthreads();
-    acc.template mma<true>(P, ldP, cur, ldP, BD);
+    acc.template mma<true>(A, lda, cur, ldP, BD);
     __syncthreads();
     In* const done = cur;
     cur = next;
@@ -842,9 +936,12 @@ __global__ void fill_kernel(T* __restrict__ out, int64_t n, T value) {
 
 // out[n] = LSE of R partial LSEs held as (max, sum) pairs, M = part[r * N + n] and
 // S = part[(R + r) * N + n]: one pass for the maximum, one for the rescaled sum (a
-// (-inf, 0) pair adds nothing), in the fixed order r = 0, 1, ...
+// (-inf, 0) pair adds nothing), in the fixed order r = 0, 1, ... The (max, sum) pair is
+// the compute dtype's; only the result is formed in float64, (double) m + log((double) s),
+// so log s survives where it is below half an ulp of m in the compute dtype (at m = 1e8 a
+// float32 m + log s would drop a log 2 of a tie; docs/math.md section 6.4).
 template <typename T>
-__global__ void combine_lse_kernel(const T* __restrict__ part, int64_t R, int64_t N, T* __restrict__ out) {
+__global__ void combine_lse_kernel(const T* __restrict__ part, int64_t R, int64_t N, double* __restrict__ out) {
   for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
     T m = neg_inf<T>();
     for (int64_t r = 0; r < R; ++r) m = fmax(m, part[r * N + n]);
@@ -855,7 +952,7 @@ __global__ void combine_lse_kernel(const T* __restrict__ part, int64_t R, int64_
         if (Mr != neg_inf<T>()) s += part[(R + r) * N + n] * vexp_(Mr - m);
       }
     }
-    out[n] = m == neg_inf<T>() ? m : m + log_(s);
+    out[n] = m == neg_inf<T>() ? neg_inf<double>() : static_cast<double>(m) + log_(static_cast<double>(s));
   }
 }
 

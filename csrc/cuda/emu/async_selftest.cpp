@@ -5,9 +5,10 @@
 //   early_read  reading the destination before its wait_group sees NaN (poison)
 //   misaligned  a 16-byte cp.async to an address off a 16-byte boundary aborts
 //   unwaited    a kernel that ends with copies not waited for aborts
-//   mma_col     MmaBf16Tile (ldmatrix x4 + mma.sync m16n8k16) against a float reference, B by rows of n
+//   mma_col     MmaTile in bf16 (ldmatrix x4 + mma.sync m16n8k16) against a float reference, B by rows of n
 //   mma_row     the same with B by rows of k (ldmatrix .trans), accumulating onto loaded values
 //   ldsm_misaligned  an ldmatrix row address off a 16-byte boundary aborts
+//   mma_col_tf32, mma_row_tf32  the same two products in TF32 tiles (m16n8k8; B by rows of k through LDS)
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -48,25 +49,32 @@ __global__ void kernel(int g_case) {
   }
 }
 
-// C (64 x 32, float) = C0 + A (64 x 48, row-major) B (48 x 32) in MmaBf16Tile; bf16 values are
-// small integers / 8, so every product and sum is exact in float and the check is equality.
-constexpr int kM = 64, kN = 32, kK = 48, kLd = kK + 8, kLdB = kN + 8, kLdC = kN + 4;
+// C (64 x 32, float) = C0 + A (64 x 48, row-major) B (48 x 32) in MmaTile<In> (bf16 or TF32);
+// the values are small integers / 8, exact in bf16, TF32 and float, so the check is equality.
+constexpr int kM = 64, kN = 32, kK = 48;
 float g_max_err = -1;
 
+template <typename In>
 __global__ void mma_kernel(int which) {
-  using symile_cuda::MmaBf16Tile;
+  constexpr int pad = 16 / static_cast<int>(sizeof(In));  // 16-byte row padding, as plan.h
+  constexpr int kLd = kK + pad, kLdB = kN + pad, kLdC = kN + 4;
   SK_DYNAMIC_SMEM(smem);
-  auto* A = reinterpret_cast<__nv_bfloat16*>(smem);
-  auto* B = A + kM * kLd;                       // B_COL: kN rows of kK; else kK rows of kN
+  auto* A = reinterpret_cast<In*>(smem);
+  In* B = A + kM * kLd;                       // B_COL: kN rows of kK; else kK rows of kN
   float* C = reinterpret_cast<float*>(B + kN * kLd + kK * kLdB);
-  const bool col = which == 4 || which == 6;
+  const bool col = which == 4 || which == 6 || which == 7;
   auto val = [](int a, int b, int m) { return static_cast<float>((a * 7 + b * 3) % m - m / 2) / 8.0f; };
-  for (int e = threadIdx.x; e < kM * kK; e += symile_cuda::kThreads) {
-    A[(e / kK) * kLd + e % kK] = __float2bfloat16_rn(val(e / kK, e % kK, 9));
-  }
+  auto in = [](float v) {
+    if constexpr (std::is_same<In, float>::value) {
+      return v;
+    } else {
+      return __float2bfloat16_rn(v);
+    }
+  };
+  for (int e = threadIdx.x; e < kM * kK; e += symile_cuda::kThreads) A[(e / kK) * kLd + e % kK] = in(val(e / kK, e % kK, 9));
   for (int e = threadIdx.x; e < kK * kN; e += symile_cuda::kThreads) {
     const int k = e / kN, n = e % kN;
-    const __nv_bfloat16 v = __float2bfloat16_rn(val(k, n + 1, 7));
+    const In v = in(val(k, n + 1, 7));
     if (col) {
       B[n * kLd + k] = v;
     } else {
@@ -75,13 +83,13 @@ __global__ void mma_kernel(int which) {
   }
   for (int e = threadIdx.x; e < kM * kN; e += symile_cuda::kThreads) C[(e / kN) * kLdC + e % kN] = col ? 0.0f : 1.5f;
   __syncthreads();
-  MmaBf16Tile<kM, kN> t;
+  symile_cuda::MmaTile<In, kM, kN> t;
   if (col) {
     t.zero();
-    t.mma<true>(which == 6 ? A + 4 : A, kLd, B, kLd, kK);  // case 6: rows start 8 bytes off
+    t.template mma<true>(which == 6 ? A + 4 : A, kLd, B, kLd, kK);  // case 6: rows start 8 bytes off
   } else {
     t.load(C, kLdC);
-    t.mma<false>(A, kLd, B, kLdB, kK);
+    t.template mma<false>(A, kLd, B, kLdB, kK);
   }
   __syncthreads();
   t.store(C, kLdC);
@@ -98,21 +106,33 @@ __global__ void mma_kernel(int which) {
   }
 }
 
+template <typename In>
+std::size_t mma_bytes() {
+  constexpr int pad = 16 / static_cast<int>(sizeof(In));
+  return ((kM + kN) * (kK + pad) + kK * (kN + pad)) * sizeof(In) + kM * (kN + 4) * 4;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const char* names[] = {"ok", "early_read", "misaligned", "unwaited", "mma_col", "mma_row", "ldsm_misaligned"};
+  const char* names[] = {"ok",      "early_read",      "misaligned",   "unwaited",    "mma_col",
+                         "mma_row", "ldsm_misaligned", "mma_col_tf32", "mma_row_tf32"};
   int which = -1;
-  for (int q = 0; q < 7; ++q) {
+  for (int q = 0; q < 9; ++q) {
     if (argc > 1 && std::strcmp(argv[1], names[q]) == 0) which = q;
   }
   if (which < 0) {
-    std::fprintf(stderr, "usage: async_selftest ok|early_read|misaligned|unwaited|mma_col|mma_row|ldsm_misaligned\n");
+    std::fprintf(stderr, "usage: async_selftest ok|early_read|misaligned|unwaited|mma_col|mma_row|ldsm_misaligned"
+                         "|mma_col_tf32|mma_row_tf32\n");
     return 2;
   }
+  if (which >= 7) {
+    SK_LAUNCH(mma_kernel<float>, 1, mma_bytes<float>(), nullptr, which);
+    std::printf("max_err %g\n", g_max_err);
+    return 0;
+  }
   if (which >= 4) {
-    const std::size_t bytes = (kM * kLd + kN * kLd + kK * kLdB) * 2 + kM * kLdC * 4;
-    SK_LAUNCH(mma_kernel, 1, bytes, nullptr, which == 6 ? 6 : which);
+    SK_LAUNCH(mma_kernel<__nv_bfloat16>, 1, mma_bytes<__nv_bfloat16>(), nullptr, which);
     std::printf("max_err %g\n", g_max_err);
     return 0;
   }

@@ -57,12 +57,6 @@ struct Block {
   std::barrier<> all{kBlockThreads};
   std::unique_ptr<std::barrier<>> warp[kWarps];
   alignas(16) double shfl[kWarps][32];
-  // Warp exchanges of ldmatrix (row addresses) and mma.sync (A and B registers), in two
-  // slots used alternately: one barrier per call (a lane rewrites a slot only after every
-  // lane has passed the next call's barrier, so after every lane has read it).
-  const unsigned char* ldsm[2][kWarps][32];
-  uint32_t frag[2][kWarps][32][6];
-  int slot[kWarps * 32] = {};
   unsigned char* smem = nullptr;
   Block() {
     for (auto& w : warp) w = std::make_unique<std::barrier<>>(32);
@@ -78,15 +72,18 @@ inline cudaError_t last_error = cudaSuccess;
 // when it ends; the totals of every launch are kept in order, with the launch's name.
 struct LaunchWork {
   const char* name;
-  int64_t grid, flops, exps, vexps, vloads, async_copies;
+  int64_t grid, flops, exps, vexps, vloads, async_copies, pair_products;
 };
-inline thread_local int64_t tl_flops = 0, tl_exps = 0, tl_vexps = 0, tl_vloads = 0, tl_async = 0;
-inline std::atomic<int64_t> launch_flops{0}, launch_exps{0}, launch_vexps{0}, launch_vloads{0}, launch_async{0};
+inline thread_local int64_t tl_flops = 0, tl_exps = 0, tl_vexps = 0, tl_vloads = 0, tl_async = 0, tl_pairs = 0;
+inline std::atomic<int64_t> launch_flops{0}, launch_exps{0}, launch_vexps{0}, launch_vloads{0}, launch_async{0},
+    launch_pairs{0};
 inline std::vector<LaunchWork> launches;
 
 inline void count_flops(int64_t n) { tl_flops += n; }
 inline void count_exp() { ++tl_exps; }
 inline void count_vexp() { ++tl_vexps; }
+// Elements of row products x[i] * y[j] written to shared memory (pair-product tiles built).
+inline void count_pair_products(int64_t n) { tl_pairs += n; }
 
 
 inline unsigned char* dynamic_smem() { return tls_block->smem; }
@@ -157,6 +154,7 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
   launch_vexps = 0;
   launch_vloads = 0;
   launch_async = 0;
+  launch_pairs = 0;
   for (int64_t b = 0; b < grid; ++b) {
     Block block;
     const std::size_t bytes = smem_bytes == 0 ? 128 : (smem_bytes + 127) / 128 * 128;
@@ -172,7 +170,7 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
         gridDim.x = static_cast<unsigned>(grid);
         blockDim.x = kBlockThreads;
         tls_block = &block;
-        tl_flops = tl_exps = tl_vexps = tl_vloads = tl_async = 0;
+        tl_flops = tl_exps = tl_vexps = tl_vloads = tl_async = tl_pairs = 0;
         tl_open.clear();
         tl_groups.clear();
         kernel(static_cast<P>(args)...);
@@ -182,13 +180,15 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
         launch_vexps += tl_vexps;
         launch_vloads += tl_vloads;
         launch_async += tl_async;
+        launch_pairs += tl_pairs;
       });
     }
     for (auto& th : threads) th.join();
     ::operator delete(smem, std::align_val_t(128));
   }
   launches.push_back(LaunchWork{name, grid, launch_flops.load(), launch_exps.load(),
-                                launch_vexps.load(), launch_vloads.load(), launch_async.load()});
+                                launch_vexps.load(), launch_vloads.load(), launch_async.load(),
+                                launch_pairs.load()});
 }
 
 }  // namespace symile_emu
@@ -199,6 +199,7 @@ void launch(const char* name, void (*kernel)(P...), int64_t grid, std::size_t sm
 #define SK_COUNT_FLOPS(n) ::symile_emu::count_flops(n)
 #define SK_COUNT_EXP() ::symile_emu::count_exp()
 #define SK_COUNT_VEXP() ::symile_emu::count_vexp()
+#define SK_COUNT_PAIR_PRODUCTS(n) ::symile_emu::count_pair_products(n)
 #define SK_LOAD16(src, out) ::symile_emu::load16((src), (out))
 #define SK_CP_ASYNC16(dst, src, src_bytes) ::symile_emu::cp_async16((dst), (src), (src_bytes))
 #define SK_CP_ASYNC_COMMIT() ::symile_emu::cp_async_commit()
@@ -234,33 +235,42 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
 
 // ---------------------------------------------------------------------------
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 and mma.sync.aligned.m16n8k16.row.col
-// .f32.bf16.bf16.f32 with their per-lane semantics (PTX ISA, "Warp-level matrix load
-// instruction: ldmatrix" and "Matrix fragments for mma.m16n8k16"): every lane of the warp
-// calls; lane l gives the address of row l % 8 of matrix l / 8, which must be 16-byte
-// aligned (else undefined on a GPU: abort here). Register j of lane l then holds row l / 4,
-// columns 2 (l % 4) and 2 (l % 4) + 1 of matrix j (.trans: rows 2 (l % 4) and 2 (l % 4) + 1
-// of column l / 4), the lower column (row) in the low 16 bits.
+// .f32.bf16.bf16.f32 (PTX ISA, "Warp-level matrix load instruction: ldmatrix" and "Matrix
+// fragments for mma.m16n8k16"), modelled warp-wide so that no lane waits for another: the
+// kernel passes ldmatrix the function lane -> row address it evaluates for its own lane on a
+// GPU (it depends on the lane and on values uniform over the warp), and each emulated lane
+// evaluates it for all 32 lanes and fills the whole warp's registers, WarpX4::r[lane][j]. Lane
+// l gives the address of row l % 8 of matrix l / 8, which must be 16-byte aligned (else
+// undefined on a GPU: abort here, for every lane's address). Register j of lane l holds row
+// l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 of matrix j (.trans: rows 2 (l % 4) and
+// 2 (l % 4) + 1 of column l / 4), the lower column (row) in the low 16 bits. mma.sync then
+// reads the other lanes' registers where the fragment layout puts them, as the warp's
+// exchange does on a GPU. Every lane pays 128 register reads per ldmatrix and 64 products per
+// mma, no warp barrier (the earlier per-lane model with a barrier per call made
+// tests/test_cuda_work.py about 5x slower).
 namespace symile_emu {
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
-  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
-  Block* b = tls_block;
-  const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-  const int sl = b->slot[threadIdx.x] ^= 1;
-  const unsigned char* const(&rows)[32] = b->ldsm[sl][w];
-  b->ldsm[sl][w][lane] = static_cast<const unsigned char*>(row);
-  b->warp[w]->arrive_and_wait();
-  for (int j = 0; j < 4; ++j) {
-    uint16_t lo, hi;
-    if (!trans) {
-      const unsigned char* src = rows[j * 8 + lane / 4] + (lane % 4) * 4;
-      std::memcpy(&lo, src, 2);
-      std::memcpy(&hi, src + 2, 2);
-    } else {
-      std::memcpy(&lo, rows[j * 8 + (lane % 4) * 2] + (lane / 4) * 2, 2);
-      std::memcpy(&hi, rows[j * 8 + (lane % 4) * 2 + 1] + (lane / 4) * 2, 2);
-    }
-    r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+struct WarpX4 {
+  uint32_t r[32][4];
+};
+
+template <typename RowOf>
+inline void ldmatrix_x4(WarpX4& out, RowOf row_of, bool trans) {
+  const unsigned char* rows[32];
+  for (int l = 0; l < 32; ++l) {
+    rows[l] = static_cast<const unsigned char*>(static_cast<const void*>(row_of(l)));
+    if (reinterpret_cast<uintptr_t>(rows[l]) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
   }
+  for (int l = 0; l < 32; ++l)
+    for (int j = 0; j < 4; ++j) {
+      if (!trans) {
+        std::memcpy(&out.r[l][j], rows[j * 8 + l / 4] + (l % 4) * 4, 4);
+      } else {
+        uint16_t lo, hi;
+        std::memcpy(&lo, rows[j * 8 + (l % 4) * 2] + (l / 4) * 2, 2);
+        std::memcpy(&hi, rows[j * 8 + (l % 4) * 2 + 1] + (l / 4) * 2, 2);
+        out.r[l][j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+      }
+    }
 }
 
 inline float bf16_bits(uint32_t reg, int high) {
@@ -270,26 +280,68 @@ inline float bf16_bits(uint32_t reg, int high) {
   return f;
 }
 
-// d (this lane's 4 accumulators) += A (16 x 16) B (16 x 8): A(row, k) is in lane (row % 8) * 4 +
-// (k % 8) / 2, register (k / 8) * 2 + row / 8; B(k, n) in lane n * 4 + (k % 8) / 2, register k / 8;
-// d[i] is row lane / 4 + 8 (i / 2), column 2 (lane % 4) + i % 2.
-inline void mma_16816_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  Block* b = tls_block;
-  const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-  const int sl = b->slot[threadIdx.x] ^= 1;
-  uint32_t(&f)[32][6] = b->frag[sl][w];
-  uint32_t* mine = f[lane];
-  for (int q = 0; q < 4; ++q) mine[q] = a[q];
-  mine[4] = b0;
-  mine[5] = b1;
-  b->warp[w]->arrive_and_wait();
+// d (this lane's 4 accumulators) += A (16 x 16) B (16 x 8), B from registers 2 h and 2 h + 1 of
+// b: A(row, k) is in lane (row % 8) * 4 + (k % 8) / 2, register (k / 8) * 2 + row / 8; B(k, n)
+// in lane n * 4 + (k % 8) / 2, register 2 h + k / 8; d[i] is row lane / 4 + 8 (i / 2), column
+// 2 (lane % 4) + i % 2. Lane 0 counts the warp's 2 m n k FLOPs.
+inline void mma_16816_bf16(float (&d)[4], const WarpX4& a, const WarpX4& b, int h) {
+  const int lane = threadIdx.x % 32;
   if (lane == 0) count_flops(int64_t(2) * 16 * 8 * 16);
   for (int i = 0; i < 4; ++i) {
     const int row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
     float v = d[i];
     for (int k = 0; k < 16; ++k) {
-      const float x = bf16_bits(f[(row % 8) * 4 + (k % 8) / 2][(k / 8) * 2 + row / 8], k % 2);
-      const float y = bf16_bits(f[col * 4 + (k % 8) / 2][4 + k / 8], k % 2);
+      const float x = bf16_bits(a.r[(row % 8) * 4 + (k % 8) / 2][(k / 8) * 2 + row / 8], k % 2);
+      const float y = bf16_bits(b.r[col * 4 + (k % 8) / 2][2 * h + k / 8], k % 2);
+      v += x * y;
+    }
+    d[i] = v;
+  }
+}
+
+// Shared-memory loads of 32-bit words into registers 0..count-1 of every lane: register j of
+// lane l is the word at word_of(l, j) (4-byte aligned, else abort), as ldmatrix, evaluated for
+// the whole warp so that mma.sync can read every lane's.
+template <typename WordOf>
+inline void gather_words(WarpX4& out, WordOf word_of, int count) {
+  for (int l = 0; l < 32; ++l)
+    for (int j = 0; j < count; ++j) {
+      const void* src = word_of(l, j);
+      if (reinterpret_cast<uintptr_t>(src) % 4 != 0) fail("32-bit shared load from an address not 4-byte aligned");
+      std::memcpy(&out.r[l][j], src, 4);
+    }
+}
+
+// Round to TF32 (10 explicit mantissa bits), to nearest with ties away, as cvt.rna.tf32.f32.
+inline float tf32_round(float f) {
+  if (!std::isfinite(f)) return f;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x1000u) & ~0x1FFFu;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float f32_bits(uint32_t reg) {
+  float f;
+  std::memcpy(&f, &reg, 4);
+  return f;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (PTX ISA, "Matrix fragments for
+// mma.m16n8k8", .tf32): d (this lane's 4 accumulators) += A (16 x 8) B (8 x 8), B from
+// registers 2 h and 2 h + 1 of b, every operand rounded to TF32 (the kernel's cvt.rna): A(row, k)
+// is in lane (row % 8) * 4 + k % 4, register (k / 4) * 2 + row / 8; B(k, n) in lane n * 4 + k % 4,
+// register 2 h + k / 4; d[i] is row lane / 4 + 8 (i / 2), column 2 (lane % 4) + i % 2.
+inline void mma_1688_tf32(float (&d)[4], const WarpX4& a, const WarpX4& b, int h) {
+  const int lane = threadIdx.x % 32;
+  if (lane == 0) count_flops(int64_t(2) * 16 * 8 * 8);
+  for (int i = 0; i < 4; ++i) {
+    const int row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
+    float v = d[i];
+    for (int k = 0; k < 8; ++k) {
+      const float x = tf32_round(f32_bits(a.r[(row % 8) * 4 + k % 4][(k / 4) * 2 + row / 8]));
+      const float y = tf32_round(f32_bits(b.r[col * 4 + k % 4][2 * h + k / 4]));
       v += x * y;
     }
     d[i] = v;

@@ -19,9 +19,9 @@ std::vector<T> nan_buffer(int64_t n) {
 
 template <typename T, typename TIn>
 int cube_forward(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I, int64_t J, int64_t K, int64_t D,
-                 int mode, int num_sms, T* La, T* Lb, T* Lc) {
+                 int mode, int num_sms, double* La, double* Lb, double* Lc) {
   const int eff = effective_mode(mode, sizeof(TIn), std::is_same<TIn, __nv_bfloat16>::value);
-  const CubeForwardPlan plan = plan_cube_forward(I, J, K, config_for(eff, sizeof(T)), num_sms);
+  const CubeForwardPlan plan = plan_cube_forward(I, J, K, D, config_for(eff, sizeof(T)), num_sms);
   auto la = nan_buffer<T>(2 * plan.num_js * I), lb = nan_buffer<T>(2 * plan.ctas * J),
        lc = nan_buffer<T>(2 * plan.ctas * K);
   return cube_lse_forward<T, TIn>(x, y, z, tau, I, J, K, D, mode, plan, la.data(), lb.data(), lc.data(), La, Lb, Lc,
@@ -53,7 +53,7 @@ PairPlan pair_plan(int64_t I, int64_t J, int64_t D, int mode, int num_sms) {
 
 template <typename T, typename TIn>
 int pair_forward(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I, int64_t J, int64_t D, int mode,
-                 int num_sms, T* L) {
+                 int num_sms, double* L) {
   const PairPlan plan = pair_plan<T, TIn>(I, J, D, mode, num_sms);
   auto part = nan_buffer<T>(plan.forward_workspace);
   return pair_lse_forward<T, TIn>(a, b, pos, tau, I, J, D, mode, plan, part.data(), L, nullptr);
@@ -72,8 +72,8 @@ int pair_backward(const TIn* a, const TIn* b, const T* pos, const T* tau, const 
 
 #define SK_EMU_ENTRY_POINTS(T, TIn, SUFFIX)                                                                        \
   extern "C" int emu_cube_forward_##SUFFIX(const TIn* x, const TIn* y, const TIn* z, const T* tau, int64_t I,     \
-                                          int64_t J, int64_t K, int64_t D, int mode, int num_sms, T* La, T* Lb,    \
-                                          T* Lc) {                                                                 \
+                                          int64_t J, int64_t K, int64_t D, int mode, int num_sms, double* La,      \
+                                          double* Lb, double* Lc) {                                                \
     return cube_forward<T, TIn>(x, y, z, tau, I, J, K, D, mode, num_sms, La, Lb, Lc);                              \
   }                                                                                                                \
   extern "C" int emu_cube_backward_##SUFFIX(const TIn* x, const TIn* y, const TIn* z, const T* tau, const T* La,  \
@@ -84,7 +84,7 @@ int pair_backward(const TIn* a, const TIn* b, const T* pos, const T* tau, const 
                                  dtau);                                                                            \
   }                                                                                                                \
   extern "C" int emu_pair_forward_##SUFFIX(const TIn* a, const TIn* b, const T* pos, const T* tau, int64_t I,      \
-                                          int64_t J, int64_t D, int mode, int num_sms, T* L) {                     \
+                                          int64_t J, int64_t D, int mode, int num_sms, double* L) {                \
     return pair_forward<T, TIn>(a, b, pos, tau, I, J, D, mode, num_sms, L);                                       \
   }                                                                                                                \
   extern "C" int emu_pair_backward_##SUFFIX(const TIn* a, const TIn* b, const T* pos, const T* tau, const T* L,   \
@@ -124,4 +124,9 @@ extern "C" const char* emu_work_launch(int64_t n, int64_t* grid, int64_t* flops,
 // cp.async copies (with a source, not pure zero fills) of launch n.
 extern "C" int64_t emu_work_async_copies(int64_t n) {
   return symile_emu::launches.at(static_cast<std::size_t>(n)).async_copies;
+}
+
+// Elements of row products x[i] * y[j] built in shared memory by launch n.
+extern "C" int64_t emu_work_pair_products(int64_t n) {
+  return symile_emu::launches.at(static_cast<std::size_t>(n)).pair_products;
 }
