@@ -113,3 +113,11 @@ def test_cpu_dz_sums_over_many_tiles_item12b():
     L32 = [t.float() for t in cpu_ops.cpu_cube_lse_forward(*c)]
     dz32 = cpu_ops.cpu_cube_lse_backward(*c, *L32, *(t.float() for t in gL))[2]
     assert float((dz32.double() - dz64).norm() / dz64.norm()) < 1e-5
+
+
+def test_cpu_n_sampling_at_n4096_against_float64():
+    # Issue 14's float32 large-N check for the cpu backend: "n" sampling at N = 4096 (the pair
+    # path's sums run over 4096 columns and 16 column tiles) against the float64 oracle.
+    g = torch.Generator().manual_seed(4096)
+    reps = [_unit(4096, 32, g) for _ in range(3)]
+    check_against_oracle("cpu", reps, 14.3, dtype=torch.float32, negative_sampling="n")
