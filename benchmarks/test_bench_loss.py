@@ -4,7 +4,7 @@ Each test times forward+backward with ``benchmark.pedantic`` (one warm-up round,
 then ``rounds`` timed rounds) and records in ``extra_info`` the peak memory of
 one forward+backward above the inputs, the model FLOP/s (docs/math.md section
 5, ``symile_kernels.benchmarking.model_flops``) and their fraction of
-``torch.mm``'s rate measured in the same session. Inputs, losses and the memory
+``torch.mm``'s rate, measured just before and just after the rounds (their mean). Inputs, losses and the memory
 window are ``bench_loss.py``'s (``setup``, ``peak_above``, ``config_flops``), so
 the CLI and these tests measure the same way.
 
@@ -72,15 +72,18 @@ def test_loss(benchmark, mm_rate, bench_rows, config, rounds):
     peak = bench_loss.peak_above(forward_backward, device)  # also the warm-up of compiled kernels
     benchmark.group = f"{'clip' if config['loss'] == 'clip' else config['sampling']} M={config['M']} " \
                       f"N={config['N']} d={config['d']} {config['dtype']}"
+    rate_before = mm_rate(config["device"], config["dtype"])
     benchmark.pedantic(forward_backward, rounds=rounds, warmup_rounds=1, iterations=1)
+    rate_after = mm_rate(config["device"], config["dtype"])
     if benchmark.disabled:  # plumbing only: one call's time stands in for the median
         seconds = time_ms(forward_backward, device) * 1e-3
     else:
         seconds = benchmark.stats.stats.median
     flops = bench_loss.config_flops(config)
-    rate = mm_rate(config["device"], config["dtype"])
+    rate = (rate_before + rate_after) / 2
     model_tflops = flops / seconds / 1e12
     benchmark.extra_info.update(peak_mib=peak / 2 ** 20, model_tflops=model_tflops, mm_tflops=rate,
+                                mm_tflops_before=rate_before, mm_tflops_after=rate_after,
                                 fraction_of_mm=model_tflops / rate, fwd_bwd_median_s=seconds,
                                 threads=torch.get_num_threads(), **config)
     bench_rows.append(dict(benchmark.extra_info))
