@@ -100,6 +100,13 @@ class Backend:
     # True when both backward functions take ``needs=`` and skip the outputs no input needs
     # (module docstring); otherwise every output is computed and the unneeded ones dropped.
     skips_unneeded_grads: bool = False
+    # Optional: ``pair_lse_forward_grads(a, b, pos, tau, need_U, need_V) -> (L, U, V, Pd, rowdot)``,
+    # the pair forward together with the parts of its gradient that do not depend on gL
+    # (``symile_kernels.ops.pair_lse_fused``), run instead of ``pair_lse_forward`` when autograd
+    # will need gradients. U (I, d) = P b and V (J, d) = P^T a with P the row softmax of the logits
+    # and its diagonal zeroed (each (0,) when not asked for), Pd (I,) its diagonal, rowdot (I,)
+    # float64 the rows' <a[i], U[i]>; L as ``pair_lse_forward``'s.
+    pair_lse_forward_grads: Optional[Callable] = None
 
     @classmethod
     def from_namespace(cls, name: str, namespace: Any, **fields: Any) -> "Backend":
@@ -108,6 +115,15 @@ class Backend:
         attributes. ``fields`` sets the other fields."""
         get = namespace.__getitem__ if isinstance(namespace, Mapping) else partial(getattr, namespace)
         return cls(name=name, **{kernel: get(kernel) for kernel in KERNELS}, **fields)
+
+
+def forward_grads_like(a: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, need_U: bool,
+                       need_V: bool) -> tuple[torch.Tensor, ...]:
+    """Empty outputs of ``pair_lse_forward_grads`` with their shapes and dtypes (fake kernels)."""
+    f64 = dict(dtype=torch.float64, device=a.device)
+    return (a.new_empty(a.shape[0], **f64), torch.empty_like(a) if need_U else a.new_empty(0),
+            torch.empty_like(b) if need_V else b.new_empty(0), torch.empty_like(pos),
+            a.new_empty(a.shape[0] if need_U else 0, **f64))
 
 
 _loaded: dict[str, Backend] = {}

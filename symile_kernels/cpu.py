@@ -10,6 +10,7 @@ dispatch key), with fake implementations registered here:
 ``cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc) -> (dx, dy, dz, dtau)``
 ``cpu_pair_lse_forward(a, b, pos, tau) -> L`` (float64, like La) and
 ``cpu_pair_lse_backward(a, b, pos, tau, L, gL) -> (da, db, dpos, dtau)``
+``cpu_pair_lse_forward_grads(a, b, pos, tau, need_U, need_V) -> (L, U, V, Pd, rowdot)``
     as in ``symile_kernels.backends``.
 
 The compiled library comes from, in order: the extension that
@@ -31,11 +32,12 @@ from torch import Tensor
 
 from . import _build
 from ._extension import CompiledOps, jit_build
-from .backends import Backend
+from .backends import Backend, forward_grads_like
 
 EXTENSION = "symile_kernels._cpu_kernels"
 _SOURCE = Path(_build.source_root(Path(__file__).resolve().parent)) / _build.CPU_SOURCES[0]
-_OPS = ("cpu_cube_lse_forward", "cpu_cube_lse_backward", "cpu_pair_lse_forward", "cpu_pair_lse_backward")
+_OPS = ("cpu_cube_lse_forward", "cpu_cube_lse_backward", "cpu_pair_lse_forward", "cpu_pair_lse_backward",
+        "cpu_pair_lse_forward_grads")
 
 def compile_flags() -> list[str]:
     """C++ flags of the CPU extension (``symile_kernels._build``, which setup.py reads too)."""
@@ -64,6 +66,10 @@ def _register_fakes() -> None:
     def _(a, b, pos, tau, L, gL):
         return torch.empty_like(a), torch.empty_like(b), torch.empty_like(pos), torch.empty_like(tau)
 
+    @torch.library.register_fake("symile_kernels::cpu_pair_lse_forward_grads")
+    def _(a, b, pos, tau, need_U, need_V):
+        return forward_grads_like(a, b, pos, need_U, need_V)
+
 
 _LIBRARY = CompiledOps("C++ CPU extension", EXTENSION, _OPS[0], "CPU", _jit_build, _register_fakes,
                        "Build it with `pip install --no-build-isolation -e .` where a C++ compiler is present")
@@ -89,6 +95,11 @@ def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
     return tuple(_ops().cpu_pair_lse_backward(a, b, pos, tau, L, gL))
 
 
+def pair_lse_forward_grads(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, need_U: bool,
+                           need_V: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_ops().cpu_pair_lse_forward_grads(a, b, pos, tau, need_U, need_V))
+
+
 def _unavailable_reason(device: torch.device) -> Optional[str]:
     if device.type != "cpu":
         return f"the 'cpu' backend runs on CPU tensors only; got {device.type} tensors"
@@ -98,5 +109,6 @@ def _unavailable_reason(device: torch.device) -> Optional[str]:
 BACKEND = Backend.from_namespace(
     "cpu", globals(),
     unavailable_reason=_unavailable_reason,
+    pair_lse_forward_grads=pair_lse_forward_grads,
     description="fused C++ (csrc/cpu): one exponential per cube element per pass, BLAS tiles, at::parallel_for",
 )

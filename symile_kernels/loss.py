@@ -116,8 +116,8 @@ def _prepare(representations, logit_scale, backend: str):
 def _symmetric_pair(a: Tensor, b: Tensor, tau: Tensor, backend: str, shard: Shard) -> Tensor:
     """Symmetric InfoNCE of two (n, d) tensors: the M = 2 Symile loss of the local rows."""
     pos = positive_logits([a, b], tau)
-    La = ops.pair_lse(a, shard.roll_to_local(shard.gather(b)), pos, tau, backend)
-    Lb = ops.pair_lse(b, shard.roll_to_local(shard.gather(a)), pos, tau, backend)
+    La = ops.run_pair_lse(a, shard.roll_to_local(shard.gather(b)), pos, tau, backend)
+    Lb = ops.run_pair_lse(b, shard.roll_to_local(shard.gather(a)), pos, tau, backend)
     return ((La - pos).mean() + (Lb - pos).mean()) / 2
 
 
@@ -131,7 +131,7 @@ def _symile_n(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) -> Te
         shuffled = _take_rows(others[0], perms[0])
         for r, perm in zip(others[1:], perms[1:]):
             shuffled = shuffled * _take_rows(r, perm)
-        L = ops.pair_lse(reps[m], shard.roll_to_local(shuffled).contiguous(), pos, tau, backend)
+        L = ops.run_pair_lse(reps[m], shard.roll_to_local(shuffled).contiguous(), pos, tau, backend)
         losses.append((L - pos).mean())
     return sum(losses) / len(reps)
 

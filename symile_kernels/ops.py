@@ -18,6 +18,11 @@ and the autograd formulas hand the backward ops each L as a shift in the compute
 dtype plus a reweighted gL (``_shift_and_weight``, docs/math.md section 6.4):
 in float32 at logits near 1e8, ``L = m + log(s)`` would round ``log(s)`` away.
 
+For a caller that will need gradients, ``run_pair_lse`` (what the losses call) runs
+``symile_kernels::pair_lse_fused`` where the backend has ``pair_lse_forward_grads``:
+the forward also contracts the row softmax with both operands, and the backward op
+``pair_lse_fused_backward`` only scales them (docs/math.md section 5).
+
 Only the log-normalisers are custom (as in Inf-CLIP): the positive logits, the
 means and the average over anchors are plain torch in ``symile_kernels.loss``.
 """
@@ -251,3 +256,95 @@ def _pair_backward(ctx, gL):
 
 pair_lse.register_autograd(_pair_backward, setup_context=_pair_setup)
 pair_lse_backward.register_autograd(_no_double_backward, setup_context=_no_setup)
+
+
+# The pair LSE fused with its gradient's parts (a backend's ``pair_lse_forward_grads``): for a
+# caller that will need gradients, the forward also contracts the row softmax P with b and a,
+# so no backward pass recomputes the logits (6 N^2 d executed instead of 8; docs/math.md section 5).
+
+def _fused_needs(needs: Sequence[bool]) -> tuple[bool, bool]:
+    """(need_U, need_V) from the four flags of (a, b, pos, tau): U serves da and dtau, V db."""
+    return bool(needs[0] or needs[3]), bool(needs[1])
+
+
+@torch.library.custom_op("symile_kernels::pair_lse_fused", mutates_args=())
+def pair_lse_fused(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, backend: str,
+                   needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``pair_lse``'s L (I,) float64, with U (I, d), V (J, d), Pd (I,) and rowdot (I,) float64 of
+    ``Backend.pair_lse_forward_grads``, for the gradients of (a, b, pos, tau) flagged in ``needs``
+    (U and rowdot are (0,) when neither a nor tau needs one, V when b does not)."""
+    _check_pair("pair_lse_fused", a, b, pos, tau)
+    check_tau_value(tau)
+    L, U, V, Pd, rowdot = backends.for_dtype(backend, a.dtype).pair_lse_forward_grads(a, b, pos, tau,
+                                                                                       *_fused_needs(needs))
+    return L.to(torch.float64), U, V, Pd, rowdot
+
+
+@pair_lse_fused.register_fake
+def _(a, b, pos, tau, backend, needs):
+    _check_pair("pair_lse_fused", a, b, pos, tau)
+    return backends.forward_grads_like(a, b, pos, *_fused_needs(needs))
+
+
+@torch.library.custom_op("symile_kernels::pair_lse_fused_backward", mutates_args=())
+def pair_lse_fused_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, U: Tensor, V: Tensor,
+                            Pd: Tensor, rowdot: Tensor, gL: Tensor, backend: str,
+                            needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """da, db, dpos, dtau of ``sum_i gL[i] L[i]`` from ``pair_lse_fused``'s outputs; gL (I,) float64.
+
+    da = tau gL U, dpos = gL Pd and dtau = sum gL rowdot hold for any gL; db = tau c V needs
+    gL = c everywhere (a mean loss). What the forward's parts cannot give (db for other gL, or a
+    gradient whose part the forward was not asked for) comes from the backend's recomputing
+    ``pair_lse_backward``. An output whose ``needs`` flag is False is an empty (0,) tensor.
+    """
+    have_U, have_V = U.shape == a.shape, V.shape == b.shape
+    g = gL.to(tau.dtype)
+    uniform = bool(needs[1]) and have_V and bool((gL == gL[0]).all())
+    recompute = (bool(needs[0]) and not have_U, bool(needs[1]) and not uniform, False,
+                 bool(needs[3]) and not have_U)
+    if any(recompute):
+        shift, weight = _shift_and_weight(L, gL, tau.dtype)
+        redone = _backward(backend, "pair_lse_backward", (a, b, pos, tau), (shift, weight), recompute)
+    da, db, dpos, dtau = (t.new_empty(0) for t in (a, b, pos, tau))
+    if needs[0]:
+        da = redone[0] if recompute[0] else ((tau * g)[:, None] * U).to(a.dtype)
+    if needs[1]:
+        db = redone[1] if recompute[1] else ((tau * g[0]) * V).to(b.dtype)
+    if needs[2]:
+        dpos = g * Pd
+    if needs[3]:
+        dtau = redone[3] if recompute[3] else (gL.to(torch.float64) * rowdot).sum().to(tau.dtype)
+    return da, db, dpos, dtau
+
+
+@pair_lse_fused_backward.register_fake
+def _(a, b, pos, tau, L, U, V, Pd, rowdot, gL, backend, needs):
+    return _fake_grads((a, b, pos, tau), needs)
+
+
+def _fused_setup(ctx, inputs, output):
+    a, b, pos, tau, backend, _ = inputs
+    ctx.save_for_backward(a, b, pos, tau, *output)
+    ctx.backend = backend
+
+
+def _fused_backward(ctx, gL, *_):
+    a, b, pos, tau, L, U, V, Pd, rowdot = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    if not any(needs) or gL is None:
+        return None, None, None, None, None, None
+    grads = pair_lse_fused_backward(a, b, pos, tau, L, U, V, Pd, rowdot, gL, ctx.backend, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+
+
+pair_lse_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
+pair_lse_fused_backward.register_autograd(_no_double_backward, setup_context=_no_setup)
+
+
+def run_pair_lse(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, backend: str) -> Tensor:
+    """``pair_lse(a, b, pos, tau, backend)``'s L, through ``pair_lse_fused`` when autograd will need
+    a gradient of the inputs and the backend has ``pair_lse_forward_grads`` (the losses call this)."""
+    needs = [t.requires_grad for t in (a, b, pos, tau)]
+    if torch.is_grad_enabled() and any(needs) and backends.for_dtype(backend, a.dtype).pair_lse_forward_grads:
+        return pair_lse_fused(a, b, pos, tau, backend, needs)[0]
+    return pair_lse(a, b, pos, tau, backend)

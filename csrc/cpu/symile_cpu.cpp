@@ -603,23 +603,89 @@ Tensor pair_lse_forward(const Tensor& a, const Tensor& b, const Tensor& pos, con
   return L;
 }
 
+// A reduction over i (db, V) of per-i-block shares, folded into out[j-block] in i-block
+// order: block ib's share of out[j-block] (one BLAS product with inner dimension BI,
+// computed while the tile is hot) is added after block ib - 1's (a per-j-block counter
+// says how many blocks have been folded in). The order of the sums therefore depends on
+// the block sizes only, never on the number of threads. A share whose turn has not come
+// is parked and folded as soon as it has, so a worker does not wait on a slower one
+// (say, one whose core another process holds) until the end of its block. Waiting
+// cannot deadlock when blocks are taken in increasing order: block ib - 1 was taken
+// before block ib by a running worker, which waits only on ib - 2, and block 0 waits on
+// nothing. Extra memory: per worker, only when a share had to be parked, a J x d buffer.
+template <typename scalar_t>
+class OrderedFold {
+ public:
+  // One worker's parked shares (its J x d buffer, allocated on first use, and their j-blocks).
+  struct Parking {
+    Tensor parked;
+    std::vector<int64_t> waiting;
+  };
+
+  OrderedFold(scalar_t* out, int64_t J, int64_t BJ, int64_t d)
+      : out_(out), J_(J), BJ_(BJ), d_(d), folded_(new std::atomic<int64_t>[(J + BJ - 1) / BJ]) {
+    for (int64_t jb = 0; jb < (J + BJ - 1) / BJ; ++jb) folded_[jb].store(0);
+  }
+
+  // Block ib's share (min(BJ, J - j0) x d, row-major) of out[j-block jb]: folded now if block
+  // ib - 1's is in, else parked; then any parked share whose turn has come is folded.
+  void offer(Parking& p, const scalar_t* share, int64_t ib, int64_t jb, const Tensor& like) {
+    if (folded_[jb].load(std::memory_order_acquire) == ib) {
+      fold(share, ib, jb);
+    } else {
+      const int64_t j0 = jb * BJ_;
+      if (!p.parked.defined()) p.parked = at::empty({J_, d_}, like.options());
+      std::copy(share, share + std::min(BJ_, J_ - j0) * d_, p.parked.template data_ptr<scalar_t>() + j0 * d_);
+      p.waiting.push_back(jb);
+    }
+    fold_ready(p, ib);
+  }
+
+  // After block ib's last share: waits until its parked shares are folded.
+  void finish(Parking& p, int64_t ib) {
+    while (!p.waiting.empty()) {
+      fold_ready(p, ib);
+      if (!p.waiting.empty()) std::this_thread::yield();
+    }
+  }
+
+ private:
+  void fold(const scalar_t* share, int64_t ib, int64_t jb) {
+    const int64_t j0 = jb * BJ_, n = std::min(BJ_, J_ - j0) * d_;
+    scalar_t* dst = out_ + j0 * d_;
+    if (ib == 0) {
+      std::copy(share, share + n, dst);
+    } else {
+      for (int64_t c = 0; c < n; ++c) dst[c] += share[c];
+    }
+    folded_[jb].store(ib + 1, std::memory_order_release);
+  }
+
+  void fold_ready(Parking& p, int64_t ib) {
+    size_t kept = 0;
+    for (const int64_t jb : p.waiting) {
+      if (folded_[jb].load(std::memory_order_acquire) == ib) {
+        fold(p.parked.template data_ptr<scalar_t>() + jb * BJ_ * d_, ib, jb);
+      } else {
+        p.waiting[kept++] = jb;
+      }
+    }
+    p.waiting.resize(kept);
+  }
+
+  scalar_t* out_;
+  int64_t J_, BJ_, d_;
+  std::unique_ptr<std::atomic<int64_t>[]> folded_;
+};
+
 // P[i, j] = gL[i] e^(l[i, j] - L[i]) (one exponential per element, <= |gL[i]|);
 // dpos[i] = P[i, i]; with the diagonal zeroed, da = tau P b, db = tau P^T a and
 // dtau = sum_{j != i} P[i, j] <a[i], b[j]> = sum_i <a[i], (P b)[i]>.
 //
 // Work items are the i-blocks (BI rows), handed out in increasing order. An
-// i-block owns its rows of da, accumulated over the j-blocks in cache. db is a
-// reduction over i: block ib's share of db[j-block] (one BLAS product with
-// inner dimension BI, computed while the tile is hot) is added to db after
-// block ib - 1's, in block order (a per-j-block counter says how many blocks
-// have been folded in). The order of the sums therefore depends on the block
-// sizes only, never on the number of threads. A share whose turn has not come is
-// parked and folded as soon as it has, so a worker does not wait on a slower one
-// (say, one whose core another process holds) until the end of its block.
-// Extra memory: per thread one tile, one BJ x d share and, only when a share had
-// to be parked, a J x d parking buffer; no per-slice copies of db.
-// Waiting cannot deadlock: block ib - 1 was taken before block ib by a running
-// worker, which waits only on ib - 2, and block 0 waits on nothing.
+// i-block owns its rows of da, accumulated over the j-blocks in cache; db is
+// folded in i-block order (OrderedFold). Extra memory: per thread one tile, one
+// BJ x d share and, only when a share had to be parked, a J x d buffer.
 template <typename scalar_t>
 void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, const Tensor& L,
                           const Tensor& gL, Tensor& da, Tensor& db, Tensor& dpos, Tensor& dtau) {
@@ -633,9 +699,7 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
   scalar_t* dposp = dpos.data_ptr<scalar_t>();
   scalar_t* dbp = db.data_ptr<scalar_t>();
   std::vector<double> dtau_part(n_iblocks, 0.0);
-  // folded[jb]: how many i-blocks have added their share to db[j-block jb].
-  std::unique_ptr<std::atomic<int64_t>[]> folded(new std::atomic<int64_t>[n_jblocks]);
-  for (int64_t jb = 0; jb < n_jblocks; ++jb) folded[jb].store(0);
+  OrderedFold<scalar_t> db_fold(dbp, J, BJ, d);
 
   std::atomic<int64_t> next_block{0};
   const at::ThreadLocalState caller_state;
@@ -643,31 +707,7 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
     SequentialBlas sequential_blas(caller_state);
     Tensor S = at::empty({BI * BJ}, a.options());
     Tensor part = at::empty({BJ, d}, a.options());
-    Tensor parked;                // (J, d), allocated on first use: shares waiting for their turn
-    std::vector<int64_t> waiting;  // their j-blocks
-    // db[j-block jb] (+)= share; then the next block may fold its share.
-    auto fold = [&](const scalar_t* share, int64_t ib, int64_t jb) {
-      const int64_t j0 = jb * BJ, n = std::min(BJ, J - j0) * d;
-      scalar_t* dbj = dbp + j0 * d;
-      if (ib == 0) {
-        std::copy(share, share + n, dbj);
-      } else {
-        for (int64_t c = 0; c < n; ++c) dbj[c] += share[c];
-      }
-      folded[jb].store(ib + 1, std::memory_order_release);
-    };
-    // Folds the parked shares whose turn has come.
-    auto fold_ready = [&](int64_t ib) {
-      size_t kept = 0;
-      for (const int64_t jb : waiting) {
-        if (folded[jb].load(std::memory_order_acquire) == ib) {
-          fold(parked.data_ptr<scalar_t>() + jb * BJ * d, ib, jb);
-        } else {
-          waiting[kept++] = jb;
-        }
-      }
-      waiting.resize(kept);
-    };
+    typename OrderedFold<scalar_t>::Parking parking;
     for (int64_t ib = next_block++; ib < n_iblocks; ib = next_block++) {
       const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
       Tensor dav = da.narrow(0, i0, bi);  // owned rows; holds P b until scaled by tau
@@ -687,22 +727,9 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
         at::addmm_out(dav, dav, Pv, b.narrow(0, j0, bj), /*beta=*/jb == 0 ? 0 : 1, /*alpha=*/1);
         Tensor partv = part.narrow(0, 0, bj);
         at::addmm_out(partv, partv, Pv.t(), av, /*beta=*/0, /*alpha=*/1);
-        // Fold this block's share into db[j-block] now if block ib - 1's is in;
-        // else park it (a thread of another process may hold up block ib - 1).
-        if (folded[jb].load(std::memory_order_acquire) == ib) {
-          fold(partv.data_ptr<scalar_t>(), ib, jb);
-        } else {
-          if (!parked.defined()) parked = at::empty({J, d}, a.options());
-          std::copy(partv.data_ptr<scalar_t>(), partv.data_ptr<scalar_t>() + bj * d,
-                    parked.data_ptr<scalar_t>() + j0 * d);
-          waiting.push_back(jb);
-        }
-        fold_ready(ib);
+        db_fold.offer(parking, partv.data_ptr<scalar_t>(), ib, jb, a);
       }
-      while (!waiting.empty()) {
-        fold_ready(ib);
-        if (!waiting.empty()) std::this_thread::yield();
-      }
+      db_fold.finish(parking, ib);
       const scalar_t* dap = dav.data_ptr<scalar_t>();
       double t = 0;
       for (int64_t ii = 0; ii < bi; ++ii) {
@@ -732,6 +759,109 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pair_lse_backward(const Tensor& a, co
     pair_backward_kernel<scalar_t>(a, b, pos, tau.item<double>(), L, gL, da, db, dpos, dtau);
   });
   return {da, db, dpos, dtau};
+}
+
+// ---------------------------------------------------------------------------
+// The pair LSE's forward with the parts of its gradient that do not depend on gL, for a
+// caller that will need gradients (symile_kernels/ops.py, pair_lse_fused). With the row
+// softmax P[i, j] = e^(l[i, j] - L[i]):
+//   U[i] = sum_{j != i} P[i, j] b[j],   V[j] = sum_{i != j} P[i, j] a[i],
+//   Pd[i] = P[i, i],                    rowdot[i] = <a[i], U[i]>,
+// the gradients of sum_i gL[i] L[i] are da = tau gL[i] U[i], dpos = gL Pd and
+// dtau = sum_i gL[i] rowdot[i] for any gL, and db = tau c V when gL = c everywhere (a mean
+// loss; the op recomputes db otherwise). Executed: the logits once (2 I J d) and the two
+// contractions (4 I J d), the model's 6 I J d, where a forward plus a recomputing backward
+// execute 8. An i-block's BI x J logits stay in a per-worker buffer between the LSE sweep
+// and the contraction sweep (kPairGradsBufferBytes bounds it; BI shrinks for large J).
+// Two exponentials per logit, as forward + backward. Deterministic: U, Pd, rowdot and L
+// are owned by i-blocks, V is folded in i-block order (OrderedFold).
+
+// Per-worker logit buffer of pair_forward_grads_kernel: BI x J scalars at most this big.
+constexpr int64_t kPairGradsBufferBytes = int64_t(16) << 20;
+
+template <typename scalar_t>
+void pair_forward_grads_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, bool need_U,
+                               bool need_V, Tensor& L, Tensor& U, Tensor& V, Tensor& Pd, Tensor& rowdot) {
+  const int64_t N = a.size(0), J = b.size(0), d = a.size(1);
+  const int64_t fit = kPairGradsBufferBytes / static_cast<int64_t>(sizeof(scalar_t)) / J;
+  const int64_t BI = std::min(N, std::max<int64_t>(16, std::min(kPairBlockI, fit)));
+  const int64_t BJ = std::min(J, kPairBlockJ);
+  const int64_t n_iblocks = (N + BI - 1) / BI, n_jblocks = (J + BJ - 1) / BJ;
+  const scalar_t* posp = pos.data_ptr<scalar_t>();
+  const scalar_t* ap = a.data_ptr<scalar_t>();
+  double* Lp = L.data_ptr<double>();
+  scalar_t* Pdp = Pd.data_ptr<scalar_t>();
+  OrderedFold<scalar_t> V_fold(need_V ? V.data_ptr<scalar_t>() : nullptr, J, BJ, d);
+
+  std::atomic<int64_t> next_block{0};
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, num_workers(n_iblocks), 1, [&](int64_t, int64_t) {
+    SequentialBlas sequential_blas(caller_state);
+    Tensor S = at::empty({BI, J}, a.options());
+    Tensor share = at::empty({BJ, d}, a.options());
+    typename OrderedFold<scalar_t>::Parking parking;
+    for (int64_t ib = next_block++; ib < n_iblocks; ib = next_block++) {
+      const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
+      const Tensor av = a.narrow(0, i0, bi);
+      Tensor Sv = S.narrow(0, 0, bi);  // bi x J, rows contiguous
+      // Sweep 1: the block's logits (the diagonal is pos) and their row LSEs.
+      at::addmm_out(Sv, Sv, av, b.t(), /*beta=*/0, /*alpha=*/tau);
+      scalar_t* Sp = Sv.data_ptr<scalar_t>();
+      for (int64_t ii = 0; ii < bi; ++ii) {
+        scalar_t* row = Sp + ii * J;
+        row[i0 + ii] = posp[i0 + ii];
+        const scalar_t rm = row_max(row, J);
+        double m = -kInf, s = 0;
+        lse_add(m, s, rm, exp_row_sum(row, J, rm));
+        const double Li = lse_value(m, s);
+        Lp[i0 + ii] = Li;
+        // Sweep 2's P = e^(l - L) as e^(l - shift) e^(shift - L), shift = L rounded down to the
+        // compute dtype: L itself would lose log(s) at logits near 1e8 (docs/math.md section 6.4).
+        scalar_t shift = static_cast<scalar_t>(Li);
+        if (static_cast<double>(shift) > Li) shift = std::nextafter(shift, -std::numeric_limits<scalar_t>::infinity());
+        exp_row_scale(row, J, shift, static_cast<scalar_t>(std::exp(static_cast<double>(shift) - Li)));
+        Pdp[i0 + ii] = row[i0 + ii];
+        row[i0 + ii] = 0;  // the diagonal's logit is pos: its gradient is dpos, not da or db
+      }
+      // Sweep 2: U = P b (inner dimension J), V's shares P^T a per j-block.
+      if (need_U) {
+        Tensor Uv = U.narrow(0, i0, bi);
+        at::addmm_out(Uv, Uv, Sv, b, /*beta=*/0, /*alpha=*/1);
+        const scalar_t* Up = Uv.data_ptr<scalar_t>();
+        double* rowdotp = rowdot.data_ptr<double>();
+        for (int64_t ii = 0; ii < bi; ++ii) {
+          double t = 0;
+          for (int64_t c = 0; c < d; ++c) t += static_cast<double>(ap[(i0 + ii) * d + c]) * Up[ii * d + c];
+          rowdotp[i0 + ii] = t;
+        }
+      }
+      if (need_V) {
+        for (int64_t jb = 0; jb < n_jblocks; ++jb) {
+          const int64_t j0 = jb * BJ, bj = std::min(BJ, J - j0);
+          Tensor sharev = share.narrow(0, 0, bj);
+          at::addmm_out(sharev, sharev, Sv.narrow(1, j0, bj).t(), av, /*beta=*/0, /*alpha=*/1);
+          V_fold.offer(parking, sharev.data_ptr<scalar_t>(), ib, jb, a);
+        }
+        V_fold.finish(parking, ib);
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pair_lse_forward_grads(const Tensor& a, const Tensor& b,
+                                                                          const Tensor& pos, const Tensor& tau,
+                                                                          bool need_U, bool need_V) {
+  check_pair_inputs(a, b, pos, tau);
+  const auto f64 = a.options().dtype(at::kDouble);
+  Tensor L = at::empty({a.size(0)}, f64);
+  Tensor U = need_U ? at::empty_like(a) : at::empty({0}, a.options());
+  Tensor rowdot = at::empty({need_U ? a.size(0) : 0}, f64);
+  Tensor V = need_V ? at::empty_like(b) : at::empty({0}, a.options());
+  Tensor Pd = at::empty_like(pos);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cpu_pair_lse_forward_grads", [&] {
+    pair_forward_grads_kernel<scalar_t>(a, b, pos, tau.item<double>(), need_U, need_V, L, U, V, Pd, rowdot);
+  });
+  return {L, U, V, Pd, rowdot};
 }
 
 // ---------------------------------------------------------------------------
@@ -766,6 +896,8 @@ TORCH_LIBRARY_FRAGMENT(symile_kernels, m) {
   m.def("cpu_pair_lse_forward(Tensor a, Tensor b, Tensor pos, Tensor tau) -> Tensor");
   m.def("cpu_pair_lse_backward(Tensor a, Tensor b, Tensor pos, Tensor tau, Tensor L, Tensor gL) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_pair_lse_forward_grads(Tensor a, Tensor b, Tensor pos, Tensor tau, bool need_U, bool need_V) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Internal (tests of the vectorised exponential): not part of the backend interface.
   m.def("cpu_exp_test(Tensor x, str isa) -> Tensor");
 }
@@ -775,5 +907,6 @@ TORCH_LIBRARY_IMPL(symile_kernels, CPU, m) {
   m.impl("cpu_cube_lse_backward", &symile_cpu::cube_lse_backward);
   m.impl("cpu_pair_lse_forward", &symile_cpu::pair_lse_forward);
   m.impl("cpu_pair_lse_backward", &symile_cpu::pair_lse_backward);
+  m.impl("cpu_pair_lse_forward_grads", &symile_cpu::pair_lse_forward_grads);
   m.impl("cpu_exp_test", &symile_cpu::exp_test);
 }
