@@ -15,6 +15,7 @@ import os
 import torch
 from torch import Tensor
 
+from ._math import shift_and_weight
 from .backends import Backend
 
 DEFAULT_BUDGET_BYTES = 128 * 2 ** 20
@@ -151,6 +152,32 @@ def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
     return L
 
 
+def pair_lse_forward_grads(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, need_U: bool,
+                           need_V: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """L with the parts of its gradient that do not depend on gL (``Backend.pair_lse_forward_grads``,
+    docs/math.md section 5): per i-block, the logit tile, its LSEs, then its row softmax P
+    contracted with b (U) and a (V), so no backward recomputes the tile."""
+    L = a.new_empty(a.shape[0], dtype=torch.float64)
+    U = torch.empty_like(a) if need_U else a.new_empty(0)
+    V = torch.zeros_like(b) if need_V else b.new_empty(0)
+    Pd = torch.empty_like(pos)
+    rowdot = a.new_empty(a.shape[0] if need_U else 0, dtype=torch.float64)
+    for I in _pair_tiles(a, b):
+        P, diagonal = _pair_tile_logits(a, b, pos, tau, I)
+        L[I] = _lse64(P, 1)
+        shift, weight = shift_and_weight(L[I], torch.ones_like(L[I]), P.dtype)
+        P.sub_(shift[:, None]).exp_().mul_(weight[:, None])
+        flat = P.view(-1)
+        Pd[I] = flat[diagonal]
+        flat[diagonal] = 0  # the diagonal's logit is pos: its gradient is dpos, not da or db
+        if need_U:
+            torch.mm(P, b, out=U[I])
+            rowdot[I] = (a[I] * U[I]).sum(1, dtype=torch.float64)
+        if need_V:
+            V.addmm_(P.T, a[I])
+    return L, U, V, Pd, rowdot
+
+
 def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, gL: Tensor, *,
                       needs: tuple = (True,) * 4):
     """da, db, dpos, dtau (docs/math.md section 3); the ones ``needs`` marks False are None
@@ -184,4 +211,5 @@ BACKEND = Backend.from_namespace(
     "chunked", globals(),
     description="pure PyTorch, any device: tiles over (i, j) blocks, recomputes tiles in backward",
     skips_unneeded_grads=True,
+    pair_lse_forward_grads=pair_lse_forward_grads,
 )

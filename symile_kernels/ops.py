@@ -15,7 +15,7 @@ not needed comes back from the backward op as an empty (0,) tensor.
 
 The forward ops return their LSE vectors in float64 whatever the compute dtype,
 and the autograd formulas hand the backward ops each L as a shift in the compute
-dtype plus a reweighted gL (``_shift_and_weight``, docs/math.md section 6.4):
+dtype plus a reweighted gL (``shift_and_weight``, docs/math.md section 6.4):
 in float32 at logits near 1e8, ``L = m + log(s)`` would round ``log(s)`` away.
 
 For a caller that will need gradients, ``run_pair_lse`` (what the losses call) runs
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._math import shift_and_weight
 from ._validation import check_tau_value
 
 
@@ -127,7 +128,7 @@ def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, 
     """dx, dy, dz (shaped like x, y, z) and dtau (0-dim) of ``sum gLa*La + gLb*Lb + gLc*Lc``.
 
     La, Lb, Lc and gLa, gLb, gLc are in the compute dtype: the autograd formula passes
-    each L's shift and reweighted gradient (``_shift_and_weight``), which the backends
+    each L's shift and reweighted gradient (``shift_and_weight``), which the backends
     use only as ``gL * exp(S - L)``, exactly as they would the LSEs themselves.
     needs: four flags for dx, dy, dz, dtau; an output whose flag is False is an empty (0,) tensor.
     """
@@ -152,31 +153,12 @@ def _cube_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _shift_and_weight(L: Tensor, gL: "Tensor | None", dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The backward ops' stand-ins for a float64 LSE vector L (n,) and its gradient gL (n,),
-    both in the compute ``dtype`` (docs/math.md section 6.4).
-
-    shift is L rounded down to ``dtype``: the largest value <= L, so no logit exceeds it
-    (the maximum logit is itself a ``dtype`` value <= L). weight = gL * exp(shift - L),
-    formed in float64, puts back the part of L that ``dtype`` cannot hold (at most
-    log(n_terms)); then ``weight * exp(S - shift) == gL * exp(S - L)`` term by term.
-    """
-    if gL is None:
-        gL = torch.zeros_like(L)
-    if dtype == torch.float64:
-        return L, gL.to(dtype).contiguous()
-    shift = L.to(dtype)
-    shift = torch.where(shift.to(L.dtype) > L, torch.nextafter(shift, torch.full_like(shift, -torch.inf)), shift)
-    weight = gL.to(torch.float64) * torch.exp(shift.to(torch.float64) - L)
-    return shift, weight.to(dtype)
-
-
 def _cube_backward(ctx, gLa, gLb, gLc):
     x, y, z, tau, La, Lb, Lc = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:4])
     if not any(needs):
         return None, None, None, None, None
-    (La, gLa), (Lb, gLb), (Lc, gLc) = (_shift_and_weight(L, g, tau.dtype)
+    (La, gLa), (Lb, gLb), (Lc, gLc) = (shift_and_weight(L, g, tau.dtype)
                                        for L, g in ((La, gLa), (Lb, gLb), (Lc, gLc)))
     grads = cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, ctx.backend, needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None)
@@ -224,7 +206,7 @@ def _(a, b, pos, tau, backend):
 def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, gL: Tensor,
                       backend: str, needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """da (I, d), db (J, d), dpos (I,) and dtau (0-dim) of ``sum_i gL[i] L[i]``; L and gL
-    in the compute dtype, as the shift and weight of ``_shift_and_weight`` (see cube_lse_backward).
+    in the compute dtype, as the shift and weight of ``shift_and_weight`` (see cube_lse_backward).
 
     needs: four flags for da, db, dpos, dtau; an output whose flag is False is an empty (0,) tensor.
     """
@@ -249,7 +231,7 @@ def _pair_backward(ctx, gL):
     needs = list(ctx.needs_input_grad[:4])
     if not any(needs):
         return None, None, None, None, None
-    L, gL = _shift_and_weight(L, gL, tau.dtype)
+    L, gL = shift_and_weight(L, gL, tau.dtype)
     grads = pair_lse_backward(a, b, pos, tau, L, gL, ctx.backend, needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None)
 
@@ -303,7 +285,7 @@ def pair_lse_fused_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: T
     recompute = (bool(needs[0]) and not have_U, bool(needs[1]) and not uniform, False,
                  bool(needs[3]) and not have_U)
     if any(recompute):
-        shift, weight = _shift_and_weight(L, gL, tau.dtype)
+        shift, weight = shift_and_weight(L, gL, tau.dtype)
         redone = _backward(backend, "pair_lse_backward", (a, b, pos, tau), (shift, weight), recompute)
     da, db, dpos, dtau = (t.new_empty(0) for t in (a, b, pos, tau))
     if needs[0]:

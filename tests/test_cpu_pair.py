@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import symile_kernels
 from symile_kernels import chunked
 from symile_kernels import cpu as cpu_backend
 
@@ -86,56 +85,3 @@ def test_pair_results_are_bitwise_independent_of_thread_count():
     for other in results[1:]:
         for x, y in zip(results[0], other):
             assert torch.equal(x, y)
-
-
-# The fused forward (ops.pair_lse_fused: L together with U = P b, V = P^T a, Pd, rowdot), which the
-# losses run when gradients are needed, against the recomputing backward of ops.pair_lse.
-
-def _grads(op, a, b, pos, t, weights, needs):
-    leaves = [x.clone().requires_grad_(need) for x, need in zip((a, b, pos, t), needs)]
-    L = op(*leaves)
-    wanted = [x for x in leaves if x.requires_grad]
-    return L.detach(), torch.autograd.grad((L * weights).sum(), wanted)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("weights", ["uniform", "random"])
-@pytest.mark.parametrize("needs", [(True, True, True, True), (True, False, False, False),
-                                   (False, True, False, False), (False, False, True, True)],
-                         ids=["all", "a", "b", "pos+tau"])
-def test_fused_forward_gives_the_recomputing_backward(needs, weights, dtype):
-    """Uniform weights (a mean loss) take db from V; other weights recompute db; I < J, two i-blocks."""
-    a, b, pos, t, gL = _pair_inputs(300, 389, 19, 14.3, dtype=dtype, seed=4)
-    w = torch.full_like(gL, 1 / 300) if weights == "uniform" else gL
-    fused = lambda *x: symile_kernels.ops.pair_lse_fused(*x, "cpu", list(needs))[0]  # noqa: E731
-    plain = lambda *x: OPS.pair_lse(*x, "cpu")  # noqa: E731
-    L_fused, g_fused = _grads(fused, a, b, pos, t, w.to(torch.float64), needs)
-    L_plain, g_plain = _grads(plain, a, b, pos, t, w.to(torch.float64), needs)
-    loss_tol, grad_tol = TOLERANCES[dtype]
-    assert relative_error(L_fused, L_plain) <= loss_tol
-    assert len(g_fused) == sum(needs)
-    for out, ref in zip(g_fused, g_plain):
-        assert relative_error(out, ref) <= grad_tol
-
-
-def test_losses_run_the_fused_forward_only_when_gradients_are_needed(monkeypatch):
-    calls = []
-    real = cpu_backend.BACKEND.pair_lse_forward_grads
-    monkeypatch.setattr(cpu_backend.BACKEND, "pair_lse_forward_grads", lambda *x: calls.append(x[4:]) or real(*x))
-    reps = [F.normalize(torch.randn(40, 8), dim=1) for _ in range(3)]
-    with torch.no_grad():
-        symile_kernels.Symile(backend="cpu")(reps, 14.3)
-    assert calls == []
-    reps[2].requires_grad_()  # only z: U (for da) is needed where z is the anchor, V where it is a partner
-    symile_kernels.Symile(backend="cpu")(reps, torch.tensor(14.3)).backward()
-    assert sorted(calls) == [(False, True), (False, True), (True, False)]
-
-
-def test_opcheck_fused_pair_ops():
-    a, b = (torch.randn(9, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    pos = torch.randn(9, dtype=torch.float64, requires_grad=True)
-    tau = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(OPS.pair_lse_fused, (a, b, pos, tau, "cpu", [True, True, True, True]))
-    torch.library.opcheck(OPS.pair_lse_fused, (a, b, pos, tau, "cpu", [False, True, False, False]))
-    torch.library.opcheck(OPS.cpu_pair_lse_forward_grads, (a.detach(), b.detach(), pos.detach(), tau.detach(),
-                                                           True, True))

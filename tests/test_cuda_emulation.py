@@ -17,7 +17,7 @@ import torch
 
 from symile_kernels import _build, backends, symile_loss
 from symile_kernels.backends import Backend
-from symile_kernels.ops import _shift_and_weight
+from symile_kernels._math import shift_and_weight
 
 from cuda_common import check_rectangular_pairs, no_gpu_only, start_builds
 from harness import check_against_oracle, make_inputs
@@ -212,7 +212,7 @@ def test_emulated_lse_keeps_log2_of_a_tie_at_logit_1e8(emu_lib, dtype, mode):
     assert abs(float(La[0]) - (1e8 + math.log(2))) < 1e-6, float(La[0]) - 1e8
     gs = [torch.tensor([1.0, 0.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
           torch.zeros(2, dtype=torch.float64)]
-    shifted = [_shift_and_weight(L, g, dtype) for L, g in zip((La, Lb, Lc), gs)]  # as ops passes them
+    shifted = [shift_and_weight(L, g, dtype) for L, g in zip((La, Lb, Lc), gs)]  # as ops passes them
     dx, dy, dz, _ = emu.cube_lse_backward(x, y, z, tau, *(s for s, _ in shifted), *(w for _, w in shifted))
     assert float(dx[0, 0]) == pytest.approx(1e8, rel=1e-6)
     # dLa[0]/dy[j] = sum_k softmax x[0] z[k]: 0.5 * 1e4 for each tied j; dz[0] = sum_j 0.5 * 1e4.
@@ -225,7 +225,7 @@ def test_emulated_lse_keeps_log2_of_a_tie_at_logit_1e8(emu_lib, dtype, mode):
     pos = torch.tensor([-1e8], dtype=dtype)
     L = emu.pair_lse_forward(a, b, pos, tau)
     assert L.dtype == torch.float64 and abs(float(L[0]) - (1e8 + math.log(2))) < 1e-6
-    shift, weight = _shift_and_weight(L, torch.ones(1, dtype=torch.float64), dtype)
+    shift, weight = shift_and_weight(L, torch.ones(1, dtype=torch.float64), dtype)
     da, db, dpos, _ = emu.pair_lse_backward(a, b, pos, tau, shift, weight)
     assert float(da[0, 0]) == pytest.approx(1e4, rel=1e-6)  # the tie's average of b[j]: a float32 L gives 2e4
     assert db[:, 0].tolist() == pytest.approx([0.0, 5e3, 5e3], rel=1e-6, abs=1e-6)

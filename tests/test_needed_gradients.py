@@ -71,10 +71,17 @@ def recording():
         seen.append(("pair", tuple(needs)))
         return chunked.pair_lse_backward(*args, needs=needs)
 
+    def pair_forward_grads(a, b, pos, tau, need_U, need_V):
+        seen.append(("fused", (need_U, need_V)))
+        return chunked.pair_lse_forward_grads(a, b, pos, tau, need_U, need_V)
+
     backends.register(dataclasses.replace(chunked.BACKEND, name="recording", cube_lse_backward=cube_backward,
-                                          pair_lse_backward=pair_backward))
+                                          pair_lse_backward=pair_backward, pair_lse_forward_grads=pair_forward_grads))
+    backends.register(dataclasses.replace(chunked.BACKEND, name="recording_unfused", cube_lse_backward=cube_backward,
+                                          pair_lse_backward=pair_backward, pair_lse_forward_grads=None))
     yield seen
     backends.unregister("recording")
+    backends.unregister("recording_unfused")
 
 
 @pytest.mark.parametrize("M,frozen,expected", [
@@ -90,11 +97,16 @@ def test_needs_reach_the_backend(recording, M, frozen, expected):
     assert recording and all(call == expected for call in recording), recording
 
 
-def test_pair_needs(recording):
+@pytest.mark.parametrize("fused", [False, True])
+def test_pair_needs(recording, fused):
     a, b = make_inputs("unit", 2, 5, 3)
     a.requires_grad_()
     tau = torch.tensor(14.3, dtype=torch.float64, requires_grad=True)
-    symile_loss([a, b], tau, backend="recording").backward()
+    symile_loss([a, b], tau, backend="recording" if fused else "recording_unfused").backward()
+    if fused:  # the forward computes U (for da and dtau) and V (for db) only where they are needed
+        # pair_lse(a, b, pos): U for a and tau, no V (b is frozen); pair_lse(b, a, pos): U for tau, V for a.
+        assert sorted(recording) == [("fused", (True, False)), ("fused", (True, True))]
+        return
     # pair_lse(b, a, pos): b's rows need none, a's and pos (a function of a and tau) and tau do;
     # pair_lse(a, b, pos): the other way round.
     assert sorted(recording) == [("pair", (False, True, True, True)), ("pair", (True, False, True, True))]
