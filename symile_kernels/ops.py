@@ -279,6 +279,9 @@ def pair_lse_fused_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: T
     gradient whose part the forward was not asked for) comes from the backend's recomputing
     ``pair_lse_backward``. An output whose ``needs`` flag is False is an empty (0,) tensor.
     """
+    _check_pair("pair_lse_fused_backward", a, b, pos, tau, (("Pd", Pd, a.shape[0]),))
+    if gL.shape != L.shape:
+        raise ValueError(f"pair_lse_fused_backward: gL must have L's shape {tuple(L.shape)}; got {tuple(gL.shape)}")
     have_U, have_V = U.shape == a.shape, V.shape == b.shape
     g = gL.to(tau.dtype)
     uniform = bool(needs[1]) and have_V and bool((gL == gL[0]).all())
