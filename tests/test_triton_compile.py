@@ -63,7 +63,7 @@ def test_shared_memory_within_the_target_limit(rows):
 # 256 ("xlarge", 512 = 256 + 256 and 448 = 256 + 128 + 64) every backward shape tried spills: these
 # are the least-spilling ones found. Feature sizes that take three to five segments (112 = 64 + 32 + 16,
 # 224 = 128 + 64 + 32, 240 = 128 + 64 + 32 + 16, 496 = 256 + 128 + 64 + 32 + 16) spill on lists where the
-# single segment does not, most at four and five segments (up to 8.3 KiB at 496, whose register tiles
+# single segment does not, most at four and five segments (up to 8320 bytes at 496, whose register tiles
 # were sized for 512 = two segments): the price of executing d's own FLOPs instead of padding d
 # (240 and 496 ran 256 and 512 before), not yet measured on a GPU. Pinned so that any growth, or a
 # spill anywhere else, fails.

@@ -399,9 +399,9 @@ def _configs(shapes) -> list:
 # BLOCK_K = 16, spill-free at 256 and at 224 = 128 + 64 + 32, and cube_bwd_rows/sm80/large offers
 # the tuner a 16-row shape spill-free at 224 too. Above 256 ("xlarge", 512 = 256 + 256) no
 # candidate avoided spills in the backward passes: the lists hold the least-spilling shapes found
-# (16-32 rows: no wgmma in cube_bwd_rows/sm90). Sizes that take two or three segments (96, 112,
-# 224, 448) spill on several lists where the single segment does not (tests/test_triton_compile.py
-# pins every case). The interpreter's default is small, so that the tests at N <= 33 cross block
+# (16-32 rows: no wgmma in cube_bwd_rows/sm90). Sizes that take two to five segments (96, 112,
+# 224, 240, 448, 496) spill on several lists where the single segment does not, four and five
+# segments most (tests/test_triton_compile.py pins every case). The interpreter's default is small, so that the tests at N <= 33 cross block
 # edges.
 _CONFIG_LISTS = {
     "cube_fwd": {
