@@ -401,8 +401,8 @@ def _configs(shapes) -> list:
 # candidate avoided spills in the backward passes: the lists hold the least-spilling shapes found
 # (16-32 rows: no wgmma in cube_bwd_rows/sm90). Sizes that take two to five segments (96, 112,
 # 224, 240, 448, 496) spill on several lists where the single segment does not, four and five
-# segments most (tests/test_triton_compile.py pins every case). The interpreter's default is small, so that the tests at N <= 33 cross block
-# edges.
+# segments most (tests/test_triton_compile.py pins every case). The interpreter's default is small,
+# so that the tests at N <= 33 cross block edges.
 _CONFIG_LISTS = {
     "cube_fwd": {
         "sm90/small": _configs([(8, 16, 64, 8, 3), (8, 16, 32, 8, 3)]),
