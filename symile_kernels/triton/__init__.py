@@ -1,7 +1,8 @@
 """The "triton" backend: fused Triton kernels for the cube and pair LSEs.
 
 * ``cube.py``: La, Lb, Lc of the M = 3 cube in one pass without writing the
-  cube (d in up to three power-of-two feature segments, ``_launch.d_segments``),
+  cube (d in one to five power-of-two feature segments, ``_launch.d_segments``,
+  whose tuple helpers are in ``_segments.py``),
   and the backward in two passes that each recompute a tile once over the
   whole feature axis (deterministic, no atomics), one exponential per cube
   element and pass shared across the anchors (docs/math.md sections 2 and 5).

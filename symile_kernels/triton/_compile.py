@@ -6,8 +6,9 @@ anywhere: shared memory per block, registers, stack (spills: Triton kernels use 
 otherwise) and, for sm_90, whether the PTX uses wgmma. Each "<kernel>/<sm90|sm80>/<bucket>"
 configuration list compiles for its own target at the bucket's largest executed feature size
 (128 for "small", 256 for "large", 512 = 256 + 256 for "xlarge"; ``_launch.d_segments``) in every
-mode, and the backward kernels in bf16 also at a size that takes all three feature segments
-(112 = 64 + 32 + 16, 224 = 128 + 64 + 32, 448 = 256 + 128 + 64).
+mode, and the backward kernels in bf16 also at sizes that take three to five feature segments
+(112 = 64 + 32 + 16; 224 = 128 + 64 + 32 and 240 = 128 + 64 + 32 + 16; 448 = 256 + 128 + 64 and
+496 = 256 + 128 + 64 + 32 + 16).
 
     python -m symile_kernels.triton._compile [--jobs 2]   # prints the markdown table
 """
@@ -34,8 +35,9 @@ MODES = {  # name: (input pointer dtype, DOT_DTYPE, PRECISION)
     "tf32": ("*fp32", tl.float32, "tf32"),
     "bf16": ("*bf16", tl.bfloat16, None),
 }
-# Feature sizes compiled per bucket: (its largest, in every mode; three segments, backward kernels in bf16).
-BUCKET_D = {"small": (128, 112), "large": (256, 224), "xlarge": (512, 448)}
+# Feature sizes compiled per bucket: (its largest, in every mode; sizes taking three or more segments,
+# backward kernels in bf16).
+BUCKET_D = {"small": (128, (112,)), "large": (256, (224, 240)), "xlarge": (512, (448, 496))}
 _INTS = {"I", "J", "K", "D", "I_PER_SPLIT", "J_PER_SPLIT"}
 _INPUTS = {"X", "Y", "Z", "A", "B"}
 
@@ -51,7 +53,7 @@ def cases() -> list:
         for index in range(len(configs)):
             out += [(kernel, name, index, mode, largest) for mode in MODES]
             if "_bwd_" in kernel:  # where multi-segment accumulators raise register pressure
-                out.append((kernel, name, index, "bf16", segmented))
+                out += [(kernel, name, index, "bf16", d) for d in segmented]
     return out
 
 
@@ -82,11 +84,11 @@ def compile_case(case: tuple) -> dict:
             signature[p.name] = "constexpr"
         else:
             signature[p.name] = "i32" if p.name in _INTS else (pointer if p.name in _INPUTS else "*fp32")
-    D0, D1, D2 = _launch.d_segments(d)
-    constexprs = dict(config.kwargs, D0=D0, D1=D1, D2=D2, PRECISION=precision, DOT_DTYPE=dot_dtype,
+    segments = _launch.d_segments(d)
+    constexprs = dict(config.kwargs, SEGS=segments, PRECISION=precision, DOT_DTYPE=dot_dtype,
                       GRAD_DTYPE=dot_dtype, GRAD_PRECISION=precision, SHARE_SPREAD=60.0)
     constexprs = {k: v for k, v in constexprs.items() if signature.get(k) == "constexpr"}
-    row = dict(kernel=kernel, list=name, index=index, mode=mode, capability=capability, d=d, segments=(D0, D1, D2),
+    row = dict(kernel=kernel, list=name, index=index, mode=mode, capability=capability, d=d, segments=segments,
                warps=config.num_warps, stages=config.num_stages, blocks=dict(config.kwargs))
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),

@@ -42,31 +42,36 @@ def lse_from_pairs(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return top + torch.log((s * torch.exp(m - safe)).sum(dim=0))
 
 
+# Segments hold at most MAX_SEGMENT features (the compiler keeps 256-wide operands and accumulators in
+# registers where a 512-wide one spills), and a kernel takes at most MAX_SEGMENTS of them: enough for
+# every multiple of 16 up to 512 (496 = 256 + 128 + 64 + 32 + 16) to run exactly.
 MAX_SEGMENT = 256
+MAX_SEGMENTS = 5
 
 
 @functools.lru_cache(maxsize=None)
 def d_segments(d: int) -> tuple:
-    """(D0, D1, D2): the feature segments a kernel is specialised for, powers of two of at least 16
-    (tl.dot's smallest K), D0 >= D1 >= D2, 0 for an unused segment; the smallest total >= d that
-    three such sizes reach, with the fewest segments (48 -> 32 + 16, 200 -> 128 + 64 + 16,
-    240 -> 256, 512 -> 256 + 256). The kernels execute tile products over D0 + D1 + D2 features."""
+    """The feature segments a kernel is specialised for (its constexpr SEGS): one to MAX_SEGMENTS powers
+    of two of at least 16 (tl.dot's smallest K), largest first, whose total is the smallest reachable
+    one >= d, with the fewest segments. Every multiple of 16 up to 512 is covered exactly (48 -> 32 + 16,
+    240 -> 128 + 64 + 32 + 16, 496 -> 256 + 128 + 64 + 32 + 16, 512 -> 256 + 256); any other d up to
+    512 runs as d rounded up to a multiple of 16 (17 -> 32, 200 -> 208 = 128 + 64 + 16). The kernels
+    execute tile products over sum(d_segments(d)) features."""
     if d < 1:
         raise ValueError(f"feature size d must be positive, got {d}")
-    # Segments of at most MAX_SEGMENT features while three of them cover d: the compiler keeps
-    # 256-wide operands and accumulators in registers where a 512-wide one spills.
-    top = min(MAX_SEGMENT if d <= 3 * MAX_SEGMENT else d, 1 << (max(d, 16) - 1).bit_length())
+    # Above MAX_SEGMENTS * MAX_SEGMENT features, wider segments (spilling) keep the count at MAX_SEGMENTS.
+    top = min(MAX_SEGMENT if d <= MAX_SEGMENTS * MAX_SEGMENT else d, 1 << (max(d, 16) - 1).bit_length())
     sizes = [16 << s for s in range(top.bit_length()) if 16 << s <= top]
     best = None
-    for count in (1, 2, 3):
+    for count in range(1, MAX_SEGMENTS + 1):
         for combo in itertools.combinations_with_replacement(reversed(sizes), count):
             if sum(combo) >= d and (best is None or (sum(combo), count) < best[0]):
                 best = (sum(combo), count), combo
-    return tuple(best[1]) + (0,) * (3 - len(best[1]))
+    return tuple(best[1])
 
 
 def d_exec(d: int) -> int:
-    """The feature size the kernels' tile products execute: d rounded up to D0 + D1 + D2."""
+    """The feature size the kernels' tile products execute: d rounded up to sum(d_segments(d))."""
     return sum(d_segments(d))
 
 

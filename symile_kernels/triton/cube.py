@@ -4,12 +4,13 @@ The cube ``S[i,j,k] = tau * sum_d x[i,d] y[j,d] z[k,d]`` is never written to
 memory. A tile has BLOCK_P = BLOCK_I * BLOCK_J rows, the (i, j) pairs of an
 i-block and a j-block, and BLOCK_K columns: the ``tl.dot`` of the row products
 ``x[i] * y[j]`` (BLOCK_P, d) with a block of z transposed (d, BLOCK_K). d is
-split into up to three compile-time feature segments D0 + D1 + D2 >= d (powers
-of two of at least 16, masked loads; 48 = 32 + 16, 200 -> 128 + 64 + 16,
-``_launch.d_segments``), each with its own operand tiles and accumulators: a
-tile covers the whole feature axis, its products execute over D0 + D1 + D2
-features (not d padded to a power of two), and the row products are built once
-per (i-block, j-block) and reused for every k-block.
+split into one to five compile-time feature segments SEGS, sum(SEGS) >= d (powers
+of two from 16 to 256, masked loads; 48 = 32 + 16, 200 -> 128 + 64 + 16,
+496 = 256 + 128 + 64 + 32 + 16, ``_launch.d_segments``), each with its own operand
+tiles and accumulators (tuples, ``_segments.py``): a tile covers the whole feature
+axis, its products execute over sum(SEGS) features (d itself for every multiple
+of 16 up to 512, not d padded to a power of two), and the row products are built
+once per (i-block, j-block) and reused for every k-block.
 Logits and LSEs stay in natural-log units; every exponential is ``exp2`` of a
 difference of them scaled by log2(e) (``_exp``), never of a base-2 logit, which
 would round away what the difference keeps at logits near 1e8.
@@ -95,6 +96,8 @@ from torch import Tensor
 
 from . import _launch as _cfg
 from ._launch import BACKWARD_SHARE_SPREAD, FORWARD_SHARE_SPREAD, LOG2E
+from ._segments import (_add_rows, _load_rows, seg_accumulate, seg_dot_t, seg_products, seg_products_dot,
+                        seg_rows_t, seg_store, seg_zeros)
 
 # Kernels may only read constexpr globals (Triton >= 3.2 rejects plain Python globals).
 NEG_INF = tl.constexpr(float("-inf"))
@@ -103,58 +106,36 @@ K_LOG2E = tl.constexpr(LOG2E)
 
 # ---------------------------------------------------------------- device helpers
 #
-# The feature axis is split into up to three segments of compile-time sizes D0 >= D1 >= D2 (powers of
-# two, at least 16, tl.dot's smallest K; D1 = 0 or D2 = 0 when unused, and every `if D1 > 0:` on a
-# constexpr is resolved at compile time, so an unused segment costs nothing): segment s covers
-# features [OFF, OFF + SEG) with OFF = D0 (s = 1) or D0 + D1 (s = 2). Each segment has its own operand
-# tiles and accumulators, and a tile's logits are the sum of the segments' products (accumulated in
-# one tl.dot chain), so the executed FLOPs follow d rounded up to D0 + D1 + D2 (48 = 32 + 16), not to
-# the next power of two (_launch.d_segments).
+# The feature axis is split into the compile-time segments SEGS (_segments.py: one to five powers of
+# two, each with its own operand tiles and accumulators, held as tuples), so the executed FLOPs follow
+# d rounded up to sum(SEGS) (48 = 32 + 16), not to the next power of two (_launch.d_segments).
 
 
 @triton.jit
-def _load_rows(X, idx, valid, D, OFF: tl.constexpr, SEG: tl.constexpr):
-    """x[idx, OFF:OFF+SEG] in x's dtype: (len(idx), SEG), 0 where masked or beyond d."""
-    offs_d = OFF + tl.arange(0, SEG)
-    mask = valid[:, None] & (offs_d < D)[None, :]
-    return tl.load(X + idx[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+def _fold_segment(X, Y, i_idx, j_idx, p_valid, D, w, OFF: tl.constexpr, SEG: tl.constexpr,
+                  BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """(sum_j y[j] * W[i, j], sum_i x[i] * W[i, j]) over one feature segment, w = W's (BLOCK_P, SEG)
+    columns: (BLOCK_I, SEG) and (BLOCK_J, SEG) float32."""
+    y = _load_rows(Y, j_idx, p_valid, D, OFF, SEG).to(tl.float32)
+    x = _load_rows(X, i_idx, p_valid, D, OFF, SEG).to(tl.float32)
+    ux = tl.sum(tl.reshape(w * y, (BLOCK_I, BLOCK_J, SEG)), axis=1)
+    uy = tl.sum(tl.reshape(w * x, (BLOCK_I, BLOCK_J, SEG)), axis=0)
+    return ux, uy
 
 
 @triton.jit
-def _rows(X, idx, valid, D, OFF: tl.constexpr, SEG: tl.constexpr):
-    """x[idx, OFF:OFF+SEG] in float32: (len(idx), SEG), 0 where masked or beyond d."""
-    return _load_rows(X, idx, valid, D, OFF, SEG).to(tl.float32)
-
-
-@triton.jit
-def _row_products(X, Y, i_idx, j_idx, p_valid, D, OFF: tl.constexpr, SEG: tl.constexpr):
-    """x[i_p] * y[j_p] over one feature segment: (BLOCK_P, SEG) float32, 0 where masked."""
-    return _rows(X, i_idx, p_valid, D, OFF, SEG) * _rows(Y, j_idx, p_valid, D, OFF, SEG)
-
-
-@triton.jit
-def _rows_t(Z, k_idx, k_valid, D, OFF: tl.constexpr, SEG: tl.constexpr):
-    """z[k, OFF:OFF+SEG]^T for the k-block: (SEG, BLOCK_K) in z's dtype, 0 where masked."""
-    offs_d = OFF + tl.arange(0, SEG)
-    return tl.load(Z + k_idx[None, :].to(tl.int64) * D + offs_d[:, None],
-                   mask=k_valid[None, :] & (offs_d < D)[:, None], other=0.0)
-
-
-@triton.jit
-def _store_rows(OUT, idx, valid, D, value, OFF: tl.constexpr, SEG: tl.constexpr):
-    """OUT[idx, OFF:OFF+SEG] = value (float32 rows of width D), where valid."""
-    offs_d = OFF + tl.arange(0, SEG)
-    tl.store(OUT + idx[:, None] * D + offs_d[None, :], value, mask=valid[:, None] & (offs_d < D)[None, :])
-
-
-@triton.jit
-def _add_rows(OUT, idx, valid, D, value, at, start, OFF: tl.constexpr, SEG: tl.constexpr):
-    """OUT[idx, OFF:OFF+SEG] = value, plus its old contents unless ``at == start``, where valid."""
-    offs_d = OFF + tl.arange(0, SEG)
-    ptr = OUT + idx[:, None] * D + offs_d[None, :]
-    mask = valid[:, None] & (offs_d < D)[None, :]
-    keep = (mask.to(tl.int32) * 0 + at) > start  # a block, not a scalar: the interpreter wants block masks
-    tl.store(ptr, value + tl.load(ptr, mask=mask & keep, other=0.0), mask=mask)
+def _fold_w(X, Y, UY_PART, i_idx, j_idx, p_valid, D, ws, uxs, uy_rows, uy_ok, i0, i_start,
+            SEGS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The rows pass's use of W (tuples ws, uxs over the segments): returns uxs + sum_j y[j] * W[i, j]
+    (registers) and writes UY_PART[uy_rows] (+)= sum_i x[i] * W[i, j] (fresh when i0 == i_start)."""
+    out = ()
+    OFF = 0
+    for s in tl.static_range(len(SEGS)):
+        ux, uy = _fold_segment(X, Y, i_idx, j_idx, p_valid, D, ws[s], OFF, SEGS[s], BLOCK_I, BLOCK_J)
+        _add_rows(UY_PART, uy_rows, uy_ok, D, uy, i0, i_start, OFF, SEGS[s])
+        out = out + (uxs[s] + ux,)
+        OFF += SEGS[s]
+    return out
 
 
 @triton.jit
@@ -188,8 +169,8 @@ def _row_factor(la_p, lb_p, gla_p, glb_p, p_valid):
 
 @triton.jit
 def _cube_fwd_kernel(X, Y, Z, TAU, LA_M, LA_S, LB_M, LB_S, LC_M, LC_S, I, J, K, D, J_PER_SPLIT,
-                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D0: tl.constexpr,
-                     D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr, SHARE_SPREAD: tl.constexpr,
+                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SEGS: tl.constexpr,
+                     PRECISION: tl.constexpr, SHARE_SPREAD: tl.constexpr,
                      DOT_DTYPE: tl.constexpr):
     """Partial La (splits, I), Lb (i-blocks, J) and Lc (i-blocks * splits, K) of the cube, each as a
     (max, sum) pair: LSE = max + log(sum), formed in float64 by the launcher (docs/math.md section 6.4).
@@ -214,22 +195,13 @@ def _cube_fwd_kernel(X, Y, Z, TAU, LA_M, LA_S, LB_M, LB_S, LC_M, LC_S, I, J, K, 
         j_idx = j0 + offs_p % BLOCK_J
         p_valid = i_valid & (j_idx < j_stop)
         # The row products once per (i-block, j-block), reused by every k-block.
-        xy0 = _row_products(X, Y, i_idx, j_idx, p_valid, D, 0, D0).to(DOT_DTYPE)
-        if D1 > 0:
-            xy1 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0, D1).to(DOT_DTYPE)
-        if D2 > 0:
-            xy2 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0 + D1, D2).to(DOT_DTYPE)
+        xy = seg_products(X, Y, i_idx, j_idx, p_valid, D, SEGS, DOT_DTYPE)
         r_max = tl.full((BLOCK_P,), NEG_INF, tl.float32)  # online LSE over k of row p
         r_sum = tl.zeros((BLOCK_P,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_idx = k0 + tl.arange(0, BLOCK_K)
             k_valid = k_idx < K
-            T = tl.dot(xy0, _rows_t(Z, k_idx, k_valid, D, 0, D0).to(DOT_DTYPE), input_precision=PRECISION)
-            if D1 > 0:
-                T = tl.dot(xy1, _rows_t(Z, k_idx, k_valid, D, D0, D1).to(DOT_DTYPE), T, input_precision=PRECISION)
-            if D2 > 0:
-                T = tl.dot(xy2, _rows_t(Z, k_idx, k_valid, D, D0 + D1, D2).to(DOT_DTYPE), T,
-                           input_precision=PRECISION)
+            T, _ = seg_dot_t(xy, Z, k_idx, k_valid, D, SEGS, DOT_DTYPE, PRECISION)
             S = tl.where(p_valid[:, None] & k_valid[None, :], tau * T, NEG_INF)
             new = tl.maximum(r_max, tl.max(S, axis=1))  # -inf on masked rows
             ref = tl.where(new == NEG_INF, 0.0, new)
@@ -279,7 +251,7 @@ def _cube_fwd_kernel(X, Y, Z, TAU, LA_M, LA_S, LB_M, LB_S, LC_M, LC_S, I, J, K, 
 def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_PART, I, J, K, D,
                           I_PER_SPLIT, J_PER_SPLIT,
                           BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                          D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
+                          SEGS: tl.constexpr, PRECISION: tl.constexpr,
                           SHARE_SPREAD: tl.constexpr, DOT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
                           GRAD_PRECISION: tl.constexpr):
     """W[i, j] = sum_k G[i, j, k] z[k] for the program's (i, j) rows, recomputing each tile once over
@@ -305,42 +277,23 @@ def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_P
         i_valid = i_idx < i_stop
         la_p = tl.load(LA + i_idx, mask=i_valid, other=float("inf"))
         gla_p = tl.load(GLA + i_idx, mask=i_valid, other=0.0).to(tl.float32)
-        ux0 = tl.zeros((BLOCK_I, D0), tl.float32)
-        if D1 > 0:
-            ux1 = tl.zeros((BLOCK_I, D1), tl.float32)
-        if D2 > 0:
-            ux2 = tl.zeros((BLOCK_I, D2), tl.float32)
+        ux = seg_zeros(BLOCK_I, SEGS)
         for j0 in range(j_start, j_stop, BLOCK_J):
             j_idx = j0 + offs_p % BLOCK_J
             p_valid = i_valid & (j_idx < j_stop)
             lb_p = tl.load(LB + j_idx, mask=p_valid, other=float("inf"))
             glb_p = tl.load(GLB + j_idx, mask=p_valid, other=0.0).to(tl.float32)
-            xy0 = _row_products(X, Y, i_idx, j_idx, p_valid, D, 0, D0).to(DOT_DTYPE)
-            if D1 > 0:
-                xy1 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0, D1).to(DOT_DTYPE)
-            if D2 > 0:
-                xy2 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0 + D1, D2).to(DOT_DTYPE)
+            xy = seg_products(X, Y, i_idx, j_idx, p_valid, D, SEGS, DOT_DTYPE)
             # Per-row factors, once per (i-block, j-block): G = E * (a + u * b_col) with
             # E = e^(S - ref) <= 1 (every LSE bounds the logits it covers).
             ref, a_row = _row_factor(la_p, lb_p, gla_p, glb_p, p_valid)
             c0 = tl.max(tl.where(p_valid, ref, NEG_INF), axis=0)
             u = _exp(tl.where(p_valid, ref, c0) - c0)  # <= 1
-            w0 = tl.zeros((BLOCK_P, D0), tl.float32)
-            if D1 > 0:
-                w1 = tl.zeros((BLOCK_P, D1), tl.float32)
-            if D2 > 0:
-                w2 = tl.zeros((BLOCK_P, D2), tl.float32)
+            w = seg_zeros(BLOCK_P, SEGS)
             for k0 in range(0, K, BLOCK_K):
                 k_idx = k0 + tl.arange(0, BLOCK_K)
                 k_valid = k_idx < K
-                zt0 = _rows_t(Z, k_idx, k_valid, D, 0, D0)
-                T = tl.dot(xy0, zt0.to(DOT_DTYPE), input_precision=PRECISION)
-                if D1 > 0:
-                    zt1 = _rows_t(Z, k_idx, k_valid, D, D0, D1)
-                    T = tl.dot(xy1, zt1.to(DOT_DTYPE), T, input_precision=PRECISION)
-                if D2 > 0:
-                    zt2 = _rows_t(Z, k_idx, k_valid, D, D0 + D1, D2)
-                    T = tl.dot(xy2, zt2.to(DOT_DTYPE), T, input_precision=PRECISION)
+                T, zt = seg_dot_t(xy, Z, k_idx, k_valid, D, SEGS, DOT_DTYPE, PRECISION)
                 S = tl.where(p_valid[:, None] & k_valid[None, :], tau * T, NEG_INF)
                 lc_k = tl.load(LC + k_idx, mask=k_valid, other=float("inf"))
                 glc_k = tl.load(GLC + k_idx, mask=k_valid, other=0.0).to(tl.float32)
@@ -351,44 +304,21 @@ def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_P
                     G = E * (a_row[:, None] + u[:, None] * b_col[None, :])
                 else:  # exact fallback: the Lc term with its own exponential
                     G = E * a_row[:, None] + glc_k[None, :] * _exp(S - lc_k[None, :])
-                G = G.to(GRAD_DTYPE)
-                w0 = tl.dot(G, tl.trans(zt0).to(GRAD_DTYPE), w0, input_precision=GRAD_PRECISION)
-                if D1 > 0:
-                    w1 = tl.dot(G, tl.trans(zt1).to(GRAD_DTYPE), w1, input_precision=GRAD_PRECISION)
-                if D2 > 0:
-                    w2 = tl.dot(G, tl.trans(zt2).to(GRAD_DTYPE), w2, input_precision=GRAD_PRECISION)
+                w = seg_accumulate(G.to(GRAD_DTYPE), zt, w, SEGS, True, GRAD_DTYPE, GRAD_PRECISION)
             # Ux[i] += sum_j y[j] * W[i, j] (registers); Uy[j] = sum_i x[i] * W[i, j] (the program's rows,
             # started afresh at the split's first i-block).
             j_rows = j0 + tl.arange(0, BLOCK_J)
-            j_ok = j_rows < j_stop
-            y_rows = _rows(Y, j_idx, p_valid, D, 0, D0)
-            x_rows = _rows(X, i_idx, p_valid, D, 0, D0)
-            ux0 += tl.sum(tl.reshape(w0 * y_rows, (BLOCK_I, BLOCK_J, D0)), axis=1)
-            uy = tl.sum(tl.reshape(w0 * x_rows, (BLOCK_I, BLOCK_J, D0)), axis=0)
-            _add_rows(UY_PART, uy_row0 + j_rows, j_ok, D, uy, i0, i_start, 0, D0)
-            if D1 > 0:
-                ux1 += tl.sum(tl.reshape(w1 * _rows(Y, j_idx, p_valid, D, D0, D1), (BLOCK_I, BLOCK_J, D1)), axis=1)
-                uy = tl.sum(tl.reshape(w1 * _rows(X, i_idx, p_valid, D, D0, D1), (BLOCK_I, BLOCK_J, D1)), axis=0)
-                _add_rows(UY_PART, uy_row0 + j_rows, j_ok, D, uy, i0, i_start, D0, D1)
-            if D2 > 0:
-                ux2 += tl.sum(tl.reshape(w2 * _rows(Y, j_idx, p_valid, D, D0 + D1, D2), (BLOCK_I, BLOCK_J, D2)),
-                              axis=1)
-                uy = tl.sum(tl.reshape(w2 * _rows(X, i_idx, p_valid, D, D0 + D1, D2), (BLOCK_I, BLOCK_J, D2)),
-                            axis=0)
-                _add_rows(UY_PART, uy_row0 + j_rows, j_ok, D, uy, i0, i_start, D0 + D1, D2)
+            ux = _fold_w(X, Y, UY_PART, i_idx, j_idx, p_valid, D, w, ux, uy_row0 + j_rows, j_rows < j_stop, i0,
+                         i_start, SEGS, BLOCK_I, BLOCK_J)
         i_rows = i0 + tl.arange(0, BLOCK_I)
         i_ok = i_rows < i_stop
-        _store_rows(UX_PART, ux_row0 + i_rows, i_ok, D, ux0, 0, D0)
-        if D1 > 0:
-            _store_rows(UX_PART, ux_row0 + i_rows, i_ok, D, ux1, D0, D1)
-        if D2 > 0:
-            _store_rows(UX_PART, ux_row0 + i_rows, i_ok, D, ux2, D0 + D1, D2)
+        seg_store(UX_PART, ux_row0 + i_rows, i_ok, D, ux, SEGS)
 
 
 @triton.jit
 def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K, D, I_PER_SPLIT,
                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                        D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
+                        SEGS: tl.constexpr, PRECISION: tl.constexpr,
                         SHARE_SPREAD: tl.constexpr, DOT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
                         GRAD_PRECISION: tl.constexpr):
     """V_PART[s, k, :] = sum_{i in split s, j} G[i, j, k] (x[i] * y[j]) (float32), each tile
@@ -409,14 +339,8 @@ def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K
     k_valid = k_idx < K
     lc_k = tl.load(LC + k_idx, mask=k_valid, other=float("inf"))
     glc_k = tl.load(GLC + k_idx, mask=k_valid, other=0.0).to(tl.float32)
-    zt0 = _rows_t(Z, k_idx, k_valid, D, 0, D0).to(DOT_DTYPE)
-    acc0 = tl.zeros((BLOCK_K, D0), tl.float32)
-    if D1 > 0:
-        zt1 = _rows_t(Z, k_idx, k_valid, D, D0, D1).to(DOT_DTYPE)
-        acc1 = tl.zeros((BLOCK_K, D1), tl.float32)
-    if D2 > 0:
-        zt2 = _rows_t(Z, k_idx, k_valid, D, D0 + D1, D2).to(DOT_DTYPE)
-        acc2 = tl.zeros((BLOCK_K, D2), tl.float32)
+    zt = seg_rows_t(Z, k_idx, k_valid, D, SEGS, DOT_DTYPE)
+    acc = seg_zeros(BLOCK_K, SEGS)
     c1 = tl.max(tl.where(k_valid, lc_k, NEG_INF), axis=0)
     low_c = tl.min(tl.where(k_valid, lc_k, c1), axis=0)
     v = _exp(tl.where(k_valid, lc_k, c1) - c1)  # <= 1
@@ -438,14 +362,7 @@ def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K
             glb_j = tl.load(GLB + j_blk, mask=jb_valid, other=0.0).to(tl.float32)
             j_idx = j0 + offs_p % BLOCK_J
             p_valid = i_valid & (j_idx < J)
-            xy0 = _row_products(X, Y, i_idx, j_idx, p_valid, D, 0, D0)
-            T = tl.dot(xy0.to(DOT_DTYPE), zt0, input_precision=PRECISION)
-            if D1 > 0:
-                xy1 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0, D1)
-                T = tl.dot(xy1.to(DOT_DTYPE), zt1, T, input_precision=PRECISION)
-            if D2 > 0:
-                xy2 = _row_products(X, Y, i_idx, j_idx, p_valid, D, D0 + D1, D2)
-                T = tl.dot(xy2.to(DOT_DTYPE), zt2, T, input_precision=PRECISION)
+            T, xy = seg_products_dot(X, Y, i_idx, j_idx, p_valid, D, zt, SEGS, DOT_DTYPE, PRECISION)
             valid = p_valid[:, None] & k_valid[None, :]
             S = tl.where(valid, tau * T, NEG_INF)
             low_b = tl.min(tl.where(jb_valid, lb_j, c1), axis=0)
@@ -462,17 +379,8 @@ def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K
                 ref, a_row = _row_factor(la_p, lb_p, gla_p, glb_p, p_valid)
                 G = _exp(S - ref[:, None]) * a_row[:, None] + glc_k[None, :] * _exp(S - lc_k[None, :])
             Gt = tl.trans(tl.where(valid, G, 0.0)).to(GRAD_DTYPE)
-            acc0 = tl.dot(Gt, xy0.to(GRAD_DTYPE), acc0, input_precision=GRAD_PRECISION)
-            if D1 > 0:
-                acc1 = tl.dot(Gt, xy1.to(GRAD_DTYPE), acc1, input_precision=GRAD_PRECISION)
-            if D2 > 0:
-                acc2 = tl.dot(Gt, xy2.to(GRAD_DTYPE), acc2, input_precision=GRAD_PRECISION)
-    out = V_PART + pid_s.to(tl.int64) * K * D
-    _store_rows(out, k_idx, k_valid, D, acc0, 0, D0)
-    if D1 > 0:
-        _store_rows(out, k_idx, k_valid, D, acc1, D0, D1)
-    if D2 > 0:
-        _store_rows(out, k_idx, k_valid, D, acc2, D0 + D1, D2)
+            acc = seg_accumulate(Gt, xy, acc, SEGS, False, GRAD_DTYPE, GRAD_PRECISION)
+    seg_store(V_PART + pid_s.to(tl.int64) * K * D, k_idx, k_valid, D, acc, SEGS)
 
 
 # ---------------------------------------------------------------- configurations
@@ -491,10 +399,10 @@ def _configs(shapes) -> list:
 # BLOCK_K = 16, spill-free at 256 and at 224 = 128 + 64 + 32, and cube_bwd_rows/sm80/large offers
 # the tuner a 16-row shape spill-free at 224 too. Above 256 ("xlarge", 512 = 256 + 256) no
 # candidate avoided spills in the backward passes: the lists hold the least-spilling shapes found
-# (16-32 rows: no wgmma in cube_bwd_rows/sm90). Sizes that take two or three segments (96, 112,
-# 224, 448) spill on several lists where the single segment does not (tests/test_triton_compile.py
-# pins every case). The interpreter's default is small, so that the tests at N <= 33 cross block
-# edges.
+# (16-32 rows: no wgmma in cube_bwd_rows/sm90). Sizes that take two to five segments (96, 112,
+# 224, 240, 448, 496) spill on several lists where the single segment does not, four and five
+# segments most (tests/test_triton_compile.py pins every case). The interpreter's default is small,
+# so that the tests at N <= 33 cross block edges.
 _CONFIG_LISTS = {
     "cube_fwd": {
         "sm90/small": _configs([(8, 16, 64, 8, 3), (8, 16, 32, 8, 3)]),
@@ -530,8 +438,7 @@ KERNELS = {"cube_fwd": _cube_fwd_kernel, "cube_bwd_rows": _cube_bwd_rows_kernel,
 
 
 def _constexprs(dtype: torch.dtype, d: int, spread: float, grads: bool) -> dict:
-    D0, D1, D2 = _cfg.d_segments(d)
-    meta = dict(D0=D0, D1=D1, D2=D2, PRECISION=_cfg.dot_precision(dtype), SHARE_SPREAD=spread,
+    meta = dict(SEGS=_cfg.d_segments(d), PRECISION=_cfg.dot_precision(dtype), SHARE_SPREAD=spread,
                 DOT_DTYPE=_cfg.dot_dtype(dtype))
     if grads:
         meta["GRAD_DTYPE"], meta["GRAD_PRECISION"] = _cfg.grad_dot(dtype)

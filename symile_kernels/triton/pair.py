@@ -20,25 +20,19 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch as _cfg
-from .cube import _exp, _load_rows, _rows_t, _store_rows
+from ._segments import seg_accumulate_rows, seg_rows_dot_t, seg_store, seg_zeros
+from .cube import _exp
 
 # Kernels may only read constexpr globals (Triton >= 3.2 rejects plain Python globals).
 NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
-def _pair_logits(A, B, POS, tau, rows, r_valid, cols, c_valid, D, D0: tl.constexpr, D1: tl.constexpr,
-                 D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _pair_logits(A, B, POS, tau, rows, r_valid, cols, c_valid, D, SEGS: tl.constexpr, PRECISION: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr):
     """(l, diagonal): logits (BLOCK_M, BLOCK_N) float32 (-inf where masked) and i == j.
-    The feature axis is split into segments D0, D1, D2 (cube.py: the products of each, summed)."""
-    T = tl.dot(_load_rows(A, rows, r_valid, D, 0, D0).to(DOT_DTYPE),
-               _rows_t(B, cols, c_valid, D, 0, D0).to(DOT_DTYPE), input_precision=PRECISION)
-    if D1 > 0:
-        T = tl.dot(_load_rows(A, rows, r_valid, D, D0, D1).to(DOT_DTYPE),
-                   _rows_t(B, cols, c_valid, D, D0, D1).to(DOT_DTYPE), T, input_precision=PRECISION)
-    if D2 > 0:
-        T = tl.dot(_load_rows(A, rows, r_valid, D, D0 + D1, D2).to(DOT_DTYPE),
-                   _rows_t(B, cols, c_valid, D, D0 + D1, D2).to(DOT_DTYPE), T, input_precision=PRECISION)
+    The feature axis is split into the segments SEGS (_segments.py: the products of each, summed)."""
+    T = seg_rows_dot_t(A, rows, r_valid, B, cols, c_valid, D, SEGS, DOT_DTYPE, PRECISION)
     pos = tl.load(POS + rows, mask=r_valid, other=0.0).to(tl.float32)
     diagonal = rows[:, None] == cols[None, :]
     logits = tl.where(diagonal, pos[:, None], tau * T)
@@ -47,8 +41,8 @@ def _pair_logits(A, B, POS, tau, rows, r_valid, cols, c_valid, D, D0: tl.constex
 
 @triton.jit
 def _pair_fwd_kernel(A, B, POS, TAU, L_M, L_S, I, J, D,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                     D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGS: tl.constexpr,
+                     PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """L[i] = L_M[i] + log(L_S[i]) for the program's BLOCK_M rows, online over blocks of BLOCK_N
     columns: the (max, sum) pair is stored, and L formed in float64 by the launcher (docs/math.md
     section 6.4: a float32 max + log(sum) loses log(sum) at logits near 1e8)."""
@@ -59,7 +53,7 @@ def _pair_fwd_kernel(A, B, POS, TAU, L_M, L_S, I, J, D,
     s = tl.zeros((BLOCK_M,), tl.float32)
     for j0 in range(0, J, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        l, _ = _pair_logits(A, B, POS, tau, rows, r_valid, cols, cols < J, D, D0, D1, D2, PRECISION, DOT_DTYPE)
+        l, _ = _pair_logits(A, B, POS, tau, rows, r_valid, cols, cols < J, D, SEGS, PRECISION, DOT_DTYPE)
         new = tl.maximum(m, tl.max(l, axis=1))
         ref = tl.where(new == NEG_INF, 0.0, new)
         s = s * _exp(m - ref) + tl.sum(_exp(l - ref[:, None]), axis=1)
@@ -69,10 +63,10 @@ def _pair_fwd_kernel(A, B, POS, TAU, L_M, L_S, I, J, D,
 
 
 @triton.jit
-def _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D, D0: tl.constexpr, D1: tl.constexpr,
-            D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D, SEGS: tl.constexpr,
+            PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """(P off the diagonal, P on the diagonal) with P = gL[i] e^(l[i, j] - L[i]), 0 where masked."""
-    l, diagonal = _pair_logits(A, B, POS, tau, rows, r_valid, cols, c_valid, D, D0, D1, D2, PRECISION, DOT_DTYPE)
+    l, diagonal = _pair_logits(A, B, POS, tau, rows, r_valid, cols, c_valid, D, SEGS, PRECISION, DOT_DTYPE)
     Lr = tl.load(L + rows, mask=r_valid, other=0.0)
     g = tl.load(GL + rows, mask=r_valid, other=0.0).to(tl.float32)
     P = g[:, None] * _exp(l - Lr[:, None])
@@ -81,70 +75,42 @@ def _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D, D0: tl.const
 
 @triton.jit
 def _pair_bwd_rows_kernel(A, B, POS, TAU, L, GL, UA, DPOS, I, J, D,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                          D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGS: tl.constexpr,
+                          PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                           GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """UA[i] = sum_{j != i} P[i, j] b[j] (whole rows); DPOS[i] = P[i, i]."""
     tau = tl.load(TAU).to(tl.float32)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_valid = rows < I
-    u0 = tl.zeros((BLOCK_M, D0), tl.float32)
-    if D1 > 0:
-        u1 = tl.zeros((BLOCK_M, D1), tl.float32)
-    if D2 > 0:
-        u2 = tl.zeros((BLOCK_M, D2), tl.float32)
+    u = seg_zeros(BLOCK_M, SEGS)
     dpos = tl.zeros((BLOCK_M,), tl.float32)
     for j0 in range(0, J, BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         c_valid = cols < J
-        P, P_diag = _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D, D0, D1, D2, PRECISION,
-                            DOT_DTYPE)
+        P, P_diag = _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D, SEGS, PRECISION, DOT_DTYPE)
         dpos += tl.sum(P_diag, axis=1)
-        P = P.to(GRAD_DTYPE)
-        u0 = tl.dot(P, _load_rows(B, cols, c_valid, D, 0, D0).to(GRAD_DTYPE), u0, input_precision=GRAD_PRECISION)
-        if D1 > 0:
-            u1 = tl.dot(P, _load_rows(B, cols, c_valid, D, D0, D1).to(GRAD_DTYPE), u1, input_precision=GRAD_PRECISION)
-        if D2 > 0:
-            u2 = tl.dot(P, _load_rows(B, cols, c_valid, D, D0 + D1, D2).to(GRAD_DTYPE), u2,
-                        input_precision=GRAD_PRECISION)
-    _store_rows(UA, rows, r_valid, D, u0, 0, D0)
-    if D1 > 0:
-        _store_rows(UA, rows, r_valid, D, u1, D0, D1)
-    if D2 > 0:
-        _store_rows(UA, rows, r_valid, D, u2, D0 + D1, D2)
+        u = seg_accumulate_rows(P.to(GRAD_DTYPE), B, cols, c_valid, D, u, SEGS, GRAD_DTYPE, GRAD_PRECISION)
+    seg_store(UA, rows, r_valid, D, u, SEGS)
     tl.store(DPOS + rows, dpos, mask=r_valid)
 
 
 @triton.jit
 def _pair_bwd_cols_kernel(A, B, POS, TAU, L, GL, UB, I, J, D,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                          D2: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGS: tl.constexpr,
+                          PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                           GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """UB[j] = sum_{i != j} P[i, j] a[i] (whole rows) for the program's BLOCK_N columns j."""
     tau = tl.load(TAU).to(tl.float32)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_valid = cols < J
-    u0 = tl.zeros((BLOCK_N, D0), tl.float32)
-    if D1 > 0:
-        u1 = tl.zeros((BLOCK_N, D1), tl.float32)
-    if D2 > 0:
-        u2 = tl.zeros((BLOCK_N, D2), tl.float32)
+    u = seg_zeros(BLOCK_N, SEGS)
     for i0 in range(0, I, BLOCK_M):
         rows = (i0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         r_valid = rows < I
-        P, _ = _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D, D0, D1, D2, PRECISION, DOT_DTYPE)
-        Pt = tl.trans(P).to(GRAD_DTYPE)
-        u0 = tl.dot(Pt, _load_rows(A, rows, r_valid, D, 0, D0).to(GRAD_DTYPE), u0, input_precision=GRAD_PRECISION)
-        if D1 > 0:
-            u1 = tl.dot(Pt, _load_rows(A, rows, r_valid, D, D0, D1).to(GRAD_DTYPE), u1, input_precision=GRAD_PRECISION)
-        if D2 > 0:
-            u2 = tl.dot(Pt, _load_rows(A, rows, r_valid, D, D0 + D1, D2).to(GRAD_DTYPE), u2,
-                        input_precision=GRAD_PRECISION)
-    _store_rows(UB, cols, c_valid, D, u0, 0, D0)
-    if D1 > 0:
-        _store_rows(UB, cols, c_valid, D, u1, D0, D1)
-    if D2 > 0:
-        _store_rows(UB, cols, c_valid, D, u2, D0 + D1, D2)
+        P, _ = _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D, SEGS, PRECISION, DOT_DTYPE)
+        u = seg_accumulate_rows(tl.trans(P).to(GRAD_DTYPE), A, rows, r_valid, D, u, SEGS, GRAD_DTYPE,
+                                GRAD_PRECISION)
+    seg_store(UB, cols, c_valid, D, u, SEGS)
 
 
 def _configs(shapes) -> list:
@@ -189,8 +155,7 @@ for _name, _lists in _PAIR_LISTS.items():
 
 
 def _run(name: str, grid_of, args: tuple, device, dtype, d: int, rows: int, grads: bool) -> None:
-    D0, D1, D2 = _cfg.d_segments(d)
-    meta = dict(D0=D0, D1=D1, D2=D2, PRECISION=_cfg.dot_precision(dtype), DOT_DTYPE=_cfg.dot_dtype(dtype))
+    meta = dict(SEGS=_cfg.d_segments(d), PRECISION=_cfg.dot_precision(dtype), DOT_DTYPE=_cfg.dot_dtype(dtype))
     if grads:
         meta["GRAD_DTYPE"], meta["GRAD_PRECISION"] = _cfg.grad_dot(dtype)
 
