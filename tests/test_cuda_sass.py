@@ -14,6 +14,9 @@ CUDA toolkit's, else the copy shipped with Triton). Per kernel:
   through ``__launch_bounds__`` (plan.h ``kMinCtas*``);
 * the pair kernels and the cube forward (but with float32 rows in TF32 tiles) fit 128
   registers per thread: two 256-thread CTAs per SM;
+* so do both cube backward passes, in every mode, and on sm_80 their static shared memory
+  plus the dynamic shared memory plan.h plans for an A100 (bf16, TF32 and IEEE float32 at
+  d = 256, float64 at d = 192) fit two CTAs per SM (issue 13);
 * z tiles (and the pair forward's column tiles) in the tiles' own type (bf16 rows in
   bf16 tiles, float32 rows in TF32 tiles) reach shared memory through cp.async
   (LDGSTS.E.BYPASS.128, committed by LDGDEPBAR, waited by DEPBAR);
@@ -202,3 +205,62 @@ def test_wmma_bf16_tiles_compile_without_spills(tmp_path):
     assert len(bf16) == 6, len(bf16)
     for block in bf16:
         assert "LDSM" not in block and "HMMA.16816.F32.BF16" in block, block.split("\n", 1)[0]
+
+
+# Two CTAs per A100 SM: 164 KiB of shared memory per SM, 1 KiB reserved per CTA (plan.h two_cta_smem).
+A100_SMEM_PER_SM, A100_OPTIN, CTA_RESERVE = 167936, 166912, 1024
+_PLAN_PROBE = r"""
+#include <cstdio>
+#include <cstdlib>
+#include "plan.h"
+int main(int argc, char** argv) {
+  using namespace symile_cuda;
+  const long long D = std::atoll(argv[3]);
+  const CubeBackwardPlan p = plan_cube_backward(4096, 4096, 4096, D, config_for(std::atoi(argv[1]), std::atoi(argv[2])),
+                                                108, std::atoll(argv[4]));
+  std::printf("%zu %zu %lld\n", p.pair_smem, p.z_smem, (long long)p.num_slabs);
+}
+"""
+
+
+def _backward_smem(tmp_path, mode: int, elem: int, d: int) -> "tuple[int, int, int]":
+    """plan.h's dynamic shared memory of pass "pairs" and pass "z" (and the slab count) for a
+    4096-row cube at feature size d on an A100 (g++, no GPU)."""
+    gxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    if gxx is None:
+        pytest.skip("no C++ compiler (g++) found")
+    exe = tmp_path / "plan_probe"
+    if not exe.exists():
+        (tmp_path / "plan_probe.cpp").write_text(_PLAN_PROBE)
+        done = subprocess.run([gxx, "-std=c++17", "-O1", "-I", str(CSRC), str(tmp_path / "plan_probe.cpp"), "-o",
+                               str(exe)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    out = subprocess.run([str(exe), str(mode), str(elem), str(d), str(A100_OPTIN)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return int(out[0]), int(out[1]), int(out[2])
+
+
+def test_cube_backward_fits_two_ctas_per_a100_sm(kernels, tmp_path):
+    # plan.h kMinCtasCubePairs = kMinCtasCubeZ = 2: at most 128 registers per thread (65536 / (2 x 256))
+    # and, at the planned shared memory, two CTAs' static + dynamic bytes plus their reserves per SM.
+    backward = [k for k in kernels.values() if re.search(r"cube_backward_(pairs|z)_kernel", k.name)]
+    assert len(backward) == 2 * 6 * len(ARCHS), [k.name for k in backward]  # 2 passes x (rows, policy) x archs
+    over = {(k.name, k.arch): k.registers for k in backward if not 0 < k.registers <= 128}
+    assert not over, over
+    # (mode, element size, d) per kernel: T, TIn and the policy in the mangled name.
+    configs = {"ffNS_10Bf16Policy": (2, 4, 256), "f13__nv_bfloat16NS_10Bf16Policy": (2, 4, 256),
+               "ffNS_10Tf32Policy": (1, 4, 256), "f6__halfNS_10Tf32Policy": (1, 4, 256),
+               "ffNS_10IeeePolicyIf": (0, 4, 256), "ddNS_10IeeePolicyId": (0, 8, 192)}
+    too_big = {}
+    for k in backward:
+        if k.arch != "sm_80":
+            continue
+        key = [name for name in configs if f"kernelI{name}" in k.name]
+        assert len(key) == 1, k.name
+        mode, elem, d = configs[key[0]]
+        pair_smem, z_smem, slabs = _backward_smem(tmp_path, mode, elem, d)
+        assert slabs == 1, (k.name, slabs)  # full-d accumulators: the logits recomputed once per pass
+        dynamic = pair_smem if "pairs" in k.name else z_smem
+        if 2 * (k.static_smem + dynamic + CTA_RESERVE) > A100_SMEM_PER_SM:
+            too_big[k.name] = k.static_smem + dynamic
+    assert not too_big, too_big

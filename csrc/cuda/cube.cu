@@ -20,8 +20,9 @@ namespace {
 // a BP x BLOCK_K tile over the full d (BLOCK_D columns per step), stored to S (ld ldS); Cd
 // holds kOperandStages buffers of z rows (tile_products). ldPf > 0: P already holds the
 // pairs' products over all of d (ld ldPf; the forward builds them once per pair block); else
-// P takes one BLOCK_D chunk of them per step (ld ldP), rebuilt for every tile.
-template <typename Policy, typename TIn, int BI, int BJ, int BK, int BD>
+// P takes one BLOCK_D chunk of them per step (ld ldP), rebuilt for every tile. STAGES: Cd's
+// buffers (tile_products; the backward passes take one, plan.h kCubeBackwardStages).
+template <typename Policy, typename TIn, int BI, int BJ, int BK, int BD, int STAGES = kOperandStages>
 __device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, const TIn* __restrict__ y,
                                                    const TIn* __restrict__ z, int64_t a0, int64_t NA, int64_t b0,
                                                    int64_t NB, int64_t k0, int64_t NC, int64_t D,
@@ -29,7 +30,7 @@ __device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, co
                                                    typename Policy::Acc* S, int ldS, int ldPf = 0) {
   using In = typename Policy::In;
   using Acc = typename Policy::Acc;
-  tile_products<Policy, BI * BJ, BK, BD>(
+  tile_products<Policy, BI * BJ, BK, BD, STAGES>(
       D,
       [&](int64_t d0) -> const In* {
         if (ldPf > 0) return P + d0;
@@ -161,17 +162,21 @@ struct Unit {
   }
 };
 
-// The backward passes' tile sizes and shared-memory regions (plan.h cube_backward_layout):
+// The backward passes' tile sizes (plan.h cube_backward_config: 32 pair rows in pass "pairs",
+// BLOCK_K / 2 rows of z in pass "z") and shared-memory regions (plan.h cube_backward_layout):
 // Op is the contraction's operand chunk (rows of z in pass "pairs", pair products in pass
 // "z"), W its accumulators (BP x slab, or BLOCK_K x slab), G the weights (transposed in "z");
 // with plan.full_products, Pf holds a pair block's row products over all of d (ld ldPf; else
 // ldPf = 0). Also the pass's tau (read from its device scalar).
-template <typename Policy, typename T>
-struct BackwardTiles : TileSizes<Policy> {
-  using typename TileSizes<Policy>::In;
-  using typename TileSizes<Policy>::Acc;
-  using TileSizes<Policy>::c;
+template <typename Policy, typename T, bool Z_PASS>
+struct BackwardTiles {
+  using In = typename Policy::In;
+  using Acc = typename Policy::Acc;
+  static constexpr TileConfig c = cube_backward_config(Policy::cfg, Z_PASS);
+  static constexpr int BI = c.BLOCK_I, BJ = c.BLOCK_J, BK = c.BLOCK_K, BD = c.BLOCK_D, BP = BI * BJ;
+  static constexpr int ldS = BK + c.pad_acc, ldP = BD + c.pad_in;
   static_assert(std::is_same<Acc, T>::value, "partial gradients are stored in the compute dtype");
+  static_assert(BP <= kThreads && BK <= kThreads, "per-row bookkeeping uses one thread per row");
   static constexpr int ldOp = kCubeChunk + c.pad_in;
   Acc *S, *W, *LA, *gA, *LB, *gB, *ref, *arow, *u, *LC, *gC, *bcol;
   In *G, *P, *Cd, *Op, *Pf;
@@ -180,12 +185,12 @@ struct BackwardTiles : TileSizes<Policy> {
   Unit unit;
 
   // splits: the pass's split count (plan.pair_is or plan.z_is).
-  __device__ BackwardTiles(const CubeBackwardPlan& plan, bool z_pass, const T* tau_ptr, int64_t splits, int64_t D)
+  __device__ BackwardTiles(const CubeBackwardPlan& plan, const T* tau_ptr, int64_t splits, int64_t D)
       : tau(static_cast<Acc>(*tau_ptr)), unit(plan, splits, D) {
     SK_DYNAMIC_SMEM(smem);
     const int64_t slab = plan.slab;
-    constexpr TileConfig cfg = c;  // a local copy: the static member may not be ODR-used in device code
-    const CubeBackwardLayout l = cube_backward_layout(cfg, slab, z_pass, plan.p_cols);
+    constexpr TileConfig base = Policy::cfg;  // a local copy: the static member may not be ODR-used in device code
+    const CubeBackwardLayout l = cube_backward_layout(base, slab, Z_PASS, plan.p_cols);
     Acc** acc[] = {&S, &W, &LA, &gA, &LB, &gB, &ref, &arow, &u, &LC, &gC, &bcol};
     const std::size_t acc_at[] = {l.S, l.W, l.LA, l.gA, l.LB, l.gB, l.ref, l.arow, l.u, l.LC, l.gC, l.bcol};
     for (int q = 0; q < 12; ++q) *acc[q] = reinterpret_cast<Acc*>(smem + acc_at[q]);
@@ -200,12 +205,12 @@ struct BackwardTiles : TileSizes<Policy> {
 // G of the tile (pairs of i-block a0 and j-block b0) x (rows k0.. of z) in s.G (TRANSPOSED:
 // k-major, ld ldG), the logits recomputed over the full d; c0 from pair_factors.
 template <bool TRANSPOSED, typename Policy, typename T, typename TIn>
-__device__ __forceinline__ void tile_weights(const BackwardTiles<Policy, T>& s, const CubeBackwardArgs<T, TIn>& a,
-                                             int64_t a0, int64_t b0, int64_t k0, T c0, int ldG) {
-  using Tl = BackwardTiles<Policy, T>;
-  cube_tile_products<Policy, TIn, Tl::BI, Tl::BJ, Tl::BK, Tl::BD>(a.x, a.y, a.z, a0, a.I, b0, a.J, k0, a.K, a.D,
-                                                                  s.ldPf > 0 ? s.Pf : s.P, s.Cd, Tl::ldP, s.S,
-                                                                  Tl::ldS, s.ldPf);
+__device__ __forceinline__ void tile_weights(const BackwardTiles<Policy, T, TRANSPOSED>& s,
+                                             const CubeBackwardArgs<T, TIn>& a, int64_t a0, int64_t b0, int64_t k0,
+                                             T c0, int ldG) {
+  using Tl = BackwardTiles<Policy, T, TRANSPOSED>;
+  cube_tile_products<Policy, TIn, Tl::BI, Tl::BJ, Tl::BK, Tl::BD, kCubeBackwardStages>(
+      a.x, a.y, a.z, a0, a.I, b0, a.J, k0, a.K, a.D, s.ldPf > 0 ? s.Pf : s.P, s.Cd, Tl::ldP, s.S, Tl::ldS, s.ldPf);
   tile_G<typename Tl::In, T, Tl::BP, Tl::BK, TRANSPOSED>(s.S, Tl::ldS, s.tau, s.ref, s.arow, s.u, c0, s.LC, s.gC, k0,
                                                          a.K, s.bcol, s.G, ldG);
 }
@@ -214,8 +219,8 @@ __device__ __forceinline__ void tile_weights(const BackwardTiles<Policy, T>& s, 
 // ldOp: s.Op, or the chunk's columns of s.Pf), the accumulators resumed from and returned to
 // shared memory. Every thread calls after staging Op; the barriers order the staging before
 // and the next staging after.
-template <int BM, typename Policy, typename T>
-__device__ __forceinline__ void contract_chunk(const BackwardTiles<Policy, T>& s, int ch, int ldG, int kred,
+template <int BM, typename Policy, typename T, bool Z_PASS>
+__device__ __forceinline__ void contract_chunk(const BackwardTiles<Policy, T, Z_PASS>& s, int ch, int ldG, int kred,
                                                const typename Policy::In* Op, int ldOp) {
   __syncthreads();
   TileFor<Policy, BM, kCubeChunk> w;
@@ -232,42 +237,44 @@ __device__ __forceinline__ void contract_chunk(const BackwardTiles<Policy, T>& s
 template <typename T, typename TIn, typename Policy>
 __global__ void __launch_bounds__(kThreads, kMinCtasCubePairs)
     cube_backward_pairs_kernel(CubeBackwardArgs<T, TIn> args, T* __restrict__ dx_part, T* __restrict__ dy_part) {
-  using Tl = BackwardTiles<Policy, T>;
+  using Tl = BackwardTiles<Policy, T, false>;
   using Acc = typename Tl::Acc;
   constexpr int BLOCK_I = Tl::BI, BLOCK_J = Tl::BJ, BLOCK_K = Tl::BK, BP = Tl::BP, ldG = BLOCK_K + Tl::c.pad_in;
   const auto [x, y, z, tau_ptr, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, plan] = args;
-  const Tl s(plan, false, tau_ptr, plan.pair_is, D);
+  const Tl s(plan, tau_ptr, plan.pair_is, D);
   const Unit& sl = s.unit;
   const int64_t is = sl.split, js = sl.outer;  // outer: the j-split
 
-  for (int64_t ib = split_begin(is, plan.num_ib, plan.pair_is); ib < split_begin(is + 1, plan.num_ib, plan.pair_is);
-       ++ib) {
+  const int64_t ib_end = split_begin(is + 1, plan.num_ib, plan.pair_is);
+  const int64_t jb_begin = split_begin(js, plan.num_jb, plan.pair_js);
+  const int64_t jb_end = split_begin(js + 1, plan.num_jb, plan.pair_js);
+  for (int64_t ib = split_begin(is, plan.num_ib, plan.pair_is); ib < ib_end; ++ib) {
     const int64_t a0 = ib * BLOCK_I;
     load_vectors(s.LA, s.gA, La, gLa, a0, I, BLOCK_I);
-    for (int64_t jb = split_begin(js, plan.num_jb, plan.pair_js);
-         jb < split_begin(js + 1, plan.num_jb, plan.pair_js); ++jb) {
+    for (int64_t jb = jb_begin; jb < jb_end; ++jb) {
       const int64_t b0 = jb * BLOCK_J;
       load_vectors(s.LB, s.gB, Lb, gLb, b0, J, BLOCK_J);
-      for (int e = threadIdx.x; e < BP * s.ldW; e += kThreads) s.W[e] = Acc(0);
+      for (int e = opaque_tid(); e < BP * s.ldW; e += kThreads) s.W[e] = Acc(0);
       __syncthreads();
       const Acc c0 = pair_factors<Acc, BLOCK_I, BLOCK_J>(s.LA, s.gA, s.LB, s.gB, a0, I, b0, J, s.ref, s.arow, s.u);
       // Full products: built once per pair block, read by every tile of z rows (visible after the
       // barrier in tile_products; the previous block's last reads ended before this block's barriers).
       if (s.ldPf > 0) {
-        load_pair_products<typename Tl::In, Acc, TIn, BLOCK_I, BLOCK_J>(s.Pf, s.ldPf, plan.p_cols, x, y, a0, I, b0, J,
-                                                                        0, D);
+        load_pair_products<typename Tl::In, Acc, TIn, BLOCK_I, BLOCK_J, 1>(s.Pf, s.ldPf, plan.p_cols, x, y, a0, I, b0,
+                                                                           J, 0, D);
       }
       for (int64_t k0 = 0; k0 < K; k0 += BLOCK_K) {
         load_vectors(s.LC, s.gC, Lc, gLc, k0, K, BLOCK_K);
         tile_weights<false>(s, args, a0, b0, k0, c0, ldG);
         // W[:, chunk] += G z[k0 : k0 + BLOCK_K, chunk], the accumulators resumed from shared memory.
         for (int ch = 0; ch < sl.chunks; ++ch) {
-          load_rows<typename Tl::In, Acc>(s.Op, Tl::ldOp, BLOCK_K, kCubeChunk, z, k0, K, sl.col0 + ch * kCubeChunk, D);
+          load_rows<typename Tl::In, Acc, TIn, 1>(s.Op, Tl::ldOp, BLOCK_K, kCubeChunk, z, k0, K,
+                                                  sl.col0 + ch * kCubeChunk, D);
           contract_chunk<BP>(s, ch, ldG, BLOCK_K, s.Op, Tl::ldOp);
         }
       }
       // dx_part[js, i] += sum_j y[j] * W[(i, j)] and dy_part[is, j] += sum_i x[i] * W[(i, j)].
-      for (int e = threadIdx.x; e < (BLOCK_I + BLOCK_J) * sl.cols; e += kThreads) {
+      for (int e = opaque_tid(); e < (BLOCK_I + BLOCK_J) * sl.cols; e += kThreads) {
         const int r = e / sl.cols;
         const int dd = e % sl.cols;
         const int64_t col = sl.col0 + dd;
@@ -298,16 +305,17 @@ __global__ void __launch_bounds__(kThreads, kMinCtasCubePairs)
 template <typename T, typename TIn, typename Policy>
 __global__ void __launch_bounds__(kThreads, kMinCtasCubeZ)
     cube_backward_z_kernel(CubeBackwardArgs<T, TIn> args, T* __restrict__ dz_part) {
-  using Tl = BackwardTiles<Policy, T>;
+  using Tl = BackwardTiles<Policy, T, true>;
   constexpr int BLOCK_I = Tl::BI, BLOCK_J = Tl::BJ, BLOCK_K = Tl::BK, BP = Tl::BP, ldGt = BP + Tl::c.pad_in;
   const auto [x, y, z, tau_ptr, La, Lb, Lc, gLa, gLb, gLc, I, J, K, D, plan] = args;
-  const Tl s(plan, true, tau_ptr, plan.z_is, D);
+  const Tl s(plan, tau_ptr, plan.z_is, D);
   const int64_t is = s.unit.split, k0 = s.unit.outer * BLOCK_K;  // outer: the k-block
   const Unit& sl = s.unit;
 
   load_vectors(s.LC, s.gC, Lc, gLc, k0, K, BLOCK_K);
-  for (int e = threadIdx.x; e < BLOCK_K * s.ldW; e += kThreads) s.W[e] = T(0);
-  for (int64_t ib = split_begin(is, plan.num_ib, plan.z_is); ib < split_begin(is + 1, plan.num_ib, plan.z_is); ++ib) {
+  for (int e = opaque_tid(); e < BLOCK_K * s.ldW; e += kThreads) s.W[e] = T(0);
+  const int64_t ib_end = split_begin(is + 1, plan.z_num_ib, plan.z_is);
+  for (int64_t ib = split_begin(is, plan.z_num_ib, plan.z_is); ib < ib_end; ++ib) {
     const int64_t a0 = ib * BLOCK_I;
     for (int64_t b0 = 0; b0 < J; b0 += BLOCK_J) {
       load_vectors(s.LA, s.gA, La, gLa, a0, I, BLOCK_I);
@@ -317,8 +325,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasCubeZ)
       // Full products: built once per pair block for the logits and the contraction (the previous
       // block's contraction ended with a barrier; tile_products' barrier shows them).
       if (s.ldPf > 0) {
-        load_pair_products<typename Tl::In, T, TIn, BLOCK_I, BLOCK_J>(s.Pf, s.ldPf, plan.p_cols, x, y, a0, I, b0, J,
-                                                                      0, D);
+        load_pair_products<typename Tl::In, T, TIn, BLOCK_I, BLOCK_J, 1>(s.Pf, s.ldPf, plan.p_cols, x, y, a0, I, b0,
+                                                                         J, 0, D);
       }
       tile_weights<true>(s, args, a0, b0, k0, c0, ldGt);
       // V[:, chunk] += G^T (x * y)[pairs, chunk], V (in W) resumed from shared memory.
@@ -326,14 +334,14 @@ __global__ void __launch_bounds__(kThreads, kMinCtasCubeZ)
         if (s.ldPf > 0) {
           contract_chunk<BLOCK_K>(s, ch, ldGt, BP, s.Pf + sl.col0 + ch * kCubeChunk, s.ldPf);
         } else {
-          load_pair_products<typename Tl::In, T, TIn, BLOCK_I, BLOCK_J>(s.Op, Tl::ldOp, kCubeChunk, x, y, a0, I, b0, J,
-                                                                        sl.col0 + ch * kCubeChunk, D);
+          load_pair_products<typename Tl::In, T, TIn, BLOCK_I, BLOCK_J, 1>(s.Op, Tl::ldOp, kCubeChunk, x, y, a0, I,
+                                                                           b0, J, sl.col0 + ch * kCubeChunk, D);
           contract_chunk<BLOCK_K>(s, ch, ldGt, BP, s.Op, Tl::ldOp);
         }
       }
     }
   }
-  for (int e = threadIdx.x; e < BLOCK_K * sl.cols; e += kThreads) {
+  for (int e = opaque_tid(); e < BLOCK_K * sl.cols; e += kThreads) {
     const int kk = e / sl.cols;
     const int dd = e % sl.cols;
     if (k0 + kk < K) dz_part[(is * K + k0 + kk) * D + sl.col0 + dd] = s.W[kk * s.ldW + dd];

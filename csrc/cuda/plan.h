@@ -38,17 +38,16 @@ constexpr int kSmemAlign = 128;
 // spilled). Every kernel compiles without spills (tests/test_cuda_sass.py). The pair
 // kernels fit 128 registers: two CTAs per SM. So does the cube forward (ldmatrix fragments),
 // except with float32 rows in TF32 tiles (32 bytes of spills at 128 on sm_80, so
-// kMinCtasCubeForwardTf32 = 1). The backward passes do not yet without spilling but in
-// IEEE and pass "pairs" with float32 rows (at 128 on sm_80: pass "pairs" 4 bytes with bf16
-// or fp16 rows, pass "z" 16-100 bytes; they use 159-210 at one CTA per SM), and their
-// full-d accumulators take about 111 KB of shared memory at bf16 d = 256: one CTA per SM
-// (issue 13 item 2; csrc/cuda/README.md).
+// kMinCtasCubeForwardTf32 = 1). The backward passes fit 128 with their own, smaller tiles
+// (cube_backward_config: 32 pair rows in pass "pairs", 32 rows of z in pass "z"; with the
+// forward's 64 they used 159-210 registers at one CTA per SM and spilled 4-100 bytes at 128),
+// and their shared memory fits two CTAs per A100 SM at bf16 d <= 256 (plan_cube_backward).
 constexpr int kMinCtasPairForward = 2;
 constexpr int kMinCtasPairBackward = 2;  // da, db
 constexpr int kMinCtasCubeForward = 2;
 constexpr int kMinCtasCubeForwardTf32 = 1;  // float32 rows in TF32 tiles
-constexpr int kMinCtasCubePairs = 1;     // backward pass "pairs"
-constexpr int kMinCtasCubeZ = 1;         // backward pass "z"
+constexpr int kMinCtasCubePairs = 2;     // backward pass "pairs"
+constexpr int kMinCtasCubeZ = 2;         // backward pass "z"
 SK_HD constexpr int register_budget(int min_ctas) {
   return (65536 / (kThreads * min_ctas)) > 255 ? 255 : 65536 / (kThreads * min_ctas);
 }
@@ -223,52 +222,86 @@ constexpr int kCubeChunk = 64;
 constexpr double kForwardShareSpread = 60.0;
 constexpr double kBackwardShareSpread = 40.0;
 
+// The backward passes' tiles: the mode's TileConfig with BLOCK_I halved in pass "pairs"
+// (BP = 2 x 16 = 32 pair rows: its BP x d accumulators) and BLOCK_K halved in pass "z" (32
+// rows of z, 16 in float64: its BLOCK_K x d accumulators). Same FLOPs and exponentials as the
+// forward's tiles (each pass still recomputes the logits once); the halved accumulators bring
+// both passes to two CTAs per SM: 128 registers (kMinCtasCube*) and, at bf16 d <= 256, at most
+// 81 KiB of shared memory (kTwoCtaSmemA100). Every tile product keeps whole 16 x 16
+// tensor-core tiles per warp (32 x 64 and 64 x 32: one per warp). One configuration for every
+// target: sm_90's 2-CTA share (113 KiB) does not hold the forward's tiles at d = 256 either.
+SK_HD constexpr TileConfig cube_backward_config(const TileConfig& c, bool z_pass) {
+  return z_pass ? TileConfig{c.BLOCK_I, c.BLOCK_J, c.BLOCK_K / 2, c.BLOCK_D, c.BLOCK_DW, c.pad_in, c.pad_acc,
+                             c.in_size, c.acc_size}
+                : TileConfig{c.BLOCK_I / 2, c.BLOCK_J, c.BLOCK_K, c.BLOCK_D, c.BLOCK_DW, c.pad_in, c.pad_acc,
+                             c.in_size, c.acc_size};
+}
+
+// Shared memory per CTA that lets two CTAs share an SM whose per-block opt-in limit is
+// smem_limit: the SM holds smem_limit + 1 KiB (the per-CTA reserve), and each CTA takes its
+// own 1 KiB reserve (A100: 82944 = 81 KiB; H100: 115712; sm_86/sm_89: 50176).
+SK_HD constexpr int64_t two_cta_smem(int64_t smem_limit) { return (smem_limit + 1024) / 2 - 1024; }
+constexpr int64_t kTwoCtaSmemA100 = 82944;  // two_cta_smem(166912)
+
+// Buffers of z rows in the backward passes' logit products (tile_products' STAGES): two, the
+// next chunk's cp.async copies in flight during this chunk's products, as in the forward.
+constexpr int kCubeBackwardStages = kOperandStages;
+
 struct CubeBackwardLayout {
   std::size_t S, G, P, Cd, Op, W, LA, gA, LB, gB, ref, arow, u, LC, gC, bcol, Pf, total;
 };
 
+// base: the mode's config (cube_backward_config picks the pass's tiles).
 // z_pass: accumulators BLOCK_K x slab, operand chunk BP x kCubeChunk (pair products),
 // G stored transposed (BLOCK_K x BP); else BP x slab, BLOCK_K x kCubeChunk (rows of z), G BP x BLOCK_K.
-// The contraction's operand chunk Op reuses the bytes of S, P and Cd: it is loaded only
-// after G is built from S (tile_G ends with a barrier), and P, Cd are next written after
-// the contraction's last barrier.
+// Regions used at different times share bytes: the contraction's operand chunk Op aliases S,
+// P and Cd (loaded after tile_G, which ends with a barrier; P and Cd are next written after the
+// contraction's last barrier); G aliases P and Cd (written by tile_G after tile_products' last
+// barrier, with no copy in flight) but neither S (which tile_G reads) nor Op.
 // p_cols > 0 adds Pf, a pair block's row products over p_cols columns (all of d, a multiple of
-// kCubeChunk; CubeBackwardPlan::full_products), kept apart from every other region.
-SK_HD constexpr CubeBackwardLayout cube_backward_layout(const TileConfig& c, int64_t slab, bool z_pass,
+// kCubeChunk; CubeBackwardPlan::full_products), kept apart from every other region; it replaces
+// P (and, in pass "z", Op). The per-row vectors are packed (each on its element size).
+SK_HD constexpr CubeBackwardLayout cube_backward_layout(const TileConfig& base, int64_t slab, bool z_pass,
                                                         int p_cols = 0) {
+  const TileConfig c = cube_backward_config(base, z_pass);
   const int BP = tile_pairs(c);
   const int acc_rows = z_pass ? c.BLOCK_K : BP;
   const int op_rows = z_pass ? BP : c.BLOCK_K;
-  const int vec = c.BLOCK_K > BP ? c.BLOCK_K : BP;
+  const bool full = p_cols > 0;
   const std::size_t S = 0;
   const std::size_t P = S + tile_bytes(BP, c.BLOCK_K, c.pad_acc, c.acc_size);
-  const std::size_t Cd = P + tile_bytes(BP, c.BLOCK_D, c.pad_in, c.in_size);
+  const std::size_t Cd = P + (full ? 0 : tile_bytes(BP, c.BLOCK_D, c.pad_in, c.in_size));
+  const std::size_t cd_end = Cd + kCubeBackwardStages * tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size);
   const std::size_t Op = 0;
-  const std::size_t G = max_size(Cd + kOperandStages * tile_bytes(c.BLOCK_K, c.BLOCK_D, c.pad_in, c.in_size),
-                                 Op + tile_bytes(op_rows, kCubeChunk, c.pad_in, c.in_size));
-  const std::size_t W = G + (z_pass ? tile_bytes(c.BLOCK_K, BP, c.pad_in, c.in_size)
-                                    : tile_bytes(BP, c.BLOCK_K, c.pad_in, c.in_size));
+  const std::size_t op_end = z_pass && full ? 0 : Op + tile_bytes(op_rows, kCubeChunk, c.pad_in, c.in_size);
+  const std::size_t G = max_size(P, op_end);
+  const std::size_t g_end = G + (z_pass ? tile_bytes(c.BLOCK_K, BP, c.pad_in, c.in_size)
+                                        : tile_bytes(BP, c.BLOCK_K, c.pad_in, c.in_size));
+  const std::size_t W = max_size(g_end, cd_end);
+  const std::size_t e = static_cast<std::size_t>(c.acc_size);
   const std::size_t LA = W + tile_bytes(acc_rows, static_cast<int>(slab), c.pad_acc, c.acc_size);
-  const std::size_t gA = LA + tile_bytes(1, vec, 0, c.acc_size);
-  const std::size_t LB = gA + tile_bytes(1, vec, 0, c.acc_size);
-  const std::size_t gB = LB + tile_bytes(1, vec, 0, c.acc_size);
-  const std::size_t ref = gB + tile_bytes(1, vec, 0, c.acc_size);
-  const std::size_t arow = ref + tile_bytes(1, vec, 0, c.acc_size);
-  const std::size_t u = arow + tile_bytes(1, vec, 0, c.acc_size);
-  const std::size_t LC = u + tile_bytes(1, vec, 0, c.acc_size);
-  const std::size_t gC = LC + tile_bytes(1, vec, 0, c.acc_size);
-  const std::size_t bcol = gC + tile_bytes(1, vec, 0, c.acc_size);
-  const std::size_t Pf = bcol + tile_bytes(1, vec, 0, c.acc_size);
-  const std::size_t total = Pf + (p_cols > 0 ? tile_bytes(BP, p_cols, c.pad_in, c.in_size) : 0);
+  const std::size_t gA = LA + c.BLOCK_I * e;
+  const std::size_t LB = gA + c.BLOCK_I * e;
+  const std::size_t gB = LB + c.BLOCK_J * e;
+  const std::size_t LC = gB + c.BLOCK_J * e;
+  const std::size_t gC = LC + c.BLOCK_K * e;
+  const std::size_t bcol = gC + c.BLOCK_K * e;
+  const std::size_t ref = bcol + c.BLOCK_K * e;
+  const std::size_t arow = ref + BP * e;
+  const std::size_t u = arow + BP * e;
+  const std::size_t Pf = align_up(u + BP * e);
+  const std::size_t total = Pf + (full ? tile_bytes(BP, p_cols, c.pad_in, c.in_size) : 0);
   return CubeBackwardLayout{S, G, P, Cd, Op, W, LA, gA, LB, gB, ref, arow, u, LC, gC, bcol, Pf, total};
 }
 
 // full_products: both passes build a pair block's row products x[i] * y[j] once over all of d
 // (p_cols = d rounded up to kCubeChunk) and reuse them: pass "pairs" for every tile of z rows,
-// pass "z" for its logits and its contraction. Taken when they fit the device's shared memory
-// beside the slab's accumulators (the slab is chosen first); else rebuilt per tile and chunk.
+// pass "z" for its logits and its contraction. Taken when they fit beside the slab's
+// accumulators within two CTAs' share of the SM (two_cta_smem), or, where the accumulators
+// alone already exceed that share, within the device's limit; else rebuilt per tile and chunk.
+// num_ib counts pass "pairs"' i-blocks, z_num_ib pass "z"'s (their BLOCK_I differ).
 struct CubeBackwardPlan {
-  int64_t slab = 0, num_slabs = 0, num_ib = 0, num_jb = 0, num_kb = 0;
+  int64_t slab = 0, num_slabs = 0, num_ib = 0, z_num_ib = 0, num_jb = 0, num_kb = 0;
   int p_cols = 0;
   bool full_products = false;
   int64_t pair_is = 0, pair_js = 0, pair_units = 0;  // pass "pairs": i-splits x j-splits x slabs
@@ -302,17 +335,24 @@ inline CubeBackwardPlan plan_cube_backward(int64_t I, int64_t J, int64_t K, int6
   const int64_t d_cols = ceil_div(D > 0 ? D : 1, kCubeChunk) * kCubeChunk;
   if (d_cols <= 4096) {
     const int pc = static_cast<int>(d_cols);
-    p.full_products = static_cast<int64_t>(cube_backward_layout(c, slab, false, pc).total) <= smem_limit &&
-                      static_cast<int64_t>(cube_backward_layout(c, slab, true, pc).total) <= smem_limit;
+    const int64_t two = two_cta_smem(smem_limit);
+    const int64_t with = static_cast<int64_t>(max_size(cube_backward_layout(c, slab, false, pc).total,
+                                                       cube_backward_layout(c, slab, true, pc).total));
+    const int64_t without = static_cast<int64_t>(max_size(cube_backward_layout(c, slab, false).total,
+                                                          cube_backward_layout(c, slab, true).total));
+    // Never trade two CTAs per SM for the products: they save loads, not FLOPs.
+    p.full_products = with <= two || (without > two && with <= smem_limit);
   }
   p.p_cols = p.full_products ? static_cast<int>(d_cols) : 0;
-  p.num_ib = ceil_div(I, c.BLOCK_I);
-  p.num_jb = ceil_div(J, c.BLOCK_J);
-  p.num_kb = ceil_div(K, c.BLOCK_K);
+  const TileConfig cp = cube_backward_config(c, false), cz = cube_backward_config(c, true);
+  p.num_ib = ceil_div(I, cp.BLOCK_I);
+  p.z_num_ib = ceil_div(I, cz.BLOCK_I);
+  p.num_jb = ceil_div(J, cp.BLOCK_J);
+  p.num_kb = ceil_div(K, cz.BLOCK_K);
   // Pass "z" splits i until its units reach two CTAs per SM; pass "pairs" takes a square of
   // splits towards the same; both within the workspace budget (kBackwardSplitBudget row sets).
-  p.z_is = clamp64(ceil_div(2 * sms, p.num_kb * p.num_slabs), 1, p.num_ib < kBackwardSplitBudget / 3
-                                                                    ? p.num_ib : kBackwardSplitBudget / 3);
+  p.z_is = clamp64(ceil_div(2 * sms, p.num_kb * p.num_slabs), 1, p.z_num_ib < kBackwardSplitBudget / 3
+                                                                    ? p.z_num_ib : kBackwardSplitBudget / 3);
   int64_t side = 1;
   while (side * side * p.num_slabs < 2 * sms && 2 * (side + 1) + p.z_is <= kBackwardSplitBudget) ++side;
   p.pair_is = clamp64(side, 1, p.num_ib);

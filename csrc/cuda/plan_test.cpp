@@ -152,38 +152,65 @@ static void check_cube_backward_plan(int64_t I, int64_t J, int64_t K, int64_t D,
   EXPECT(p.pair_units == p.pair_is * p.pair_js * p.num_slabs && p.z_units == p.num_kb * p.z_is * p.num_slabs, fmt,
          a[0], a[1], a[2], a[3], sms, (long long)limit);
   EXPECT(split_begin(p.pair_is, p.num_ib, p.pair_is) == p.num_ib && split_begin(p.pair_js, p.num_jb, p.pair_js) ==
-             p.num_jb && split_begin(p.z_is, p.num_ib, p.z_is) == p.num_ib,
+             p.num_jb && split_begin(p.z_is, p.z_num_ib, p.z_is) == p.z_num_ib,
+         fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
+  // Each pass counts blocks of its own tiles (cube_backward_config).
+  const TileConfig cp = cube_backward_config(c, false), cz = cube_backward_config(c, true);
+  EXPECT(p.num_ib == ceil_div(I, cp.BLOCK_I) && p.z_num_ib == ceil_div(I, cz.BLOCK_I) &&
+             p.num_jb == ceil_div(J, cp.BLOCK_J) && p.num_kb == ceil_div(K, cz.BLOCK_K),
          fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
   // Every split holds at least one block (splits never exceed the blocks).
-  EXPECT(p.pair_is <= p.num_ib && p.pair_js <= p.num_jb && p.z_is <= p.num_ib, fmt, a[0], a[1], a[2], a[3], sms,
+  EXPECT(p.pair_is <= p.num_ib && p.pair_js <= p.num_jb && p.z_is <= p.z_num_ib, fmt, a[0], a[1], a[2], a[3], sms,
          (long long)limit);
-  // Full products: all of d in whole kCubeChunk columns, within the limit, only where they fit.
+  // Full products: all of d in whole kCubeChunk columns, taken where they fit two CTAs' share of the
+  // SM, or the device's limit where the accumulators alone exceed that share.
   const int64_t d_cols = ceil_div(D, kCubeChunk) * kCubeChunk;
-  const bool fits = d_cols <= 4096 &&
-                    static_cast<int64_t>(cube_backward_layout(c, p.slab, false, static_cast<int>(d_cols)).total) <= limit &&
-                    static_cast<int64_t>(cube_backward_layout(c, p.slab, true, static_cast<int>(d_cols)).total) <= limit;
+  auto need = [&](int pc) {
+    return static_cast<int64_t>(max_size(cube_backward_layout(c, p.slab, false, pc).total,
+                                         cube_backward_layout(c, p.slab, true, pc).total));
+  };
+  const int64_t two = two_cta_smem(limit);
+  const bool fits = d_cols <= 4096 && (need(static_cast<int>(d_cols)) <= two ||
+                                       (need(0) > two && need(static_cast<int>(d_cols)) <= limit));
   EXPECT(p.full_products == fits && p.p_cols == (fits ? d_cols : 0), fmt, a[0], a[1], a[2], a[3], sms,
          (long long)limit);
   EXPECT(p.pair_smem == cube_backward_layout(c, p.slab, false, p.p_cols).total &&
              p.z_smem == cube_backward_layout(c, p.slab, true, p.p_cols).total,
          fmt, a[0], a[1], a[2], a[3], sms, (long long)limit);
   for (bool z : {false, true}) {
+    const TileConfig t = cube_backward_config(c, z);
+    const int BP = tile_pairs(t);
     const CubeBackwardLayout l = cube_backward_layout(c, p.slab, z, p.p_cols);
-    // Pf follows every other region (the contraction's Op aliases S, P, Cd only).
-    EXPECT(l.Pf % kSmemAlign == 0 && l.Pf >= l.bcol + tile_bytes(1, tile_pairs(c) > c.BLOCK_K ? tile_pairs(c)
-                                                                                             : c.BLOCK_K, 0, c.acc_size) &&
-               l.total == l.Pf + (p.p_cols ? tile_bytes(tile_pairs(c), p.p_cols, c.pad_in, c.in_size) : 0),
-           "cube backward Pf region");
-    EXPECT(c.pad_in == 1 || (p.p_cols + c.pad_in) * c.in_size % 16 == 0, "cube backward Pf ldm");
-    // Op aliases S, P and Cd (used at other times): it must end before G.
-    const int BP = tile_pairs(c);
-    EXPECT(l.Op == l.S && l.Op + tile_bytes(z ? BP : c.BLOCK_K, kCubeChunk, c.pad_in, c.in_size) <= l.G,
-           "cube backward operand chunk ends before G");
-    const std::size_t offs[] = {l.S, l.P, l.Cd, l.G, l.W, l.LA, l.gA, l.LB, l.gB, l.ref, l.arow, l.u, l.LC,
-                                l.gC, l.bcol, l.total};
-    for (std::size_t q = 0; q + 1 < sizeof(offs) / sizeof(offs[0]); ++q) {
-      EXPECT(offs[q] % kSmemAlign == 0 && offs[q] < offs[q + 1], "cube backward layout region %zu", q);
+    const bool full = p.p_cols > 0;
+    // [begin, end) of each region; regions live at the same time must not overlap.
+    struct R {
+      std::size_t b, e;
+    };
+    const R S{l.S, l.S + tile_bytes(BP, t.BLOCK_K, t.pad_acc, t.acc_size)};
+    const R P{l.P, l.P + (full ? 0 : tile_bytes(BP, t.BLOCK_D, t.pad_in, t.in_size))};
+    const R Cd{l.Cd, l.Cd + kCubeBackwardStages * tile_bytes(t.BLOCK_K, t.BLOCK_D, t.pad_in, t.in_size)};
+    const R Op{l.Op, l.Op + (z && full ? 0 : tile_bytes(z ? BP : t.BLOCK_K, kCubeChunk, t.pad_in, t.in_size))};
+    const R G{l.G, l.G + tile_bytes(z ? t.BLOCK_K : BP, z ? BP : t.BLOCK_K, t.pad_in, t.in_size)};
+    const R W{l.W, l.W + tile_bytes(z ? t.BLOCK_K : BP, static_cast<int>(p.slab), t.pad_acc, t.acc_size)};
+    auto apart = [](R x, R y) { return x.e <= y.b || y.e <= x.b || x.b == x.e || y.b == y.e; };
+    // tile_products: S, P and Cd together; tile_G: S and G; the contraction: G, Op and W.
+    EXPECT(apart(S, P) && apart(S, Cd) && apart(P, Cd) && apart(S, G) && apart(G, Op) && apart(W, S) &&
+               apart(W, P) && apart(W, Cd) && apart(W, G) && apart(W, Op),
+           "cube backward regions (z=%d) overlap", int(z));
+    const std::size_t tiles[] = {l.S, l.P, l.Cd, l.Op, l.G, l.W, l.Pf};
+    for (std::size_t o : tiles) EXPECT(o % kSmemAlign == 0, "cube backward tile region at %zu aligned", o);
+    // The packed vectors follow W, each on its element size, and Pf follows them.
+    const std::size_t vec[] = {l.LA, l.gA, l.LB, l.gB, l.LC, l.gC, l.bcol, l.ref, l.arow, l.u};
+    const int len[] = {t.BLOCK_I, t.BLOCK_I, t.BLOCK_J, t.BLOCK_J, t.BLOCK_K, t.BLOCK_K, t.BLOCK_K, BP, BP, BP};
+    EXPECT(vec[0] == W.e, "cube backward vectors follow W");
+    for (int q = 0; q < 10; ++q) {
+      EXPECT(vec[q] % t.acc_size == 0 && (q == 9 || vec[q] + len[q] * t.acc_size == vec[q + 1]),
+             "cube backward vector %d", q);
     }
+    EXPECT(l.Pf == align_up(l.u + BP * t.acc_size) &&
+               l.total == l.Pf + (full ? tile_bytes(BP, p.p_cols, t.pad_in, t.in_size) : 0),
+           "cube backward Pf region");
+    EXPECT(t.pad_in == 1 || (p.p_cols + t.pad_in) * t.in_size % 16 == 0, "cube backward Pf ldm");
   }
   EXPECT(p.dy_part == p.pair_js * I * D && p.dz_part == p.dy_part + p.pair_is * J * D &&
              p.dtau_part == p.dz_part + p.z_is * K * D && p.workspace == p.dtau_part + p.reduce_ctas,
@@ -222,6 +249,25 @@ int main() {
   EXPECT(plan_cube_forward(64, 64, 64, 160, config_for(kTf32, 4), 132).full_products &&
              !plan_cube_forward(64, 64, 64, 161, config_for(kTf32, 4), 132).full_products,
          "TF32 full products up to d = 160");
+  // Two CTAs per SM (issue 13): both backward passes fit two CTAs' share of an A100 SM (81 KiB) at
+  // bf16 d <= 256 with full products (bf16 rows run the same tiles), up to d = 448 rebuilding them;
+  // float32 (IEEE, TF32) up to d = 384 (full products to 128); float64 up to d = 192. Beyond, one
+  // CTA per SM (the accumulators are d wide; narrower slabs would recompute the logits).
+  const int64_t a100 = 166912;
+  EXPECT(two_cta_smem(a100) == kTwoCtaSmemA100 && two_cta_smem(232448) == 115712, "two-CTA shares");
+  for (const auto& m : modes) {
+    const TileConfig c = config_for(m[0], m[1]);
+    const int64_t top = m[1] == 8 ? 192 : m[0] == kBf16 ? 448 : 384;
+    for (int64_t D = 1; D <= 512; D += (D < 64 ? 63 : 64)) {
+      const CubeBackwardPlan p = plan_cube_backward(4096, 4096, 4096, D, c, 108, a100);
+      const bool two = static_cast<int64_t>(max_size(p.pair_smem, p.z_smem)) <= kTwoCtaSmemA100;
+      EXPECT(p.num_slabs == 1 && two == (D <= top), "mode %d/%d d=%lld on A100: %zu, %zu bytes", m[0], m[1],
+             (long long)D, p.pair_smem, p.z_smem);
+      if (m[0] == kBf16) {
+        EXPECT(p.full_products == (D <= 256 || D > 448), "bf16 d=%lld full products", (long long)D);
+      }
+    }
+  }
   // Per target: d = 512 in one slab where the device's shared memory allows (H100: 227 KiB).
   const CubeBackwardPlan h100 = plan_cube_backward(4096, 4096, 4096, 512, config_for(kBf16, 4), 132, 232448);
   EXPECT(h100.num_slabs == 1, "bf16 d=512 on H100: %lld slabs", (long long)h100.num_slabs);

@@ -298,12 +298,28 @@ struct FragX4 {
 };
 #endif
 
+// This thread's index, read by a volatile asm so that the compiler recomputes the fragment
+// addresses that depend on it at every tile product instead of hoisting them out of the
+// kernels' loops and holding them (or spilling them) for the whole kernel: the cube backward's
+// 128-register plan. The emulation reads threadIdx.
+__device__ __forceinline__ int opaque_tid() {
+#if defined(__CUDA_ARCH__) && !defined(SYMILE_CUDA_EMULATE)
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+  return t;
+#else
+  return static_cast<int>(threadIdx.x);
+#endif
+}
+
+// lane: this thread's lane (threadIdx.x % 32, from opaque_tid).
 template <typename RowOf>
-__device__ __forceinline__ void ldsm_x4(FragX4& f, RowOf row_of, bool trans) {
+__device__ __forceinline__ void ldsm_x4(FragX4& f, RowOf row_of, bool trans, int lane) {
 #ifdef SYMILE_CUDA_EMULATE
+  (void)lane;
   symile_emu::ldmatrix_x4(f, row_of, trans);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_of(static_cast<int>(threadIdx.x % 32))));
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_of(lane)));
   if (trans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(f.r[0]), "=r"(f.r[1]), "=r"(f.r[2]), "=r"(f.r[3]) : "r"(addr));
@@ -314,6 +330,7 @@ __device__ __forceinline__ void ldsm_x4(FragX4& f, RowOf row_of, bool trans) {
 #else
   (void)row_of;
   (void)trans;
+  (void)lane;
   f.r[0] = f.r[1] = f.r[2] = f.r[3] = 0u;
   __trap();  // bf16 fragments need sm_80; the binding refuses older devices
 #endif
@@ -341,11 +358,11 @@ __device__ __forceinline__ void mma_16816_bf16(float (&d)[4], const FragX4& a, c
 // Registers 0..count-1 of this lane's fragment from the 32-bit shared words word_of(lane, j)
 // (plain LDS; the emulation evaluates word_of for every lane, as ldsm_x4).
 template <typename WordOf>
-__device__ __forceinline__ void lds_words(FragX4& f, WordOf word_of, int count) {
+__device__ __forceinline__ void lds_words(FragX4& f, WordOf word_of, int count, int lane) {
 #ifdef SYMILE_CUDA_EMULATE
+  (void)lane;
   symile_emu::gather_words(f, word_of, count);
 #else
-  const int lane = static_cast<int>(threadIdx.x % 32);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     if (j < count) f.r[j] = *reinterpret_cast<const uint32_t*>(word_of(lane, j));
@@ -407,7 +424,8 @@ struct MmaTile {
 
   template <bool B_COL>
   __device__ __forceinline__ void mma(const In* As, int lda, const In* Bs, int ldb, int kred) {
-    const int warp = threadIdx.x / 32;
+    const int tid = opaque_tid();
+    const int warp = tid / 32, lane = tid % 32;
 #pragma unroll 1
     for (int kk = 0; kk < kred; kk += KS) {
 #pragma unroll
@@ -421,7 +439,7 @@ struct MmaTile {
         const In* a_base = As + tm * 16 * lda + kk;
         const In* b_base = B_COL ? Bs + tn * 16 * ldb + kk : Bs + kk * ldb + tn * 16;
         FragX4 a, b;
-        symile_cuda::ldsm_x4(a, [=](int l) { return a_base + (l % 16) * lda + (l / 16) * KH; }, false);
+        symile_cuda::ldsm_x4(a, [=](int l) { return a_base + (l % 16) * lda + (l / 16) * KH; }, false, lane);
         if constexpr (B_COL || !kTf32) {
           symile_cuda::ldsm_x4(
               b,
@@ -430,11 +448,12 @@ struct MmaTile {
                 const int n = (j / 2) * 8 + (B_COL ? r : 0), k = (j % 2) * KH + (B_COL ? 0 : r);
                 return B_COL ? b_base + n * ldb + k : b_base + k * ldb + n;
               },
-              !B_COL);
+              !B_COL, lane);
         } else {
           // Register j of lane l: B(k, n) with k = (j % 2) * 4 + l % 4, n = (j / 2) * 8 + l / 4.
           symile_cuda::lds_words(
-              b, [=](int l, int j) { return b_base + ((j % 2) * 4 + l % 4) * ldb + (j / 2) * 8 + l / 4; }, 4);
+              b, [=](int l, int j) { return b_base + ((j % 2) * 4 + l % 4) * ldb + (j / 2) * 8 + l / 4; }, 4,
+              lane);
         }
         if constexpr (kTf32) {
           symile_cuda::mma_1688_tf32(acc[q][0], a, b, 0);  // columns tn * 16 + 0..7
@@ -449,7 +468,8 @@ struct MmaTile {
 
   // acc[q][h][i] is row (lane / 4) + 8 (i / 2), column h * 8 + 2 (lane % 4) + i % 2 of tile q.
   __device__ __forceinline__ void load(const float* Cs, int ldc) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int tid = opaque_tid();
+    const int warp = tid / 32, lane = tid % 32;
 #pragma unroll
     for (int q = 0; q < PER_WARP; ++q) {
       const int t = warp + q * WARPS;
@@ -462,7 +482,8 @@ struct MmaTile {
   }
 
   __device__ __forceinline__ void store(float* Cs, int ldc) const {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int tid = opaque_tid();
+    const int warp = tid / 32, lane = tid % 32;
 #pragma unroll
     for (int q = 0; q < PER_WARP; ++q) {
       const int t = warp + q * WARPS;
@@ -565,8 +586,9 @@ __device__ __forceinline__ void load_piece(Acc (&out)[16 / sizeof(T)], const T* 
   }
 }
 
-// Rows of an (n, D) tensor: dst[r][dd] = src[row0 + r][d0 + dd].
-template <typename In, typename Acc, typename T>
+// Rows of an (n, D) tensor: dst[r][dd] = src[row0 + r][d0 + dd]. INFLIGHT: 16-byte pieces
+// in flight per thread (1 in the cube backward, whose 128-register plan has no room for two).
+template <typename In, typename Acc, typename T, int INFLIGHT = 2>
 __device__ __forceinline__ void load_rows(In* dst, int ld, int rows, int cols, const T* __restrict__ src,
                                           int64_t row0, int64_t n, int64_t d0, int64_t D) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
@@ -574,8 +596,8 @@ __device__ __forceinline__ void load_rows(In* dst, int ld, int rows, int cols, c
     const int pieces = cols / VEC;
     // At most two pieces in flight per thread: the bf16 kernels' accumulators stay in
     // registers under the 2-CTA cap (no spills, tests/test_cuda_sass.py).
-#pragma unroll 2
-    for (int e = threadIdx.x; e < rows * pieces; e += kThreads) {
+#pragma unroll INFLIGHT
+    for (int e = opaque_tid(); e < rows * pieces; e += kThreads) {
       const int r = e / pieces;
       const int dd = (e % pieces) * VEC;
       Acc v[VEC];
@@ -585,7 +607,7 @@ __device__ __forceinline__ void load_rows(In* dst, int ld, int rows, int cols, c
     }
     return;
   }
-  for (int e = threadIdx.x; e < rows * cols; e += kThreads) {
+  for (int e = opaque_tid(); e < rows * cols; e += kThreads) {
     const int r = e / cols;
     const int dd = e % cols;
     const int64_t row = row0 + r;
@@ -609,7 +631,7 @@ __device__ __forceinline__ void load_rows_async(In* dst, int ld, int rows, int c
     if ((ld * sizeof(In)) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
         rows_vectorisable(src, D, d0, cols)) {
       const int pieces = cols / VEC;
-      for (int e = threadIdx.x; e < rows * pieces; e += kThreads) {
+      for (int e = opaque_tid(); e < rows * pieces; e += kThreads) {
         const int r = e / pieces;
         const int dd = (e % pieces) * VEC;
         const int64_t row = row0 + r, col = d0 + dd;
@@ -623,16 +645,17 @@ __device__ __forceinline__ void load_rows_async(In* dst, int ld, int rows, int c
 }
 
 // Row products of BLOCK_I x BLOCK_J pairs: dst[p][dd] = A[a0 + p / BJ][d] * B[b0 + p % BJ][d].
-template <typename In, typename Acc, typename T, int BI, int BJ>
+// INFLIGHT as load_rows.
+template <typename In, typename Acc, typename T, int BI, int BJ, int INFLIGHT = 2>
 __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, const T* __restrict__ A,
                                                    const T* __restrict__ B, int64_t a0, int64_t NA, int64_t b0,
                                                    int64_t NB, int64_t d0, int64_t D) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
-  if (threadIdx.x == 0) SK_COUNT_PAIR_PRODUCTS(int64_t(BI) * BJ * cols);  // the tile's elements, zeros included
+  if (opaque_tid() == 0) SK_COUNT_PAIR_PRODUCTS(int64_t(BI) * BJ * cols);  // the tile's elements, zeros included
   if (rows_vectorisable(A, D, d0, cols) && rows_vectorisable(B, D, d0, cols)) {
     const int pieces = cols / VEC;
-#pragma unroll 2  // as load_rows: two pieces in flight
-    for (int e = threadIdx.x; e < BI * BJ * pieces; e += kThreads) {
+#pragma unroll INFLIGHT  // as load_rows
+    for (int e = opaque_tid(); e < BI * BJ * pieces; e += kThreads) {
       const int p = e / pieces;
       const int dd = (e % pieces) * VEC;
       // A pair outside the cube reads neither row (as the scalar path): exact zeros.
@@ -645,7 +668,7 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
     }
     return;
   }
-  for (int e = threadIdx.x; e < BI * BJ * cols; e += kThreads) {
+  for (int e = opaque_tid(); e < BI * BJ * cols; e += kThreads) {
     const int p = e / cols;
     const int dd = e % cols;
     const int64_t a = a0 + p / BJ;
@@ -664,8 +687,10 @@ __device__ __forceinline__ void load_pair_products(In* dst, int ld, int cols, co
 // of Cd (STAGES = 2 buffers of bytes_b each, both ld ldP, zero-filled outside the
 // tensors), through cp.async where it can: B's next chunk is in flight while this chunk's
 // products run (double buffering). Every thread calls; S is ready on return.
-// STAGES = 1: one buffer, B loaded synchronously after the previous step's barrier (the pair
-// backward, whose W accumulators leave no registers for copies in flight under its plan).
+// STAGES = 1: one buffer, B loaded after the previous step's barrier and landed before this
+// step's (the pair backward and the cube backward, whose accumulators and bookkeeping leave no
+// registers for copies in flight under their 128-register plans); cp.async copies, where
+// load_b issues them, are waited for at once (no group stays open).
 template <typename Policy, int BM, int BN, int BD, int STAGES = kOperandStages, typename LoadA, typename LoadB>
 __device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&& load_b, int lda,
                                               typename Policy::In* Cd, std::size_t bytes_b, int ldP,
@@ -679,6 +704,8 @@ __device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&&
     for (int64_t d0 = 0; d0 < D; d0 += BD) {
       const In* A = load_a(d0);
       load_b(d0, Cd);
+      SK_CP_ASYNC_COMMIT();
+      SK_CP_ASYNC_WAIT(0);
       __syncthreads();
       acc.template mma<true>(A, lda, Cd, ldP, BD);
       __syncthreads();
@@ -715,7 +742,7 @@ __device__ __forceinline__ void tile_products(int64_t D, LoadA&& load_a, LoadB&&
 template <typename Acc, typename T>
 __device__ __forceinline__ void load_vectors(Acc* L_s, Acc* g_s, const T* __restrict__ L, const T* __restrict__ g,
                                              int64_t r0, int64_t n, int count) {
-  const int t = threadIdx.x;
+  const int t = opaque_tid();
   if (t < count) {
     const bool ok = r0 + t < n;
     L_s[t] = ok ? static_cast<Acc>(L[r0 + t]) : Acc(0);
@@ -857,13 +884,14 @@ __device__ __forceinline__ Acc pair_factors(const Acc* LA_s, const Acc* gA_s, co
                                             int64_t a0, int64_t NA, int64_t b0, int64_t NB, Acc* ref, Acc* arow,
                                             Acc* u) {
   constexpr int BP = BI * BJ;
-  const int t = threadIdx.x;
+  const int t = opaque_tid();
   if (t < BP) {
     const int aa = t / BJ, bb = t % BJ;
     if (a0 + aa < NA && b0 + bb < NB) {
-      const Acc r = LA_s[aa] < LB_s[bb] ? LA_s[aa] : LB_s[bb];
-      ref[t] = r;
-      arow[t] = gA_s[aa] * vexp_(r - LA_s[aa]) + gB_s[bb] * vexp_(r - LB_s[bb]);
+      // One exponential: the term of the smaller LSE has exponent 0 (e^0 = 1 exactly).
+      const Acc la = LA_s[aa], lb = LB_s[bb];
+      ref[t] = la < lb ? la : lb;
+      arow[t] = la < lb ? gA_s[aa] + gB_s[bb] * vexp_(la - lb) : gA_s[aa] * vexp_(lb - la) + gB_s[bb];
     } else {
       ref[t] = neg_inf<Acc>();
       arow[t] = Acc(0);
@@ -889,7 +917,7 @@ template <typename In, typename Acc, int BP, int BK, bool TRANSPOSED>
 __device__ __forceinline__ void tile_G(const Acc* S, int ldS, Acc tau, const Acc* ref, const Acc* arow,
                                        const Acc* u, Acc c0, const Acc* LC_s, const Acc* gC_s, int64_t k0,
                                        int64_t NC, Acc* bcol, In* G, int ldG) {
-  const int t = threadIdx.x;
+  const int t = opaque_tid();
   Acc lowest = static_cast<Acc>(INFINITY);  // block-uniform
 #pragma unroll 8
   for (int k = 0; k < BK && k0 + k < NC; ++k) lowest = lowest < LC_s[k] ? lowest : LC_s[k];
