@@ -12,9 +12,9 @@
 // readable blueprint):
 //  * The cube tau*T[i,j,k] is cut into tiles of BLOCK_I x BLOCK_J anchor/partner
 //    row pairs (the rows of XY[(i,j)] = x[i] * y[j]) by BLOCK_K columns; one tile
-//    S = tau * XY @ z[k-block]^T is one BLAS matrix product (ATen -> MKL/OpenBLAS)
-//    into a per-thread workspace, followed by vectorised passes over it while it
-//    is hot in cache. The cube is never held: extra memory is O(N*d + N) plus
+//    S = XY @ (tau z[k-block])^T is one matrix product (tile_mm.h: oneDNN's
+//    micro-kernels for float32, BLAS for float64) into a per-thread workspace,
+//    followed by vectorised passes over it while it is hot in cache. The cube is never held: extra memory is O(N*d + N) plus
 //    per-slice partials and the per-thread tiles.
 //  * Cube: the i range is split into a fixed number of slices (contiguous runs of
 //    i-blocks, at most kMaxSlices, independent of the thread count) that the
@@ -47,6 +47,7 @@
 #include <thread>
 #include <vector>
 
+#include "tile_mm.h"
 #include "vec_rows.h"
 
 // MKL's per-thread thread count, when torch's BLAS is MKL (weak: absent elsewhere).
@@ -263,6 +264,21 @@ void fill_xy(const scalar_t* x, const scalar_t* y, int64_t d, int64_t i0, int64_
   }
 }
 
+// XY^T of the same block: (d, bi * bj), row-major, from y^T (d x J) so that the inner loop is contiguous.
+template <typename scalar_t>
+void fill_xy_t(const scalar_t* x, const scalar_t* yT, int64_t J, int64_t d, int64_t i0, int64_t bi, int64_t j0,
+               int64_t bj, scalar_t* XYT) {
+  const int64_t R = bi * bj;
+  for (int64_t c = 0; c < d; ++c) {
+    const scalar_t* yc = yT + c * J + j0;
+    for (int64_t ii = 0; ii < bi; ++ii) {
+      const scalar_t xv = x[(i0 + ii) * d + c];
+      scalar_t* out = XYT + c * R + ii * bj;
+      for (int64_t jj = 0; jj < bj; ++jj) out[jj] = xv * yc[jj];
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Cube forward.
 //
@@ -288,6 +304,9 @@ void cube_forward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, doub
   const int64_t n_slices = num_slices(n_iblocks);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* yp = y.data_ptr<scalar_t>();
+  // (tau z)^T, d x K: the tile products' right operand, row-major as tile_mm takes it.
+  const Tensor tzT = (z.t() * tau).contiguous();
+  const scalar_t* tzTp = tzT.data_ptr<scalar_t>();
 
   // (m, s) accumulators: La owned by the slice holding row i; Lb, Lc per slice.
   std::vector<double> La_m(I, -kInf), La_s(I, 0.0);
@@ -299,6 +318,7 @@ void cube_forward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, doub
   at::parallel_for(0, num_workers(n_slices), 1, [&](int64_t, int64_t) {
     SequentialBlas sequential_blas(caller_state);
     const int64_t R_max = blk.BLOCK_I * blk.BLOCK_J;
+    // Workspaces from ATen's allocator: 64-byte aligned rows for the micro-kernels.
     Tensor XY = at::empty({R_max, d}, x.options());
     Tensor S = at::empty({R_max * blk.BLOCK_K}, x.options());
     std::vector<scalar_t> rm(R_max), w(R_max), cs(blk.BLOCK_K);
@@ -313,14 +333,12 @@ void cube_forward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, doub
         const int64_t i0 = ib * blk.BLOCK_I, bi = std::min(blk.BLOCK_I, I - i0);
         for (int64_t j0 = 0; j0 < J; j0 += blk.BLOCK_J) {
           const int64_t bj = std::min(blk.BLOCK_J, J - j0), R = bi * bj;
-          fill_xy(xp, yp, d, i0, bi, j0, bj, XY.data_ptr<scalar_t>());
-          const Tensor XYv = XY.narrow(0, 0, R);
+          scalar_t* XYp = XY.data_ptr<scalar_t>();
+          fill_xy(xp, yp, d, i0, bi, j0, bj, XYp);
           for (int64_t k0 = 0; k0 < K; k0 += blk.BLOCK_K) {
             const int64_t bk = std::min(blk.BLOCK_K, K - k0);
-            Tensor Sv = S.narrow(0, 0, R * bk).view({R, bk});
-            // beta = 0: Sv's old contents are ignored (NaN-safe).
-            at::addmm_out(Sv, Sv, XYv, z.narrow(0, k0, bk).t(), /*beta=*/0, /*alpha=*/tau);
-            scalar_t* Sp = Sv.data_ptr<scalar_t>();
+            scalar_t* Sp = S.data_ptr<scalar_t>();  // R x bk
+            tile_mm<scalar_t>(R, bk, d, XYp, d, tzTp + k0, K, Sp, bk, /*accumulate=*/false);
             std::fill(cs.begin(), cs.begin() + bk, scalar_t(0));
             scalar_t C = -std::numeric_limits<scalar_t>::infinity();
             for (int64_t r = 0; r < R; ++r) {
@@ -398,8 +416,8 @@ std::tuple<Tensor, Tensor, Tensor> cube_lse_forward(const Tensor& x, const Tenso
 // long as Q - min_k Lc[k] <= kShareGap, which the tile checks. An underflowed E
 // (< e^-87) or u (< e^-87) then only drops terms below e^-(87 - kShareGap) times
 // the g's. Tiles failing the check use two exponentials per element.
-// Then W[r] = sum_k G[r, k] z[k] (a BLAS product per k-block), dz += G^T XY (per i-block, then per slice;
-// held transposed, d x K, because XY^T @ G runs ~10% faster in MKL than G^T @ XY at d = 64),
+// Then W[r] = sum_k G[r, k] z[k] (a tile product per k-block), dz += G^T XY (per i-block, then per slice;
+// held transposed, d x K, as XY^T @ G: tile_mm takes row-major operands, and XY^T is cheap to build),
 // and per row pair dx[i] += y[j] * W[r], dy[j] += x[i] * W[r],
 // dtau += <XY[r], W[r]> (= sum_k G T); dx, dy, dz are scaled by tau at the end.
 template <typename scalar_t>
@@ -419,6 +437,13 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
   const scalar_t* gLbp = gLb.data_ptr<scalar_t>();
   const scalar_t* gLcp = gLc.data_ptr<scalar_t>();
 
+  // (tau z)^T for the logits, as in the forward (the same products, so the same S).
+  const Tensor tzT = (z.t() * tau).contiguous();
+  const scalar_t* tzTp = tzT.data_ptr<scalar_t>();
+  const scalar_t* zp = z.data_ptr<scalar_t>();
+  const Tensor yT = y.t().contiguous();
+  const scalar_t* yTp = yT.data_ptr<scalar_t>();
+
   dx.zero_();
   Tensor dy_part = at::zeros({n_slices, J, d}, x.options());
   Tensor dzT_part = at::zeros({n_slices, d, K}, x.options());
@@ -431,6 +456,7 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
     SequentialBlas sequential_blas(caller_state);
     const int64_t R_max = blk.BLOCK_I * blk.BLOCK_J;
     Tensor XY = at::empty({R_max, d}, x.options());
+    Tensor XYT = at::empty({d, R_max}, x.options());  // XY^T: dz's left operand, row-major
     Tensor S = at::empty({R_max * blk.BLOCK_K}, x.options());
     Tensor W = at::empty({R_max, d}, x.options());
     // dz^T of one i-block, folded into the slice's dz^T after its j-loop: two short float32 sums
@@ -440,6 +466,7 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
     for (int64_t s = next_slice++; s < n_slices; s = next_slice++) {
       scalar_t* dyp = dy_part[s].data_ptr<scalar_t>();
       Tensor dzTs = dzT_part[s];
+      scalar_t* dzTbp = dzT_blk.data_ptr<scalar_t>();
       double dtau_acc = 0;
       const auto blocks = slice_blocks(s, n_slices, n_iblocks);
       for (int64_t ib = blocks.first; ib < blocks.second; ++ib) {
@@ -447,9 +474,10 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
         for (int64_t j0 = 0; j0 < J; j0 += blk.BLOCK_J) {
           const int64_t bj = std::min(blk.BLOCK_J, J - j0), R = bi * bj;
           scalar_t* XYp = XY.data_ptr<scalar_t>();
+          scalar_t* XYTp = XYT.data_ptr<scalar_t>();
+          scalar_t* Wp = W.data_ptr<scalar_t>();
           fill_xy(xp, yp, d, i0, bi, j0, bj, XYp);
-          const Tensor XYv = XY.narrow(0, 0, R);
-          Tensor Wv = W.narrow(0, 0, R);
+          fill_xy_t(xp, yTp, J, d, i0, bi, j0, bj, XYTp);
           scalar_t Q = -std::numeric_limits<scalar_t>::infinity();
           for (int64_t r = 0; r < R; ++r) {
             const int64_t i = i0 + r / bj, j = j0 + r % bj;
@@ -461,10 +489,8 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
           for (int64_t r = 0; r < R; ++r) u[r] = std::exp(mn[r] - Q);
           for (int64_t k0 = 0; k0 < K; k0 += blk.BLOCK_K) {
             const int64_t bk = std::min(blk.BLOCK_K, K - k0);
-            Tensor Gv = S.narrow(0, 0, R * bk).view({R, bk});
-            const Tensor zk = z.narrow(0, k0, bk);
-            at::addmm_out(Gv, Gv, XYv, zk.t(), /*beta=*/0, /*alpha=*/tau);
-            scalar_t* Gp = Gv.data_ptr<scalar_t>();
+            scalar_t* Gp = S.data_ptr<scalar_t>();  // R x bk: the logits, then G in place
+            tile_mm<scalar_t>(R, bk, d, XYp, d, tzTp + k0, K, Gp, bk, /*accumulate=*/false);
             scalar_t Lc_min = std::numeric_limits<scalar_t>::infinity();
             for (int64_t k = 0; k < bk; ++k) Lc_min = std::min(Lc_min, Lcp[k0 + k]);
             if (Q - Lc_min <= kShareGap) {  // false for NaN too
@@ -473,12 +499,10 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
             } else {
               for (int64_t r = 0; r < R; ++r) g_row_two(Gp + r * bk, bk, mn[r], a[r], Lcp + k0, gLcp + k0);
             }
-            // W (+)= G @ z[k-block];  dz[k-block]^T += XY^T @ G (a strided view: BLAS writes it in place).
-            at::addmm_out(Wv, Wv, Gv, zk, /*beta=*/k0 == 0 ? 0 : 1, /*alpha=*/1);
-            Tensor dzTk = dzT_blk.narrow(1, k0, bk);
-            at::addmm_out(dzTk, dzTk, XYv.t(), Gv, /*beta=*/j0 == 0 ? 0 : 1, /*alpha=*/1);
+            // W (+)= G @ z[k-block];  dz[k-block]^T (+)= XY^T @ G, columns k0.. of the d x K block.
+            tile_mm<scalar_t>(R, d, bk, Gp, bk, zp + k0 * d, d, Wp, d, /*accumulate=*/k0 != 0);
+            tile_mm<scalar_t>(d, bk, R, XYTp, R, Gp, bk, dzTbp + k0, K, /*accumulate=*/j0 != 0);
           }
-          const scalar_t* Wp = Wv.data_ptr<scalar_t>();
           for (int64_t r = 0; r < R; ++r) {
             const int64_t i = i0 + r / bj, j = j0 + r % bj;
             const scalar_t* xr = xp + i * d;
@@ -536,8 +560,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cube_lse_backward(const Tensor& x, co
 // Pair LSE (docs/math.md section 3 and M = 2): L[i] = LSE_j l[i, j], l[i, j] =
 // tau <a[i], b[j]> off the diagonal and pos[i] on it; a has I rows, b has J >= I
 // (a process's local rows against the global batch). Tiles of kPairBlockI rows by
-// kPairBlockJ columns, one BLAS product each, then one vectorised pass while the
-// tile is in cache; the I x J logits are never held. This serves "n" sampling
+// kPairBlockJ columns, one tile product each (tile_mm.h), then one vectorised pass
+// while the tile is in cache; the I x J logits are never held. This serves "n" sampling
 // (b = the permuted products of the other modalities, formed by the loss: an
 // O(N d) pass, next to the kernel's O(N^2 d)), M = 2 and clip_loss.
 
@@ -550,26 +574,27 @@ void check_pair_inputs(const Tensor& a, const Tensor& b, const Tensor& pos, cons
   check_like(tau, "tau", a, "a", {});
 }
 
-// S (bi x bj) = tau a[i0:] b[j0:]^T with the diagonal entries replaced by pos.
+// S (bi x bj, row-major) = a[i0:] (tau b[j0:])^T with the diagonal entries replaced by pos;
+// tbT = (tau b)^T, d x J.
 template <typename scalar_t>
-Tensor pair_tile(const Tensor& a, const Tensor& b, const scalar_t* posp, double tau, Tensor& S, int64_t i0,
-                 int64_t bi, int64_t j0, int64_t bj) {
-  Tensor Sv = S.narrow(0, 0, bi * bj).view({bi, bj});
-  at::addmm_out(Sv, Sv, a.narrow(0, i0, bi), b.narrow(0, j0, bj).t(), /*beta=*/0, /*alpha=*/tau);
-  scalar_t* Sp = Sv.data_ptr<scalar_t>();
+void pair_tile(const scalar_t* ap, const scalar_t* tbT, int64_t J, int64_t d, const scalar_t* posp, scalar_t* S,
+               int64_t i0, int64_t bi, int64_t j0, int64_t bj) {
+  tile_mm<scalar_t>(bi, bj, d, ap + i0 * d, d, tbT + j0, J, S, bj, /*accumulate=*/false);
   for (int64_t ii = 0; ii < bi; ++ii) {
     const int64_t jj = i0 + ii - j0;
-    if (jj >= 0 && jj < bj) Sp[ii * bj + jj] = posp[i0 + ii];
+    if (jj >= 0 && jj < bj) S[ii * bj + jj] = posp[i0 + ii];
   }
-  return Sv;
 }
 
 template <typename scalar_t>
 void pair_forward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, Tensor& L) {
   const int64_t N = a.size(0), J = b.size(0);
   const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(J, kPairBlockJ);
-  const int64_t n_iblocks = (N + BI - 1) / BI;
+  const int64_t n_iblocks = (N + BI - 1) / BI, d = a.size(1);
   const scalar_t* posp = pos.data_ptr<scalar_t>();
+  const scalar_t* ap = a.data_ptr<scalar_t>();
+  const Tensor tbT = (b.t() * tau).contiguous();
+  const scalar_t* tbTp = tbT.data_ptr<scalar_t>();
   double* Lp = L.data_ptr<double>();
   // Each i-block owns its rows of L: no cross-thread reduction.
   std::atomic<int64_t> next_block{0};
@@ -582,8 +607,8 @@ void pair_forward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, do
       std::vector<double> m(bi, -kInf), s(bi, 0.0);
       for (int64_t j0 = 0; j0 < J; j0 += BJ) {
         const int64_t bj = std::min(BJ, J - j0);
-        Tensor Sv = pair_tile<scalar_t>(a, b, posp, tau, S, i0, bi, j0, bj);
-        const scalar_t* Sp = Sv.data_ptr<scalar_t>();
+        scalar_t* Sp = S.data_ptr<scalar_t>();
+        pair_tile(ap, tbTp, J, d, posp, Sp, i0, bi, j0, bj);
         for (int64_t ii = 0; ii < bi; ++ii) {
           const scalar_t rm = row_max(Sp + ii * bj, bj);
           lse_add(m[ii], s[ii], rm, exp_row_sum(Sp + ii * bj, bj, rm));
@@ -603,39 +628,42 @@ Tensor pair_lse_forward(const Tensor& a, const Tensor& b, const Tensor& pos, con
   return L;
 }
 
-// A reduction over i (db, V) of per-i-block shares, folded into out[j-block] in i-block
-// order: block ib's share of out[j-block] (one BLAS product with inner dimension BI,
-// computed while the tile is hot) is added after block ib - 1's (a per-j-block counter
+// A reduction over i (db, V) of per-i-block shares, folded into outT[:, j-block] in i-block
+// order. The reduction is held transposed, outT = out^T (d x J, row-major), because each
+// share is one tile product a[i-block]^T @ P[:, j-block] (d x bj, inner dimension BI,
+// computed while the tile is hot): tile_mm takes row-major operands, and a^T is formed
+// once. Block ib's share of a j-block is added after block ib - 1's (a per-j-block counter
 // says how many blocks have been folded in). The order of the sums therefore depends on
 // the block sizes only, never on the number of threads. A share whose turn has not come
 // is parked and folded as soon as it has, so a worker does not wait on a slower one
 // (say, one whose core another process holds) until the end of its block. Waiting
 // cannot deadlock when blocks are taken in increasing order: block ib - 1 was taken
 // before block ib by a running worker, which waits only on ib - 2, and block 0 waits on
-// nothing. Extra memory: per worker, only when a share had to be parked, a J x d buffer.
+// nothing. Extra memory: per worker, only when a share had to be parked, a d x J buffer.
 template <typename scalar_t>
 class OrderedFold {
  public:
-  // One worker's parked shares (its J x d buffer, allocated on first use, and their j-blocks).
+  // One worker's parked shares (its d x J buffer, allocated on first use, and their j-blocks).
   struct Parking {
     Tensor parked;
     std::vector<int64_t> waiting;
   };
 
-  OrderedFold(scalar_t* out, int64_t J, int64_t BJ, int64_t d)
-      : out_(out), J_(J), BJ_(BJ), d_(d), folded_(new std::atomic<int64_t>[(J + BJ - 1) / BJ]) {
+  OrderedFold(scalar_t* outT, int64_t J, int64_t BJ, int64_t d)
+      : outT_(outT), J_(J), BJ_(BJ), d_(d), folded_(new std::atomic<int64_t>[(J + BJ - 1) / BJ]) {
     for (int64_t jb = 0; jb < (J + BJ - 1) / BJ; ++jb) folded_[jb].store(0);
   }
 
-  // Block ib's share (min(BJ, J - j0) x d, row-major) of out[j-block jb]: folded now if block
-  // ib - 1's is in, else parked; then any parked share whose turn has come is folded.
+  // Block ib's share (d x min(BJ, J - j0), row-major) of outT's j-block jb: folded now if
+  // block ib - 1's is in, else parked; then any parked share whose turn has come is folded.
   void offer(Parking& p, const scalar_t* share, int64_t ib, int64_t jb, const Tensor& like) {
+    const int64_t bj = width(jb);
     if (folded_[jb].load(std::memory_order_acquire) == ib) {
-      fold(share, ib, jb);
+      fold(share, bj, ib, jb);
     } else {
-      const int64_t j0 = jb * BJ_;
-      if (!p.parked.defined()) p.parked = at::empty({J_, d_}, like.options());
-      std::copy(share, share + std::min(BJ_, J_ - j0) * d_, p.parked.template data_ptr<scalar_t>() + j0 * d_);
+      if (!p.parked.defined()) p.parked = at::empty({d_, J_}, like.options());
+      scalar_t* dst = p.parked.template data_ptr<scalar_t>() + jb * BJ_;
+      for (int64_t c = 0; c < d_; ++c) std::copy(share + c * bj, share + (c + 1) * bj, dst + c * J_);
       p.waiting.push_back(jb);
     }
     fold_ready(p, ib);
@@ -650,13 +678,19 @@ class OrderedFold {
   }
 
  private:
-  void fold(const scalar_t* share, int64_t ib, int64_t jb) {
-    const int64_t j0 = jb * BJ_, n = std::min(BJ_, J_ - j0) * d_;
-    scalar_t* dst = out_ + j0 * d_;
-    if (ib == 0) {
-      std::copy(share, share + n, dst);
-    } else {
-      for (int64_t c = 0; c < n; ++c) dst[c] += share[c];
+  int64_t width(int64_t jb) const { return std::min(BJ_, J_ - jb * BJ_); }
+
+  // share: d x width(jb) with row stride ld.
+  void fold(const scalar_t* share, int64_t ld, int64_t ib, int64_t jb) {
+    const int64_t bj = width(jb);
+    for (int64_t c = 0; c < d_; ++c) {
+      const scalar_t* src = share + c * ld;
+      scalar_t* dst = outT_ + c * J_ + jb * BJ_;
+      if (ib == 0) {
+        std::copy(src, src + bj, dst);
+      } else {
+        for (int64_t jj = 0; jj < bj; ++jj) dst[jj] += src[jj];
+      }
     }
     folded_[jb].store(ib + 1, std::memory_order_release);
   }
@@ -665,7 +699,7 @@ class OrderedFold {
     size_t kept = 0;
     for (const int64_t jb : p.waiting) {
       if (folded_[jb].load(std::memory_order_acquire) == ib) {
-        fold(p.parked.template data_ptr<scalar_t>() + jb * BJ_ * d_, ib, jb);
+        fold(p.parked.template data_ptr<scalar_t>() + jb * BJ_, J_, ib, jb);
       } else {
         p.waiting[kept++] = jb;
       }
@@ -673,7 +707,7 @@ class OrderedFold {
     p.waiting.resize(kept);
   }
 
-  scalar_t* out_;
+  scalar_t* outT_;
   int64_t J_, BJ_, d_;
   std::unique_ptr<std::atomic<int64_t>[]> folded_;
 };
@@ -683,9 +717,10 @@ class OrderedFold {
 // dtau = sum_{j != i} P[i, j] <a[i], b[j]> = sum_i <a[i], (P b)[i]>.
 //
 // Work items are the i-blocks (BI rows), handed out in increasing order. An
-// i-block owns its rows of da, accumulated over the j-blocks in cache; db is
-// folded in i-block order (OrderedFold). Extra memory: per thread one tile, one
-// BJ x d share and, only when a share had to be parked, a J x d buffer.
+// i-block owns its rows of da, accumulated over the j-blocks in cache; db^T is
+// folded in i-block order (OrderedFold). Extra memory: a^T, (tau b)^T and db^T
+// (d x N, d x J, d x J), and per thread one tile, one d x BJ share and, only when
+// a share had to be parked, a d x J buffer.
 template <typename scalar_t>
 void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, const Tensor& L,
                           const Tensor& gL, Tensor& da, Tensor& db, Tensor& dpos, Tensor& dtau) {
@@ -696,26 +731,31 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
   const scalar_t* Lp = L.data_ptr<scalar_t>();
   const scalar_t* gLp = gL.data_ptr<scalar_t>();
   const scalar_t* ap = a.data_ptr<scalar_t>();
+  const scalar_t* bp = b.data_ptr<scalar_t>();
+  const Tensor aT = a.t().contiguous();
+  const Tensor tbT = (b.t() * tau).contiguous();
+  const scalar_t* aTp = aT.data_ptr<scalar_t>();
+  const scalar_t* tbTp = tbT.data_ptr<scalar_t>();
+  scalar_t* dap = da.data_ptr<scalar_t>();
   scalar_t* dposp = dpos.data_ptr<scalar_t>();
-  scalar_t* dbp = db.data_ptr<scalar_t>();
+  Tensor dbT = at::empty({d, J}, b.options());
   std::vector<double> dtau_part(n_iblocks, 0.0);
-  OrderedFold<scalar_t> db_fold(dbp, J, BJ, d);
+  OrderedFold<scalar_t> db_fold(dbT.data_ptr<scalar_t>(), J, BJ, d);
 
   std::atomic<int64_t> next_block{0};
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, num_workers(n_iblocks), 1, [&](int64_t, int64_t) {
     SequentialBlas sequential_blas(caller_state);
     Tensor S = at::empty({BI * BJ}, a.options());
-    Tensor part = at::empty({BJ, d}, a.options());
+    Tensor part = at::empty({d, BJ}, a.options());
     typename OrderedFold<scalar_t>::Parking parking;
     for (int64_t ib = next_block++; ib < n_iblocks; ib = next_block++) {
       const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
-      Tensor dav = da.narrow(0, i0, bi);  // owned rows; holds P b until scaled by tau
-      const Tensor av = a.narrow(0, i0, bi);
+      scalar_t* dab = dap + i0 * d;  // owned rows; hold P b until scaled by tau
       for (int64_t jb = 0; jb < n_jblocks; ++jb) {
         const int64_t j0 = jb * BJ, bj = std::min(BJ, J - j0);
-        Tensor Pv = pair_tile<scalar_t>(a, b, posp, tau, S, i0, bi, j0, bj);
-        scalar_t* Pp = Pv.data_ptr<scalar_t>();
+        scalar_t* Pp = S.data_ptr<scalar_t>();
+        pair_tile(ap, tbTp, J, d, posp, Pp, i0, bi, j0, bj);
         for (int64_t ii = 0; ii < bi; ++ii) exp_row_scale(Pp + ii * bj, bj, Lp[i0 + ii], gLp[i0 + ii]);
         for (int64_t ii = 0; ii < bi; ++ii) {
           const int64_t jj = i0 + ii - j0;
@@ -724,25 +764,25 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
             Pp[ii * bj + jj] = 0;  // the diagonal's logit is pos, not tau <a, b>
           }
         }
-        at::addmm_out(dav, dav, Pv, b.narrow(0, j0, bj), /*beta=*/jb == 0 ? 0 : 1, /*alpha=*/1);
-        Tensor partv = part.narrow(0, 0, bj);
-        at::addmm_out(partv, partv, Pv.t(), av, /*beta=*/0, /*alpha=*/1);
-        db_fold.offer(parking, partv.data_ptr<scalar_t>(), ib, jb, a);
+        // da (+)= P b[j-block];  db[j-block]^T's share = a[i-block]^T P (d x bj).
+        tile_mm<scalar_t>(bi, d, bj, Pp, bj, bp + j0 * d, d, dab, d, /*accumulate=*/jb != 0);
+        scalar_t* partp = part.data_ptr<scalar_t>();
+        tile_mm<scalar_t>(d, bj, bi, aTp + i0, N, Pp, bj, partp, bj, /*accumulate=*/false);
+        db_fold.offer(parking, partp, ib, jb, a);
       }
       db_fold.finish(parking, ib);
-      const scalar_t* dap = dav.data_ptr<scalar_t>();
       double t = 0;
       for (int64_t ii = 0; ii < bi; ++ii) {
         scalar_t row = 0;
-        for (int64_t c = 0; c < d; ++c) row += ap[(i0 + ii) * d + c] * dap[ii * d + c];
+        for (int64_t c = 0; c < d; ++c) row += ap[(i0 + ii) * d + c] * dab[ii * d + c];
         t += row;
       }
       dtau_part[ib] = t;
-      dav.mul_(tau);
+      for (int64_t e = 0; e < bi * d; ++e) dab[e] *= static_cast<scalar_t>(tau);
     }
   });
 
-  db.mul_(tau);
+  at::mul_out(db, dbT.t(), tau);
   double t = 0;
   for (int64_t ib = 0; ib < n_iblocks; ++ib) t += dtau_part[ib];
   dtau.fill_(t);
@@ -789,24 +829,31 @@ void pair_forward_grads_kernel(const Tensor& a, const Tensor& b, const Tensor& p
   const int64_t n_iblocks = (N + BI - 1) / BI, n_jblocks = (J + BJ - 1) / BJ;
   const scalar_t* posp = pos.data_ptr<scalar_t>();
   const scalar_t* ap = a.data_ptr<scalar_t>();
+  const scalar_t* bp = b.data_ptr<scalar_t>();
+  const Tensor tbT = (b.t() * tau).contiguous();
+  const Tensor aT = need_V ? a.t().contiguous() : Tensor();
+  const Tensor VT = need_V ? at::empty({d, J}, b.options()) : Tensor();
+  const scalar_t* tbTp = tbT.data_ptr<scalar_t>();
   double* Lp = L.data_ptr<double>();
   scalar_t* Pdp = Pd.data_ptr<scalar_t>();
-  OrderedFold<scalar_t> V_fold(need_V ? V.data_ptr<scalar_t>() : nullptr, J, BJ, d);
+  OrderedFold<scalar_t> V_fold(need_V ? VT.data_ptr<scalar_t>() : nullptr, J, BJ, d);
 
   std::atomic<int64_t> next_block{0};
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, num_workers(n_iblocks), 1, [&](int64_t, int64_t) {
     SequentialBlas sequential_blas(caller_state);
     Tensor S = at::empty({BI, J}, a.options());
-    Tensor share = at::empty({BJ, d}, a.options());
+    Tensor share = at::empty({d, BJ}, a.options());
     typename OrderedFold<scalar_t>::Parking parking;
     for (int64_t ib = next_block++; ib < n_iblocks; ib = next_block++) {
       const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
-      const Tensor av = a.narrow(0, i0, bi);
-      Tensor Sv = S.narrow(0, 0, bi);  // bi x J, rows contiguous
-      // Sweep 1: the block's logits (the diagonal is pos) and their row LSEs.
-      at::addmm_out(Sv, Sv, av, b.t(), /*beta=*/0, /*alpha=*/tau);
-      scalar_t* Sp = Sv.data_ptr<scalar_t>();
+      scalar_t* Sp = S.data_ptr<scalar_t>();  // bi x J, row stride J
+      // Sweep 1: the block's logits (the diagonal is pos), one j-block at a time (the micro-kernels'
+      // shapes), and their row LSEs.
+      for (int64_t j0 = 0; j0 < J; j0 += BJ) {
+        tile_mm<scalar_t>(bi, std::min(BJ, J - j0), d, ap + i0 * d, d, tbTp + j0, J, Sp + j0, J,
+                          /*accumulate=*/false);
+      }
       for (int64_t ii = 0; ii < bi; ++ii) {
         scalar_t* row = Sp + ii * J;
         row[i0 + ii] = posp[i0 + ii];
@@ -823,11 +870,14 @@ void pair_forward_grads_kernel(const Tensor& a, const Tensor& b, const Tensor& p
         Pdp[i0 + ii] = row[i0 + ii];
         row[i0 + ii] = 0;  // the diagonal's logit is pos: its gradient is dpos, not da or db
       }
-      // Sweep 2: U = P b (inner dimension J), V's shares P^T a per j-block.
+      // Sweep 2: U = P b (summed over the j-blocks), V^T's shares a[i-block]^T P[:, j-block].
       if (need_U) {
-        Tensor Uv = U.narrow(0, i0, bi);
-        at::addmm_out(Uv, Uv, Sv, b, /*beta=*/0, /*alpha=*/1);
-        const scalar_t* Up = Uv.data_ptr<scalar_t>();
+        scalar_t* Up = U.data_ptr<scalar_t>() + i0 * d;
+        for (int64_t jb = 0; jb < n_jblocks; ++jb) {
+          const int64_t j0 = jb * BJ;
+          tile_mm<scalar_t>(bi, d, std::min(BJ, J - j0), Sp + j0, J, bp + j0 * d, d, Up, d,
+                            /*accumulate=*/jb != 0);
+        }
         double* rowdotp = rowdot.data_ptr<double>();
         for (int64_t ii = 0; ii < bi; ++ii) {
           double t = 0;
@@ -836,16 +886,18 @@ void pair_forward_grads_kernel(const Tensor& a, const Tensor& b, const Tensor& p
         }
       }
       if (need_V) {
+        const scalar_t* aTp = aT.data_ptr<scalar_t>();
+        scalar_t* sharep = share.data_ptr<scalar_t>();
         for (int64_t jb = 0; jb < n_jblocks; ++jb) {
           const int64_t j0 = jb * BJ, bj = std::min(BJ, J - j0);
-          Tensor sharev = share.narrow(0, 0, bj);
-          at::addmm_out(sharev, sharev, Sv.narrow(1, j0, bj).t(), av, /*beta=*/0, /*alpha=*/1);
-          V_fold.offer(parking, sharev.data_ptr<scalar_t>(), ib, jb, a);
+          tile_mm<scalar_t>(d, bj, bi, aTp + i0, N, Sp + j0, J, sharep, bj, /*accumulate=*/false);
+          V_fold.offer(parking, sharep, ib, jb, a);
         }
         V_fold.finish(parking, ib);
       }
     }
   });
+  if (need_V) V.copy_(VT.t());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pair_lse_forward_grads(const Tensor& a, const Tensor& b,
@@ -884,6 +936,25 @@ Tensor exp_test(const Tensor& x, c10::string_view isa) {
   return out;
 }
 
+// Internal, for tests and benchmarks/tile_rate.py: C = [C +] A @ B through tile_mm (one thread,
+// the kernels' product path) on row-major views; C is written in place and returned.
+Tensor tile_mm_test(const Tensor& A, const Tensor& B, Tensor C, bool accumulate) {
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{A, "A"}, {B, "B"}, {C, "C"}}) {
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1 && t.stride(0) >= t.size(1),
+                "symile_kernels cpu ops: ", name, " must be a 2-D CPU matrix with unit column stride; got shape ",
+                t.sizes(), " and strides ", t.strides());
+    TORCH_CHECK(t.scalar_type() == A.scalar_type() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+                "symile_kernels cpu ops: ", name, " must be float32 or float64, like A; got ", t.scalar_type());
+  }
+  TORCH_CHECK(A.size(1) == B.size(0) && C.size(0) == A.size(0) && C.size(1) == B.size(1),
+              "symile_kernels cpu ops: C (", C.sizes(), ") must be A (", A.sizes(), ") @ B (", B.sizes(), ")");
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "cpu_tile_mm_test", [&] {
+    tile_mm<scalar_t>(A.size(0), B.size(1), A.size(1), A.data_ptr<scalar_t>(), A.stride(0), B.data_ptr<scalar_t>(),
+                      B.stride(0), C.data_ptr<scalar_t>(), C.stride(0), accumulate);
+  });
+  return C;
+}
+
 }  // namespace
 }  // namespace symile_cpu
 
@@ -900,6 +971,8 @@ TORCH_LIBRARY_FRAGMENT(symile_kernels, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Internal (tests of the vectorised exponential): not part of the backend interface.
   m.def("cpu_exp_test(Tensor x, str isa) -> Tensor");
+  // Internal (tests of the tile products, benchmarks/tile_rate.py).
+  m.def("cpu_tile_mm_test(Tensor A, Tensor B, Tensor(a!) C, bool accumulate) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(symile_kernels, CPU, m) {
@@ -909,4 +982,5 @@ TORCH_LIBRARY_IMPL(symile_kernels, CPU, m) {
   m.impl("cpu_pair_lse_backward", &symile_cpu::pair_lse_backward);
   m.impl("cpu_pair_lse_forward_grads", &symile_cpu::pair_lse_forward_grads);
   m.impl("cpu_exp_test", &symile_cpu::exp_test);
+  m.impl("cpu_tile_mm_test", &symile_cpu::tile_mm_test);
 }
