@@ -14,8 +14,9 @@
 //    row pairs (the rows of XY[(i,j)] = x[i] * y[j]) by BLOCK_K columns; one tile
 //    S = XY @ (tau z[k-block])^T is one matrix product (tile_mm.h: oneDNN's
 //    micro-kernels for float32, BLAS for float64) into a per-thread workspace,
-//    followed by vectorised passes over it while it is hot in cache. The cube is never held: extra memory is O(N*d + N) plus
-//    per-slice partials and the per-thread tiles.
+//    followed by vectorised passes over it while it is hot in cache. The cube is
+//    never held: extra memory is O(N*d + N) plus per-slice partials and the
+//    per-thread tiles.
 //  * Cube: the i range is split into a fixed number of slices (contiguous runs of
 //    i-blocks, at most kMaxSlices, independent of the thread count) that the
 //    at::parallel_for threads take one at a time from a shared counter. A slice

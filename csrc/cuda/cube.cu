@@ -41,15 +41,8 @@ __device__ __forceinline__ void cube_tile_products(const TIn* __restrict__ x, co
       ldPf > 0 ? ldPf : ldP, Cd, tile_bytes(BK, BD, Policy::cfg.pad_in, Policy::cfg.in_size), ldP, S, ldS);
 }
 
-// The forward's CTAs per SM for __launch_bounds__ (plan.h register plan).
-template <typename Policy, typename TIn>
-constexpr int forward_min_ctas() {
-  return std::is_same<Policy, Tf32Policy>::value && std::is_same<TIn, float>::value ? kMinCtasCubeForwardTf32
-                                                                                    : kMinCtasCubeForward;
-}
-
 template <typename T, typename TIn, typename Policy>
-__global__ void __launch_bounds__(kThreads, (forward_min_ctas<Policy, TIn>()))
+__global__ void __launch_bounds__(kThreads, kMinCtasCubeForward)
     cube_forward_kernel(const TIn* __restrict__ x, const TIn* __restrict__ y, const TIn* __restrict__ z,
                         const T* __restrict__ tau_ptr, int64_t I, int64_t J, int64_t K, int64_t D,
                         CubeForwardPlan plan, T* __restrict__ La_part, T* __restrict__ Lb_part,

@@ -36,16 +36,16 @@ constexpr int kSmemAlign = 128;
 // ptxas budgets 65536 / (kThreads * n) registers per thread (128 at n = 2, 255 at n = 1)
 // rather than a cap of its own choosing (left free, it capped several kernels at 128 and
 // spilled). Every kernel compiles without spills (tests/test_cuda_sass.py). The pair
-// kernels fit 128 registers: two CTAs per SM. So does the cube forward (ldmatrix fragments),
-// except with float32 rows in TF32 tiles (32 bytes of spills at 128 on sm_80, so
-// kMinCtasCubeForwardTf32 = 1). The backward passes fit 128 with their own, smaller tiles
+// kernels fit 128 registers: two CTAs per SM. So does the cube forward (ldmatrix fragments; with
+// float32 rows in TF32 tiles it spilled 32 bytes at 128 on sm_80 until opaque_tid() (tile.cuh)
+// stopped ptxas holding hoisted thread-index addresses: 94 registers since). The backward
+// passes fit 128 with their own, smaller tiles
 // (cube_backward_config: 32 pair rows in pass "pairs", 32 rows of z in pass "z"; with the
 // forward's 64 they used 159-210 registers at one CTA per SM and spilled 4-100 bytes at 128),
 // and their shared memory fits two CTAs per A100 SM at bf16 d <= 256 (plan_cube_backward).
 constexpr int kMinCtasPairForward = 2;
 constexpr int kMinCtasPairBackward = 2;  // da, db
 constexpr int kMinCtasCubeForward = 2;
-constexpr int kMinCtasCubeForwardTf32 = 1;  // float32 rows in TF32 tiles
 constexpr int kMinCtasCubePairs = 2;     // backward pass "pairs"
 constexpr int kMinCtasCubeZ = 2;         // backward pass "z"
 SK_HD constexpr int register_budget(int min_ctas) {
