@@ -336,32 +336,13 @@ __device__ __forceinline__ void ldsm_x4(FragX4& f, RowOf row_of, bool trans, int
 #endif
 }
 
-// d += A (16 x 16, fragment a) B (16 x 8, registers 2 h and 2 h + 1 of fragment b).
-__device__ __forceinline__ void mma_16816_bf16(float (&d)[4], const FragX4& a, const FragX4& b, int h) {
-#ifdef SYMILE_CUDA_EMULATE
-  symile_emu::mma_16816_bf16(d, a, b, h);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[2 * h]), "r"(b.r[2 * h + 1]));
-#else
-  (void)d;
-  (void)a;
-  (void)b;
-  (void)h;
-  __trap();
-#endif
-}
-
 // Registers 0..count-1 of this lane's fragment from the 32-bit shared words word_of(lane, j)
 // (plain LDS; the emulation evaluates word_of for every lane, as ldsm_x4).
 template <typename WordOf>
 __device__ __forceinline__ void lds_words(FragX4& f, WordOf word_of, int count, int lane) {
 #ifdef SYMILE_CUDA_EMULATE
+  symile_emu::gather_words(f, word_of, count);  // the whole warp's registers, as ldsm_x4's emulation
   (void)lane;
-  symile_emu::gather_words(f, word_of, count);
 #else
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -370,27 +351,40 @@ __device__ __forceinline__ void lds_words(FragX4& f, WordOf word_of, int count, 
 #endif
 }
 
-// d += A (16 x 8, fragment a) B (8 x 8, registers 2 h and 2 h + 1 of fragment b) in TF32: the
-// fragments hold float32 bits, rounded here (cvt.rna.tf32.f32) as WMMA's __float_to_tf32.
-__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const FragX4& a, const FragX4& b, int h) {
+// d += A B, one m16n8 step, B from registers 2 h and 2 h + 1 of fragment b: bf16 (A 16 x 16, B
+// 16 x 8: m16n8k16) or, kTf32, TF32 (A 16 x 8, B 8 x 8: m16n8k8; the fragments hold float32
+// bits, rounded here by cvt.rna.tf32.f32 as WMMA's __float_to_tf32).
+template <bool kTf32>
+__device__ __forceinline__ void mma_m16n8(float (&d)[4], const FragX4& a, const FragX4& b, int h) {
 #ifdef SYMILE_CUDA_EMULATE
-  symile_emu::mma_1688_tf32(d, a, b, h);
+  if constexpr (kTf32) {
+    symile_emu::mma_1688_tf32(d, a, b, h);
+  } else {
+    symile_emu::mma_16816_bf16(d, a, b, h);
+  }
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  uint32_t t[6];
-  const uint32_t src[6] = {a.r[0], a.r[1], a.r[2], a.r[3], b.r[2 * h], b.r[2 * h + 1]};
+  uint32_t t[6] = {a.r[0], a.r[1], a.r[2], a.r[3], b.r[2 * h], b.r[2 * h + 1]};
+  if constexpr (kTf32) {
 #pragma unroll
-  for (int q = 0; q < 6; ++q) asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(t[q]) : "f"(__uint_as_float(src[q])));
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(t[0]), "r"(t[1]), "r"(t[2]), "r"(t[3]), "r"(t[4]), "r"(t[5]));
+    for (int q = 0; q < 6; ++q) asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(t[q]) : "f"(__uint_as_float(t[q])));
+  }
+#define SK_MMA_M16N8(SHAPE_AND_TYPES)                                                                    \
+  asm volatile("mma.sync.aligned." SHAPE_AND_TYPES " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "     \
+               "{%0, %1, %2, %3};\n"                                                                     \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                          \
+               : "r"(t[0]), "r"(t[1]), "r"(t[2]), "r"(t[3]), "r"(t[4]), "r"(t[5]))
+  if constexpr (kTf32) {
+    SK_MMA_M16N8("m16n8k8.row.col.f32.tf32.tf32.f32");
+  } else {
+    SK_MMA_M16N8("m16n8k16.row.col.f32.bf16.bf16.f32");
+  }
+#undef SK_MMA_M16N8
 #else
   (void)d;
   (void)a;
   (void)b;
   (void)h;
-  __trap();
+  __trap();  // tensor-core fragments need sm_80; the binding refuses older devices
 #endif
 }
 
@@ -455,13 +449,8 @@ struct MmaTile {
               b, [=](int l, int j) { return b_base + ((j % 2) * 4 + l % 4) * ldb + (j / 2) * 8 + l / 4; }, 4,
               lane);
         }
-        if constexpr (kTf32) {
-          symile_cuda::mma_1688_tf32(acc[q][0], a, b, 0);  // columns tn * 16 + 0..7
-          symile_cuda::mma_1688_tf32(acc[q][1], a, b, 1);  // columns tn * 16 + 8..15
-        } else {
-          symile_cuda::mma_16816_bf16(acc[q][0], a, b, 0);
-          symile_cuda::mma_16816_bf16(acc[q][1], a, b, 1);
-        }
+        symile_cuda::mma_m16n8<kTf32>(acc[q][0], a, b, 0);  // columns tn * 16 + 0..7
+        symile_cuda::mma_m16n8<kTf32>(acc[q][1], a, b, 1);  // columns tn * 16 + 8..15
       }
     }
   }

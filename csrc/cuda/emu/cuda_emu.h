@@ -280,23 +280,33 @@ inline float bf16_bits(uint32_t reg, int high) {
   return f;
 }
 
-// d (this lane's 4 accumulators) += A (16 x 16) B (16 x 8), B from registers 2 h and 2 h + 1 of
-// b: A(row, k) is in lane (row % 8) * 4 + (k % 8) / 2, register (k / 8) * 2 + row / 8; B(k, n)
-// in lane n * 4 + (k % 8) / 2, register 2 h + k / 8; d[i] is row lane / 4 + 8 (i / 2), column
-// 2 (lane % 4) + i % 2. Lane 0 counts the warp's 2 m n k FLOPs.
-inline void mma_16816_bf16(float (&d)[4], const WarpX4& a, const WarpX4& b, int h) {
+// One mma.sync.aligned.m16n8kK.row.col.f32 (PTX ISA, "Matrix fragments for mma.m16n8k16" and
+// "... m16n8k8"): d (this lane's 4 accumulators) += A (16 x K) B (K x 8), B from registers 2 h
+// and 2 h + 1 of b, with E elements per 32-bit register (bf16: E = 2, K = 16; TF32: E = 1,
+// K = 8) and KR = 4 E of k per register column: A(row, k) is element k % E of lane
+// (row % 8) * 4 + (k % KR) / E, register (k / KR) * 2 + row / 8; B(k, n) is element k % E of
+// lane n * 4 + (k % KR) / E, register 2 h + k / KR; d[i] is row lane / 4 + 8 (i / 2), column
+// 2 (lane % 4) + i % 2. element(reg, e) decodes an operand. Lane 0 counts the warp's 2 m n k FLOPs.
+template <int E, typename Element>
+inline void mma_m16n8(float (&d)[4], const WarpX4& a, const WarpX4& b, int h, Element element) {
+  constexpr int KR = 4 * E, K = 2 * KR;
   const int lane = threadIdx.x % 32;
-  if (lane == 0) count_flops(int64_t(2) * 16 * 8 * 16);
+  if (lane == 0) count_flops(int64_t(2) * 16 * 8 * K);
   for (int i = 0; i < 4; ++i) {
     const int row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
     float v = d[i];
-    for (int k = 0; k < 16; ++k) {
-      const float x = bf16_bits(a.r[(row % 8) * 4 + (k % 8) / 2][(k / 8) * 2 + row / 8], k % 2);
-      const float y = bf16_bits(b.r[col * 4 + (k % 8) / 2][2 * h + k / 8], k % 2);
+    for (int k = 0; k < K; ++k) {
+      const float x = element(a.r[(row % 8) * 4 + (k % KR) / E][(k / KR) * 2 + row / 8], k % E);
+      const float y = element(b.r[col * 4 + (k % KR) / E][2 * h + k / KR], k % E);
       v += x * y;
     }
     d[i] = v;
   }
+}
+
+// m16n8k16 with bf16 operands.
+inline void mma_16816_bf16(float (&d)[4], const WarpX4& a, const WarpX4& b, int h) {
+  mma_m16n8<2>(d, a, b, h, bf16_bits);
 }
 
 // Shared-memory loads of 32-bit words into registers 0..count-1 of every lane: register j of
@@ -328,24 +338,9 @@ inline float f32_bits(uint32_t reg) {
   return f;
 }
 
-// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (PTX ISA, "Matrix fragments for
-// mma.m16n8k8", .tf32): d (this lane's 4 accumulators) += A (16 x 8) B (8 x 8), B from
-// registers 2 h and 2 h + 1 of b, every operand rounded to TF32 (the kernel's cvt.rna): A(row, k)
-// is in lane (row % 8) * 4 + k % 4, register (k / 4) * 2 + row / 8; B(k, n) in lane n * 4 + k % 4,
-// register 2 h + k / 4; d[i] is row lane / 4 + 8 (i / 2), column 2 (lane % 4) + i % 2.
+// m16n8k8 with TF32 operands: every operand rounded to TF32 (the kernel's cvt.rna).
 inline void mma_1688_tf32(float (&d)[4], const WarpX4& a, const WarpX4& b, int h) {
-  const int lane = threadIdx.x % 32;
-  if (lane == 0) count_flops(int64_t(2) * 16 * 8 * 8);
-  for (int i = 0; i < 4; ++i) {
-    const int row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
-    float v = d[i];
-    for (int k = 0; k < 8; ++k) {
-      const float x = tf32_round(f32_bits(a.r[(row % 8) * 4 + k % 4][(k / 4) * 2 + row / 8]));
-      const float y = tf32_round(f32_bits(b.r[col * 4 + k % 4][2 * h + k / 4]));
-      v += x * y;
-    }
-    d[i] = v;
-  }
+  mma_m16n8<1>(d, a, b, h, [](uint32_t reg, int) { return tf32_round(f32_bits(reg)); });
 }
 }  // namespace symile_emu
 
@@ -407,14 +402,7 @@ struct fragment {
 };
 
 // Round to TF32 (10 explicit mantissa bits), to nearest with ties away, as cvt.rna.tf32.f32.
-inline float __float_to_tf32(float f) {
-  if (!std::isfinite(f)) return f;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u = (u + 0x1000u) & ~0x1FFFu;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float __float_to_tf32(float f) { return symile_emu::tf32_round(f); }
 
 inline float emu_value(float v) { return v; }
 inline float emu_value(__nv_bfloat16 v) { return __bfloat162float(v); }
