@@ -64,9 +64,10 @@ def test_shared_memory_within_the_target_limit(rows):
 # wgmma kept), and 8-96 bytes on the "xlarge" backward lists at 512 = 256 + 256 (the least-spilling
 # shapes found). Sizes of three to five segments (112 = 64 + 32 + 16, 224, 240 = 128 + 64 + 32 + 16,
 # 448, 496 = 256 + 128 + 64 + 32 + 16) spill on lists where one segment does not; the "-seg3" lists
-# (_launch.list_name) take them with 16-64-row tiles that cut the stack (at 496 from 5.7-8.3 KiB to
-# 0.3-0.5 KiB in the pair passes, to 1.4-5.5 KiB in the cube's), but no shape tried made the cube's
-# 240 and 496 or the pair's 496 spill-free. Pinned so that any growth, or a spill anywhere else, fails.
+# (_launch.list_name) take them with 16-64-row tiles: the pair passes are spill-free at 112, 224 and
+# 240 and keep 0.3-0.5 KiB at 496 (from 5.7-8.3 KiB); the cube's stack falls (at 496 to 1.4-5.5 KiB),
+# but no shape tried made the cube's 240 and 496 or the pair's 496 spill-free. Pinned so that any
+# growth, or a spill anywhere else, fails.
 KNOWN_SPILLS = {
     ("cube_bwd_dz/sm80/large-seg3", 240): 288,
     ("cube_bwd_dz/sm80/xlarge", 512): 96,
@@ -85,17 +86,10 @@ KNOWN_SPILLS = {
     ("cube_bwd_rows/sm90/xlarge", 512): 32,
     ("cube_bwd_rows/sm90/xlarge-seg3", 448): 1096,
     ("cube_bwd_rows/sm90/xlarge-seg3", 496): 1384,
-    ("pair_bwd_cols/sm80/large", 224): 192,
-    ("pair_bwd_cols/sm80/large", 240): 216,
     ("pair_bwd_cols/sm80/xlarge", 512): 8,
     ("pair_bwd_cols/sm80/xlarge-seg3", 496): 392,
-    ("pair_bwd_cols/sm90/large", 240): 24,
     ("pair_bwd_cols/sm90/xlarge-seg3", 496): 544,
-    ("pair_bwd_rows/sm80/large", 224): 56,
-    ("pair_bwd_rows/sm80/large", 240): 16,
-    ("pair_bwd_rows/sm80/small", 112): 16,
     ("pair_bwd_rows/sm80/xlarge-seg3", 496): 272,
-    ("pair_bwd_rows/sm90/large", 240): 88,
     ("pair_bwd_rows/sm90/xlarge-seg3", 496): 448,
 }
 
