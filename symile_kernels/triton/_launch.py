@@ -149,7 +149,8 @@ def tune_on_prefix(op: str, *tensors: torch.Tensor) -> int:
 # ---------------------------------------------------------------- configurations
 
 # Every kernel's configurations: "<kernel>/<sm90|sm80>/<small|large|xlarge>" (executed feature sizes,
-# d_exec, up to 128, 129-256 and above 256) hold the GPU lists; "<kernel>/interpreter" the small
+# d_exec, up to 128, 129-256 and above 256) hold the GPU lists, with "<bucket>-seg3" where a kernel
+# gives sizes of SEGMENTED or more segments their own (list_name); "<kernel>/interpreter" the small
 # default for CPU tensors. Filled by cube.py and pair.py.
 _CONFIGS: dict = {}
 _PINNED: dict = {}
