@@ -7,8 +7,8 @@ list compiles for its own target at its feature bucket's largest executed size (
 five feature segments (112; 224 and 240; 448 and 496; the forward kernels, not compiled there,
 spilled at most 88 bytes when tried at three), from their "-seg3" list where the kernel has one.
 Asserted: every case compiles; shared memory stays within the target's per-block limit; bf16
-kernels use no stack (no register spills) except the pinned cases below, which may not grow; the sm_90 bf16 PTX uses wgmma except on the named lists whose tiles have
-too few rows.
+kernels use no stack (no register spills) except the pinned cases below, which may not grow; the
+sm_90 bf16 PTX uses wgmma except on the named lists whose tiles have too few rows.
 
 The compiles (about 2 s each) run in parallel in a child process with a Triton cache of its
 own under the system temp directory, so a rerun on the same machine takes seconds.
