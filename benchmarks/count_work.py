@@ -134,7 +134,7 @@ def pinned_gpu_configs(arch: str, d: int) -> contextlib.ExitStack:
         from symile_kernels.triton import _launch, kernel_configs
 
         for name in kernel_configs():
-            if name.endswith(f"/{arch}/{_launch.bucket(d)}"):
+            if name == _launch.list_name(name.split("/")[0], arch, d):
                 stack.enter_context(_launch.pinned_config(name, 0))
     return stack
 

@@ -5,10 +5,10 @@ and the ptxas of its wheel on the CPU (symile_kernels/triton/_compile.py). Each 
 list compiles for its own target at its feature bucket's largest executed size (128, 256, and
 512 = 256 + 256 for d of 257-512) and, for the backward kernels in bf16, at sizes taking three to
 five feature segments (112; 224 and 240; 448 and 496; the forward kernels, not compiled there,
-spilled at most 88 bytes when tried at three). Asserted: every case compiles; shared memory stays
-within the target's per-block limit; bf16 kernels use no stack (no register spills) except the pinned cases below,
-which may not grow; the sm_90 bf16 PTX uses wgmma except on the named lists whose tiles have
-too few rows.
+spilled at most 88 bytes when tried at three), from their "-seg3" list where the kernel has one.
+Asserted: every case compiles; shared memory stays within the target's per-block limit; bf16
+kernels use no stack (no register spills) except the pinned cases below, which may not grow; the
+sm_90 bf16 PTX uses wgmma except on the named lists whose tiles have too few rows.
 
 The compiles (about 2 s each) run in parallel in a child process with a Triton cache of its
 own under the system temp directory, so a rerun on the same machine takes seconds.
@@ -57,60 +57,40 @@ def test_shared_memory_within_the_target_limit(rows):
     assert not over, over
 
 
-# Known spills (bytes of stack, bf16, per list and feature size; Triton 3.9's ptxas). At the buckets'
-# power-of-two sizes only the cube's rows pass on sm_90 at d = 256 spills (it holds a d-wide float32
-# accumulator and d-wide row products in registers; no candidate shape avoided it with wgmma kept), and above
-# 256 ("xlarge", 512 = 256 + 256 and 448 = 256 + 128 + 64) every backward shape tried spills: these
-# are the least-spilling ones found. Feature sizes that take three to five segments (112 = 64 + 32 + 16,
-# 224 = 128 + 64 + 32, 240 = 128 + 64 + 32 + 16, 496 = 256 + 128 + 64 + 32 + 16) spill on lists where the
-# single segment does not, most at four and five segments (up to 8320 bytes at 496, whose register tiles
-# were sized for 512 = two segments): the price of executing d's own FLOPs instead of padding d
-# (240 and 496 ran 256 and 512 before), not yet measured on a GPU. Pinned so that any growth, or a
-# spill anywhere else, fails.
+# Known spills (bytes of stack, bf16, per list and feature size; Triton 3.9's ptxas, kernels specialised
+# as a launch at these sizes specialises them: 16-byte aligned tensors, D a multiple of 16). At the
+# buckets' one- and two-segment sizes: the cube's rows pass on sm_90 at 256 (584 bytes: it holds a
+# d-wide float32 accumulator and d-wide row products in registers; no candidate shape avoided it with
+# wgmma kept), and 8-96 bytes on the "xlarge" backward lists at 512 = 256 + 256 (the least-spilling
+# shapes found). Sizes of three to five segments (112 = 64 + 32 + 16, 224, 240 = 128 + 64 + 32 + 16,
+# 448, 496 = 256 + 128 + 64 + 32 + 16) spill on lists where one segment does not; the "-seg3" lists
+# (_launch.list_name) take them with 16-64-row tiles: the pair passes are spill-free at 112, 224 and
+# 240 and keep 0.3-0.5 KiB at 496 (from 5.7-8.3 KiB); the cube's stack falls (at 496 to 1.4-5.5 KiB),
+# but no shape tried made the cube's 240 and 496 or the pair's 496 spill-free. Pinned so that any
+# growth, or a spill anywhere else, fails.
 KNOWN_SPILLS = {
-    ("cube_bwd_dz/sm80/large", 240): 3336,
-    ("cube_bwd_dz/sm80/small", 112): 312,
-    ("cube_bwd_dz/sm80/xlarge", 448): 232,
-    ("cube_bwd_dz/sm80/xlarge", 496): 6464,
-    ("cube_bwd_dz/sm80/xlarge", 512): 400,
-    ("cube_bwd_dz/sm90/large", 240): 1296,
-    ("cube_bwd_dz/sm90/xlarge", 448): 136,
-    ("cube_bwd_dz/sm90/xlarge", 496): 4528,
-    ("cube_bwd_dz/sm90/xlarge", 512): 288,
-    ("cube_bwd_rows/sm80/large", 224): 4224,
-    ("cube_bwd_rows/sm80/large", 240): 4528,
-    ("cube_bwd_rows/sm80/small", 112): 392,
-    ("cube_bwd_rows/sm80/xlarge", 448): 176,
-    ("cube_bwd_rows/sm80/xlarge", 496): 5464,
-    ("cube_bwd_rows/sm80/xlarge", 512): 184,
-    ("cube_bwd_rows/sm90/large", 224): 152,  # 120 with the per-segment code before the tuple helpers
-    ("cube_bwd_rows/sm90/large", 240): 272,
-    ("cube_bwd_rows/sm90/large", 256): 112,
-    ("cube_bwd_rows/sm90/xlarge", 448): 200,
-    ("cube_bwd_rows/sm90/xlarge", 496): 5368,
-    ("cube_bwd_rows/sm90/xlarge", 512): 232,
-    ("cube_fwd/sm90/xlarge", 512): 8,
-    ("pair_bwd_cols/sm80/large", 224): 232,
-    ("pair_bwd_cols/sm80/large", 240): 280,
-    ("pair_bwd_cols/sm80/small", 112): 232,
-    ("pair_bwd_cols/sm80/xlarge", 448): 8,
-    ("pair_bwd_cols/sm80/xlarge", 496): 1912,
-    ("pair_bwd_cols/sm90/large", 224): 608,
-    ("pair_bwd_cols/sm90/large", 240): 688,
-    ("pair_bwd_cols/sm90/small", 112): 32,
-    ("pair_bwd_cols/sm90/xlarge", 448): 24,
-    ("pair_bwd_cols/sm90/xlarge", 496): 1184,
-    ("pair_bwd_rows/sm80/large", 224): 272,
-    ("pair_bwd_rows/sm80/large", 240): 344,
-    ("pair_bwd_rows/sm80/small", 112): 232,
-    ("pair_bwd_rows/sm80/xlarge", 448): 160,
-    ("pair_bwd_rows/sm80/xlarge", 496): 8320,
-    ("pair_bwd_rows/sm80/xlarge", 512): 16,
-    ("pair_bwd_rows/sm90/large", 224): 752,
-    ("pair_bwd_rows/sm90/large", 240): 792,
-    ("pair_bwd_rows/sm90/xlarge", 448): 128,
-    ("pair_bwd_rows/sm90/xlarge", 496): 7552,
-    ("pair_bwd_rows/sm90/xlarge", 512): 24,
+    ("cube_bwd_dz/sm80/large-seg3", 240): 288,
+    ("cube_bwd_dz/sm80/xlarge", 512): 96,
+    ("cube_bwd_dz/sm80/xlarge-seg3", 496): 3216,
+    ("cube_bwd_dz/sm90/large-seg3", 240): 160,
+    ("cube_bwd_dz/sm90/xlarge", 512): 96,
+    ("cube_bwd_dz/sm90/xlarge-seg3", 448): 24,
+    ("cube_bwd_dz/sm90/xlarge-seg3", 496): 1576,
+    ("cube_bwd_rows/sm80/large-seg3", 240): 936,
+    ("cube_bwd_rows/sm80/small-seg3", 112): 56,
+    ("cube_bwd_rows/sm80/xlarge", 512): 16,
+    ("cube_bwd_rows/sm80/xlarge-seg3", 496): 5504,
+    ("cube_bwd_rows/sm90/large", 224): 176,
+    ("cube_bwd_rows/sm90/large", 240): 288,
+    ("cube_bwd_rows/sm90/large", 256): 584,
+    ("cube_bwd_rows/sm90/xlarge", 512): 32,
+    ("cube_bwd_rows/sm90/xlarge-seg3", 448): 1096,
+    ("cube_bwd_rows/sm90/xlarge-seg3", 496): 1384,
+    ("pair_bwd_cols/sm80/xlarge", 512): 8,
+    ("pair_bwd_cols/sm80/xlarge-seg3", 496): 392,
+    ("pair_bwd_cols/sm90/xlarge-seg3", 496): 544,
+    ("pair_bwd_rows/sm80/xlarge-seg3", 496): 272,
+    ("pair_bwd_rows/sm90/xlarge-seg3", 496): 448,
 }
 
 
@@ -123,9 +103,14 @@ def test_bf16_spills_no_more_than_pinned(rows):
     assert any(r["mode"] == "bf16" and r["d"] == 512 for r in rows)  # d of 257-512 is compiled too
 
 
-# Lists whose tiles have fewer than wgmma's 64 rows per warpgroup (the "xlarge" backward passes: 16-32
-# rows spill least at d = 512), so sm_90 runs them on mma.sync.
-NO_WGMMA = {"cube_bwd_rows/sm90/xlarge", "pair_bwd_rows/sm90/xlarge", "pair_bwd_cols/sm90/xlarge"}
+# Lists whose tiles have fewer than wgmma's 64 rows per warpgroup, so sm_90 runs them on mma.sync: the
+# "xlarge" backward passes (16-32 rows spill least at d = 512), the pair backward passes at 448 and 496
+# (16 x 16 tiles: 0.3-0.5 KiB of stack where 16 x 32 spilled 5.7 KiB), and the cube's dz pass at three
+# or more segments (BLOCK_K = 16 columns of z: 160 bytes at 240 where the 64-row wgmma shapes spilled
+# 1.4-2.3 KiB).
+NO_WGMMA = {"cube_bwd_rows/sm90/xlarge", "pair_bwd_rows/sm90/xlarge", "pair_bwd_cols/sm90/xlarge",
+            "pair_bwd_rows/sm90/xlarge-seg3", "pair_bwd_cols/sm90/xlarge-seg3",
+            "cube_bwd_dz/sm90/large-seg3", "cube_bwd_dz/sm90/xlarge-seg3"}
 
 
 @pytest.mark.slow

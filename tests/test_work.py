@@ -74,9 +74,9 @@ def test_cube_work_at_the_floor(tmp_path):
 
 def test_cube_work_at_four_and_five_segments(tmp_path):
     # 240 = 128 + 64 + 32 + 16 and 496 = 256 + 128 + 64 + 32 + 16 ran 256 and 512 with three segments.
-    # N = 64 keeps the run short and still pads no tile: the "large" and "xlarge" lists these sizes take
-    # have blocks of 2-32 rows and columns. The factor exponentials' share (0.11 per logit at N = 64,
-    # d = 496) is bounded at N = 128 above, not here.
+    # N = 64 keeps the run short and still pads no tile: the lists these sizes take ("large-seg3" and
+    # "xlarge-seg3" where a kernel has them) have blocks of 1-64 rows and columns. The factor
+    # exponentials' share (0.11 per logit at N = 64, d = 496) is bounded at N = 128 above, not here.
     rows = _count(tmp_path, "--loss", "symile", "--N", "64", "--d", "240", "496")
     assert [(r["N"], r["d"], r["status"]) for r in rows] == [(64, 240, "ok"), (64, 496, "ok")]
     for row in rows:

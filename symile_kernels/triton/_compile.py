@@ -8,9 +8,11 @@ configuration list compiles for its own target at the bucket's largest executed 
 (128 for "small", 256 for "large", 512 = 256 + 256 for "xlarge"; ``_launch.d_segments``) in every
 mode, and the backward kernels in bf16 also at sizes that take three to five feature segments
 (112 = 64 + 32 + 16; 224 = 128 + 64 + 32 and 240 = 128 + 64 + 32 + 16; 448 = 256 + 128 + 64 and
-496 = 256 + 128 + 64 + 32 + 16).
+496 = 256 + 128 + 64 + 32 + 16). A "<bucket>-seg3" list (``_launch.list_name``) takes its bucket's
+sizes of three or more segments: it compiles at the largest of them in every mode and at the others
+in bf16, and its base list then only at the bucket's largest size.
 
-    python -m symile_kernels.triton._compile [--jobs 2]   # prints the markdown table
+    python -m symile_kernels.triton._compile [--jobs 2] [--mode bf16]   # prints the markdown table
 """
 from __future__ import annotations
 
@@ -49,11 +51,14 @@ def cases() -> list:
         kernel, *rest = name.split("/")
         if rest == ["interpreter"]:
             continue
-        largest, segmented = BUCKET_D[rest[1]]
+        largest, segmented = BUCKET_D[rest[1].removesuffix("-seg3")]
+        sizes = [d for d in segmented if _launch.list_name(kernel, rest[0], d) == name]
+        if name.endswith("-seg3"):  # a list for three or more segments: its sizes only
+            largest, sizes = sizes[-1], sizes[:-1]
         for index in range(len(configs)):
             out += [(kernel, name, index, mode, largest) for mode in MODES]
             if "_bwd_" in kernel:  # where multi-segment accumulators raise register pressure
-                out += [(kernel, name, index, "bf16", d) for d in segmented]
+                out += [(kernel, name, index, "bf16", d) for d in sizes]
     return out
 
 
@@ -90,8 +95,12 @@ def compile_case(case: tuple) -> dict:
     constexprs = {k: v for k, v in constexprs.items() if signature.get(k) == "constexpr"}
     row = dict(kernel=kernel, list=name, index=index, mode=mode, capability=capability, d=d, segments=segments,
                warps=config.num_warps, stages=config.num_stages, blocks=dict(config.kwargs))
+    # As a launch specialises them: tensors start 16-byte aligned, and D (the rows' stride) is a multiple
+    # of 16 at every size compiled here (the loads vectorise; other d run unspecialised).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+             if signature[p.name].startswith("*") or (p.name == "D" and d % 16 == 0)}
     try:
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", capability, 32),
                                   options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     except Exception as e:  # reported, and failed by the test
@@ -129,8 +138,9 @@ def table(rows: list) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="compile every Triton kernel x config x precision")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--mode", choices=sorted(MODES), help="print this mode's rows only (all are compiled)")
     args = parser.parse_args(argv)
-    print(table(compile_all(args.jobs)))
+    print(table([r for r in compile_all(args.jobs) if args.mode in (None, r["mode"])]))
     return 0
 
 

@@ -149,7 +149,8 @@ def tune_on_prefix(op: str, *tensors: torch.Tensor) -> int:
 # ---------------------------------------------------------------- configurations
 
 # Every kernel's configurations: "<kernel>/<sm90|sm80>/<small|large|xlarge>" (executed feature sizes,
-# d_exec, up to 128, 129-256 and above 256) hold the GPU lists; "<kernel>/interpreter" the small
+# d_exec, up to 128, 129-256 and above 256) hold the GPU lists, with "<bucket>-seg3" where a kernel
+# gives sizes of SEGMENTED or more segments their own (list_name); "<kernel>/interpreter" the small
 # default for CPU tensors. Filled by cube.py and pair.py.
 _CONFIGS: dict = {}
 _PINNED: dict = {}
@@ -193,6 +194,22 @@ def bucket(d: int) -> str:
     return "small" if size <= 128 else "large" if size <= 256 else "xlarge"
 
 
+# Feature sizes taking SEGMENTED or more segments (112 = 64 + 32 + 16, 240, 496...) hold that many
+# accumulator and operand tiles at once, which spilled registers at the tile shapes chosen for the
+# bucket's one- and two-segment sizes; a kernel may give them a list of its own, "<bucket>-seg3".
+SEGMENTED = 3
+
+
+def list_name(kernel: str, arch: str, d: int) -> str:
+    """The configuration list ``kernel`` runs feature size d from on ``arch`` ("sm90" or "sm80"):
+    "<kernel>/<arch>/<bucket>", or its "-seg3" list where d takes SEGMENTED or more segments and the
+    kernel has one."""
+    name = f"{kernel}/{arch}/{bucket(d)}"
+    if len(d_segments(d)) >= SEGMENTED and f"{name}-seg3" in _CONFIGS:
+        return f"{name}-seg3"
+    return name
+
+
 def pick(kernel: str, device: torch.device, dtype: torch.dtype, d: int, rows: int,
          run: Callable[[triton.Config], None]) -> triton.Config:
     """The configuration to launch ``kernel`` with: the pinned one, the interpreter's, the first of
@@ -202,7 +219,7 @@ def pick(kernel: str, device: torch.device, dtype: torch.dtype, d: int, rows: in
         return _PINNED[kernel]
     if device.type != "cuda" or INTERPRETED:
         return _CONFIGS[f"{kernel}/interpreter"][0]
-    name = f"{kernel}/{'sm90' if is_hopper(device) else 'sm80'}/{bucket(d)}"
+    name = list_name(kernel, "sm90" if is_hopper(device) else "sm80", d)
     configs = _CONFIGS[name]
     if len(configs) == 1 or not should_tune(rows):
         return configs[0]

@@ -401,8 +401,13 @@ def _configs(shapes) -> list:
 # candidate avoided spills in the backward passes: the lists hold the least-spilling shapes found
 # (16-32 rows: no wgmma in cube_bwd_rows/sm90). Sizes that take two to five segments (96, 112,
 # 224, 240, 448, 496) spill on several lists where the single segment does not, four and five
-# segments most (tests/test_triton_compile.py pins every case). The interpreter's default is small,
-# so that the tests at N <= 33 cross block edges.
+# segments most (tests/test_triton_compile.py pins every case). The "-seg3" lists take those sizes
+# where that cut the stack (_launch.list_name), with 16-32-row tiles: at 112 the dz pass on sm_80 is
+# spill-free, at 240 the stack falls from 5.2 and 3.0 KiB to 0.9 and 0.3 KiB on sm_80, and at 496
+# by about half; the sm_90 dz lists then run mma.sync (16 rows: too few for wgmma), while the sm_90
+# rows pass keeps wgmma at 496 with 64 rows over 16 warps (1.4 KiB instead of 6 KiB of stack). Lists
+# without a "-seg3" list spilled no more at those sizes than any candidate tried. The interpreter's
+# default is small, so that the tests at N <= 33 cross block edges.
 _CONFIG_LISTS = {
     "cube_fwd": {
         "sm90/small": _configs([(8, 16, 64, 8, 3), (8, 16, 32, 8, 3)]),
@@ -420,6 +425,10 @@ _CONFIG_LISTS = {
         "sm80/large": _configs([(2, 16, 64, 8, 1), (2, 8, 16, 4, 1)]),
         "sm90/xlarge": _configs([(2, 16, 16, 8, 1)]),
         "sm80/xlarge": _configs([(2, 16, 16, 8, 1)]),
+        "sm80/small-seg3": _configs([(1, 16, 16, 8, 1)]),
+        "sm80/large-seg3": _configs([(1, 16, 16, 4, 1)]),
+        "sm80/xlarge-seg3": _configs([(1, 16, 16, 8, 1)]),
+        "sm90/xlarge-seg3": _configs([(4, 16, 16, 16, 1)]),
         "interpreter": _configs([(4, 8, 16, 4, 1)]),
     },
     "cube_bwd_dz": {
@@ -429,6 +438,11 @@ _CONFIG_LISTS = {
         "sm80/large": _configs([(4, 8, 16, 8, 1)]),
         "sm90/xlarge": _configs([(2, 32, 16, 8, 1)]),
         "sm80/xlarge": _configs([(2, 16, 16, 8, 1)]),
+        "sm80/small-seg3": _configs([(2, 8, 16, 8, 1)]),
+        "sm80/large-seg3": _configs([(1, 16, 16, 8, 1)]),
+        "sm90/large-seg3": _configs([(1, 16, 16, 8, 1)]),
+        "sm80/xlarge-seg3": _configs([(1, 16, 16, 8, 1)]),
+        "sm90/xlarge-seg3": _configs([(1, 16, 16, 4, 1)]),
         "interpreter": _configs([(4, 8, 16, 4, 1)]),
     },
 }

@@ -138,6 +138,14 @@ _PAIR_LISTS = {
         "sm80/large": _configs([(64, 32, 8, 2)]),
         "sm90/xlarge": _configs([(16, 32, 4, 2)]),
         "sm80/xlarge": _configs([(16, 32, 4, 2)]),
+        # Three to five segments: 112 and 224/240 spill-free with 16-column blocks over 4-8 warps (sm_90
+        # keeps wgmma with 64 rows); at 448/496, 16 x 16 tiles over 8 warps cut the stack at 496 from
+        # 5744 to 272 bytes on sm_80 (the least among the shapes tried).
+        "sm80/small-seg3": _configs([(64, 16, 4, 2)]),
+        "sm90/large-seg3": _configs([(64, 16, 8, 2)]),
+        "sm80/large-seg3": _configs([(64, 16, 8, 1)]),
+        "sm90/xlarge-seg3": _configs([(16, 16, 8, 2)]),
+        "sm80/xlarge-seg3": _configs([(16, 16, 8, 2)]),
     },
     "pair_bwd_cols": {
         "sm90/small": _configs([(32, 64, 8, 2), (32, 64, 4, 2)]),
@@ -146,6 +154,12 @@ _PAIR_LISTS = {
         "sm80/large": _configs([(32, 64, 4, 2), (32, 64, 8, 2)]),
         "sm90/xlarge": _configs([(16, 32, 8, 2)]),
         "sm80/xlarge": _configs([(32, 32, 8, 2)]),
+        # Three to five segments: 224/240 spill-free with 16-row blocks (sm_90: 64 columns, wgmma); at
+        # 448/496, 16 x 16 tiles over 4 warps, 392 bytes of stack at 496 on sm_80 (least tried).
+        "sm90/large-seg3": _configs([(16, 64, 8, 2)]),
+        "sm80/large-seg3": _configs([(16, 32, 4, 2)]),
+        "sm90/xlarge-seg3": _configs([(16, 16, 4, 2)]),
+        "sm80/xlarge-seg3": _configs([(16, 16, 4, 2)]),
     },
 }
 KERNELS = {"pair_fwd": _pair_fwd_kernel, "pair_bwd_rows": _pair_bwd_rows_kernel,
