@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from symile_kernels import cpu as cpu_backend
+from symile_kernels.benchmarking import median_ms
 
 # (m, n, k) of the tile products: cube S = XY (tau z)^T, W = G z, dz^T = XY^T G at d = 64
 # and the pair kernels' S, da, db^T shares at d = 256.
@@ -26,14 +26,9 @@ SHAPES = [(256, 256, 64), (256, 64, 256), (64, 256, 256), (256, 256, 256)]
 
 
 def _gflops(fn, m: int, n: int, k: int, calls: int, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append(time.perf_counter() - begin)
-    return 2 * m * n * k * calls / statistics.median(times) / 1e9
+    """GFLOP/s of ``calls`` back-to-back calls of ``fn`` (an m x n x k product each), median of ``repeats``."""
+    times = median_ms(lambda: [fn() for _ in range(calls)], torch.device("cpu"), repeats, warmup=1)
+    return 2 * m * n * k * calls / (statistics.median(times) * 1e-3) / 1e9
 
 
 def main() -> None:
