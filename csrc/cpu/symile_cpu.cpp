@@ -265,6 +265,10 @@ void fill_xy(const scalar_t* x, const scalar_t* y, int64_t d, int64_t i0, int64_
   }
 }
 
+// (tau t)^T, d x rows, row-major: the right operand of the logit products S = A @ (tau t)^T, formed
+// once per call (tile_mm takes row-major operands; scaling here keeps tau out of every tile).
+inline Tensor tau_transposed(const Tensor& t, double tau) { return (t.t() * tau).contiguous(); }
+
 // XY^T of the same block: (d, bi * bj), row-major, from y^T (d x J) so that the inner loop is contiguous.
 template <typename scalar_t>
 void fill_xy_t(const scalar_t* x, const scalar_t* yT, int64_t J, int64_t d, int64_t i0, int64_t bi, int64_t j0,
@@ -305,8 +309,7 @@ void cube_forward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, doub
   const int64_t n_slices = num_slices(n_iblocks);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* yp = y.data_ptr<scalar_t>();
-  // (tau z)^T, d x K: the tile products' right operand, row-major as tile_mm takes it.
-  const Tensor tzT = (z.t() * tau).contiguous();
+  const Tensor tzT = tau_transposed(z, tau);  // d x K
   const scalar_t* tzTp = tzT.data_ptr<scalar_t>();
 
   // (m, s) accumulators: La owned by the slice holding row i; Lb, Lc per slice.
@@ -438,8 +441,7 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
   const scalar_t* gLbp = gLb.data_ptr<scalar_t>();
   const scalar_t* gLcp = gLc.data_ptr<scalar_t>();
 
-  // (tau z)^T for the logits, as in the forward (the same products, so the same S).
-  const Tensor tzT = (z.t() * tau).contiguous();
+  const Tensor tzT = tau_transposed(z, tau);  // as in the forward: the same products, so the same S
   const scalar_t* tzTp = tzT.data_ptr<scalar_t>();
   const scalar_t* zp = z.data_ptr<scalar_t>();
   const Tensor yT = y.t().contiguous();
@@ -594,7 +596,7 @@ void pair_forward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, do
   const int64_t n_iblocks = (N + BI - 1) / BI, d = a.size(1);
   const scalar_t* posp = pos.data_ptr<scalar_t>();
   const scalar_t* ap = a.data_ptr<scalar_t>();
-  const Tensor tbT = (b.t() * tau).contiguous();
+  const Tensor tbT = tau_transposed(b, tau);
   const scalar_t* tbTp = tbT.data_ptr<scalar_t>();
   double* Lp = L.data_ptr<double>();
   // Each i-block owns its rows of L: no cross-thread reduction.
@@ -734,7 +736,7 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
   const scalar_t* ap = a.data_ptr<scalar_t>();
   const scalar_t* bp = b.data_ptr<scalar_t>();
   const Tensor aT = a.t().contiguous();
-  const Tensor tbT = (b.t() * tau).contiguous();
+  const Tensor tbT = tau_transposed(b, tau);
   const scalar_t* aTp = aT.data_ptr<scalar_t>();
   const scalar_t* tbTp = tbT.data_ptr<scalar_t>();
   scalar_t* dap = da.data_ptr<scalar_t>();
@@ -831,7 +833,7 @@ void pair_forward_grads_kernel(const Tensor& a, const Tensor& b, const Tensor& p
   const scalar_t* posp = pos.data_ptr<scalar_t>();
   const scalar_t* ap = a.data_ptr<scalar_t>();
   const scalar_t* bp = b.data_ptr<scalar_t>();
-  const Tensor tbT = (b.t() * tau).contiguous();
+  const Tensor tbT = tau_transposed(b, tau);
   const Tensor aT = need_V ? a.t().contiguous() : Tensor();
   const Tensor VT = need_V ? at::empty({d, J}, b.options()) : Tensor();
   const scalar_t* tbTp = tbT.data_ptr<scalar_t>();
