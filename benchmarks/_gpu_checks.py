@@ -9,19 +9,20 @@ shape set:
 * compute modes (``MODES``): "fp32" (float32, IEEE products), "tf32" (float32 with
   ``torch.backends.cuda.matmul.allow_tf32``), "bf16", "fp16", and for the cuda
   backend "fp32-as-bf16" (float32 rows with SYMILE_KERNELS_CUDA_MATH=bf16);
-* cases: M in {2, 3, 4} x {"n", "n_squared"} x odd (N, d) that leave ragged tiles
-  x input kinds (unit rows at tau 14.3 and 100, Gaussian rows, a faint row that
-  takes the kernels' fallback paths; docs/math.md section 6.1);
-* each case: ``symile_loss(..., backend=b)`` forward and backward (a random
-  upstream gradient) against the float64 oracle ``symile_kernels.reference`` on
-  the same device and the same (cast) values, loss and every gradient (dtau
-  too) by relative error at docs/math.md section 6.1's tolerances.
+* shape sets (``SHAPES``): "headline" (d = 256, the lists N = 4096 launches take: M = 3
+  "n_squared" and "n", M = 2), "lists" (one feature size per configuration list variant,
+  ``_launch.VARIANT_D``), "full" (ragged (N, d) x M in {2, 3, 4} x both samplings), and the
+  CPU rehearsal's "smoke" and "interpreter";
+* each case: ``symile_kernels.testing.compare_with_oracle``, the test suite's comparison:
+  ``symile_loss(..., backend=b)`` forward and backward (a random upstream gradient) against
+  the float64 oracle on the same device and the same (cast) values, the loss and every
+  gradient (dtau too) at docs/math.md section 6.1's tolerances.
 
-Triton configurations: every kernel's autotune list is checked by pinning index
-i (clamped to each list's length) with autotuning off, through
-``symile_kernels.triton.kernel_configs()`` / ``pinned_config(name, index)`` when
-the package has them, else through the autotuners' ``configs`` lists
-(``config_tables``); neither: the report says the check is unavailable.
+Triton configurations: a job with ``config`` = i pins configuration i (clamped to each
+list's length) of every list of the GPU's architecture (``_launch.pinned_config``, keyed by
+list), so a case at feature size d runs exactly configuration i of the list a launch at d
+takes (``_launch.launch_list``). The job's summary names the lists whose pin launches used
+(``configs_used``): what was checked, not what was asked for.
 """
 from __future__ import annotations
 
@@ -35,182 +36,137 @@ from typing import Iterator, Optional
 
 import torch
 
-# docs/math.md section 6.1: (loss, gradients) relative-error tolerances per compute mode.
-TOLERANCES = {"fp64": (1e-10, 1e-9), "fp32": (1e-5, 1e-4), "tf32": (5e-3, 1e-2), "bf16": (2e-2, 5e-2),
-              "fp16": (2e-2, 5e-2), "fp32-as-bf16": (2e-2, 5e-2)}
-# mode -> (input dtype, allow TF32, extra environment of the job's process)
-MODES = {"fp32": ("float32", False, {}), "tf32": ("float32", True, {}), "bf16": ("bfloat16", False, {}),
-         "fp16": ("float16", False, {}), "fp32-as-bf16": ("float32", False, {"SYMILE_KERNELS_CUDA_MATH": "bf16"}),
-         "fp64": ("float64", False, {})}
+# mode -> (input dtype, allow TF32, extra environment of the job's process, TOLERANCES key)
+MODES = {"fp32": ("float32", False, {}, torch.float32), "tf32": ("float32", True, {}, "tf32"),
+         "bf16": ("bfloat16", False, {}, torch.bfloat16), "fp16": ("float16", False, {}, torch.float16),
+         "fp32-as-bf16": ("float32", False, {"SYMILE_KERNELS_CUDA_MATH": "bf16"}, torch.bfloat16),
+         "fp64": ("float64", False, {}, torch.float64)}
+# (kind, tau) of symile_kernels.testing.make_inputs: unit rows at two temperatures, Gaussian rows,
+# faint rows whose tiles spread over many nats (the kernels' fallback paths).
 KINDS = (("unit", 14.3), ("unit", 100.0), ("gaussian", 1.0), ("faint", 14.3))
-# (N, d): not multiples of any tile size; d = 48 is a multiple of 16 (another Triton specialisation).
-SHAPES = {"full": ((7, 3), (33, 48), (129, 200)), "reduced": ((33, 48), (129, 200)), "smoke": ((5, 3), (7, 10)),
-          "interpreter": ((5, 3),)}
+HEADLINE_D = 256
 # The oracle materialises N^M float64 logits (a few copies): M = 3 up to N = 129, M = 4 up to N = 33.
 ORACLE_MAX_ELEMENTS = 2 ** 24
 
 
+def _lists_shapes() -> tuple:
+    from symile_kernels.triton import _launch
+
+    return tuple((33, d) for d in _launch.VARIANT_D.values())
+
+
+# shape set -> (M, N, d, samplings) of its cases; "lists" is read from the Triton package.
+SHAPES = {
+    "headline": ((3, 33, HEADLINE_D, ("n_squared", "n")), (3, 129, HEADLINE_D, ("n_squared", "n")),
+                 (3, 1031, HEADLINE_D, ("n",)), (2, 257, HEADLINE_D, ("n_squared",))),
+    "full": tuple((M, N, d, ("n_squared", "n")) for N, d in ((7, 3), (33, 48), (129, 200), (65, 256), (33, 496))
+                  for M in (2, 3, 4)),
+    "smoke": tuple((M, N, d, ("n_squared", "n")) for N, d in ((5, 3), (7, 10)) for M in (2, 3, 4)),
+    "interpreter": tuple((M, 5, 3, ("n_squared", "n")) for M in (2, 3)),
+}
+
+
 def cases(shape_set: str, Ms=(2, 3, 4), n_kinds: Optional[int] = None) -> list[dict]:
-    """The sweep's cases, cheapest first. "reduced" (pinned Triton configurations) and
-    "smoke" keep the kinds that matter most and fewer shapes; ``Ms`` and ``n_kinds``
-    (the first kinds only) shrink it further (the Triton interpreter is slow)."""
+    """The sweep's cases, cheapest first: every (M, N, d, sampling) of the shape set whose oracle
+    fits (``ORACLE_MAX_ELEMENTS``; M = 4 at N <= 33) x input kinds. "full" takes every kind, the
+    others the unit and faint ones; ``Ms`` and ``n_kinds`` (the first kinds only) shrink it further
+    (the Triton interpreter is slow)."""
+    if shape_set == "lists":
+        shapes = tuple((M, N, d, ("n_squared", "n")) for N, d in _lists_shapes() for M in (2, 3))
+    else:
+        shapes = SHAPES[shape_set]
     kinds = KINDS if shape_set == "full" else KINDS[:2] + KINDS[3:]
     kinds = kinds[:n_kinds] if n_kinds else kinds
     out = []
-    for N, d in SHAPES[shape_set]:
-        for M in Ms:
-            for sampling in ("n_squared", "n"):
-                if sampling == "n_squared" and N ** M > ORACLE_MAX_ELEMENTS:
-                    continue
-                if shape_set != "full" and M == 4 and N > 7:
-                    continue
-                out += [dict(M=M, N=N, d=d, sampling=sampling, inputs=k, tau=t) for k, t in kinds]
-    return out
-
-
-def make_inputs(kind: str, M: int, N: int, d: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """M float64 CPU tensors (N, d) of one of docs/math.md section 6.1's kinds (never zeros)."""
-    reps = [torch.randn(N, d, dtype=torch.float64, generator=generator) for _ in range(M)]
-    if kind == "unit":
-        return [torch.nn.functional.normalize(r, dim=1) for r in reps]
-    if kind == "gaussian":
-        return reps
-    if kind == "faint":  # rows near one direction, one row 30x shorter: a tile spreads over many nats
-        direction = torch.randn(d, dtype=torch.float64, generator=generator)
-        reps = [torch.nn.functional.normalize(direction + 0.3 * r, dim=1) for r in reps]
-        for r in reps:
-            r[N // 2] /= 30.0
-        return reps
-    raise ValueError(f"unknown input kind {kind!r}")
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
-    """``||out - ref|| / max(||ref||, floor)`` in float64; inf when ``out`` is not finite."""
-    out, ref = out.detach().double(), ref.detach().double()
-    if not bool(torch.isfinite(out).all()):
-        return float("inf")
-    scale = max(float(ref.norm()), floor)
-    return float((out - ref).norm()) / scale if scale > 0 else float(out.norm())
+    for M, N, d, samplings in shapes:
+        if M not in Ms or (M == 4 and N > 33):
+            continue
+        for sampling in samplings:
+            if sampling == "n_squared" and N ** M > ORACLE_MAX_ELEMENTS:
+                continue
+            out += [dict(M=M, N=N, d=d, sampling=sampling, inputs=k, tau=t) for k, t in kinds]
+    return sorted(out, key=lambda c: c["N"] ** (c["M"] if c["sampling"] == "n_squared" else 2) * c["d"])
 
 
 def check_case(backend: str, mode: str, case: dict, device: torch.device, seed: int) -> dict:
     """One case against the float64 oracle on ``device``; returns errors, tolerances and "ok"."""
-    from symile_kernels import symile_loss
-    from symile_kernels.reference import mip, symile_loss_reference
+    from symile_kernels.testing import compare_with_oracle, make_inputs
 
-    dtype = getattr(torch, MODES[mode][0])
+    dtype_name, _, _, tolerance = MODES[mode]
     generator = torch.Generator().manual_seed(seed)
     reps64 = make_inputs(case["inputs"], case["M"], case["N"], case["d"], generator)
-    inputs = [r.to(device=device, dtype=dtype).requires_grad_() for r in reps64]
-    tau_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    tau = torch.tensor(case["tau"], dtype=tau_dtype, device=device, requires_grad=True)
-    exact = [r.detach().to(torch.float64).requires_grad_() for r in inputs]  # the cast values, on the device
-    tau_exact = tau.detach().double().requires_grad_()
-    upstream = torch.rand((), dtype=torch.float64, generator=generator) + 0.5
-
-    torch.manual_seed(seed)  # "n" draws its permutations from the default CPU generator
-    value = symile_loss(inputs, tau, negative_sampling=case["sampling"], backend=backend)
-    grads = torch.autograd.grad(value, inputs + [tau], upstream.to(device=device, dtype=value.dtype))
-    torch.manual_seed(seed)
-    expected = symile_loss_reference(exact, tau_exact, case["sampling"])
-    expected_grads = torch.autograd.grad(expected, exact + [tau_exact], upstream.to(device))
-    # Where the LSE and positive parts of a gradient cancel, its norm says nothing of the
-    # rounding: the denominator is at least 5% of the positive part's gradient (docs/math.md 6.1).
-    positive = upstream.to(device) * tau_exact * mip(exact).mean()
-    floors = [0.05 * float(g.norm()) for g in torch.autograd.grad(positive, exact + [tau_exact])]
-
-    loss_tol, grad_tol = TOLERANCES[mode]
-    errors = {"loss": relative_error(value, expected)}
-    for m, (g, e) in enumerate(zip(grads, expected_grads)):
-        errors["dtau" if m == len(inputs) else f"d{m}"] = relative_error(g, e, floors[m])
-    grad_err = max(v for k, v in errors.items() if k != "loss")
-    ok = errors["loss"] <= loss_tol and grad_err <= grad_tol and value.dtype == dtype
-    return dict(loss_err=errors["loss"], grad_err=grad_err, worst_grad=max(
-        (k for k in errors if k != "loss"), key=errors.get), loss_tol=loss_tol, grad_tol=grad_tol,
-        dtype_ok=value.dtype == dtype, ok=bool(ok))
+    result = compare_with_oracle(backend, reps64, case["tau"], dtype=getattr(torch, dtype_name),
+                                 negative_sampling=case["sampling"], tolerance=tolerance, device=device,
+                                 seed=seed, generator=generator)
+    grads = {k: v for k, v in result.errors.items() if k != "loss"}
+    worst = max(grads, key=grads.get)
+    return dict(loss_err=result.errors["loss"], grad_err=grads[worst], worst_grad=worst,
+                loss_tol=result.loss_tol, grad_tol=result.grad_tol, dtype_ok=result.dtypes_ok, ok=result.ok)
 
 
 # ---------------------------------------------------------------- Triton configurations
 
-_PRIVATE_TABLES = {"cube_fwd": ("cube", "_FWD"), "cube_bwd_u": ("cube", "_BWD_U"), "cube_bwd_dz": ("cube", "_BWD_DZ"),
-                   "pair_fwd": ("pair", "_FWD"), "pair_bwd_rows": ("pair", "_BWD_ROWS"),
-                   "pair_bwd_cols": ("pair", "_BWD_COLS")}
-
-
-def config_tables(device: torch.device) -> tuple[str, dict]:
-    """(how, {kernel name: number of configurations}) of the Triton backend on ``device``.
-
-    how: "public" (``kernel_configs``/``pinned_config``), "autotuner lists", or
-    "unavailable: why".
-    """
+def config_lists(arch: str) -> tuple[str, dict]:
+    """(how, {list name: number of configurations}) of the Triton backend's ``arch`` lists
+    ("sm90" or "sm80"); how is "public" or "unavailable: why"."""
     try:
-        import symile_kernels.triton as package
+        from symile_kernels.triton import kernel_configs
     except Exception as exc:  # noqa: BLE001  (no Triton: nothing to pin)
         return f"unavailable: {type(exc).__name__}: {exc}", {}
-    if hasattr(package, "kernel_configs") and hasattr(package, "pinned_config"):
-        return "public", {name: len(configs) for name, configs in package.kernel_configs().items()}
-    tables = _autotuners(package, device)
-    if tables is None:
-        return "unavailable: every-config check unavailable in this revision (no kernel_configs())", {}
-    return "autotuner lists", {name: len(tuner.configs) for name, tuner in tables.items()}
+    return "public", {name: len(c) for name, c in kernel_configs().items() if name.split("/")[1] == arch}
 
 
-def _autotuners(package, device: torch.device) -> Optional[dict]:
-    """The compiled kernels' autotuners for ``device`` (Hopper or not), or None if the layout differs."""
-    try:
-        from symile_kernels.triton import _launch
+def headline_lists(arch: str) -> list[str]:
+    """The lists a launch of each Triton kernel at d = HEADLINE_D takes on ``arch``."""
+    from symile_kernels.triton import _launch, kernel_configs
 
-        hopper = _launch.is_hopper(device)
-        return {name: getattr(getattr(package, module), attr)[hopper]
-                for name, (module, attr) in _PRIVATE_TABLES.items()}
-    except (AttributeError, KeyError, ImportError, TypeError):
-        return None
+    return sorted({_launch.list_name(name.split("/")[0], arch, HEADLINE_D) for name in kernel_configs()
+                   if name.split("/")[1] == arch})
 
 
 @contextlib.contextmanager
-def pinned(index: Optional[int], device: torch.device) -> Iterator[dict]:
-    """Runs every Triton kernel with configuration ``index`` of its list (clamped); yields
-    {kernel: index used}. With autotuning off (the job's environment) the kernels
-    launch their list's first entry, so the autotuner lists are rotated."""
+def pinned(index: Optional[int], arch: str) -> Iterator[list]:
+    """Within the block, every list of ``arch`` is pinned to configuration ``index`` (clamped to its
+    length); yields the ``Pin`` objects (their ``launches`` count what used them). None: no pins."""
     if index is None:
-        yield {}
+        yield []
         return
-    import symile_kernels.triton as package
+    from symile_kernels.triton import kernel_configs, pinned_config
 
-    if hasattr(package, "kernel_configs") and hasattr(package, "pinned_config"):
-        with contextlib.ExitStack() as stack:
-            used = {}
-            for name, configs in package.kernel_configs().items():
-                used[name] = min(index, len(configs) - 1)
-                stack.enter_context(package.pinned_config(name, used[name]))
-            yield used
-        return
-    tables = _autotuners(package, device)
-    if tables is None:
-        raise RuntimeError("no way to pin a Triton configuration in this revision")
-    saved = {name: tuner.configs for name, tuner in tables.items()}
-    used = {}
-    try:
-        for name, tuner in tables.items():
-            used[name] = min(index, len(tuner.configs) - 1)
-            tuner.configs = [tuner.configs[used[name]]] + [c for j, c in enumerate(tuner.configs) if j != used[name]]
-        yield used
-    finally:
-        for name, tuner in tables.items():
-            tuner.configs = saved[name]
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(pinned_config(name, min(index, len(configs) - 1)))
+               for name, configs in kernel_configs().items() if name.split("/")[1] == arch]
+
+
+def device_arch(device: torch.device) -> str:
+    """The configuration lists' architecture of a CUDA ``device``; "interpreter" for the CPU."""
+    if device.type != "cuda":
+        return "interpreter"
+    from symile_kernels.triton import _launch
+
+    return _launch.arch_of(device)
+
+
+def _interpreting(arch: Optional[str]) -> contextlib.AbstractContextManager:
+    """``interpret_as(arch)`` (the CPU rehearsal runs a GPU's lists in the interpreter), or nothing."""
+    if arch is None:
+        return contextlib.nullcontext()
+    from symile_kernels.triton import interpret_as
+
+    return interpret_as(arch)
 
 
 def run_job(job: dict) -> Iterator[dict]:
     """Yields one row per case of ``job`` (see the module docstring), then a summary row."""
-    dtype_name, tf32, _ = MODES[job["mode"]]
+    dtype_name, tf32, _, _ = MODES[job["mode"]]
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     device = torch.device(job["device"])
     base = dict(kind="check", backend=job["backend"], mode=job["mode"], config=job.get("config"))
     passed = total = 0
-    with pinned(job.get("config"), device) as used:
-        for number, case in enumerate(cases(job["shapes"], job.get("Ms", (2, 3, 4)),
-                                                        job.get("n_kinds"))):
+    arch = job.get("interpret_as") or device_arch(device)
+    with _interpreting(job.get("interpret_as")), pinned(job.get("config"), arch) as pins:
+        for number, case in enumerate(cases(job["shapes"], job.get("Ms", (2, 3, 4)), job.get("n_kinds"))):
             begin = time.perf_counter()
             try:
                 result = check_case(job["backend"], job["mode"], case, device, seed=1000 + number)
@@ -219,6 +175,7 @@ def run_job(job: dict) -> Iterator[dict]:
             total += 1
             passed += bool(result["ok"])
             yield dict(base, **case, **result, seconds=round(time.perf_counter() - begin, 3))
+        used = {pin.name: pin.index for pin in pins if pin.launches}
     yield dict(base, kind="check_job", passed=passed, total=total, configs_used=used, dtype=dtype_name)
 
 

@@ -1,7 +1,8 @@
-"""The GPU suite's benchmark rows: one loss-level measurement per fresh subprocess.
+"""The GPU suite's benchmark rows: loss-level measurements in a long-lived worker subprocess.
 
-A row config: backend (a ``symile_kernels`` backend, or "symile" for the
-reference package 0.1.0), M, N, d, sampling, mode (a compute mode of
+A row config: backend (a ``symile_kernels`` backend, "symile" for the reference
+package 0.1.0, or a plain-PyTorch peer of ``peers.py``: "torch-einsum",
+"torch-compile", "torch-ce"), M, N, d, sampling, mode (a compute mode of
 ``_gpu_checks.MODES``), device, tau, warmup, repeats. ``measure`` returns the
 config with: fwd_ms and fwd_bwd_ms (medians; CUDA events on a GPU),
 fwd_bwd_min_ms/max_ms, peak_mb (``torch.cuda.max_memory_allocated`` of one
@@ -13,20 +14,26 @@ backends, the reference package's too, can be compared.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
+import selectors
 import statistics
 import subprocess
 import sys
+from typing import Optional
 
 import torch
 
 from _gpu_checks import MODES
 
-from symile_kernels.benchmarking import median_ms, model_flops, peak_bytes, reset_peak, sync
+from peers import PEERS, peer_loss
+from timing import median_ms, model_flops, peak_bytes, reset_peak, sync
 
 
-def loss_function(backend: str, sampling: str):
+def loss_function(backend: str, sampling: str, M: int):
+    if backend in PEERS:
+        return peer_loss(backend, sampling, M)
     if backend == "symile":
         import symile
 
@@ -38,14 +45,27 @@ def loss_function(backend: str, sampling: str):
 
 
 def measure(config: dict) -> dict:
-    """Runs one row in this process (see the module docstring)."""
-    dtype_name, tf32, env = MODES[config["mode"]]
+    """Runs one row in this process (see the module docstring), under its mode's environment."""
+    env = MODES[config["mode"]][2]
+    saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
+    try:
+        return _measure(config)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _measure(config: dict) -> dict:
+    dtype_name, tf32, _, _ = MODES[config["mode"]]
     torch.backends.cuda.matmul.allow_tf32 = tf32
     device = torch.device(config["device"])
     dtype = getattr(torch, dtype_name)
     M, N, d, sampling = config["M"], config["N"], config["d"], config["sampling"]
-    loss_fn = loss_function(config["backend"], sampling)
+    loss_fn = loss_function(config["backend"], sampling, M)
     generator = torch.Generator(device=device).manual_seed(0)
     # A tiny call first loads (and JIT-compiles) the code, so it is neither timed nor counted as memory.
     tiny = [torch.randn(5, d, device=device, dtype=dtype, requires_grad=True) for _ in range(M)]
@@ -83,29 +103,76 @@ def measure(config: dict) -> dict:
     return row
 
 
-def run_in_subprocess(script: str, flag: str, config: dict, timeout: float) -> dict:
-    """``script flag JSON`` in a fresh interpreter; its last stdout line is the row."""
-    command = [sys.executable, script, flag, json.dumps(config)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(script))))
-    except subprocess.TimeoutExpired:
-        return dict(config, status=f"timeout after {timeout:.0f} s")
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    tail = [line for line in done.stderr.strip().splitlines() if line.strip()] or ["no output"]
-    killed = " (killed: out of memory?)" if done.returncode < 0 else ""
-    return dict(config, status=f"failed{killed}: {tail[-1][:300]}")
+class RowWorker:
+    """Runs rows in one long-lived subprocess (``python script flag``, reading a JSON config per line
+    of stdin and answering a JSON row per line of stdout), so a row pays no interpreter start. A row
+    that crashes the worker (an illegal address, out of host memory) or passes its timeout is
+    recorded as such, and the next row starts a fresh worker. The worker's stderr goes to ``log``."""
+
+    def __init__(self, script: str, flag: str, log: str):
+        self.command = [sys.executable, script, flag]
+        self.cwd = os.path.dirname(os.path.dirname(os.path.abspath(script)))
+        self.log = log
+        self.process: Optional[subprocess.Popen] = None
+
+    def __call__(self, config: dict, timeout: float) -> dict:
+        if self.process is None or self.process.poll() is not None:
+            with open(self.log, "a") as err:
+                self.process = subprocess.Popen(self.command, cwd=self.cwd, stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+        self.process.stdin.write(json.dumps(config) + "\n")
+        self.process.stdin.flush()
+        line = self._read_line(timeout)
+        if line is None:
+            self.close()
+            return dict(config, status=f"timeout after {timeout:.0f} s")
+        if not line:
+            code = self.process.wait()
+            self.process = None
+            killed = " (killed: out of memory?)" if code < 0 else ""
+            return dict(config, status=f"failed{killed}: {self._stderr_tail()}")
+        return json.loads(line)
+
+    def _read_line(self, timeout: float) -> Optional[str]:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            if not selector.select(timeout=max(1.0, timeout)):
+                return None
+        return self.process.stdout.readline()
+
+    def _stderr_tail(self) -> str:
+        with open(self.log) as f:
+            lines = [line for line in f.read().strip().splitlines() if line.strip()] or ["no output"]
+        return lines[-1][:300]
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+def serve() -> None:
+    """The worker side of ``RowWorker``: one measured row (or the failure) per config line."""
+    for line in sys.stdin:
+        config = json.loads(line)
+        try:
+            row = measure(config)
+        except Exception as exc:  # noqa: BLE001  (an out-of-memory row: the next rows still run)
+            row = dict(config, status=f"failed: {type(exc).__name__}: {str(exc).strip()[:300]}")
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next row's peak starts from the inputs, not this row's cache
+        print(json.dumps(row), flush=True)
 
 
 def mm_rate(device: torch.device, mode: str, size: int) -> float:
     """Dense ``torch.mm`` rate (TFLOP/s, median of 5) of one compute mode, size x size operands."""
-    dtype_name, tf32, _ = MODES[mode]
+    dtype_name, tf32, _, _ = MODES[mode]
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        from symile_kernels.benchmarking import mm_tflops
+        from timing import mm_tflops
 
         return mm_tflops(device, getattr(torch, dtype_name), size=size)
     finally:
@@ -113,17 +180,22 @@ def mm_rate(device: torch.device, mode: str, size: int) -> float:
 
 
 def estimated_bytes(config: dict) -> int:
-    """Rough peak of the backends that materialise logits ("symile", "reference"); 0 for the others.
+    """Rough peak of the losses that materialise logits (the reference package, the oracle, the
+    plain-PyTorch peers); 0 for the fused backends.
 
     "n_squared": the reference package measured about 9.1 N^3 floats at M = 3
-    (docs/math.md section 5), covered by 10 N^M + 6 N^(M-1) d elements. "n": per
-    anchor an (N, N) logit matrix, the identity mask, the masked copy, the scaled
-    copy and the softmax autograd keeps: about 5 N^2 elements per anchor.
+    (docs/math.md section 5), covered by 10 N^M + 6 N^(M-1) d elements; the einsum peer
+    keeps the cube and its exponentials for its three reductions, about 4 N^3 elements.
+    "n" and CLIP: per anchor an (N, N) logit matrix, the identity mask, the masked copy,
+    the scaled copy and the softmax autograd keeps: about 5 N^2 elements per anchor.
     """
-    if config["backend"] not in ("symile", "reference"):
+    backend = config["backend"]
+    if backend not in ("symile", "reference", *PEERS):
         return 0
     M, N, d = config["M"], config["N"], config["d"]
-    size = 4  # float32 compute
-    if config["sampling"] == "n":
+    size = 8 if backend == "reference" else 4  # the oracle computes in float64, the others in float32 or less
+    if config["sampling"] == "n" or M == 2:
         return size * (5 * M * N ** 2 + 4 * M * N * d)
+    if backend in PEERS:
+        return size * 4 * N ** 3
     return size * (10 * N ** M + 6 * N ** (M - 1) * d)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from symile_kernels.benchmarking import machine_info, peak_bytes, reset_peak
+from timing import machine_info, peak_bytes, reset_peak
 
 
 def _count_cube_elements(backend_name: str) -> list[int]:

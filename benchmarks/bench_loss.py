@@ -9,9 +9,9 @@ the call, after a tiny warm-up call has loaded the code (one subprocess per
 configuration keeps peaks apart).
 The backend name ``symile`` means the reference package ``symile`` 0.1.0
 (skipped when it is not installed). Model FLOPs follow docs/math.md section 5
-(``symile_kernels.benchmarking.model_flops``), compared with a dense matrix
+(``timing.model_flops``), compared with a dense matrix
 product of the same dtype measured in the same run (on the CPU, float32
-4096 x 4096). Timing and memory helpers live in ``symile_kernels.benchmarking``.
+4096 x 4096). Timing and memory helpers live in ``benchmarks/timing.py``.
 
     python benchmarks/bench_loss.py --backends symile chunked --N 512 --d 64
     python benchmarks/bench_loss.py --device cuda --dtype bfloat16 --N 1024 4096 --d 256 --json out.json
@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from symile_kernels.benchmarking import (DTYPES, machine_info, median_ms, memory_limit_bytes, mm_tflops,
+from timing import (DTYPES, machine_info, median_ms, memory_limit_bytes, mm_tflops,
                                         model_flops, peak_bytes, reset_peak, sync)
 
 

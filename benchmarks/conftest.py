@@ -12,7 +12,7 @@ own tables.
 import pytest
 import torch
 
-from symile_kernels.benchmarking import DTYPES, mm_tflops
+from timing import DTYPES, mm_tflops
 
 _ROWS: list = []
 

@@ -7,7 +7,7 @@ exponential adds one exponential. Exponentials are split into those on
 two-dimensional tiles (one per tile element: the cost docs/math.md section 5
 bounds) and those on row or column vectors (per-row/per-column factors,
 O(1 / tile side) of the first). The script prints, per pass, executed FLOPs
-over the model FLOPs of ``symile_kernels.benchmarking.model_flops`` (2 N^3 d
+over the model FLOPs of ``timing.model_flops`` (2 N^3 d
 forward and 4 N^3 d backward for the cube; 2 and 4 M N^2 d for pair losses)
 and exponentials per logit element (N^3 for the cube, M N^2 for pair losses).
 
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from symile_kernels import clip_loss, symile_loss  # noqa: E402
-from symile_kernels.benchmarking import model_flops  # noqa: E402
+from timing import model_flops  # noqa: E402
 
 
 class _Tally:
@@ -126,17 +126,15 @@ def _run_loss(loss: str, backend: str, reps: list, tau: torch.Tensor) -> torch.T
     return symile_loss(reps, tau, negative_sampling="n" if loss == "n" else "n_squared", backend=backend)
 
 
-def pinned_gpu_configs(arch: str, d: int) -> contextlib.ExitStack:
-    """Pins every Triton kernel to the first configuration of its ``arch`` ("sm90" or "sm80") list for
-    feature size d, so that the interpreter runs the GPU's tile shapes; "interpreter" pins nothing."""
-    stack = contextlib.ExitStack()
-    if arch != "interpreter":
-        from symile_kernels.triton import _launch, kernel_configs
+def gpu_tile_shapes(arch: str) -> contextlib.AbstractContextManager:
+    """Within the block the interpreter launches every Triton kernel from ``arch``'s ("sm90" or
+    "sm80") lists, untuned, so that it runs the GPU's tile shapes (each list's first configuration,
+    the one an untuned launch takes); "interpreter" changes nothing."""
+    if arch == "interpreter":
+        return contextlib.nullcontext()
+    from symile_kernels.triton import interpret_as
 
-        for name in kernel_configs():
-            if name == _launch.list_name(name.split("/")[0], arch, d):
-                stack.enter_context(_launch.pinned_config(name, 0))
-    return stack
+    return interpret_as(arch)
 
 
 def count_triton(loss: str, M: int, N: int, d: int, arch: str = "sm90") -> dict:
@@ -147,7 +145,7 @@ def count_triton(loss: str, M: int, N: int, d: int, arch: str = "sm90") -> dict:
         raise RuntimeError("count_triton needs TRITON_INTERPRET=1 before symile_kernels.triton is imported")
     reps = _inputs(M, N, d)
     tau = torch.tensor(14.3, requires_grad=True)
-    with pinned_gpu_configs(arch, d), triton_interpreter_counters() as start:
+    with gpu_tile_shapes(arch), triton_interpreter_counters() as start:
         forward = start()
         value = _run_loss(loss, "triton", reps, tau)
         backward = start()

@@ -1,37 +1,39 @@
 """The GPU suite: correctness first, then speed, inside one device lease.
 
     python benchmarks/gpu_suite.py OUT_DIR --budget-s 480   # a CUDA machine, about 8 minutes
-    python benchmarks/gpu_suite.py OUT_DIR --cpu-smoke      # the same plumbing on the CPU, < 1 minute
+    python benchmarks/gpu_suite.py OUT_DIR --cpu-smoke      # the same plumbing on the CPU, about a minute
+    python benchmarks/gpu_suite.py --plan [--arch sm80]     # the jobs and rows it would run; runs nothing
     python benchmarks/gpu_suite.py --render OUT_DIR         # results.md again from results.jsonl
 
-Stages, in order, under one time budget (``--budget-s``; the correctness stage
-has its own share, ``--check-budget-s``):
+Two phases under one time budget (``--budget-s``), the most valuable evidence first:
 
-1. Build and correctness (``_gpu_checks.py``), jobs in parallel subprocesses:
-   the cuda backend's build (timed); the oracle sweep of every GPU backend
-   (triton, cuda; chunked as a control) x compute mode (fp32 IEEE, TF32, bf16,
-   fp16) x M in {2, 3, 4} x {"n", "n_squared"} x ragged (N, d), tau up to 100,
-   with every Triton autotune configuration pinned in turn; ``pytest -m gpu``
-   (``tests.log``); the cuda backend under ``compute-sanitizer`` memcheck and
-   racecheck (``sanitizer.log``). A failure marks the backend failing; the
-   suite goes on to the timings and says so at the top of the report.
-2. Headline rows (``_gpu_rows.py``, one fresh subprocess each): the reference
-   package ``symile`` 0.1.0 vs every backend at N = 1024, d = 256; the fused
-   backends at N = 4096 in fp32 / TF32 / bf16 (model TFLOP/s against the dense
-   matrix-product rate of the same mode, measured in this run); "n" sampling at
-   N = 16384 and 65536 against the reference package's "n".
-3. Scale rows, N = 8192 and 16384, under the time guard: a row whose estimated
-   time (N^3 from the measured smaller row) does not fit what is left of the
-   budget is recorded as skipped.
-4. Output in OUT_DIR: ``results.jsonl`` (one JSON row appended as each piece
-   completes, so a crash keeps what came before), ``results.md`` (verdict first,
-   tables, machine block last; also printed), ``build.log``, ``tests.log``,
-   ``sanitizer.log``. ``--plan`` prints the planned jobs and rows and runs nothing.
+1. Within about the first four minutes (``--first-s`` for the checks): the cuda backend's
+   build, or the extension carried in (timed, ``build.log``); the triton and cuda
+   backends against the float64 oracle at the headline configurations (bf16 and TF32,
+   M = 3 "n_squared" and "n", M = 2, d = 256: every configuration of the Triton lists
+   that d = 256 launches take, pinned in turn); the bf16 matrix-product rate; the
+   headline row of every fused backend (bf16, N = 4096, d = 256, forward+backward,
+   model TFLOP/s and share of that rate).
+2. Then (``--check-budget-s`` for the checks): the broad sweep (every compute mode, every
+   configuration of every list of the GPU's architecture, ragged shapes, M in {2, 3, 4});
+   ``pytest -m gpu`` (``tests.log``); the cuda backend under ``compute-sanitizer`` memcheck
+   and racecheck (``sanitizer.log``; a tool that cannot attach is recorded as not run);
+   the peers (the reference package ``symile`` 0.1.0, a plain-PyTorch einsum cube and its
+   ``torch.compile`` version, materialised cross-entropy for "n" and CLIP: ``peers.py``),
+   the other float32 modes and the scale rows, each skipped when its estimate does not fit
+   what is left of the budget.
+
+Correctness jobs run in parallel subprocesses (``_gpu_checks.py``); the rows run one at a time
+in a long-lived worker subprocess (``_gpu_rows.py``, restarted after a crash). A failure marks
+the backend failing; the suite goes on and says so at the top of the report. Output in
+OUT_DIR: ``results.jsonl`` (one JSON row appended as each piece completes, so a crash keeps
+what came before), ``results.md`` (verdict first, tables, machine block last; also printed),
+``build.log``, ``tests.log``, ``sanitizer.log``, ``rows.log``.
 
 Exit status: 0 when every correctness check ran and passed; 1 when one failed;
-3 when none failed but some did not run (correctness budget spent, a timeout; a
-machine without compute-sanitizer is reported, not counted); 2 without a CUDA
-device (and no ``--cpu-smoke``).
+3 when none failed but some did not run (a budget spent, a timeout, a Triton configuration
+no check launched; a sanitizer that cannot run here is reported, not counted); 2 without a
+CUDA device (and no ``--cpu-smoke``).
 """
 from __future__ import annotations
 
@@ -91,47 +93,61 @@ class Budget:
 # ---------------------------------------------------------------- plans
 
 def bench_plan(smoke: bool, fused: list[str]) -> list[dict]:
-    """Benchmark rows, in the order they run: headline rows, then scale rows."""
+    """Benchmark rows, in the order they run; ``phase`` 1 is the headline row of every fused backend
+    (bf16, N = 4096, d = 256), phase 2 the peers, the sampled and CLIP rows, the other modes and
+    the scale rows."""
     device = "cpu" if smoke else "cuda"
 
-    def row(stage, backend, N, mode="fp32", sampling="n_squared", warmup=1, repeats=3, d=D):
-        return dict(kind="bench", stage=stage, backend=backend, M=3, N=N, d=d, sampling=sampling, mode=mode,
-                    device=device, tau=TAU, warmup=warmup, repeats=repeats)
+    def row(stage, backend, N, mode="bf16", sampling="n_squared", M=3, warmup=1, repeats=3, d=D, phase=2):
+        return dict(kind="bench", stage=stage, phase=phase, backend=backend, M=M, N=N, d=d, sampling=sampling,
+                    mode=mode, device=device, tau=TAU, warmup=warmup, repeats=repeats)
 
-    if smoke:  # the stages and both guards at CPU sizes; the last row cannot fit any budget
-        return ([row("vs_symile", b, 8, d=8) for b in ("symile", "chunked")]
-                + [row("n", "chunked", 16, sampling="n", mode="bf16", d=8)]
+    if smoke:  # every stage and both guards at CPU sizes; the last row cannot fit any budget
+        return ([row("headline", "chunked", 16, d=8, phase=1)]
+                + [row("peers", b, 8, d=8) for b in ("symile", "torch-einsum", "chunked")]
+                + [row("n", b, 16, sampling="n", d=8) for b in ("torch-ce", "chunked")]
+                + [row("clip", "torch-ce", 16, M=2, d=8)]
                 + [row("scale", "chunked", N, warmup=0, repeats=1, d=8) for N in (24, 4096)])
-    rows = [row("vs_symile", b, 1024) for b in ["symile", "chunked"] + fused]
+    rows = [row("headline", b, 4096, phase=1) for b in fused]
+    # The peers where they fit (the reference package's cube runs out of memory near N = 1200 on 80 GB).
+    rows += [row("peers", b, 1024) for b in ["symile", "torch-einsum", "torch-compile"] + fused]
+    rows += [row("n", b, N, sampling="n") for N in (16384, 65536) for b in ["symile", "torch-ce"] + fused]
+    rows += [row("clip", b, N, M=2) for N in (16384, 65536) for b in ["torch-ce"] + fused]
     # fp32 IEEE products take seconds a call at N = 4096: fewer repeats.
     rows += [row("fused", b, 4096, mode, warmup=0, repeats=2 if mode == "fp32" else 3)
-             for mode in ("fp32", "tf32", "bf16") for b in fused]
-    rows += [row("n", b, N, sampling="n") for N in (16384, 65536) for b in ["symile"] + fused]
-    rows += [row("vs_symile", "reference", 1024)]  # the oracle, materialised: last of the headline rows
+             for mode in ("tf32", "fp32") for b in fused]
     rows += [row("scale", b, N, mode, warmup=0, repeats=1) for mode in ("bf16", "tf32") for N in (8192, 16384)
              for b in fused]
     return rows
 
 
-def check_plan(smoke: bool, config_counts: dict) -> list[dict]:
-    """Correctness jobs, most important first. ``needs_build``: waits for the compiled backend."""
+def check_plan(smoke: bool, config_counts: dict, headline: list[str]) -> list[dict]:
+    """Correctness jobs, most important first; ``phase`` 1 runs before the headline rows.
+
+    config_counts: {list name: number of configurations} of the GPU's architecture; headline: the
+    lists d = 256 launches take. ``needs_build``: waits for the compiled backend."""
     if smoke:
-        return [dict(backend="chunked", mode="fp32", shapes="smoke"),
-                dict(backend="chunked", mode="bf16", shapes="smoke", required=True),
+        return [dict(backend="chunked", mode="fp32", shapes="smoke", phase=1),
+                dict(backend="chunked", mode="bf16", shapes="smoke", required=True, phase=1),
                 # optional: a machine without the C++ build or Triton records them as unavailable
-                dict(backend="cpu", mode="fp32", shapes="smoke", needs_build=True, optional=True),
-                dict(backend="triton", mode="fp32", shapes="interpreter", Ms=(2, 3), n_kinds=1,
-                     env={"TRITON_INTERPRET": "1"}, optional=True),
-                dict(kind="pytest", needs_build=True)]
-    modes = ("fp32", "tf32", "bf16", "fp16")
-    jobs = [dict(backend="triton", mode=m, config=0, shapes="full", required=True) for m in modes]
-    jobs += [dict(backend="cuda", mode=m, shapes="full", needs_build=True, required=True)
-             for m in modes + ("fp32-as-bf16",)]
-    jobs += [dict(kind="pytest", needs_build=True)]
-    jobs += [dict(kind="sanitizer", tool=tool, needs_build=True) for tool in ("memcheck", "racecheck")]
-    jobs += [dict(backend="chunked", mode=m, shapes="full") for m in modes]
-    for index in range(1, max(config_counts.values(), default=1)):
-        jobs += [dict(backend="triton", mode=m, config=index, shapes="reduced", required=True) for m in modes]
+                dict(backend="cpu", mode="fp32", shapes="smoke", needs_build=True, optional=True, phase=1),
+                # the GPU's pinning in the interpreter: sm90's lists, configuration 0 pinned
+                dict(backend="triton", mode="fp32", shapes="interpreter", Ms=(2, 3), n_kinds=1, config=0,
+                     interpret_as="sm90", env={"TRITON_INTERPRET": "1"}, optional=True, phase=2),
+                dict(kind="pytest", needs_build=True, phase=2)]
+    first = max((config_counts.get(name, 1) for name in headline), default=1)
+    every = max(config_counts.values(), default=1)
+    jobs = [dict(backend="triton", mode=m, config=i, shapes="headline", required=True, phase=1)
+            for m in ("bf16", "tf32") for i in range(first)]
+    jobs += [dict(backend="cuda", mode=m, shapes="headline", needs_build=True, required=True, phase=1)
+             for m in ("bf16", "tf32")]
+    jobs += [dict(backend="triton", mode=m, config=i, shapes="lists", required=True, phase=2)
+             for i in range(every) for m in ("bf16", "tf32", "fp32", "fp16")]
+    jobs += [dict(backend="cuda", mode=m, shapes="full", needs_build=True, required=True, phase=2)
+             for m in ("bf16", "tf32", "fp32", "fp16", "fp32-as-bf16")]
+    jobs += [dict(kind="pytest", needs_build=True, phase=2)]
+    jobs += [dict(kind="sanitizer", tool=tool, needs_build=True, phase=2) for tool in ("memcheck", "racecheck")]
+    jobs += [dict(backend="chunked", mode=m, shapes="full", phase=2) for m in ("fp32", "bf16")]
     return jobs
 
 
@@ -231,6 +247,8 @@ def _run_check_job(job: dict, timeout: float, env: dict, recorder: Recorder, out
             f.write(f"$ {' '.join(command[:5])} python -c SANITIZER_SCRIPT (exit {code})\n{out}{err}\n")
         parsed = checks.parse_sanitizer(out + err, code)
         status = "ok" if parsed["ok"] else (f"timeout after {timeout:.0f} s" if code == "timeout" else f"exit {code}")
+        if "Device not supported" in out + err:  # it could not attach: no verdict on the kernels
+            status, parsed["errors"] = "not run: compute-sanitizer: Device not supported", None
         recorder.append(dict(row, status=status, seconds=time.monotonic() - begin, **parsed))
         return
     job = dict(job, device=device)
@@ -259,14 +277,16 @@ def _run_check_job(job: dict, timeout: float, env: dict, recorder: Recorder, out
 
 def run_correctness(jobs: list[dict], build: Optional[Callable[[], dict]], recorder: Recorder, deadline: float,
                     out_dir: str, smoke: bool, device: str, workers: int,
-                    clock: Callable[[], float] = time.monotonic) -> None:
+                    clock: Callable[[], float] = time.monotonic, built_before: bool = True) -> bool:
     """Runs the build, then ``jobs`` on ``workers`` threads (a job that ``needs_build``
-    waits for it, and is skipped if it failed); nothing starts after ``deadline``."""
+    waits for it, and is skipped if it failed); nothing starts after ``deadline``. Without a
+    ``build``, ``built_before`` says whether an earlier one succeeded. Returns whether the
+    compiled backend is built."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env.pop("TRITON_INTERPRET", None)
     built = threading.Event()
-    build_ok = [build is None]
+    build_ok = [built_before if build is None else False]
 
     def do_build():
         try:
@@ -310,6 +330,7 @@ def run_correctness(jobs: list[dict], build: Optional[Callable[[], dict]], recor
         pool.submit(do_build).add_done_callback(lambda _: _notify(lock))
         for future in [pool.submit(worker) for _ in range(workers)]:
             future.result()
+    return build_ok[0]
 
 
 def _notify(condition: threading.Condition) -> None:
@@ -362,16 +383,22 @@ def _check_worker(job: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", nargs="?", help="folder for results.jsonl, results.md, tests.log, sanitizer.log")
+    parser.add_argument("out_dir", nargs="?", help="folder for results.jsonl, results.md and the logs")
     parser.add_argument("--cpu-smoke", dest="smoke", action="store_true",
-                        help="the same plumbing on the CPU at tiny sizes (interpreter, emulation), < 1 minute")
+                        help="the same plumbing on the CPU at tiny sizes (interpreter, emulation), about a minute")
     parser.add_argument("--budget-s", type=float, default=480.0, help="seconds for the whole suite")
-    parser.add_argument("--check-budget-s", type=float, default=180.0, help="seconds for build and correctness")
+    parser.add_argument("--first-s", type=float, default=150.0,
+                        help="seconds for the build and the headline checks (phase 1), before the headline rows")
+    parser.add_argument("--check-budget-s", type=float, default=150.0,
+                        help="seconds for the broad sweep, pytest and the sanitizers (phase 2)")
     parser.add_argument("--workers", type=int, default=0, help="parallel correctness jobs (default: cores / 2)")
+    parser.add_argument("--arch", choices=("sm90", "sm80"), default="sm90",
+                        help="with --plan: the GPU architecture whose Triton lists are planned")
     parser.add_argument("--render", metavar="OUT_DIR", help="rebuild OUT_DIR/results.md from results.jsonl")
     parser.add_argument("--plan", action="store_true", help="print the correctness jobs and rows; run nothing")
-    for flag in ("--check-worker", "--row-worker", "--build-worker"):
+    for flag in ("--check-worker", "--build-worker"):
         parser.add_argument(flag, help=argparse.SUPPRESS)
+    parser.add_argument("--row-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.check_worker:
         _check_worker(json.loads(args.check_worker))
@@ -382,7 +409,7 @@ def main(argv=None) -> int:
     if args.row_worker:
         import _gpu_rows
 
-        print(json.dumps(_gpu_rows.measure(json.loads(args.row_worker))))
+        _gpu_rows.serve()
         return 0
     if args.render:
         text = report.render(report.read_rows(os.path.join(args.render, "results.jsonl")))
@@ -390,8 +417,12 @@ def main(argv=None) -> int:
             f.write(text + "\n")
         print(text)
         return 0
-    if args.plan:  # the Triton configuration counts are read on the GPU; here: up to 3 per kernel
-        for item in check_plan(args.smoke, {"any": 3}) + bench_plan(args.smoke, [] if args.smoke else ["triton", "cuda"]):
+    if args.plan:
+        how, counts = checks.config_lists(args.arch)
+        headline = checks.headline_lists(args.arch) if counts else []
+        print(json.dumps(dict(kind="configs", arch=args.arch, how=how, counts=counts, headline=headline)))
+        for item in check_plan(args.smoke, counts, headline) + bench_plan(args.smoke, [] if args.smoke
+                                                                          else ["triton", "cuda"]):
             print(json.dumps(item))
         return 0
     if not args.out_dir:
@@ -403,7 +434,7 @@ def run_suite(args) -> int:
     import torch
 
     import _gpu_rows
-    from symile_kernels.benchmarking import machine_info, memory_limit_bytes
+    from timing import machine_info, memory_limit_bytes
 
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -412,18 +443,18 @@ def run_suite(args) -> int:
     if args.smoke:  # no JIT build of the C++ backend in the rehearsal: it records "unavailable" instead
         os.environ["SYMILE_KERNELS_NO_JIT"] = "1"
     os.makedirs(args.out_dir, exist_ok=True)
-    for stale in ("tests.log", "sanitizer.log", "build.log"):
+    for stale in ("tests.log", "sanitizer.log", "build.log", "rows.log"):
         if os.path.exists(os.path.join(args.out_dir, stale)):
             os.remove(os.path.join(args.out_dir, stale))
     budget = Budget(args.budget_s)
     recorder = Recorder(os.path.join(args.out_dir, "results.jsonl"))
     info = machine_info(torch.device(device))
-    revision_file = os.path.join(ROOT, ".whl", "git-revision.txt")  # written by prepare_lease.sh
+    revision_file = os.path.join(ROOT, ".lease", "git-revision.txt")  # written by prepare_lease.sh
     if not info.get("git_revision") and os.path.exists(revision_file):
         with open(revision_file) as f:
-            info["git_revision"] = f.read().strip() + " (from .whl/git-revision.txt)"
+            info["git_revision"] = f.read().strip() + " (from .lease/git-revision.txt)"
     info.update(kind="info", command=" ".join(["python"] + sys.argv), budget_s=args.budget_s,
-                check_budget_s=args.check_budget_s, smoke=args.smoke)
+                first_s=args.first_s, check_budget_s=args.check_budget_s, smoke=args.smoke)
     try:
         import symile
 
@@ -433,40 +464,25 @@ def run_suite(args) -> int:
         print("[gpu_suite] reference package symile: NOT INSTALLED; its rows will be skipped", file=sys.stderr)
     recorder.append(info)
 
-    # 1. Build and correctness.
-    if args.smoke:
-        how, counts = "not applicable: the Triton interpreter runs fixed blocks", {}
-    else:
-        how, counts = checks.config_tables(torch.device(device))
-    recorder.append(dict(kind="configs", how=how, counts=counts))
+    arch = checks.device_arch(torch.device(device))
+    how, counts = ("not applicable: the Triton interpreter runs fixed blocks", {}) if args.smoke \
+        else checks.config_lists(arch)
+    headline = [] if not counts else checks.headline_lists(arch)
+    recorder.append(dict(kind="configs", arch=arch, how=how, counts=counts, headline=headline))
+    jobs = check_plan(args.smoke, counts, headline)
     compiled = "cpu" if args.smoke else "cuda"
-    check_deadline = time.monotonic() + min(args.check_budget_s, budget.left())
     workers = args.workers or max(2, min(8, (os.cpu_count() or 2) // 2))
-    run_correctness(check_plan(args.smoke, counts),
-                    lambda: dict(build_row(compiled, device, check_deadline - time.monotonic(),
-                                           os.path.join(args.out_dir, "build.log")), required=not args.smoke),
-                    recorder, check_deadline, args.out_dir, args.smoke, device, workers)
-
-    # 2-3. Matrix-product rates, headline rows, scale rows.
-    size = 256 if args.smoke else 8192
-    for mode in ("fp32", "tf32", "bf16", "fp16"):
-        if not args.smoke or mode in ("fp32", "bf16"):
-            recorder.append(dict(kind="mm", mode=mode, size=size,
-                                 tflops=_gpu_rows.mm_rate(torch.device(device), mode, size)))
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the rows' subprocesses get the memory back
-    from symile_kernels import backends
-
     fused = [] if args.smoke else ["triton", "cuda"]
-    failed_builds = {r["backend"] for r in recorder.rows if r.get("kind") == "build" and r["status"] != "ok"}
+    rows = bench_plan(args.smoke, fused)
     limit = memory_limit_bytes(torch.device(device))
+    worker = _gpu_rows.RowWorker(__file__, "--row-worker", os.path.join(args.out_dir, "rows.log"))
 
     def skip_reason(config):
         if config["backend"] == "symile" and info["symile"] == "NOT INSTALLED":
             return "skipped: reference package symile NOT INSTALLED (carry its wheel: benchmarks/prepare_lease.sh)"
-        if config["backend"] in failed_builds:  # asking again would retry the JIT build
-            return f"skipped: the {config['backend']} backend did not build"
-        if config["backend"] not in ("symile", "reference"):
+        if config["backend"] == compiled and not built[0]:  # asking again would retry the JIT build
+            return f"skipped: the {compiled} backend did not build"
+        if config["backend"] in backends.NAMES and config["backend"] != "reference":
             reason = backends.unavailable_reason(config["backend"], torch.device(device))
             if reason is not None:
                 return f"skipped: backend unavailable: {reason[:200]}"
@@ -475,11 +491,35 @@ def run_suite(args) -> int:
             return f"skipped: needs ~{need / 2 ** 30:.0f} GiB (materialises the logits)"
         return None
 
-    run_rows(bench_plan(args.smoke, fused),
-             lambda config, timeout: _gpu_rows.run_in_subprocess(__file__, "--row-worker", config, timeout),
-             recorder, budget, skip_reason)
+    def measure_rates(modes):
+        size = 256 if args.smoke else 8192
+        for mode in modes:
+            recorder.append(dict(kind="mm", mode=mode, size=size,
+                                 tflops=_gpu_rows.mm_rate(torch.device(device), mode, size)))
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the rows' worker gets the memory back
 
-    # 4. Report.
+    from symile_kernels import backends
+
+    built = [False]
+    try:
+        # Phase 1: the build (or the carried extension), the headline checks, the headline rows.
+        built[0] = run_correctness(
+            [j for j in jobs if j["phase"] == 1],
+            lambda: dict(build_row(compiled, device, budget.left(), os.path.join(args.out_dir, "build.log")),
+                         required=not args.smoke),
+            recorder, time.monotonic() + min(args.first_s, budget.left()), args.out_dir, args.smoke, device, workers)
+        measure_rates(["bf16"])
+        run_rows([r for r in rows if r["phase"] == 1], worker, recorder, budget, skip_reason)
+        # Phase 2: the broad sweep, pytest, the sanitizers; the peers and the other rows.
+        run_correctness([j for j in jobs if j["phase"] == 2], None, recorder,
+                        time.monotonic() + min(args.check_budget_s, budget.left()), args.out_dir, args.smoke,
+                        device, workers, built_before=built[0])
+        measure_rates(["tf32", "fp32"] if not args.smoke else ["fp32"])
+        run_rows([r for r in rows if r["phase"] == 2], worker, recorder, budget, skip_reason)
+    finally:
+        worker.close()
+
     recorder.append(dict(kind="end", elapsed_s=round(args.budget_s - budget.left(), 1)))
     text = report.render(recorder.rows)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:

@@ -3,7 +3,7 @@
 Each test times forward+backward with ``benchmark.pedantic`` (one warm-up round,
 then ``rounds`` timed rounds) and records in ``extra_info`` the peak memory of
 one forward+backward above the inputs, the model FLOP/s (docs/math.md section
-5, ``symile_kernels.benchmarking.model_flops``) and their fraction of
+5, ``timing.model_flops``) and their fraction of
 ``torch.mm``'s rate, measured just before and just after the rounds (their mean). Inputs, losses and the memory
 window are ``bench_loss.py``'s (``setup``, ``peak_above``, ``config_flops``), so
 the CLI and these tests measure the same way.
@@ -29,7 +29,7 @@ import torch
 
 import bench_loss
 from symile_kernels import available_backends
-from symile_kernels.benchmarking import time_ms
+from timing import time_ms
 
 TAU = 14.3
 

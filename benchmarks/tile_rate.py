@@ -18,7 +18,7 @@ import statistics
 import torch
 
 from symile_kernels import cpu as cpu_backend
-from symile_kernels.benchmarking import median_ms
+from timing import median_ms
 
 # (m, n, k) of the tile products: cube S = XY (tau z)^T, W = G z, dz^T = XY^T G at d = 64
 # and the pair kernels' S, da, db^T shares at d = 256.

@@ -52,9 +52,12 @@ def test_cpu_smoke_runs_every_stage_in_order(tmp_path):
     rows = lines(tmp_path / "results.jsonl")
     kinds = [r["kind"] for r in rows]
     assert kinds[0] == "info" and kinds[-1] == "end"
-    # Correctness (build, oracle cases, pytest) before the matrix rates, before the timed rows.
-    last_check = max(i for i, k in enumerate(kinds) if k in ("build", "check", "check_job", "pytest"))
-    assert last_check < kinds.index("mm") < kinds.index("bench")
+    # Phase 1 (build, first checks) before the first matrix rate, before the headline row; phase 2's
+    # checks (pytest among them) after it, then the other rows.
+    first_bench = kinds.index("bench")
+    assert max(i for i, k in enumerate(kinds) if k == "build") < kinds.index("mm") < first_bench
+    assert rows[first_bench]["stage"] == "headline"
+    assert first_bench < kinds.index("pytest") < max(i for i, k in enumerate(kinds) if k == "bench")
     jobs = [r for r in rows if r["kind"] == "check_job"]
     assert {(j["backend"], j["mode"]) for j in jobs} >= {("chunked", "fp32"), ("chunked", "bf16"), ("triton", "fp32")}
     # cpu and triton are optional (no C++ build or no Triton: recorded as unavailable).
@@ -65,9 +68,12 @@ def test_cpu_smoke_runs_every_stage_in_order(tmp_path):
     assert {r["M"] for r in cases} == {2, 3, 4} and {r["sampling"] for r in cases} == {"n", "n_squared"}
     try:
         import triton  # noqa: F401
-        assert any(r["backend"] == "triton" for r in cases)  # the interpreter job ran kernels
     except ImportError:
         pass
+    else:  # the interpreter job ran kernels from sm90's lists, pinned by list as on the GPU
+        job = next(j for j in jobs if j["backend"] == "triton")
+        assert any(r["backend"] == "triton" for r in cases)
+        assert job["configs_used"] and all(name.split("/")[1] == "sm90" for name in job["configs_used"])
     assert next(r for r in rows if r["kind"] == "pytest")["ok"]
     bench_rows = [r for r in rows if r["kind"] == "bench"]
     assert [r["N"] for r in bench_rows] == [r["N"] for r in gpu_suite.bench_plan(True, [])]
@@ -75,7 +81,11 @@ def test_cpu_smoke_runs_every_stage_in_order(tmp_path):
     assert all(r["status"] == "ok" and r["fwd_bwd_ms"] > 0 for r in bench_rows[:-1] if r["backend"] != "symile")
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.splitlines()[2].startswith("**CORRECTNESS: PASS**")
-    assert markdown.index("## Scale rows") < markdown.index("## Machine")
+    assert markdown.index("## Headline") < markdown.index("## Scale rows") < markdown.index("## Machine")
+    # The peers computed the loss the backends did, on the same inputs.
+    peers = [r for r in bench_rows if r["stage"] == "peers" and r["status"] == "ok"]
+    assert {r["backend"] for r in peers} >= {"torch-einsum", "chunked"}
+    assert max(r["loss"] for r in peers) - min(r["loss"] for r in peers) <= 2e-2 * abs(peers[0]["loss"])
     assert done.stdout.strip().endswith("```")
 
 
@@ -190,46 +200,98 @@ def test_cases_cover_the_shapes_and_kinds():
     assert {c["M"] for c in full} == {2, 3, 4} and {c["sampling"] for c in full} == {"n", "n_squared"}
     assert {c["tau"] for c in full} >= {100.0} and {c["inputs"] for c in full} == {"unit", "gaussian", "faint"}
     assert all(c["N"] ** c["M"] <= checks.ORACLE_MAX_ELEMENTS for c in full if c["sampling"] == "n_squared")
-    assert {c["N"] for c in full} == {7, 33, 129} and {c["d"] for c in full} == {3, 48, 200}
+    assert {c["N"] for c in full} == {7, 33, 65, 129} and {c["d"] for c in full} == {3, 48, 200, 256, 496}
+    headline = checks.cases("headline")
+    assert {c["d"] for c in headline} == {256} and {(c["M"], c["sampling"]) for c in headline} == {
+        (3, "n_squared"), (3, "n"), (2, "n_squared")}
 
 
-def test_pinning_a_triton_configuration_rotates_and_restores_the_lists():
+def test_the_lists_sweep_reaches_every_list_of_each_architecture():
     pytest.importorskip("triton")
-    device = torch.device("cpu")
-    how, counts = checks.config_tables(device)
-    if how.startswith("unavailable"):
-        pytest.skip(how)
-    assert set(counts) and all(n >= 1 for n in counts.values())
-    if how == "public":
-        with checks.pinned(1, device) as used:
-            assert used == {name: min(1, n - 1) for name, n in counts.items()}
-        return
-    import symile_kernels.triton as package
+    from symile_kernels.triton import _launch, kernel_configs
 
-    tables = checks._autotuners(package, device)
-    before = {name: list(t.configs) for name, t in tables.items()}
-    with checks.pinned(1, device) as used:
-        for name, tuner in tables.items():
-            assert tuner.configs[0] is before[name][used[name]]
-            assert len(tuner.configs) == len(before[name])
-    assert {name: list(t.configs) for name, t in tables.items()} == before
+    sizes = {c["d"] for c in checks.cases("lists")}
+    for arch in ("sm90", "sm80"):
+        reached = {_launch.list_name(name.split("/")[0], arch, d) for name in kernel_configs() for d in sizes
+                   if name.split("/")[1] == arch}
+        assert reached == set(checks.config_lists(arch)[1]), arch
 
 
-def test_the_gpu_plan_puts_correctness_and_headline_rows_first():
-    jobs = gpu_suite.check_plan(False, {"cube_fwd": 2, "pair_fwd": 3})
-    triton = [(j["mode"], j["config"]) for j in jobs if j.get("backend") == "triton"]
-    assert sorted(triton) == sorted((m, i) for m in ("fp32", "tf32", "bf16", "fp16") for i in range(3))
+def test_pinning_reaches_the_list_a_gpu_launch_takes(monkeypatch):
+    # On a GPU-sized request (a CUDA device, 4096 rows, d = 256), pick returns configuration i of
+    # the list list_name names, pinned by list, without tuning; an unpinned list is untouched.
+    pytest.importorskip("triton")
+    from symile_kernels.triton import _launch, kernel_configs
+
+    monkeypatch.setattr(_launch, "INTERPRETED", False)
+    monkeypatch.setattr(_launch, "arch_of", lambda device: "sm90")
+    cuda = torch.device("cuda", 0)
+
+    def pick(kernel, d):
+        return _launch.pick(kernel, cuda, torch.bfloat16, d, 4096, run=lambda c: pytest.fail("tuned a pinned list"))
+
+    name = _launch.list_name("cube_fwd", "sm90", 256)
+    assert name == "cube_fwd/sm90/large" and len(kernel_configs()[name]) >= 2
+    with checks.pinned(1, "sm90") as pins:
+        assert {p.name for p in pins} == set(checks.config_lists("sm90")[1])
+        assert pick("cube_fwd", 256) is kernel_configs()[name][1]
+        assert pick("pair_fwd", 20) is kernel_configs()["pair_fwd/sm90/small"][1]
+        assert {p.name: p.launches for p in pins if p.launches} == {name: 1, "pair_fwd/sm90/small": 1}
+        with _launch.pinned_config("cube_fwd/sm80/large", 0):  # another architecture's list: not this launch
+            assert pick("cube_fwd", 256) is kernel_configs()[name][1]
+    # Outside the block, a request too small to tune takes the list's first configuration.
+    monkeypatch.setattr(_launch, "should_tune", lambda rows: False)
+    assert pick("cube_fwd", 256) is kernel_configs()[name][0]
+
+
+def test_the_gpu_plan_puts_the_headline_evidence_first():
+    counts = {"cube_fwd/sm90/large": 2, "pair_fwd/sm90/large": 1, "cube_fwd/sm90/small": 3}
+    jobs = gpu_suite.check_plan(False, counts, ["cube_fwd/sm90/large", "pair_fwd/sm90/large"])
+    first = [j for j in jobs if j["phase"] == 1]
+    assert sorted((j["backend"], j["mode"], j.get("config", -1)) for j in first) == sorted(
+        [("triton", m, i) for m in ("bf16", "tf32") for i in range(2)] + [("cuda", m, -1) for m in ("bf16", "tf32")])
+    assert all(j["shapes"] == "headline" and j["required"] for j in first)
+    assert jobs[:len(first)] == first
+    sweep = [(j["mode"], j["config"]) for j in jobs if j.get("backend") == "triton" and j["phase"] == 2]
+    assert sorted(sweep) == sorted((m, i) for m in ("fp32", "tf32", "bf16", "fp16") for i in range(3))
     assert {j["mode"] for j in jobs if j.get("backend") == "cuda"} == {"fp32", "tf32", "bf16", "fp16", "fp32-as-bf16"}
     assert all(j.get("needs_build") for j in jobs if j.get("backend") == "cuda" or j.get("kind"))
     rows = gpu_suite.bench_plan(False, ["triton", "cuda"])
+    assert [(r["backend"], r["mode"], r["N"], r["d"]) for r in rows if r["phase"] == 1] == [
+        ("triton", "bf16", 4096, 256), ("cuda", "bf16", 4096, 256)]
+    assert rows[:2] == [r for r in rows if r["phase"] == 1]
     stages = [r["stage"] for r in rows]
     assert stages.index("scale") > max(i for i, s in enumerate(stages) if s != "scale")
-    fused = {(r["backend"], r["mode"]) for r in rows if r["stage"] == "fused" and r["N"] == 4096}
-    assert fused == {(b, m) for b in ("triton", "cuda") for m in ("fp32", "tf32", "bf16")}
+    assert {r["backend"] for r in rows if r["stage"] == "peers"} == {"symile", "torch-einsum", "torch-compile",
+                                                                      "triton", "cuda"}
     assert {(r["backend"], r["N"]) for r in rows if r["stage"] == "n"} == {
-        (b, N) for b in ("symile", "triton", "cuda") for N in (16384, 65536)}
+        (b, N) for b in ("symile", "torch-ce", "triton", "cuda") for N in (16384, 65536)}
+    assert {(r["backend"], r["N"], r["M"]) for r in rows if r["stage"] == "clip"} == {
+        (b, N, 2) for b in ("torch-ce", "triton", "cuda") for N in (16384, 65536)}
     assert {r["N"] for r in rows if r["stage"] == "scale"} == {8192, 16384}
-    assert {r["backend"] for r in rows if r["stage"] == "vs_symile"} == {"symile", "reference", "chunked", "triton", "cuda"}
+
+
+def test_plan_names_the_gpu_lists():
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, os.path.join("benchmarks", "gpu_suite.py"), "--plan", "--arch", "sm80"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = json.loads(done.stdout.splitlines()[0])
+    assert first["counts"] and all(name.split("/")[1] == "sm80" for name in first["counts"])
+    assert "cube_fwd/sm80/large" in first["headline"] and "interpreter" not in done.stdout
+
+
+def test_the_report_names_configurations_no_check_launched():
+    rows = [dict(kind="configs", arch="sm90", how="public", counts={"a/sm90/small": 2, "b/sm90/large": 1}),
+            dict(kind="check", backend="triton", mode="bf16", config=0, ok=True, M=3, N=5, d=3, sampling="n",
+                 inputs="unit", tau=1.0, loss_err=0, grad_err=0, loss_tol=1, grad_tol=1),
+            dict(kind="check_job", backend="triton", mode="bf16", config=0, status="ok", required=True,
+                 configs_used={"a/sm90/small": 0, "b/sm90/large": 0})]
+    assert report.unchecked_configs(rows) == ["a/sm90/small config 1"]
+    assert report.verdict(rows)["incomplete"] == [
+        "1 Triton configurations no pinned check launched: a/sm90/small config 1"]
+    text = report.render(rows)
+    assert "| a/sm90/small | 2 | bf16: 0 |" in text and "**CORRECTNESS: INCOMPLETE**" in text
 
 
 def test_pytest_and_sanitizer_output_parsing():
@@ -267,7 +329,15 @@ def test_sanitizer_step_records_the_summary_and_marks_errors(tmp_path, monkeypat
     monkeypatch.setattr(checks, "find_sanitizer", lambda: None)
     gpu_suite._run_check_job(dict(kind="sanitizer", tool="memcheck"), 60.0, {}, recorder, str(tmp_path), False, "cuda")
     assert recorder.rows[-1]["status"] == "not run: compute-sanitizer not found"
-    assert report.verdict(recorder.rows[-1:]) == dict(failing={}, incomplete=[], checks=0, notes=[])
+    assert report.verdict(recorder.rows[-1:]) == dict(failing={}, incomplete=[], checks=0,
+                                                      notes=["memcheck: not run: compute-sanitizer not found"])
+    # A sanitizer that cannot attach to the device says nothing of the kernels: not run, not failing.
+    monkeypatch.setattr(checks, "find_sanitizer", lambda: "/opt/cuda/bin/compute-sanitizer")
+    monkeypatch.setattr(gpu_suite, "_subprocess", lambda *a, **k: (
+        1, "========= Error: Device not supported\n========= ERROR SUMMARY: 1 error\n", ""))
+    gpu_suite._run_check_job(dict(kind="sanitizer", tool="racecheck"), 60.0, {}, recorder, str(tmp_path), False, "cuda")
+    assert recorder.rows[-1]["status"] == "not run: compute-sanitizer: Device not supported"
+    assert report.verdict(recorder.rows[-1:])["failing"] == {}
 
 
 @pytest.mark.parametrize("broken", ["fails", "raises"])

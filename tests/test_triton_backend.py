@@ -197,42 +197,46 @@ def test_fp16_gradients_at_the_loss_scale(monkeypatch):
 
 
 def _config_cases():
-    from symile_kernels.triton import kernel_configs
+    """(family, arch, variant, index): every configuration of every GPU list, each reached by the
+    feature size that makes a launch take it (a kernel without a "-seg3" list runs its bucket's)."""
+    from symile_kernels.triton import _launch, kernel_configs
 
     cases = []
     for family in ("cube", "pair"):
-        names = [n for n in kernel_configs() if n.startswith(family + "_")]
-        suffixes = sorted({n.split("/", 1)[1] for n in names})
-        for suffix in suffixes:
-            count = max(len(kernel_configs()[n]) for n in names if n.endswith("/" + suffix))
-            cases += [(family, suffix, i) for i in range(count)]
+        kernels = sorted({n.split("/")[0] for n in kernel_configs() if n.startswith(family + "_")})
+        for arch in ("sm90", "sm80"):
+            for variant, d in _launch.VARIANT_D.items():
+                names = {_launch.list_name(k, arch, d) for k in kernels}
+                if variant.endswith("-seg3") and not any(n.endswith("-seg3") for n in names):
+                    continue  # no kernel of the family has this variant: the bucket's lists are checked already
+                count = max(len(kernel_configs()[n]) for n in names)
+                cases += [(family, arch, variant, i) for i in range(count)]
     return cases
 
 
 @kernels
-@pytest.mark.parametrize("family,suffix,index", _config_cases() if RUN_KERNELS else [], ids=str)
-def test_every_config(family, suffix, index):
-    # Each configuration of each kernel (GPU lists included) runs under the interpreter against the
-    # oracle: the forward and both backward passes of the family pinned to configuration `index`
-    # (a shorter list: its last one).
+@pytest.mark.parametrize("family,arch,variant,index", _config_cases() if RUN_KERNELS else [], ids=str)
+def test_every_config(family, arch, variant, index):
+    # Each configuration of each GPU list runs under the interpreter against the oracle: the forward
+    # and both backward passes of the family, each launched from the list a GPU of ``arch`` takes at
+    # this feature size, pinned to configuration ``index`` (a shorter list: its last one).
     from contextlib import ExitStack
 
-    from symile_kernels.triton import kernel_configs, pinned_config
+    from symile_kernels.triton import _launch, interpret_as, kernel_configs, pinned_config
 
+    d = _launch.VARIANT_D[variant]
+    kernels = sorted({n.split("/")[0] for n in kernel_configs() if n.startswith(family + "_")})
     with ExitStack() as stack:
-        for name, configs in kernel_configs().items():
-            if name.startswith(family + "_") and name.endswith("/" + suffix):
-                stack.enter_context(pinned_config(name, min(index, len(configs) - 1)))
-        # A "-seg3" list serves d of three or more feature segments: checked at 100 (112 = 64 + 32 + 16),
-        # on a cube of 17 (its blocks have 1-16 rows and columns: still crossing their edges).
-        seg3 = suffix.endswith("-seg3")
-        d = 100 if seg3 else 20
-        if family == "cube":
-            check_against_oracle("triton", make_inputs("unit", 3, 300 if CUDA else 17 if seg3 else 37, d), 14.3,
+        stack.enter_context(interpret_as(arch))
+        pins = [stack.enter_context(pinned_config(name, min(index, len(kernel_configs()[name]) - 1)))
+                for name in sorted({_launch.list_name(k, arch, d) for k in kernels})]
+        if family == "cube":  # 17-37 rows against blocks of 16-128: ragged tiles
+            check_against_oracle("triton", make_inputs("unit", 3, 300 if CUDA else 37 if d <= 32 else 17, d), 14.3,
                                  dtype=torch.float32, device=DEVICE)
         else:
             check_against_oracle("triton", make_inputs("unit", 2, 70 if not CUDA else 300, d), 14.3,
                                  dtype=torch.float32, device=DEVICE, negative_sampling="n")
+    assert all(pin.launches > 0 for pin in pins), [(p.name, p.launches) for p in pins]
 
 
 @kernels

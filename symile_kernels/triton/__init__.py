@@ -16,9 +16,11 @@ list timed) once per feature size, dtype and precision on the first call with at
 least 512 rows (on a 2048-row prefix when larger; Hopper and older GPUs, and
 executed feature sizes up to 128, 129-256 and 257-512, get different configuration lists;
 SYMILE_KERNELS_TRITON_AUTOTUNE=0 runs each list's first configuration untuned;
-``pinned_config(name, index)`` forces one). CPU tensors run the same kernels through
+``launch_list(kernel, device, d)`` names the list a launch takes, and ``pinned_config(name, index)``
+forces one configuration of one list). CPU tensors run the same kernels through
 Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this
-subpackage was imported (slow: for tests at small N).
+subpackage was imported (slow: for tests at small N), from the small "<kernel>/interpreter"
+lists, or from a GPU's lists inside ``interpret_as("sm90")``.
 
 Dtypes: float32 (IEEE products, TF32 when ``torch.backends.cuda.matmul.allow_tf32``
 is True), and bf16/fp16 when a caller passes them (tensor-core products,
@@ -38,9 +40,9 @@ import triton  # noqa: F401  (a missing Triton makes the backend unavailable, wi
 
 from ..backends import Backend
 from . import _launch, cube, pair
-from ._launch import kernel_configs, pinned_config
+from ._launch import interpret_as, kernel_configs, launch_list, pinned_config
 
-__all__ = ["BACKEND", "kernel_configs", "pinned_config"]
+__all__ = ["BACKEND", "interpret_as", "kernel_configs", "launch_list", "pinned_config"]
 
 
 def _unavailable_reason(device: torch.device) -> Optional[str]:

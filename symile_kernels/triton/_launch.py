@@ -153,8 +153,11 @@ def tune_on_prefix(op: str, *tensors: torch.Tensor) -> int:
 # gives sizes of SEGMENTED or more segments their own (list_name); "<kernel>/interpreter" the small
 # default for CPU tensors. Filled by cube.py and pair.py.
 _CONFIGS: dict = {}
+# list name -> [configuration, launches that took it]: what ``pinned_config`` forces.
 _PINNED: dict = {}
 _CHOSEN: dict = {}
+# The GPU architecture whose lists interpreted launches take (``interpret_as``); None: "interpreter".
+_INTERPRET_AS: list = [None]
 
 
 def register(kernel: str, lists: dict) -> None:
@@ -167,24 +170,47 @@ def kernel_configs() -> dict:
     return {name: list(configs) for name, configs in _CONFIGS.items()}
 
 
+class Pin:
+    """What ``pinned_config`` yields: the list, the configuration and how many launches took it."""
+
+    def __init__(self, name: str, index: int, config):
+        self.name, self.index, self.config, self.launches = name, index, config, 0
+
+
 @contextlib.contextmanager
 def pinned_config(name: str, index: int):
-    """Within the block, every launch of the kernel ``name.split("/")[0]`` uses configuration ``index``
-    of ``kernel_configs()[name]`` (on a GPU and under the interpreter alike), untuned."""
+    """Within the block, every launch whose configuration comes from list ``name`` (``launch_list``:
+    the kernel, the device's architecture and the feature size select it) uses configuration
+    ``index`` of ``kernel_configs()[name]``, untuned. Launches from other lists are unaffected, so a
+    check at (kernel, arch, d) runs exactly this configuration only where ``launch_list`` names this
+    list; the yielded ``Pin`` counts the launches that took it (0: the block never used the pin)."""
     if name not in _CONFIGS:
         raise KeyError(f"no configuration list {name!r}; see kernel_configs()")
     if not 0 <= index < len(_CONFIGS[name]):
         raise IndexError(f"{name} has {len(_CONFIGS[name])} configurations, not index {index}")
-    kernel = name.split("/")[0]
-    previous = _PINNED.get(kernel)
-    _PINNED[kernel] = _CONFIGS[name][index]
+    previous = _PINNED.get(name)
+    pin = _PINNED[name] = Pin(name, index, _CONFIGS[name][index])
     try:
-        yield _CONFIGS[name][index]
+        yield pin
     finally:
         if previous is None:
-            _PINNED.pop(kernel)
+            _PINNED.pop(name)
         else:
-            _PINNED[kernel] = previous
+            _PINNED[name] = previous
+
+
+@contextlib.contextmanager
+def interpret_as(arch: str):
+    """Within the block, interpreted launches (CPU tensors) take their configurations from ``arch``'s
+    GPU lists ("sm90" or "sm80", by ``list_name``) as a GPU of that architecture would, instead of
+    "<kernel>/interpreter": the interpreter then runs the GPU's tile shapes (tests, work counts)."""
+    if arch not in ("sm90", "sm80"):
+        raise ValueError(f"arch must be 'sm90' or 'sm80'; got {arch!r}")
+    previous, _INTERPRET_AS[0] = _INTERPRET_AS[0], arch
+    try:
+        yield
+    finally:
+        _INTERPRET_AS[0] = previous
 
 
 def bucket(d: int) -> str:
@@ -210,18 +236,39 @@ def list_name(kernel: str, arch: str, d: int) -> str:
     return name
 
 
+# A feature size that takes each list variant (``list_name``): a bucket's one- or two-segment sizes
+# and its sizes of SEGMENTED or more segments. Checks of every configuration (the tests, the GPU
+# suite) reach each list through them.
+VARIANT_D = {"small": 20, "small-seg3": 100, "large": 160, "large-seg3": 200, "xlarge": 320, "xlarge-seg3": 400}
+
+
+def arch_of(device: torch.device) -> str:
+    """The configuration lists' architecture name of a CUDA device: "sm90" (Hopper and newer) or "sm80"."""
+    return "sm90" if is_hopper(device) else "sm80"
+
+
+def launch_list(kernel: str, device: torch.device, d: int) -> str:
+    """The configuration list a launch of ``kernel`` at feature size d on ``device`` takes: its
+    architecture's ``list_name`` on a GPU (or under ``interpret_as``), else "<kernel>/interpreter"."""
+    if device.type == "cuda" and not INTERPRETED:
+        return list_name(kernel, arch_of(device), d)
+    if _INTERPRET_AS[0] is not None:
+        return list_name(kernel, _INTERPRET_AS[0], d)
+    return f"{kernel}/interpreter"
+
+
 def pick(kernel: str, device: torch.device, dtype: torch.dtype, d: int, rows: int,
          run: Callable[[triton.Config], None]) -> triton.Config:
-    """The configuration to launch ``kernel`` with: the pinned one, the interpreter's, the first of
-    the device's list, or (CUDA problems of at least TUNE_MIN_ROWS rows, once per list, device,
-    dtype, feature segments and precision) the fastest of the list, timed with ``run(config)``."""
-    if kernel in _PINNED:
-        return _PINNED[kernel]
-    if device.type != "cuda" or INTERPRETED:
-        return _CONFIGS[f"{kernel}/interpreter"][0]
-    name = list_name(kernel, "sm90" if is_hopper(device) else "sm80", d)
+    """The configuration to launch ``kernel`` with, from its ``launch_list``: the pinned one, the
+    list's first, or (CUDA problems of at least TUNE_MIN_ROWS rows, once per list, device, dtype,
+    feature segments and precision) the fastest of the list, timed with ``run(config)``."""
+    name = launch_list(kernel, device, d)
+    pin = _PINNED.get(name)
+    if pin is not None:
+        pin.launches += 1
+        return pin.config
     configs = _CONFIGS[name]
-    if len(configs) == 1 or not should_tune(rows):
+    if len(configs) == 1 or device.type != "cuda" or INTERPRETED or not should_tune(rows):
         return configs[0]
     key = (name, device.index, dtype, d_segments(d), dot_precision(dtype))
     if key not in _CHOSEN:

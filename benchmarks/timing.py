@@ -1,8 +1,6 @@
-"""Timing, peak-memory and model-FLOP helpers shared by the benchmark scripts.
-
-Public so that ``benchmarks/bench_loss.py``, ``benchmarks/gpu_suite.py``,
-``benchmarks/bench_distributed.py`` and the pytest-benchmark tests measure the
-same way. Nothing here is used by the loss itself.
+"""Timing, peak-memory, model-FLOP and machine-fact helpers shared by the benchmark scripts, so that
+``bench_loss.py``, ``gpu_suite.py``, ``bench_distributed.py`` and the pytest-benchmark tests measure
+the same way. The package does not ship this file: the loss never uses it.
 
 * ``time_ms(fn, device)``: one call's wall time in milliseconds (CUDA events on
   a GPU, ``time.perf_counter`` on the CPU).
@@ -124,6 +122,18 @@ def memory_limit_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 7 // 10
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), e.g. "AMD EPYC 9R45" or "Intel(R) Xeon(R) Processor"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: torch.device) -> dict:
     """Date, machine, library versions, git revision (and GPU, driver, CUDA on a GPU)."""
     revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -131,7 +141,7 @@ def machine_info(device: torch.device) -> dict:
     import symile_kernels
 
     info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                machine=platform.node(), processor=platform.processor() or platform.machine(),
+                machine=platform.node(), processor=cpu_model(),
                 cpu_count=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
                 symile_kernels=symile_kernels.__version__, git_revision=revision or None)
     if device.type == "cuda":
