@@ -74,7 +74,7 @@ def symile_loss(representations: Sequence[Tensor], logit_scale: Union[float, Ten
         loss = _symmetric_pair(reps[0], reps[1], tau, name, shard)
     else:
         loss = _symile_cube(reps, tau, name, shard)
-    return loss.to(out_dtype)
+    return _at_the_edges(loss, reps, shard.N).to(out_dtype)
 
 
 def clip_loss(representations: Sequence[Tensor], logit_scale: Union[float, Tensor], *,
@@ -94,7 +94,22 @@ def clip_loss(representations: Sequence[Tensor], logit_scale: Union[float, Tenso
     else:
         total = sum(_symmetric_pair(reps[a], reps[b], tau, name, shard)
                     for a in range(len(reps)) for b in range(a + 1, len(reps)))
-    return total.to(out_dtype)
+    return _at_the_edges(total, reps, shard.N).to(out_dtype)
+
+
+def _at_the_edges(loss: Tensor, reps: Sequence[Tensor], N: int) -> Tensor:
+    """The loss's contract where backends would differ (docs/math.md section 6.5).
+
+    A NaN or an infinity in any representation makes the loss and every gradient NaN: an LSE
+    over a +inf logit is +inf in one backend's arithmetic and inf - inf = NaN in another's, and
+    neither is a loss. With one tuple (N = 1 over the whole batch) there are no negatives: each
+    LSE runs over one candidate, the positive itself, so the loss is identically 0 and so are
+    its gradients; the kernels would round the LSE (max + log(sum), not the logit itself) and
+    leave ~1e-7. Both factors are exactly 1 otherwise, so nothing else changes.
+    """
+    finite = torch.stack([torch.isfinite(r).all() for r in reps]).all()
+    loss = loss * torch.where(finite, 1.0, torch.nan).to(loss.dtype)
+    return loss * 0 + 0 if N == 1 else loss  # (+ 0: -0.0 becomes 0.0)
 
 
 def _prepare(representations, logit_scale, backend: str):
