@@ -1,58 +1,66 @@
-"""Backend registry and dispatch.
+"""The backend contract, the registry and dispatch.
 
-A backend supplies four plain functions (no autograd) over contiguous
-tensors that share one device and dtype; ``tau`` is a 0-dim tensor of the
-compute dtype on that device (docs/math.md section 1). The rows are float32 or
-float64, or bf16/fp16 for a backend with ``accepts_low_precision`` (tau, the
-LSE vectors and pos are then float32):
+A backend is an instance of a ``Backend`` subclass: four kernels over contiguous
+tensors that share one device and dtype (``tau`` a 0-dim tensor of the compute
+dtype on that device, docs/math.md section 1), and methods with defaults that
+say where it runs and on what. docs/backends.md shows how to write one and
+register it; ``symile_kernels.testing`` and tests/test_conformance.py check it.
+
+The kernels (docs/math.md sections 2 and 3; no autograd, the ops in
+``symile_kernels.ops`` hold it):
 
 ``cube_lse_forward(x, y, z, tau) -> (La, Lb, Lc)``
     x: (I, d), y: (J, d), z: (K, d); the cube may be rectangular (folded
-    modalities for M > 3, local rows in distributed runs). Returns the log-sum-exp
-    vectors La (I,), Lb (J,), Lc (K,) of the cube ``tau * T[i,j,k]`` reduced over
-    (j,k), (i,k) and (i,j) (docs/math.md section 2).
-``cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc) -> (dx, dy, dz, dtau)``
-    gLa (I,), gLb (J,), gLc (K,): incoming gradients of La, Lb, Lc. With
+    modalities for M > 3, local rows in distributed runs). La (I,), Lb (J,),
+    Lc (K,): the log-sum-exps of the cube ``tau * T[i,j,k]`` over (j,k), (i,k)
+    and (i,j), in float64 or the compute dtype (the op returns float64).
+``cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, needs) -> (dx, dy, dz, dtau)``
+    gLa (I,), gLb (J,), gLc (K,): incoming gradients; with
     ``G = gLa[i] e^(tau T - La[i]) + gLb[j] e^(tau T - Lb[j]) + gLc[k] e^(tau T - Lc[k])``
-    returns docs/math.md section 2's contractions of G: dx, dy, dz shaped like x, y, z
-    and dtau (0-dim). The positive term of G is not included (it is plain torch).
+    the contractions of G: dx, dy, dz shaped like x, y, z, dtau 0-dim (no positive term).
+    L and gL arrive in the compute dtype as a shift and a weight (docs/math.md section 6.4):
+    use L only inside ``exp(S - L)`` and gL only as its multiplier.
 ``pair_lse_forward(a, b, pos, tau) -> L``
-    a: (I, d), b: (J, d) with I <= J, pos: (I,). ``L[i] = LSE_j l[i, j]`` over the
-    J columns, with ``l[i, j] = tau <a[i], b[j]>`` off the diagonal and
-    ``l[i, i] = pos[i]`` (docs/math.md section 3; CLIP when ``pos[i] = tau <a[i], b[i]>``).
-    I < J happens in distributed runs: a process's local rows against the global
-    batch, rotated so that each row's positive column is its own index.
-``pair_lse_backward(a, b, pos, tau, L, gL) -> (da, db, dpos, dtau)``
+    a: (I, d), b: (J, d) with I <= J, pos: (I,). ``L[i] = LSE_j l[i, j]`` with
+    ``l[i, j] = tau <a[i], b[j]>`` off the diagonal and ``l[i, i] = pos[i]``.
+``pair_lse_backward(a, b, pos, tau, L, gL, needs) -> (da, db, dpos, dtau)``
     Gradients of ``sum_i gL[i] L[i]``.
 
-A backend with ``skips_unneeded_grads`` also takes ``needs=(bool, bool, bool, bool)``
-by keyword in both backward functions (which of dx, dy, dz, dtau, or da, db, dpos,
-dtau, some input requires) and may return None for the others.
+``needs`` is four bools (dx, dy, dz, dtau, or da, db, dpos, dtau): which outputs
+some input requires. A backend may return None for an output not needed and
+skip its work; the op then returns it as an empty (0,) tensor.
+
+The methods with defaults: ``unavailable_reason(device)`` (None: it runs there),
+``row_dtype(dtype)`` (what rows of a dtype are computed in: bf16/fp16 become
+float32 unless the backend takes them), ``for_dtype(dtype)`` (the backend that
+runs inputs of that dtype: itself, or another one, as triton routes float64 to
+chunked), and the optional fused pair forward ``pair_lse_forward_grads``
+(``fuses_pair_forward()`` says whether it is there).
 
 The built-in backends are loaded lazily from their modules: a module that fails
 to import, or whose ``BACKEND.unavailable_reason(device)`` returns a message, is
 not usable, and asking for it by name raises that message. ``register`` adds a
-backend (a ``Backend`` record, or ``register_module`` for a lazily imported
-module) under its name; ``unregister`` removes one that was added.
+backend under its ``name``; ``register_module`` a module's ``BACKEND``, imported
+on first use; ``unregister`` removes one that was added.
 
 Example:
     >>> from symile_kernels import backends, chunked
-    >>> mine = dataclasses.replace(chunked.BACKEND, name="mine")
-    >>> backends.register(mine)
+    >>> class Mine(chunked.ChunkedBackend):
+    ...     name = "mine"
+    >>> backends.register(Mine())
     >>> symile_loss(reps, 14.3, backend="mine")
     >>> backends.unregister("mine")
 """
 from __future__ import annotations
 
+import abc
 import importlib
 import os
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Callable, Optional
+from typing import Optional, Sequence
 
 import torch
+from torch import Tensor
 
 # name -> module that defines ``BACKEND``. Only finished, tested kernels go here.
 _BUILTIN = {
@@ -73,57 +81,66 @@ ENV_VAR = "SYMILE_KERNELS_BACKEND"
 _MODULES = dict(_BUILTIN)
 NAMES = ("auto", "reference") + tuple(_MODULES)
 
-
-# The four functions every backend provides (module docstring).
-KERNELS = ("cube_lse_forward", "cube_lse_backward", "pair_lse_forward", "pair_lse_backward")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-@dataclass
-class Backend:
-    """One implementation of the cube and pair LSE kernels (see module docstring)."""
+class Backend(abc.ABC):
+    """One implementation of the cube and pair LSE kernels (module docstring): subclass it, set
+    ``name``, implement the four kernels; override the other methods where the defaults do not fit."""
 
-    name: str
-    cube_lse_forward: Callable
-    cube_lse_backward: Callable
-    pair_lse_forward: Callable
-    pair_lse_backward: Callable
-    # Returns None when the backend can run on ``device``, else why not and how to fix it.
-    unavailable_reason: Callable[[torch.device], Optional[str]] = field(default=lambda device: None)
+    name: str = ""
     description: str = ""
-    # True when the four functions also take bf16/fp16 x, y, z (a, b) with float32
-    # tau and pos: products in that dtype, float32 accumulation and LSE vectors,
-    # gradients in the input dtype. Otherwise such inputs are upcast to float32 first.
-    accepts_low_precision: bool = False
-    # The name of the backend that runs float64 inputs instead of this one (for a backend
-    # whose kernels have no float64 path); the registry, not the backend, routes them.
-    float64_route: Optional[str] = None
-    # True when both backward functions take ``needs=`` and skip the outputs no input needs
-    # (module docstring); otherwise every output is computed and the unneeded ones dropped.
-    skips_unneeded_grads: bool = False
-    # Optional: ``pair_lse_forward_grads(a, b, pos, tau, need_U, need_V) -> (L, U, V, Pd, rowdot)``,
-    # the pair forward together with the parts of its gradient that do not depend on gL
-    # (``symile_kernels.ops.pair_lse_fused``), run instead of ``pair_lse_forward`` when autograd
-    # will need gradients. U (I, d) = P b and V (J, d) = P^T a with P the row softmax of the logits
-    # and its diagonal zeroed (each (0,) when not asked for), Pd (I,) its diagonal, rowdot (I,)
-    # float64 the rows' <a[i], U[i]>; L as ``pair_lse_forward``'s.
-    pair_lse_forward_grads: Optional[Callable] = None
 
-    @classmethod
-    def from_namespace(cls, name: str, namespace: Any, **fields: Any) -> "Backend":
-        """The record whose four kernel functions (``KERNELS``) are the same-named entries
-        of ``namespace``: a mapping such as a module's ``globals()``, or any object's
-        attributes. ``fields`` sets the other fields."""
-        get = namespace.__getitem__ if isinstance(namespace, Mapping) else partial(getattr, namespace)
-        return cls(name=name, **{kernel: get(kernel) for kernel in KERNELS}, **fields)
+    @abc.abstractmethod
+    def cube_lse_forward(self, x: Tensor, y: Tensor, z: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ...
 
+    @abc.abstractmethod
+    def cube_lse_backward(self, x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, Lb: Tensor, Lc: Tensor,
+                          gLa: Tensor, gLb: Tensor, gLc: Tensor,
+                          needs: Sequence[bool]) -> tuple[Optional[Tensor], ...]:
+        ...
 
-def forward_grads_like(a: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, need_U: bool,
-                       need_V: bool) -> tuple[torch.Tensor, ...]:
-    """Empty outputs of ``pair_lse_forward_grads`` with their shapes and dtypes (fake kernels)."""
-    f64 = dict(dtype=torch.float64, device=a.device)
-    return (a.new_empty(a.shape[0], **f64), torch.empty_like(a) if need_U else a.new_empty(0),
-            torch.empty_like(b) if need_V else b.new_empty(0), torch.empty_like(pos),
-            a.new_empty(a.shape[0] if need_U else 0, **f64))
+    @abc.abstractmethod
+    def pair_lse_forward(self, a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
+        ...
+
+    @abc.abstractmethod
+    def pair_lse_backward(self, a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, gL: Tensor,
+                          needs: Sequence[bool]) -> tuple[Optional[Tensor], ...]:
+        ...
+
+    def pair_lse_forward_grads(self, a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, need_U: bool,
+                               need_V: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Optional: the pair forward with the parts of its gradient that do not depend on gL
+        (``symile_kernels.ops.pair_lse_fused``), run instead of ``pair_lse_forward`` when autograd will
+        need gradients. Returns L as ``pair_lse_forward``'s, U (I, d) = P b and V (J, d) = P^T a with P
+        the row softmax of the logits and its diagonal zeroed (each (0,) when not asked for), Pd (I,)
+        its diagonal and rowdot (I,) float64, the rows' <a[i], U[i]> ((0,) without U)."""
+        raise NotImplementedError(f"the {self.name!r} backend has no fused pair forward")
+
+    def fuses_pair_forward(self) -> bool:
+        """Whether ``pair_lse_forward_grads`` is implemented (overridden)."""
+        return type(self).pair_lse_forward_grads is not Backend.pair_lse_forward_grads
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        """None when the backend can run on ``device``, else why not and how to fix it."""
+        return None
+
+    def row_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype rows of ``dtype`` reach the kernels in: float32 and float64 as they are, bf16
+        and fp16 cast to float32. A backend whose kernels take bf16/fp16 rows (products in that
+        dtype, float32 accumulation, LSE vectors, tau and pos; gradients in the rows' dtype)
+        returns ``dtype`` for them."""
+        return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+    def for_dtype(self, dtype: torch.dtype) -> "Backend":
+        """The backend whose kernels run rows of ``dtype``: this one, unless it routes a dtype its
+        kernels lack to another backend (the registry, not the kernels, then runs that one)."""
+        return self
+
+    def __repr__(self) -> str:
+        return f"<symile_kernels backend {self.name!r}>"
 
 
 _loaded: dict[str, Backend] = {}
@@ -138,7 +155,8 @@ def register(backend: Backend, *, replace: bool = False) -> None:
     names "auto" and "reference", and for a name already in use unless ``replace``.
     """
     if not isinstance(backend, Backend):
-        raise TypeError(f"backend must be a symile_kernels.backends.Backend; got {type(backend).__name__}")
+        raise TypeError(f"backend must be an instance of a symile_kernels.backends.Backend subclass; "
+                        f"got {type(backend).__name__}")
     _add(backend.name, None, replace)
     _loaded[backend.name] = backend
 
@@ -264,17 +282,22 @@ def _require(name: str, device: torch.device, source: str) -> str:
 
 
 @torch.compiler.assume_constant_result
-def resolve_for_loss(name: str, device: torch.device) -> tuple[str, bool]:
-    """``resolve(name, device)`` and whether that backend ``accepts_low_precision``
-    (False for "reference").
+def resolve_for_loss(name: str, device: torch.device, dtype: torch.dtype) -> tuple[str, torch.dtype, bool]:
+    """``resolve(name, device)``, the dtype rows of ``dtype`` are computed in there, and whether the
+    backend that runs them fuses the pair forward with its gradient's parts ("reference": the
+    rows' compute dtype, no fusion).
 
-    torch.compile runs this eagerly while tracing and keeps the result as a
-    constant: importing and building a backend cannot be traced, and the choice
-    is a property of the process, not of the inputs. A compiled graph therefore
-    keeps the backend it was traced with.
+    torch.compile runs this eagerly while tracing and keeps the result as a constant:
+    importing and building a backend cannot be traced, and the choice is a property of
+    the process, not of the inputs. A compiled graph therefore keeps the backend it was
+    traced with.
     """
     resolved = resolve(name, device)
-    return resolved, resolved != "reference" and get(resolved).accepts_low_precision
+    if resolved == "reference":
+        return resolved, torch.float32 if dtype in _LOW_PRECISION else dtype, False
+    backend = get(resolved)
+    row_dtype = backend.row_dtype(dtype)
+    return resolved, row_dtype, backend.for_dtype(row_dtype).fuses_pair_forward()
 
 
 def get(name: str) -> Backend:
@@ -285,13 +308,10 @@ def get(name: str) -> Backend:
     return backend
 
 
-def for_dtype(name: str, dtype: torch.dtype) -> Backend:
-    """The Backend that runs backend ``name`` on inputs of ``dtype``: its ``float64_route``
-    for float64 inputs when it names one, else the backend itself."""
-    backend = get(name)
-    if dtype == torch.float64 and backend.float64_route is not None:
-        return get(backend.float64_route)
-    return backend
+def kernels(name: str, dtype: torch.dtype) -> Backend:
+    """The backend whose kernels run rows of ``dtype`` for backend ``name`` (``Backend.for_dtype``):
+    what each op call looks up once."""
+    return get(name).for_dtype(dtype)
 
 
 def _warn_once(key: str, message: str) -> None:

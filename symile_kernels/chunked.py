@@ -207,9 +207,26 @@ def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
     return (tau * da if need_da else None, tau * db if need_db else None, dpos, dtau)
 
 
-BACKEND = Backend.from_namespace(
-    "chunked", globals(),
-    description="pure PyTorch, any device: tiles over (i, j) blocks, recomputes tiles in backward",
-    skips_unneeded_grads=True,
-    pair_lse_forward_grads=pair_lse_forward_grads,
-)
+class ChunkedBackend(Backend):
+    """The module's functions as a backend: every device and floating dtype (bf16/fp16 rows as float32)."""
+
+    name = "chunked"
+    description = "pure PyTorch, any device: tiles over (i, j) blocks, recomputes tiles in backward"
+
+    def cube_lse_forward(self, x, y, z, tau):
+        return cube_lse_forward(x, y, z, tau)
+
+    def cube_lse_backward(self, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, needs):
+        return cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, needs=needs)
+
+    def pair_lse_forward(self, a, b, pos, tau):
+        return pair_lse_forward(a, b, pos, tau)
+
+    def pair_lse_backward(self, a, b, pos, tau, L, gL, needs):
+        return pair_lse_backward(a, b, pos, tau, L, gL, needs=needs)
+
+    def pair_lse_forward_grads(self, a, b, pos, tau, need_U, need_V):
+        return pair_lse_forward_grads(a, b, pos, tau, need_U, need_V)
+
+
+BACKEND = ChunkedBackend()

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from . import _build
 from ._extension import CompiledOps, jit_build
-from .backends import Backend, forward_grads_like
+from .backends import Backend
+from .ops import _forward_grads_like as forward_grads_like
 
 EXTENSION = "symile_kernels._cpu_kernels"
 _SOURCE = Path(_build.source_root(Path(__file__).resolve().parent)) / _build.CPU_SOURCES[0]
@@ -100,15 +101,31 @@ def pair_lse_forward_grads(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, need_
     return tuple(_ops().cpu_pair_lse_forward_grads(a, b, pos, tau, need_U, need_V))
 
 
-def _unavailable_reason(device: torch.device) -> Optional[str]:
-    if device.type != "cpu":
-        return f"the 'cpu' backend runs on CPU tensors only; got {device.type} tensors"
-    return load_reason()
+class CpuBackend(Backend):
+    """The C++ kernels of csrc/cpu as a backend: CPU tensors, float32 and float64 rows."""
+
+    name = "cpu"
+    description = "fused C++ (csrc/cpu): one exponential per cube element per pass, BLAS tiles, at::parallel_for"
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if device.type != "cpu":
+            return f"the 'cpu' backend runs on CPU tensors only; got {device.type} tensors"
+        return load_reason()
+
+    def cube_lse_forward(self, x, y, z, tau):
+        return cube_lse_forward(x, y, z, tau)
+
+    def cube_lse_backward(self, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, needs):
+        return cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc)
+
+    def pair_lse_forward(self, a, b, pos, tau):
+        return pair_lse_forward(a, b, pos, tau)
+
+    def pair_lse_backward(self, a, b, pos, tau, L, gL, needs):
+        return pair_lse_backward(a, b, pos, tau, L, gL)
+
+    def pair_lse_forward_grads(self, a, b, pos, tau, need_U, need_V):
+        return pair_lse_forward_grads(a, b, pos, tau, need_U, need_V)
 
 
-BACKEND = Backend.from_namespace(
-    "cpu", globals(),
-    unavailable_reason=_unavailable_reason,
-    pair_lse_forward_grads=pair_lse_forward_grads,
-    description="fused C++ (csrc/cpu): one exponential per cube element per pass, BLAS tiles, at::parallel_for",
-)
+BACKEND = CpuBackend()

@@ -170,10 +170,30 @@ def _device_reason(device: torch.device) -> Optional[str]:
     return load_reason()
 
 
-BACKEND = Backend.from_namespace(
-    "cuda", globals(),
-    unavailable_reason=_unavailable_reason,
-    accepts_low_precision=True,
-    description="fused CUDA C++ (csrc/cuda): tiled online LSE, mma.sync (TF32/bf16) or IEEE SIMT tile products, "
-                "row-owning backward passes (deterministic)",
-)
+class CudaBackend(Backend):
+    """The CUDA kernels of csrc/cuda as a backend: CUDA tensors of compute capability 8.0 or newer."""
+
+    name = "cuda"
+    description = ("fused CUDA C++ (csrc/cuda): tiled online LSE, mma.sync (TF32/bf16) or IEEE SIMT tile products, "
+                   "row-owning backward passes (deterministic)")
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        return _unavailable_reason(device)
+
+    def row_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype  # bf16/fp16 rows run tensor-core tiles unconverted (module docstring)
+
+    def cube_lse_forward(self, x, y, z, tau):
+        return cube_lse_forward(x, y, z, tau)
+
+    def cube_lse_backward(self, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, needs):
+        return cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc)
+
+    def pair_lse_forward(self, a, b, pos, tau):
+        return pair_lse_forward(a, b, pos, tau)
+
+    def pair_lse_backward(self, a, b, pos, tau, L, gL, needs):
+        return pair_lse_backward(a, b, pos, tau, L, gL)
+
+
+BACKEND = CudaBackend()

@@ -8,7 +8,7 @@ oracle itself.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -61,19 +61,19 @@ def symile_loss(representations: Sequence[Tensor], logit_scale: Union[float, Ten
         >>> loss = symile_loss([x, y, z], logit_scale=14.3)
     """
     check_negative_sampling(negative_sampling)
-    reps, tau, name, out_dtype = _prepare(representations, logit_scale, backend)
+    reps, tau, choice, out_dtype = _prepare(representations, logit_scale, backend)
     shard = make_shard(gather, process_group, *reps[0].shape, reps[0].device)
-    if name == "reference":
+    if choice.name == "reference":
         from . import reference  # the oracle runs only when asked for by name
 
         loss = reference.symile_loss_reference([shard.gather(r) for r in reps], tau, negative_sampling,
                                                rows=shard.rows)
     elif negative_sampling == "n":
-        loss = _symile_n(reps, tau, name, shard)
+        loss = _symile_n(reps, tau, choice, shard)
     elif len(reps) == 2:
-        loss = _symmetric_pair(reps[0], reps[1], tau, name, shard)
+        loss = _symmetric_pair(reps[0], reps[1], tau, choice, shard)
     else:
-        loss = _symile_cube(reps, tau, name, shard)
+        loss = _symile_cube(reps, tau, choice.name, shard)
     return _at_the_edges(loss, reps, shard.N).to(out_dtype)
 
 
@@ -85,14 +85,14 @@ def clip_loss(representations: Sequence[Tensor], logit_scale: Union[float, Tenso
     Same arguments, dtype rules and ``gather`` semantics as ``symile_loss``;
     M >= 2 tensors (N, d). Returns a 0-dim tensor.
     """
-    reps, tau, name, out_dtype = _prepare(representations, logit_scale, backend)
+    reps, tau, choice, out_dtype = _prepare(representations, logit_scale, backend)
     shard = make_shard(gather, process_group, *reps[0].shape, reps[0].device)
-    if name == "reference":
+    if choice.name == "reference":
         from . import reference
 
         total = reference.clip_loss_reference([shard.gather(r) for r in reps], tau, rows=shard.rows)
     else:
-        total = sum(_symmetric_pair(reps[a], reps[b], tau, name, shard)
+        total = sum(_symmetric_pair(reps[a], reps[b], tau, choice, shard)
                     for a in range(len(reps)) for b in range(a + 1, len(reps)))
     return _at_the_edges(total, reps, shard.N).to(out_dtype)
 
@@ -112,31 +112,37 @@ def _at_the_edges(loss: Tensor, reps: Sequence[Tensor], N: int) -> Tensor:
     return loss * 0 + 0 if N == 1 else loss  # (+ 0: -0.0 becomes 0.0)
 
 
-def _prepare(representations, logit_scale, backend: str):
-    """Validated inputs, the backend name, and the dtype the loss is returned in.
+class _Choice(NamedTuple):
+    """The backend a loss call resolved, once: its name (what the ops take) and whether the pair
+    LSE runs fused with its gradient's parts."""
 
-    bf16/fp16 inputs stay in their dtype for backends that accept low precision
-    (products in that dtype, float32 accumulation); otherwise, and for the
-    oracle, every input is cast to tau's compute dtype (float32 or float64).
+    name: str
+    fused_pair: bool
+
+
+def _prepare(representations, logit_scale, backend: str):
+    """Validated inputs in the dtype the backend computes them in, tau, the backend ``_Choice``,
+    and the dtype the loss is returned in (the promoted input dtype).
+
+    bf16/fp16 inputs stay in their dtype for backends whose kernels take them (products in
+    that dtype, float32 accumulation, ``Backend.row_dtype``); otherwise, and for the oracle,
+    they are cast to float32.
     """
     reps, tau = prepare(representations, logit_scale)
-    name, accepts_low_precision = backends.resolve_for_loss(backend, reps[0].device)
     out_dtype = reps[0].dtype
-    low_precision = out_dtype in (torch.bfloat16, torch.float16)
-    if not (low_precision and accepts_low_precision):
-        reps = [r.to(tau.dtype) for r in reps]
-    return reps, tau, name, out_dtype
+    name, row_dtype, fused_pair = backends.resolve_for_loss(backend, reps[0].device, out_dtype)
+    return [r.to(row_dtype) for r in reps], tau, _Choice(name, fused_pair), out_dtype
 
 
-def _symmetric_pair(a: Tensor, b: Tensor, tau: Tensor, backend: str, shard: Shard) -> Tensor:
+def _symmetric_pair(a: Tensor, b: Tensor, tau: Tensor, choice: _Choice, shard: Shard) -> Tensor:
     """Symmetric InfoNCE of two (n, d) tensors: the M = 2 Symile loss of the local rows."""
     pos = positive_logits([a, b], tau)
-    La = ops.run_pair_lse(a, shard.roll_to_local(shard.gather(b)), pos, tau, backend)
-    Lb = ops.run_pair_lse(b, shard.roll_to_local(shard.gather(a)), pos, tau, backend)
+    La = ops.run_pair_lse(a, shard.roll_to_local(shard.gather(b)), pos, tau, *choice)
+    Lb = ops.run_pair_lse(b, shard.roll_to_local(shard.gather(a)), pos, tau, *choice)
     return ((La - pos).mean() + (Lb - pos).mean()) / 2
 
 
-def _symile_n(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) -> Tensor:
+def _symile_n(reps: list[Tensor], tau: Tensor, choice: _Choice, shard: Shard) -> Tensor:
     """docs/math.md section 3: per anchor, N candidates from permuted products of the others."""
     pos = positive_logits(reps, tau)
     everyone = [shard.gather(r) for r in reps]
@@ -146,7 +152,7 @@ def _symile_n(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) -> Te
         shuffled = _take_rows(others[0], perms[0])
         for r, perm in zip(others[1:], perms[1:]):
             shuffled = shuffled * _take_rows(r, perm)
-        L = ops.run_pair_lse(reps[m], shard.roll_to_local(shuffled).contiguous(), pos, tau, backend)
+        L = ops.run_pair_lse(reps[m], shard.roll_to_local(shuffled).contiguous(), pos, tau, *choice)
         losses.append((L - pos).mean())
     return sum(losses) / len(reps)
 
@@ -196,7 +202,7 @@ def _symile_cube(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) ->
     x = reps[0]
     y, z, *folded = [shard.gather(r) for r in reps[1:]]
     if not folded:
-        La, Lb, Lc = ops.cube_lse(x, y, z, tau, backend)
+        La, Lb, Lc = ops.run_cube_lse(x, y, z, tau, backend)
         L = [La, shard.local(shard.combine_lse(Lb)), shard.local(shard.combine_lse(Lc))]
         return sum((Lm - pos).mean() for Lm in L) / M
 
@@ -210,7 +216,7 @@ def _symile_cube(reps: list[Tensor], tau: Tensor, backend: str, shard: Shard) ->
         for q in range(1, len(folded)):
             weight = weight * folded[q][chunk[:, q]]
         rows = (weight[:, None, :] * x[None, :, :]).reshape(-1, x.shape[1])
-        La_rows, Lb_part, Lc_part = ops.cube_lse(rows, y, z, tau, backend)
+        La_rows, Lb_part, Lc_part = ops.run_cube_lse(rows, y, z, tau, backend)
         La_parts.append(La_rows)
         Lb_parts.append(Lb_part)
         Lc_parts.append(Lc_part)

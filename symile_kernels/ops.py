@@ -1,27 +1,30 @@
-"""The torch operators every backend runs behind.
+"""The torch operators every backend runs behind, and the autograd the losses use.
 
 ``symile_kernels::cube_lse`` and ``symile_kernels::pair_lse`` are
 ``torch.library`` custom ops with fake implementations and autograd, so
 ``opcheck`` and ``torch.compile(fullgraph=True)`` see one opaque node per LSE
 whatever backend computes it. The ``backend`` argument names a registered
-backend (see ``symile_kernels.backends``); the op calls the plain forward and
-backward functions of the Backend that runs the inputs' dtype
-(``backends.for_dtype``: its ``float64_route`` for float64).
+backend (``symile_kernels.backends``); each op call looks it up once
+(``backends.kernels``: the backend whose kernels run the rows' dtype) and calls
+that object's kernels.
 
 The backward computes only the gradients some input needs
-(``ctx.needs_input_grad``, docs/math.md section 2): the ``needs`` flags go to
-backends with ``skips_unneeded_grads``, which skip those passes, and an output
-not needed comes back from the backward op as an empty (0,) tensor.
+(``ctx.needs_input_grad``, docs/math.md section 2): the ``needs`` flags go to the
+backend, which may skip those passes, and an output not needed comes back from
+the backward op as an empty (0,) tensor.
 
 The forward ops return their LSE vectors in float64 whatever the compute dtype,
 and the autograd formulas hand the backward ops each L as a shift in the compute
 dtype plus a reweighted gL (``shift_and_weight``, docs/math.md section 6.4):
 in float32 at logits near 1e8, ``L = m + log(s)`` would round ``log(s)`` away.
 
-For a caller that will need gradients, ``run_pair_lse`` (what the losses call) runs
-``symile_kernels::pair_lse_fused`` where the backend has ``pair_lse_forward_grads``:
-the forward also contracts the row softmax with both operands, and the backward op
-``pair_lse_fused_backward`` only scales them (docs/math.md section 5).
+The losses call ``run_cube_lse`` and ``run_pair_lse``: ``torch.autograd.Function``s
+over the ops with the ops' own setup and backward, which torch.func's transforms
+(``grad``, ``vjp``) accept; they reject the generated Function behind an op's
+registered autograd. For a caller that will need gradients, ``run_pair_lse`` runs
+``symile_kernels::pair_lse_fused`` where the backend fuses the pair forward with its
+gradient's parts: the backward op ``pair_lse_fused_backward`` then only scales them
+(docs/math.md section 5). A second derivative raises, pointing to ``backend="reference"``.
 
 Only the log-normalisers are custom (as in Inf-CLIP): the positive logits, the
 means and the average over anchors are plain torch in ``symile_kernels.loss``.
@@ -83,17 +86,11 @@ def _check_pair(op, a, b, pos, tau, vectors=()):
                          "row i's positive is column i of b, so a needs I <= J rows")
 
 
-def _backward(name: str, kind: str, inputs: Sequence[Tensor], rest: Sequence[Tensor],
-              needs: Sequence[bool]) -> tuple[Tensor, ...]:
-    """Runs ``kind`` ("cube_lse_backward" or "pair_lse_backward") of the backend for the inputs'
-    dtype; outputs whose ``needs`` flag is False come back as empty (0,) tensors."""
-    backend = backends.for_dtype(name, inputs[0].dtype)
-    fn = getattr(backend, kind)
+def _backward(kernel, inputs: Sequence[Tensor], rest: Sequence[Tensor], needs: Sequence[bool]) -> tuple[Tensor, ...]:
+    """``kernel(*inputs, *rest, needs)`` (a backend's backward); outputs whose ``needs`` flag is False
+    come back as empty (0,) tensors, whatever the backend returned for them."""
     needs = tuple(bool(n) for n in needs)
-    if backend.skips_unneeded_grads:
-        grads = fn(*inputs, *rest, needs=needs)
-    else:
-        grads = fn(*inputs, *rest)
+    grads = kernel(*inputs, *rest, needs)
     return tuple(g if need and g is not None else t.new_empty(0) for g, t, need in zip(grads, inputs, needs))
 
 
@@ -112,7 +109,7 @@ def cube_lse(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, backend: str) -> tupl
     """
     _check_cube("cube_lse", x, y, z, tau)
     check_tau_value(tau)
-    return tuple(L.to(torch.float64) for L in backends.for_dtype(backend, x.dtype).cube_lse_forward(x, y, z, tau))
+    return tuple(L.to(torch.float64) for L in backends.kernels(backend, x.dtype).cube_lse_forward(x, y, z, tau))
 
 
 @cube_lse.register_fake
@@ -133,7 +130,8 @@ def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, 
     needs: four flags for dx, dy, dz, dtau; an output whose flag is False is an empty (0,) tensor.
     """
     _check_cube("cube_lse_backward", x, y, z, tau, _cube_vectors(x, y, z, La, Lb, Lc, gLa, gLb, gLc))
-    return _backward(backend, "cube_lse_backward", (x, y, z, tau), (La, Lb, Lc, gLa, gLb, gLc), needs)
+    return _backward(backends.kernels(backend, x.dtype).cube_lse_backward, (x, y, z, tau),
+                     (La, Lb, Lc, gLa, gLb, gLc), needs)
 
 
 def _cube_vectors(x, y, z, La, Lb, Lc, gLa, gLb, gLc):
@@ -160,7 +158,7 @@ def _cube_backward(ctx, gLa, gLb, gLc):
         return None, None, None, None, None
     (La, gLa), (Lb, gLb), (Lc, gLc) = (shift_and_weight(L, g, tau.dtype)
                                        for L, g in ((La, gLa), (Lb, gLb), (Lc, gLc)))
-    grads = cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, ctx.backend, needs)
+    grads = _first_order(cube_lse_backward, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, ctx.backend, needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None)
 
 
@@ -193,7 +191,7 @@ def pair_lse(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, backend: str) -> Te
     """
     _check_pair("pair_lse", a, b, pos, tau)
     check_tau_value(tau)
-    return backends.for_dtype(backend, a.dtype).pair_lse_forward(a, b, pos, tau).to(torch.float64)
+    return backends.kernels(backend, a.dtype).pair_lse_forward(a, b, pos, tau).to(torch.float64)
 
 
 @pair_lse.register_fake
@@ -211,7 +209,7 @@ def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
     needs: four flags for da, db, dpos, dtau; an output whose flag is False is an empty (0,) tensor.
     """
     _check_pair("pair_lse_backward", a, b, pos, tau, (("L", L, a.shape[0]), ("gL", gL, a.shape[0])))
-    return _backward(backend, "pair_lse_backward", (a, b, pos, tau), (L, gL), needs)
+    return _backward(backends.kernels(backend, a.dtype).pair_lse_backward, (a, b, pos, tau), (L, gL), needs)
 
 
 @pair_lse_backward.register_fake
@@ -232,7 +230,7 @@ def _pair_backward(ctx, gL):
     if not any(needs):
         return None, None, None, None, None
     L, gL = shift_and_weight(L, gL, tau.dtype)
-    grads = pair_lse_backward(a, b, pos, tau, L, gL, ctx.backend, needs)
+    grads = _first_order(pair_lse_backward, a, b, pos, tau, L, gL, ctx.backend, needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None)
 
 
@@ -257,15 +255,15 @@ def pair_lse_fused(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, backend: str,
     (U and rowdot are (0,) when neither a nor tau needs one, V when b does not)."""
     _check_pair("pair_lse_fused", a, b, pos, tau)
     check_tau_value(tau)
-    L, U, V, Pd, rowdot = backends.for_dtype(backend, a.dtype).pair_lse_forward_grads(a, b, pos, tau,
-                                                                                       *_fused_needs(needs))
+    L, U, V, Pd, rowdot = backends.kernels(backend, a.dtype).pair_lse_forward_grads(a, b, pos, tau,
+                                                                                     *_fused_needs(needs))
     return L.to(torch.float64), U, V, Pd, rowdot
 
 
 @pair_lse_fused.register_fake
 def _(a, b, pos, tau, backend, needs):
     _check_pair("pair_lse_fused", a, b, pos, tau)
-    return backends.forward_grads_like(a, b, pos, *_fused_needs(needs))
+    return _forward_grads_like(a, b, pos, *_fused_needs(needs))
 
 
 @torch.library.custom_op("symile_kernels::pair_lse_fused_backward", mutates_args=())
@@ -289,7 +287,8 @@ def pair_lse_fused_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: T
                  bool(needs[3]) and not have_U)
     if any(recompute):
         shift, weight = shift_and_weight(L, gL, tau.dtype)
-        redone = _backward(backend, "pair_lse_backward", (a, b, pos, tau), (shift, weight), recompute)
+        redone = _backward(backends.kernels(backend, a.dtype).pair_lse_backward, (a, b, pos, tau),
+                           (shift, weight), recompute)
     da, db, dpos, dtau = (t.new_empty(0) for t in (a, b, pos, tau))
     if needs[0]:
         da = redone[0] if recompute[0] else ((tau * g)[:, None] * U).to(a.dtype)
@@ -318,7 +317,7 @@ def _fused_backward(ctx, gL, *_):
     needs = list(ctx.needs_input_grad[:4])
     if not any(needs) or gL is None:
         return None, None, None, None, None, None
-    grads = pair_lse_fused_backward(a, b, pos, tau, L, U, V, Pd, rowdot, gL, ctx.backend, needs)
+    grads = _first_order(pair_lse_fused_backward, a, b, pos, tau, L, U, V, Pd, rowdot, gL, ctx.backend, needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None, None)
 
 
@@ -326,10 +325,84 @@ pair_lse_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
 pair_lse_fused_backward.register_autograd(_no_double_backward, setup_context=_no_setup)
 
 
-def run_pair_lse(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, backend: str) -> Tensor:
-    """``pair_lse(a, b, pos, tau, backend)``'s L, through ``pair_lse_fused`` when autograd will need
-    a gradient of the inputs and the backend has ``pair_lse_forward_grads`` (the losses call this)."""
+def _forward_grads_like(a: Tensor, b: Tensor, pos: Tensor, need_U: bool, need_V: bool) -> tuple[Tensor, ...]:
+    """Empty outputs of ``pair_lse_forward_grads`` with their shapes and dtypes (the fake)."""
+    f64 = dict(dtype=torch.float64, device=a.device)
+    return (a.new_empty(a.shape[0], **f64), torch.empty_like(a) if need_U else a.new_empty(0),
+            torch.empty_like(b) if need_V else b.new_empty(0), torch.empty_like(pos),
+            a.new_empty(a.shape[0] if need_U else 0, **f64))
+
+
+# ---------------------------------------------------------------- what the losses call
+
+# The losses' autograd: Functions over the ops with the ops' own setup and backward. Each forward
+# turns autograd off around its op (this Function is the autograd; under torch.func's transforms the
+# op's registered one would run too) and calls the op's OpOverload, which torch.compile traces.
+
+class _CubeLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(x, y, z, tau, backend):
+        with torch.no_grad():
+            return torch.ops.symile_kernels.cube_lse.default(x, y, z, tau, backend)
+
+    setup_context = staticmethod(_cube_setup)
+    backward = staticmethod(_cube_backward)
+
+
+class _PairLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(a, b, pos, tau, backend):
+        with torch.no_grad():
+            return torch.ops.symile_kernels.pair_lse.default(a, b, pos, tau, backend)
+
+    setup_context = staticmethod(_pair_setup)
+    backward = staticmethod(_pair_backward)
+
+
+class _PairLSEFused(torch.autograd.Function):
+    @staticmethod
+    def forward(a, b, pos, tau, backend, needs):
+        with torch.no_grad():
+            return torch.ops.symile_kernels.pair_lse_fused.default(a, b, pos, tau, backend, needs)
+
+    setup_context = staticmethod(_fused_setup)
+    backward = staticmethod(_fused_backward)
+
+
+def _first_order_function(op) -> type:
+    """Backward op ``op`` as a Function whose own backward raises (no second derivative)."""
+    def forward(*args):
+        with torch.no_grad():
+            return op(*args)
+
+    return type(f"_{op._name}", (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), setup_context=staticmethod(_no_setup),
+        backward=staticmethod(_no_double_backward)))
+
+
+_FIRST_ORDER = {op: _first_order_function(op) for op in (cube_lse_backward, pair_lse_backward, pair_lse_fused_backward)}
+
+
+def _first_order(op, *args):
+    """Backward op ``op`` on ``args``. Under torch.func's transforms the backward runs with autograd
+    on, where an op's registered (generated) Function is refused: there it runs as a Function of
+    ours. Elsewhere (autograd, torch.compile's traced backward) the op runs as it is; with
+    ``create_graph=True`` its registered autograd raises the no-second-derivative error."""
+    if torch._C._are_functorch_transforms_active():
+        return _FIRST_ORDER[op].apply(*args)
+    return op(*args)
+
+
+def run_cube_lse(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``cube_lse(x, y, z, tau, backend)``'s La, Lb, Lc, differentiable (torch.func included)."""
+    return _CubeLSE.apply(x, y, z, tau, backend)
+
+
+def run_pair_lse(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, backend: str, fused: bool) -> Tensor:
+    """``pair_lse(a, b, pos, tau, backend)``'s L, differentiable; through ``pair_lse_fused`` when
+    ``fused`` (the backend fuses the pair forward, ``backends.resolve_for_loss``) and autograd
+    will need a gradient of the inputs."""
     needs = [t.requires_grad for t in (a, b, pos, tau)]
-    if torch.is_grad_enabled() and any(needs) and backends.for_dtype(backend, a.dtype).pair_lse_forward_grads:
-        return pair_lse_fused(a, b, pos, tau, backend, needs)[0]
-    return pair_lse(a, b, pos, tau, backend)
+    if fused and torch.is_grad_enabled() and any(needs):
+        return _PairLSEFused.apply(a, b, pos, tau, backend, needs)[0]
+    return _PairLSE.apply(a, b, pos, tau, backend)

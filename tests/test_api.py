@@ -70,11 +70,12 @@ def test_unavailable_backend_says_why():
 
 
 def test_register_and_unregister_a_backend():
-    import dataclasses
-
     from symile_kernels import chunked
 
-    mine = dataclasses.replace(chunked.BACKEND, name="mine")
+    class Mine(chunked.ChunkedBackend):
+        name = "mine"
+
+    mine = Mine()
     backends.register(mine)
     try:
         assert "mine" in available_backends() and "mine" in backends.NAMES
@@ -89,28 +90,46 @@ def test_register_and_unregister_a_backend():
     assert "mine" not in backends.NAMES
     with pytest.raises(ValueError, match="backend must be one of"):
         symile_loss(make_inputs("unit", 3, 6, 4), 1.0, backend="mine")
+
+    class Reserved(chunked.ChunkedBackend):
+        name = "reference"
+
     with pytest.raises(ValueError, match="reserved"):
-        backends.register(dataclasses.replace(mine, name="reference"))
+        backends.register(Reserved())
     with pytest.raises(TypeError, match="Backend"):
         backends.register(chunked)
     with pytest.raises(ValueError, match="built-in backends cannot be removed"):
         backends.unregister("chunked")
 
 
-def test_registry_routes_float64():
-    import dataclasses
+def test_a_backend_must_implement_the_four_kernels():
+    class Half(backends.Backend):
+        name = "half"
 
+        def cube_lse_forward(self, x, y, z, tau):
+            return x
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half()
+
+
+def test_registry_routes_float64():
     from symile_kernels import chunked
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("float64 reached a backend without a float64 path")
+    class NoFloat64(chunked.ChunkedBackend):
+        name = "no_f64"
 
-    no_f64 = dataclasses.replace(chunked.BACKEND, name="no_f64", float64_route="chunked",
-                                 cube_lse_forward=refuse, pair_lse_forward=refuse)
+        def for_dtype(self, dtype):
+            return chunked.BACKEND if dtype == torch.float64 else self
+
+        def cube_lse_forward(self, *args):
+            raise AssertionError("float64 reached a backend without a float64 path")
+
+    no_f64 = NoFloat64()
     backends.register(no_f64)
     try:
-        assert backends.for_dtype("no_f64", torch.float64) is chunked.BACKEND
-        assert backends.for_dtype("no_f64", torch.float32) is no_f64
+        assert backends.kernels("no_f64", torch.float64) is chunked.BACKEND
+        assert backends.kernels("no_f64", torch.float32) is no_f64
         reps = make_inputs("unit", 3, 6, 4)
         assert float(symile_loss(reps, 14.3, backend="no_f64")) == float(symile_loss(reps, 14.3, backend="chunked"))
         with pytest.raises(AssertionError, match="without a float64 path"):

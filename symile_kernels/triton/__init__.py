@@ -27,17 +27,19 @@ is True), and bf16/fp16 when a caller passes them (tensor-core products,
 float32 accumulation). The LSE vectors come back in float64: the kernels keep
 float32 (max, sum) pairs and the launchers form max + log(sum) in float64
 (docs/math.md section 6.4). float64 is not supported by
-``tl.dot`` in Triton 3.6: the record's ``float64_route="chunked"`` has the registry
-run float64 calls on the "chunked" backend.
+``tl.dot`` in Triton 3.6: ``BACKEND.for_dtype(torch.float64)`` is the "chunked" backend, so
+the registry runs float64 calls there.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
 import torch
 import triton  # noqa: F401  (a missing Triton makes the backend unavailable, with the import error)
 
+from .. import chunked
 from ..backends import Backend
 from . import _launch, cube, pair
 from ._launch import interpret_as, kernel_configs, launch_list, pinned_config
@@ -45,44 +47,53 @@ from ._launch import interpret_as, kernel_configs, launch_list, pinned_config
 __all__ = ["BACKEND", "interpret_as", "kernel_configs", "launch_list", "pinned_config"]
 
 
-def _unavailable_reason(device: torch.device) -> Optional[str]:
-    if device.type == "cuda":
-        return None if torch.cuda.is_available() else "torch has no CUDA device"
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1" and _launch.INTERPRETED:
-            return None
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return ("TRITON_INTERPRET=1 was set after symile_kernels.triton was imported; set it before the "
-                    "first use of the backend (it is read when the kernels are decorated)")
-        return "Triton kernels need a CUDA device; for CPU tensors set TRITON_INTERPRET=1 (slow interpreter)"
-    return f"Triton kernels run on CUDA devices (or the CPU with TRITON_INTERPRET=1), not {device.type}"
+class TritonBackend(Backend):
+    """The Triton kernels as a backend; float64 runs on the chunked backend (no float64 ``tl.dot``)."""
+
+    name = "triton"
+    description = ("fused Triton kernels (CUDA; CPU through TRITON_INTERPRET=1): one pass forward, two "
+                   "passes backward, shared exponentials; float64 runs the chunked code")
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "torch has no CUDA device"
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") == "1" and _launch.INTERPRETED:
+                return None
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return ("TRITON_INTERPRET=1 was set after symile_kernels.triton was imported; set it before the "
+                        "first use of the backend (it is read when the kernels are decorated)")
+            return "Triton kernels need a CUDA device; for CPU tensors set TRITON_INTERPRET=1 (slow interpreter)"
+        return f"Triton kernels run on CUDA devices (or the CPU with TRITON_INTERPRET=1), not {device.type}"
+
+    def row_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        # bf16/fp16 rows go straight to the kernels: tensor-core products, float32 LSEs and
+        # accumulation, gradients returned in the rows' dtype.
+        return dtype
+
+    def for_dtype(self, dtype: torch.dtype) -> Backend:
+        return chunked.BACKEND if dtype == torch.float64 else self
+
+    def cube_lse_forward(self, x, y, z, tau):
+        with _on_device(x):
+            return cube.cube_lse_forward(x, y, z, tau)
+
+    def cube_lse_backward(self, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, needs):
+        with _on_device(x):  # each backward pass runs only where ``needs`` asks for its outputs
+            return cube.cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, needs=needs)
+
+    def pair_lse_forward(self, a, b, pos, tau):
+        with _on_device(a):
+            return pair.pair_lse_forward(a, b, pos, tau)
+
+    def pair_lse_backward(self, a, b, pos, tau, L, gL, needs):
+        with _on_device(a):
+            return pair.pair_lse_backward(a, b, pos, tau, L, gL, needs=needs)
 
 
-def _on_inputs_device(triton_fn):
-    """``triton_fn`` on the inputs' GPU (Triton launches on the current device and stream)."""
-    def run(*tensors, **options):
-        if tensors[0].is_cuda:
-            with torch.cuda.device(tensors[0].device):
-                return triton_fn(*tensors, **options)
-        return triton_fn(*tensors, **options)
-    run.__name__ = triton_fn.__name__
-    run.__doc__ = triton_fn.__doc__
-    return run
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The tensors' GPU as the current device (Triton launches on the current device and stream)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-BACKEND = Backend(
-    name="triton",
-    cube_lse_forward=_on_inputs_device(cube.cube_lse_forward),
-    cube_lse_backward=_on_inputs_device(cube.cube_lse_backward),
-    pair_lse_forward=_on_inputs_device(pair.pair_lse_forward),
-    pair_lse_backward=_on_inputs_device(pair.pair_lse_backward),
-    unavailable_reason=_unavailable_reason,
-    description="fused Triton kernels (CUDA; CPU through TRITON_INTERPRET=1): one pass forward, two "
-                "passes backward, shared exponentials; float64 runs the chunked code",
-    float64_route="chunked",
-    # The backward passes take needs=(dx, dy, dz, dtau) and skip a pass no input needs.
-    skips_unneeded_grads=True,
-    # bf16/fp16 tensors go straight to the kernels: tensor-core products, float32 LSEs
-    # and accumulation, gradients returned in the input dtype.
-    accepts_low_precision=True,
-)
+BACKEND = TritonBackend()
