@@ -1,7 +1,9 @@
-"""Feature files that lie or are damaged.
+"""Feature files that lie or are damaged, and keys that are awkward names.
 
 Every malformed file gives one FeatureError naming the file (and key) and
-the trainer stops before creating --out. The files are a few hundred bytes.
+the trainer stops before creating --out; any string key works as a modality
+name, in training, reports and checkpoints. The files are a few hundred
+bytes; the one training run is a handful of steps.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from symile_kernels.train import cli
+from symile_kernels.train import cli, model
 from symile_kernels.train.feature_files import FeatureError, open_arrays
 from test_train import one_thread  # noqa: F401  (the trainer tests' autouse fixture: one torch thread)
 
@@ -172,3 +174,34 @@ def test_pt_with_a_key_that_is_not_a_string(tmp_path):
     torch.save({"a": torch.zeros(8, 3), 1: torch.zeros(8, 3)}, path)
     with pytest.raises(FeatureError, match="key 1 is a int; feature keys must be strings"):
         open_arrays([str(path)])
+
+
+# ---------------------------------------------------------------- keys are data
+
+def test_module_names_keep_plain_keys_and_number_the_rest():
+    keys = ["a", "0", "keys", "", "a.b", "training", "x/y", "1"]
+    names = model.module_names(keys)
+    assert names == {"a": "a", "0": "1", "keys": "2", "": "3", "a.b": "4", "training": "5", "x/y": "x/y",
+                     "1": "7"}
+    assert len(set(names.values())) == len(keys)
+    encoders = model.Encoders({k: 2 for k in keys}, d=4)
+    assert encoders.encode("a.b", torch.randn(5, 2), torch.zeros(5)).shape == (5, 4)
+
+
+def test_any_key_is_a_modality_and_a_target(tmp_path):
+    rng = np.random.default_rng(0)
+    keys = ["x.y", "", "a/b"]
+    path = tmp_path / "keys.npz"
+    np.savez(path, **{k: rng.standard_normal((60, 3)).astype(np.float32) for k in keys})
+    out = tmp_path / "out"
+    argv = ["--task", "features", "--features", str(path), "--target", "a/b", "--loss", "symile", "--batch-size",
+            "16", "--epochs", "1", "--d", "4", "--quiet", "--out", str(out)]
+    assert cli.main(argv) == 0
+    [run] = json.loads((out / "results.json").read_text())["runs"]
+    assert run["modalities"] == keys and run["target"] == "a/b"
+    checkpoint = run["checkpoint"]
+    assert checkpoint.startswith(str(out / "checkpoints" / "features-symile-n_squared-target-a_b-"))
+    again = tmp_path / "again"
+    assert cli.main(["--eval-only", "--checkpoint", checkpoint, "--out", str(again), "--quiet"]) == 0
+    [rerun] = json.loads((again / "results.json").read_text())["runs"]
+    assert rerun["test_mrr"] == run["test_mrr"]

@@ -23,7 +23,9 @@ and writes ``--out``. ``--eval-only`` runs on rank 0 alone.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import sys
 from dataclasses import fields, replace
 from typing import List, Optional
@@ -164,10 +166,21 @@ def configs_from_args(args: argparse.Namespace) -> List[RunConfig]:
 
 
 def run_name(config: RunConfig) -> str:
+    """The run's name, also its checkpoint's file name: only letters, digits, '.', '_' and '-'."""
     setting = (f"p_hat{config.p_hat:g}" if config.task == "xor" else f"w{config.w}" if config.task == "m3-synthetic"
-               else f"target-{config.target or 'first'}")
+               else "target-first" if config.target is None else f"target-{_file_part(config.target)}")
     negatives = f"-{config.negative_sampling}" if config.loss == "symile" else ""
     return f"{config.task}-{config.loss}{negatives}-{setting}-q{config.missing_prob:g}-seed{config.seed}"
+
+
+def _file_part(key: str) -> str:
+    """``key`` (a feature key: any string) as part of a file name: kept when it
+    is plain (letters, digits, '_', '-'; at most 40), else a plain spelling
+    plus a hash of the key, so that different keys get different names."""
+    plain = re.sub(r"[^A-Za-z0-9_-]", "_", key)[:40]
+    if plain == key:
+        return key
+    return f"{plain}-{hashlib.blake2b(key.encode('utf-8', 'surrogatepass'), digest_size=4).hexdigest()}"
 
 
 def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
