@@ -271,6 +271,8 @@ def _run(args: argparse.Namespace, argv: List[str], configs: List[RunConfig],
                                        quiet=args.quiet or not main_process)
             try:
                 entry, model = loop.train_run(config, progress)
+            except loop.NonFiniteError as exc:
+                parser.exit(1, f"{parser.prog}: error: {name}: {exc}\n" if main_process else None)
             finally:
                 progress.close()
             if not main_process:

@@ -233,41 +233,57 @@ def to_device(batch: Dict[str, Dict[str, Tensor]], device: torch.device) -> Dict
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Dict[str, Dict[str, Tensor]],
                loss_fn: Callable) -> Tensor:
-    """One optimisation step on one batch; returns the detached loss (no host sync)."""
+    """One optimisation step on one batch; returns the detached loss, NaN when
+    the loss or any representation is not finite (no host sync: the caller
+    decides when to look)."""
     optimizer.zero_grad(set_to_none=True)
     reps, logit_scale = model(batch["inputs"], batch["missing"])
     loss = loss_fn(reps, logit_scale)
     loss.backward()
     optimizer.step()
-    return loss.detach()
+    # One value to watch instead of M tensors: the reps are finite exactly when this flag is set.
+    finite = torch.stack([torch.isfinite(r).all() for r in reps]).all()
+    return torch.where(finite, loss.detach(), torch.nan)
 
 
-@torch.no_grad()
-def scores(model: nn.Module, split: data.Split, index: Tensor, loss: str, device: torch.device) -> Tensor:
-    """(B, K) zero-shot scores of the rows ``index`` against every candidate.
+class NonFiniteError(RuntimeError):
+    """Training stopped: the loss or a representation became NaN or Inf."""
 
-    Symile: the MIP of the query representations with the candidate's.
-    CLIP: the sum over query modalities of the pairwise dot products with the
-    candidate (the query-query term is the same for every candidate).
-    """
-    encoders = unwrap(model)
-    candidates = encoders.encode(split.target, split.candidates.to(device),
-                                 torch.zeros(split.candidates.shape[0], device=device))
-    queries = [encoders.encode(m, split.inputs[m][index].to(device), split.missing[m][index].to(device))
-               for m in split.queries]
-    return retrieval.score_matrix(candidates, queries, loss)
+
+def _check_finite(loss: Tensor, epoch: int, step: int) -> None:
+    """Raises NonFiniteError unless the step's loss (from ``train_step``) is finite.
+
+    Reading it is a host sync, as the loss's own check of the logit scale
+    already is; the next step would fail on a NaN logit scale anyway, with a
+    message about tau instead of the cause."""
+    if not math.isfinite(float(loss)):
+        raise NonFiniteError(
+            f"training stopped at step {step} of epoch {epoch}: the loss or a representation became NaN or "
+            f"Inf. The inputs may be too large for float32 arithmetic (features near 3e38 overflow the "
+            f"encoders), or the learning rate too high (--lr)")
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: data.Split, loss: str, device: torch.device, batch_size: int = 4096) -> float:
-    """Zero-shot accuracy: fraction of rows whose argmax score is the true label."""
+    """Zero-shot accuracy: the fraction of rows whose true candidate ranks first
+    among every candidate (``retrieval.ranks``: a tie or a non-finite score
+    counts against the row).
+
+    Symile scores by the MIP of the query representations with the
+    candidate's; CLIP by the sum over query modalities of the pairwise dot
+    products with the candidate (the query-query term is the same for every
+    candidate)."""
+    encoders = unwrap(model)
     was_training = model.training
     model.eval()
+    candidates = encoders.encode(split.target, split.candidates.to(device),
+                                 torch.zeros(split.candidates.shape[0], device=device))
     correct = 0
     for start in range(0, len(split), batch_size):
         index = torch.arange(start, min(start + batch_size, len(split)))
-        pred = scores(model, split, index, loss, device).argmax(dim=1).cpu()
-        correct += int((pred == split.labels[index]).sum())
+        queries = [encoders.encode(m, split.inputs[m][index].to(device), split.missing[m][index].to(device))
+                   for m in split.queries]
+        correct += int((retrieval.ranks(candidates, queries, split.labels[index], loss) == 1).sum())
     model.train(was_training)
     return correct / len(split)
 
@@ -360,14 +376,16 @@ def train_run(config: RunConfig, progress=None) -> Tuple[Dict, Encoders]:
         model.train()
         start = time.perf_counter()
         final_loss = None
-        for _ in range(config.epochs):
+        for epoch in range(1, config.epochs + 1):
             total, steps = torch.zeros((), device=device), 0
             for index in batch_indices(len(train), config.batch_size, shuffle, context.rank, context.world_size):
-                # This process's share of the loss; the mean over processes is the global-batch loss.
+                # This process's share of the loss; the mean over processes is the global-batch loss,
+                # NaN on every process when one had a non-finite loss, so all of them stop alike.
                 loss = parallel.mean(train_step(model, optimizer, to_device(train.batch(index), device), loss_fn),
                                      context)
-                total += loss
                 steps += 1
+                _check_finite(loss, epoch, steps)
+                total += loss
                 if progress is not None:
                     progress.update(loss)
             final_loss = float(total) / steps

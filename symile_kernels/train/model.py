@@ -10,10 +10,10 @@ import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 ENCODERS = ("linear", "mlp")
+_EPS = 1e-12  # F.normalize's default
 
 
 def module_names(modalities: Sequence[str]) -> Dict[str, str]:
@@ -70,9 +70,13 @@ class Encoders(nn.Module):
         self.log_tau = nn.Parameter(torch.tensor(float(logit_scale_init)))
 
     def encode(self, modality: str, x: Tensor, missing: Tensor) -> Tensor:
-        """(N, F) features and (N,) indicator -> (N, d) unit rows."""
+        """(N, F) features and (N,) indicator -> (N, d) unit rows; a row whose
+        norm is not finite (the encoder overflowed) comes out all NaN."""
         z = self.encoders[self.names[modality]](torch.cat([x, missing[:, None].to(x.dtype)], dim=1))
-        return F.normalize(z, dim=1)
+        norm = z.norm(2, 1, keepdim=True)
+        # F.normalize's arithmetic, except that where the norm overflows (inputs near float32's limit) it
+        # would give a silently constant all-zero row: NaN instead, which training and retrieval refuse.
+        return torch.where(torch.isfinite(norm), z / norm.clamp_min(_EPS), torch.nan)
 
     def forward(self, inputs: Dict[str, Tensor], missing: Dict[str, Tensor]) -> Tuple[List[Tensor], Tensor]:
         reps = [self.encode(m, inputs[m], missing[m]) for m in self.modalities]
