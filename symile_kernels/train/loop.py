@@ -403,9 +403,7 @@ def evaluate_checkpoint(path: str, device: Optional[str] = None,
     """Loads a checkpoint written by ``save_checkpoint`` and evaluates it on its
     test split, drawn again from the stored seed. Returns (entry, model); the
     entry carries the checkpoint's train_seconds and ``"eval_only": True``."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path!r} is not a symile_kernels.train checkpoint (format {CHECKPOINT_FORMAT})")
+    checkpoint = _read_checkpoint(path)
     config = RunConfig.from_dict(checkpoint["config"])
     if device is not None:
         config.device = device
@@ -414,7 +412,11 @@ def evaluate_checkpoint(path: str, device: Optional[str] = None,
     config.validate()
     dev = torch.device(config.device)
     model = make_model(config)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"checkpoint {path!r}: its weights do not fit the model its config describes "
+                         f"({_one_line(exc)})") from None
     model.to(dev)
     entry = record(config, backends.resolve(config.backend, dev), evaluate_run(model, config, dev),
                    checkpoint["train_seconds"], checkpoint.get("final_train_loss"),
@@ -422,6 +424,26 @@ def evaluate_checkpoint(path: str, device: Optional[str] = None,
     entry["eval_only"] = True
     entry["checkpoint"] = str(path)
     return entry, model
+
+
+def _read_checkpoint(path: str) -> Dict:
+    """The dict ``save_checkpoint`` wrote; ValueError (one line, naming ``path``) for anything else."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file makes torch raise RuntimeError, EOFError, UnpicklingError, ...
+        raise ValueError(f"checkpoint {path!r} cannot be read: it is truncated, corrupt or not a torch file "
+                         f"({_one_line(exc)})") from None
+    fields_ok = isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict) and isinstance(
+        checkpoint.get("model"), dict) and isinstance(checkpoint.get("train_seconds"), (int, float))
+    if not fields_ok or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path!r} is not a symile_kernels.train checkpoint (format {CHECKPOINT_FORMAT})")
+    return checkpoint
+
+
+def _one_line(exc: Exception, limit: int = 240) -> str:
+    """``exc`` as one line of at most ``limit`` characters, for messages."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def save_checkpoint(path, model: nn.Module, config: RunConfig, entry: Dict) -> None:
