@@ -99,12 +99,12 @@ def make_shard(gather: bool, process_group, reps: Sequence[Tensor]) -> Shard:
     if len(set(described)) != 1:
         raise ValueError("gather=True needs the same number of modalities M, local rows n, features d and dtype "
                          "on every process; got " + "; ".join(f"rank {r}: {text}" for r, text in enumerate(described))
-                         + " (give each process an equal share of the global batch, e.g. drop_last=True, in one "
-                           "dtype)")
+                         + " (give every process an equal share of the global batch, e.g. drop_last=True, with the "
+                           "same modalities and dtype)")
     return Shard(local_rows, world_size, rank, process_group)
 
 
-# Bytes of the dtype's name in the descriptor: "float8_e4m3fnuz", the longest floating name, has 15.
+# Bytes of the dtype's name in the descriptor; torch's floating dtypes have shorter names ("float8_e4m3fnuz").
 _NAME_BYTES = 24
 
 

@@ -7,6 +7,7 @@ bytes; the one training run is a handful of steps.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 import struct
@@ -45,10 +46,10 @@ def cli_refuses(paths, tmp_path, capsys) -> str:
 
 # ---------------------------------------------------------------- .safetensors
 
-def safetensors_file(path, header, data=ROWS.tobytes(), raw=None):
-    """A .safetensors file with this header (its JSON, or ``raw`` bytes) and data, written by the format's
-    published layout: a little-endian u64 header length, the header, the data."""
-    text = raw if raw is not None else json.dumps(header).encode()
+def safetensors_file(path, header, data=ROWS.tobytes()):
+    """A .safetensors file with this header and data, written by the format's published layout: a
+    little-endian u64 header length, the JSON header, the data."""
+    text = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
     return path
 
@@ -106,7 +107,6 @@ def npz_member(path, members):
 
 def npy_bytes(array, header_shape=None):
     """The .npy bytes of ``array``; with ``header_shape`` the header claims that shape instead."""
-    import io
     buffer = io.BytesIO()
     header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
               "shape": tuple(array.shape if header_shape is None else header_shape)}
