@@ -15,7 +15,7 @@ collectives are the identity, so one code path serves both.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -68,15 +68,21 @@ class Shard:
 
 
 
-def make_shard(gather: bool, process_group, local_rows: int, d: int, device: torch.device) -> Shard:
-    """The shard of this process: a one-process shard unless ``gather``.
+def make_shard(gather: bool, process_group, reps: Sequence[Tensor]) -> Shard:
+    """The shard of this process for its validated representations ``reps``
+    (M tensors (n, d) of one dtype, on one device): a one-process shard
+    unless ``gather``.
 
     Raises TypeError for a non-bool ``gather``, RuntimeError when ``gather`` is
-    set without an initialised default (or given) process group, and ValueError
-    when processes hold different numbers of rows or features.
+    set without an initialised default (or given) process group, and
+    ValueError, the same on every process, when the processes differ in M, n,
+    d or dtype: they first all-gather one fixed-size descriptor of those, so a
+    mismatch stops every process here, never in a collective of unequal sizes
+    (which gloo aborts on and NCCL can hang in).
     """
     if not isinstance(gather, bool):
         raise TypeError(f"gather must be a bool; got {type(gather).__name__}")
+    local_rows = reps[0].shape[0]
     if not gather:
         if process_group is not None:
             raise ValueError("process_group is only used with gather=True")
@@ -86,14 +92,32 @@ def make_shard(gather: bool, process_group, local_rows: int, d: int, device: tor
                            "(torch.distributed.init_process_group, e.g. under torchrun)")
     world_size = dist.get_world_size(group=process_group)
     rank = dist.get_rank(group=process_group)
-    shapes = torch.tensor([local_rows, d], device=_collective_device(process_group, device))
-    every = [torch.empty_like(shapes) for _ in range(world_size)]
-    dist.all_gather(every, shapes, group=process_group)
-    every = [tuple(int(v) for v in s) for s in every]
-    if len(set(every)) != 1:
-        raise ValueError(f"gather=True needs the same local (N, d) on every process; got {every} by rank "
-                         "(give each process an equal share of the global batch, e.g. drop_last=True)")
+    mine = _descriptor(reps).to(_collective_device(process_group, reps[0].device))
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine, group=process_group)
+    described = [_describe(t) for t in every]
+    if len(set(described)) != 1:
+        raise ValueError("gather=True needs the same number of modalities M, local rows n, features d and dtype "
+                         "on every process; got " + "; ".join(f"rank {r}: {text}" for r, text in enumerate(described))
+                         + " (give every process an equal share of the global batch, e.g. drop_last=True, with the "
+                           "same modalities and dtype)")
     return Shard(local_rows, world_size, rank, process_group)
+
+
+# Bytes of the dtype's name in the descriptor; torch's floating dtypes have shorter names ("float8_e4m3fnuz").
+_NAME_BYTES = 24
+
+
+def _descriptor(reps: Sequence[Tensor]) -> Tensor:
+    """(3 + _NAME_BYTES,) int64: M, n, d, then the dtype's name as bytes (zero-padded)."""
+    name = str(reps[0].dtype).replace("torch.", "").encode()[:_NAME_BYTES]
+    return torch.tensor([len(reps), *reps[0].shape, *name.ljust(_NAME_BYTES, b"\0")], dtype=torch.int64)
+
+
+def _describe(descriptor: Tensor) -> str:
+    """'M=3, n=4, d=8, float32' from a ``_descriptor``."""
+    m, n, d, *name = (int(v) for v in descriptor.cpu())
+    return f"M={m}, n={n}, d={d}, " + bytes(name).rstrip(b"\0").decode(errors="replace")
 
 
 def _collective_device(group, device: torch.device) -> torch.device:

@@ -62,7 +62,7 @@ def symile_loss(representations: Sequence[Tensor], logit_scale: Union[float, Ten
     """
     check_negative_sampling(negative_sampling)
     reps, tau, choice, out_dtype = _prepare(representations, logit_scale, backend)
-    shard = make_shard(gather, process_group, *reps[0].shape, reps[0].device)
+    shard = make_shard(gather, process_group, reps)
     if choice.name == "reference":
         from . import reference  # the oracle runs only when asked for by name
 
@@ -86,7 +86,7 @@ def clip_loss(representations: Sequence[Tensor], logit_scale: Union[float, Tenso
     M >= 2 tensors (N, d). Returns a 0-dim tensor.
     """
     reps, tau, choice, out_dtype = _prepare(representations, logit_scale, backend)
-    shard = make_shard(gather, process_group, *reps[0].shape, reps[0].device)
+    shard = make_shard(gather, process_group, reps)
     if choice.name == "reference":
         from . import reference
 

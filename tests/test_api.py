@@ -212,6 +212,28 @@ def test_mip_similarity_bad_input():
         mip_similarity(torch.randn(7), [torch.randn(5)])
 
 
+@pytest.mark.parametrize("candidates, queries, error, message", [
+    ((7, 5), [(6, 5), (4, 5)], ValueError, r"query_reps\[1\] has B = 4 rows but query_reps\[0\] has 6"),
+    ((7, 5), [(5,), (6, 5), (3, 5)], ValueError, r"query_reps\[2\] has B = 3 rows but query_reps\[1\] has 6"),
+    ((7, 5), [(6, 5), ("float64", 6, 5)], ValueError,
+     r"query_reps\[1\] has dtype torch.float64 but candidates have torch.float32"),
+    (("float64", 7, 5), [(6, 5)], ValueError, r"query_reps\[0\] has dtype torch.float32 but candidates have "
+                                                r"torch.float64"),
+    ((0, 5), [(6, 5)], ValueError, r"candidates must have K >= 1 rows and d >= 1 features; got shape \(0, 5\)"),
+    ((7, 0), [(6, 0)], ValueError, r"candidates must have K >= 1 rows and d >= 1 features; got shape \(7, 0\)"),
+])
+def test_mip_similarity_checks_batch_sizes_dtypes_and_sizes(candidates, queries, error, message):
+    def make(shape):
+        dtype = torch.float64 if shape[0] == "float64" else torch.float32
+        return torch.randn(*(shape[1:] if shape[0] == "float64" else shape), dtype=dtype)
+
+    inputs = [make(q) for q in queries]
+    before = [q.clone() for q in inputs]
+    with pytest.raises(error, match=message):
+        mip_similarity(make(candidates), inputs)
+    assert all(torch.equal(q, b) for q, b in zip(inputs, before))
+
+
 def test_module_shape_and_repr():
     module = SymileLoss("n", backend="chunked")
     assert "negative_sampling='n'" in repr(module)

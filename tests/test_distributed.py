@@ -4,7 +4,10 @@ Each spawned process checks, for every CPU backend, M in {2, 3, 4} and both
 sampling modes: the mean over processes of the per-process losses equals the
 single-process loss of the global batch, and the gradients of a small
 DDP-wrapped encoder equal the single-process ones, float64, to 1e-10. A
-one-process group must give exactly the non-distributed result.
+one-process group must give exactly the non-distributed result. Then, in the
+same processes, one rank at a time passes a different M, n, d or dtype: every
+rank must get the same ValueError (no gloo abort, no hang), and a matching
+call afterwards must still work.
 """
 import copy
 import datetime
@@ -51,6 +54,32 @@ def _cases(backends):
         yield backend, "clip", 3, "n_squared"
 
 
+# Mismatch cases: what one rank passes instead of SAME, and how the message spells it.
+SAME = dict(M=3, n=3, d=4, dtype=torch.float32)
+MISMATCHES = {"dtype": (dict(dtype=torch.float64), "float64"), "M": (dict(M=2), "M=2"), "n": (dict(n=2), "n=2"),
+              "d": (dict(d=5), "d=5")}
+
+
+def _mismatch_cases(rank, world_size):
+    """{case: what this rank's loss call raised} with one rank differing per case; "same": this
+    rank's share of a matching call made afterwards."""
+    found = {}
+
+    def reps(M, n, d, dtype):
+        return [torch.nn.functional.normalize(torch.randn(n, d, dtype=dtype), dim=1) for _ in range(M)]
+
+    for number, (case, (change, _)) in enumerate(MISMATCHES.items()):
+        shape = {**SAME, **(change if rank == (number + 1) % world_size else {})}
+        for name, loss in (("symile", symile_loss), ("clip", clip_loss)):
+            try:
+                loss(reps(**shape), 2.0, backend="chunked", gather=True)
+                found[f"{case} {name}"] = "no error"
+            except ValueError as exc:
+                found[f"{case} {name}"] = str(exc)
+    found["same"] = float(symile_loss(reps(**SAME), 2.0, backend="chunked", gather=True))
+    return found
+
+
 def _worker(rank, world_size, port, result_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=DEADLINE_S))
@@ -87,9 +116,11 @@ def _worker(rank, world_size, port, result_path):
             err = float((p.grad - q.grad).norm() / q.grad.norm())
             if not err <= TOLERANCE:
                 errors.append(f"{case}: gradient of {name} relative error {err:.3g}")
+    mismatches = [None] * world_size
+    dist.all_gather_object(mismatches, _mismatch_cases(rank, world_size) if world_size > 1 else {})
     if rank == 0:
         with open(result_path, "w") as f:
-            json.dump({"errors": errors, "backends": backends}, f)
+            json.dump({"errors": errors, "backends": backends, "mismatches": mismatches}, f)
     # Every rank leaves together, then exits at once, running no destructors: tearing the
     # gloo group down at interpreter exit can deadlock (seen here: ~ProcessGroupGloo, reached
     # from DistributedDataParallel's reducer, joins a worker thread that waits for the GIL to
@@ -106,9 +137,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world_size", (1, 2, 3))
-def test_global_batch_equals_single_process(tmp_path, world_size):
-    result_path = tmp_path / "result.json"
+@pytest.fixture(scope="module", params=(1, 2, 3))
+def spawned(request, tmp_path_factory):
+    """(world_size, rank 0's result) of ``_worker`` run once on world_size processes."""
+    world_size = request.param
+    result_path = tmp_path_factory.mktemp(f"world{world_size}") / "result.json"
     context = mp.start_processes(_worker, args=(world_size, _free_port(), str(result_path)), nprocs=world_size,
                                  join=False, start_method="spawn")
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=DEADLINE_S)
@@ -117,9 +150,28 @@ def test_global_batch_equals_single_process(tmp_path, world_size):
             for process in context.processes:
                 process.kill()
             pytest.fail(f"distributed workers did not finish within {DEADLINE_S} s")
-    result = json.loads(result_path.read_text())
+    return world_size, json.loads(result_path.read_text())
+
+
+def test_global_batch_equals_single_process(spawned):
+    _, result = spawned
     assert "chunked" in result["backends"] and "reference" in result["backends"]
     assert result["errors"] == []
+
+
+def test_mismatch_is_the_same_value_error_on_every_rank(spawned):
+    world_size, result = spawned
+    if world_size == 1:
+        pytest.skip("one process cannot disagree with itself")
+    ranks = result["mismatches"]
+    for case, (_, said) in MISMATCHES.items():
+        for name in ("symile", "clip"):
+            message = ranks[0][f"{case} {name}"]
+            assert all(found[f"{case} {name}"] == message for found in ranks), (case, name)
+            assert message.startswith("gather=True needs the same number of modalities M, local rows n, "
+                                      "features d and dtype on every process; got rank 0: M="), message
+            assert said in message and "M=3, n=3, d=4, float32" in message, message
+    assert all(found["same"] > 0 for found in ranks)  # each rank's share of one finite loss
 
 
 def test_gather_without_process_group_raises():

@@ -274,6 +274,45 @@ def test_not_a_checkpoint_is_rejected(tmp_path, capsys):
     assert "not a symile_kernels.train checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "other weights"])
+def test_damaged_checkpoint_gives_one_line_and_writes_nothing(sweep, damage, tmp_path, capsys):
+    _, results = sweep
+    good = _run(results, "symile", 1.0)["checkpoint"]
+    path = tmp_path / "bad.pt"
+    if damage == "other weights":
+        checkpoint = torch.load(good, weights_only=True)
+        checkpoint["model"] = {"encoders.z.weight": torch.zeros(2, 2)}
+        torch.save(checkpoint, path)
+        expected = f"checkpoint '{path}': its weights do not fit the model its config describes"
+    else:
+        blob = open(good, "rb").read()
+        path.write_bytes({"truncated": blob[:len(blob) // 2], "garbage": b"not a checkpoint\n" * 20,
+                          "empty": b""}[damage])
+        expected = f"checkpoint '{path}' cannot be read: it is truncated, corrupt or not a torch file"
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--eval-only", "--checkpoint", good, str(path), "--out", str(out), "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    # argparse's usage, then one line: the error.
+    assert err.strip().splitlines()[-1].startswith(f"{cli.build_parser().prog}: error: argument --checkpoint: "
+                                                   f"{expected}"), err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    assert not out.exists()  # the good checkpoint was evaluated, but nothing is written
+
+
+def test_default_out_is_documented_and_its_path_printed(sweep, tmp_path, capsys, monkeypatch):
+    """Without --out, --eval-only writes ./symile-train-out, says so in --help and prints the path."""
+    help_text = " ".join(cli.build_parser().format_help().split())
+    assert "relative to the current directory" in help_text and "(default: symile-train-out)" in help_text
+    _, results = sweep
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--eval-only", "--checkpoint", _run(results, "clip", 1.0)["checkpoint"], "--quiet"]) == 0
+    written = tmp_path / "symile-train-out" / "results.json"
+    assert f"results: {written}" in capsys.readouterr().out.splitlines()
+    assert json.loads(written.read_text())["runs"][0]["loss"] == "clip"
+
+
 def test_progress_quiet_and_plain_fallback(monkeypatch):
     stream = io.StringIO()
     quiet = report.Progress(3, "run", quiet=True, stream=stream)

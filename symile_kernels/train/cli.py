@@ -2,9 +2,12 @@
 
 Trains every combination of ``--loss`` x ``--p-hat`` (task xor) or ``--loss`` x
 ``--w`` (task m3-synthetic), evaluates each zero-shot on held-out data, and
-writes to ``--out``: ``results.json``, ``checkpoints/<run>.pt`` and
-``accuracy.png`` (with the optional ``matplotlib``). A summary table goes to
-stdout at the end; progress goes to stderr unless ``--quiet``.
+writes to ``--out`` (default: ``symile-train-out`` in the current directory):
+``results.json``, ``checkpoints/<run>.pt`` and ``accuracy.png`` (with the
+optional ``matplotlib``). A summary table and the absolute path of
+``results.json`` go to stdout at the end; progress goes to stderr unless
+``--quiet``. A run whose loss or representations become NaN or Inf stops the
+command with an error (status 1).
 
 ``--task features --features FILE`` trains on the user's own embeddings
 (``symile_kernels.train.features``) and reports retrieval metrics (top-1, 5,
@@ -12,7 +15,8 @@ stdout at the end; progress goes to stderr unless ``--quiet``.
 checked in full before anything is written to ``--out``.
 
 ``--eval-only --checkpoint PATH [PATH ...]`` evaluates saved runs again on
-their test split (drawn again from the stored seed).
+their test split (drawn again from the stored seed); every checkpoint is read
+and evaluated before ``--out`` is created, so a bad one writes nothing.
 
 Under ``torchrun --nproc_per_node=P -m symile_kernels.train ...`` the runs are
 data-parallel (``symile_kernels.train.parallel``): gloo on the CPU, NCCL with
@@ -23,7 +27,9 @@ and writes ``--out``. ``--eval-only`` runs on rank 0 alone.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import sys
 from dataclasses import fields, replace
 from typing import List, Optional
@@ -47,6 +53,7 @@ TASK_DEFAULTS = {
 FEATURE_FIELDS = ("features", "modalities", "target", "val_fraction", "test_fraction", "split_key",
                   "candidates_key", "eval_budget")
 _DEFAULT = RunConfig()
+DEFAULT_OUT = "symile-train-out"
 
 
 def _option(field: str) -> str:
@@ -128,8 +135,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                           "small, so more threads mostly add synchronisation, badly so on a busy machine")
 
     out = p.add_argument_group("output")
-    out.add_argument("--out", default="symile-train-out", metavar="DIR",
-                     help="directory for results.json, checkpoints/ and accuracy.png")
+    out.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                     help="directory for results.json, checkpoints/ and accuracy.png, also with --eval-only; "
+                          "relative to the current directory, created if need be")
     out.add_argument("--quiet", action="store_true", help="no progress display")
     out.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint instead of training")
     out.add_argument("--checkpoint", nargs="+", metavar="PATH", help="checkpoints to evaluate (--eval-only)")
@@ -164,10 +172,21 @@ def configs_from_args(args: argparse.Namespace) -> List[RunConfig]:
 
 
 def run_name(config: RunConfig) -> str:
+    """The run's name, also its checkpoint's file name: only letters, digits, '.', '_' and '-'."""
     setting = (f"p_hat{config.p_hat:g}" if config.task == "xor" else f"w{config.w}" if config.task == "m3-synthetic"
-               else f"target-{config.target or 'first'}")
+               else "target-first" if config.target is None else f"target-{_file_part(config.target)}")
     negatives = f"-{config.negative_sampling}" if config.loss == "symile" else ""
     return f"{config.task}-{config.loss}{negatives}-{setting}-q{config.missing_prob:g}-seed{config.seed}"
+
+
+def _file_part(key: str) -> str:
+    """``key`` (a feature key: any string) as part of a file name: kept when it
+    is plain (letters, digits, '_', '-'; at most 40), else a plain spelling
+    plus a hash of the key, so that different keys get different names."""
+    plain = re.sub(r"[^A-Za-z0-9_-]", "_", key)[:40]
+    if plain == key:
+        return key
+    return f"{plain}-{hashlib.blake2b(key.encode('utf-8', 'surrogatepass'), digest_size=4).hexdigest()}"
 
 
 def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
@@ -213,7 +232,7 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
                              f"processes ({context.world_size}); got {config.batch_size}")
         device = parallel.process_device(args.device, context)
         configs = [replace(config, device=str(device)) for config in configs]
-    if context.is_main:
+    if context.is_main and not args.eval_only:  # --eval-only creates it once every checkpoint is read
         os.makedirs(args.out, exist_ok=True)
     threads = torch.get_num_threads()
     if args.threads:
@@ -247,6 +266,7 @@ def _run(args: argparse.Namespace, argv: List[str], configs: List[RunConfig],
             runs.append(entry)
             if not args.quiet:
                 print(f"{path}: {report.summary(entry)}", file=sys.stderr)
+        os.makedirs(args.out, exist_ok=True)
     else:
         checkpoints = os.path.join(args.out, "checkpoints")
         if main_process:
@@ -258,6 +278,8 @@ def _run(args: argparse.Namespace, argv: List[str], configs: List[RunConfig],
                                        quiet=args.quiet or not main_process)
             try:
                 entry, model = loop.train_run(config, progress)
+            except loop.NonFiniteError as exc:
+                parser.exit(1, f"{parser.prog}: error: {name}: {exc}\n" if main_process else None)
             finally:
                 progress.close()
             if not main_process:
@@ -272,12 +294,13 @@ def _run(args: argparse.Namespace, argv: List[str], configs: List[RunConfig],
 
     if not main_process:
         return 0
-    results = os.path.join(args.out, "results.json")
+    # Absolute, so that a default --out is plain to see.
+    results = os.path.abspath(os.path.join(args.out, "results.json"))
     report.write_results(results, runs, argv)
     print(report.format_table(runs))
     print(f"results: {results}")
     if not args.eval_only and args.task != "features":
-        plot = os.path.join(args.out, "accuracy.png")
+        plot = os.path.abspath(os.path.join(args.out, "accuracy.png"))
         if report.plot_accuracy(runs, plot):
             print(f"plot: {plot}")
         else:

@@ -1,39 +1,43 @@
-"""Opening feature files without reading them: one lazy array per key.
+"""Opening feature files, each format through its own library: one array per key.
 
 ``open_arrays(paths)`` returns ``{key: Array}`` for
 
-- one ``.npz`` (``numpy.savez``): members stored uncompressed are
-  memory-mapped where they lie inside the zip; members of a compressed file
-  (``numpy.savez_compressed``) cannot be mapped and are read into memory,
-  one key at a time, when first used;
-- one ``.safetensors``: every tensor is memory-mapped from the file's header
-  (the format is a little-endian u64 header length, a JSON header, then raw
-  row-major data), so the ``safetensors`` package is not needed;
-- one torch ``.pt`` holding a dict of tensors: loaded with ``mmap=True``
-  (torch's zip format; the tensors' storage stays on disk);
-- several ``.npy`` files, one array each, named by the file's stem and mapped
-  with ``numpy.load(mmap_mode="r")``.
+- several ``.npy`` files, one array each, named by the file's stem:
+  ``numpy.load(mmap_mode="r")`` maps them; the file must be exactly as long
+  as its header says (a truncated file or one with bytes after the data is
+  refused);
+- one ``.npz`` (``numpy.savez`` or ``savez_compressed``): each member is read
+  whole, when first used, by numpy's .npy reader from ``zipfile``, which
+  decompresses it and checks its CRC-32; the member must hold exactly the
+  data its header describes. numpy cannot map a zip member, so a member is
+  in memory once read: prefer ``.npy`` or ``.safetensors`` for files larger
+  than memory;
+- one ``.safetensors``: the ``safetensors`` package (optional, in the
+  ``train`` extra) checks the header (offsets inside the file, not
+  overlapping, matching each shape) and reads rows lazily through
+  ``safe_open(...).get_slice``;
+- one torch ``.pt`` / ``.pth`` holding a dict of tensors (or of lists of split
+  names): ``torch.load(weights_only=True, mmap=True)``, so nothing but
+  tensors and plain containers is unpickled and the storage stays on disk.
 
-Nothing here checks what the arrays mean; ``features`` does that. Errors are
+Keys are data: any string key the format allows is kept as it is. Nothing
+here checks what the arrays mean; ``features`` does that. Every error is one
 ``FeatureError`` naming the file (and key).
 """
 from __future__ import annotations
 
-import json
+import math
 import os
-import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
 SUFFIXES = (".npz", ".safetensors", ".pt", ".pth", ".npy")
-# safetensors dtype names -> numpy dtypes; BF16 is read as its 16 raw bits.
-_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
-                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4",
-                       "U64": "<u8"}
+FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
 
 
 class FeatureError(ValueError):
@@ -49,21 +53,22 @@ class FeatureError(ValueError):
 class Array:
     """One named array of a feature file, not read until asked.
 
-    ``data`` is a numpy array (often a ``np.memmap``), a list of strings (split
-    labels in a .pt file) or None until ``load`` is called (compressed .npz).
-    ``bfloat16`` marks 16-bit raw words to be widened to float32 on read.
+    ``data`` is what the format's library gives: a ``np.memmap`` (.npy), an
+    in-memory ``np.ndarray`` (.npz, after ``load``), a ``torch.Tensor`` on
+    mapped storage (.pt), a ``_SafetensorsTensor`` (.safetensors) or a list of
+    strings (split labels in a .pt file). Until ``load`` runs ``_loader`` it
+    may be None (.npz).
     """
 
     source: str
     key: str
     data: object = None
-    bfloat16: bool = False
-    _loader: Optional[object] = None
+    _loader: Optional[Callable[[], object]] = None
 
     @property
     def where(self) -> str:
-        """'file' or 'file', key 'k' for messages."""
-        return f"{self.source!r}, key {self.key!r}" if self.key != _stem(self.source) else repr(self.source)
+        """'file' (a .npy: its stem is the key) or 'file', key 'k', for messages."""
+        return repr(self.source) if self.source.endswith(".npy") else f"{self.source!r}, key {self.key!r}"
 
     def load(self):
         if self.data is None:
@@ -76,24 +81,55 @@ class Array:
         return (len(data),) if isinstance(data, list) else tuple(data.shape)
 
     @property
-    def is_float(self) -> bool:
+    def dtype_name(self) -> str:
+        """'float32', 'bfloat16', 'int64', ... (numpy and torch spell them alike), or 'list'."""
         data = self.load()
-        return self.bfloat16 or (isinstance(data, np.ndarray) and data.dtype.kind == "f")
+        return "list" if isinstance(data, list) else str(data.dtype).replace("torch.", "")
 
     @property
-    def dtype_name(self) -> str:
-        data = self.load()
-        if self.bfloat16:
-            return "bfloat16"
-        return "list" if isinstance(data, list) else str(data.dtype)
+    def is_float(self) -> bool:
+        return self.dtype_name in FLOAT_DTYPES
 
     def rows(self, index) -> np.ndarray:
-        """Rows ``index`` (a slice or an int64 array) as a float32 numpy array."""
+        """Rows ``index`` (a slice or an int64 array) as a new float32 numpy array."""
         block = self.load()[index]
-        if self.bfloat16:
-            return (np.asarray(block).astype(np.uint32) << 16).view(np.float32)
-        # A slice is a view of the (read-only) map: copy it, so callers own writable rows.
-        return np.array(block, dtype=np.float32) if isinstance(index, slice) else np.asarray(block, np.float32)
+        if isinstance(block, torch.Tensor):
+            block = block.float().numpy()  # .float() widens bfloat16, which numpy lacks
+        # A copy, always: callers own writable rows and the file is never written.
+        return np.array(block, dtype=np.float32)
+
+    def values(self) -> np.ndarray:
+        """Every entry in its stored dtype (split labels); bfloat16, which numpy lacks, as float32."""
+        data = self.load()
+        if isinstance(data, (list, np.ndarray)):
+            return np.asarray(data)
+        block = data[:]
+        return (block.float() if block.dtype == torch.bfloat16 else block).numpy()
+
+
+class _SafetensorsTensor:
+    """One tensor of an open safetensors file: its shape and dtype from the
+    header, its rows read from the file when indexed by a slice or an int64
+    array of row numbers (either gives a torch tensor)."""
+
+    def __init__(self, handle, key: str):
+        self._handle = handle  # keeps the file open for the slice
+        self._slice = handle.get_slice(key)
+        self.shape = tuple(self._slice.get_shape())
+        # The dtype as torch sees it (an error here, naming the key, if it has none): zero rows read,
+        # or the whole of a 0-d tensor, which a slice cannot index.
+        self.dtype = (self._slice[0:0] if self.shape else handle.get_tensor(key)).dtype
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            return self._slice[index]
+        # Row numbers: one slice per run of consecutive rows (callers sort them), since the
+        # package's slices take no index arrays in every version.
+        index = np.asarray(index, dtype=np.int64)
+        if not index.size:
+            return self._slice[0:0]
+        runs = np.split(index, np.flatnonzero(np.diff(index) != 1) + 1)
+        return torch.cat([self._slice[int(run[0]):int(run[-1]) + 1] for run in runs])
 
 
 def _stem(path: str) -> str:
@@ -119,7 +155,7 @@ def open_arrays(paths: Sequence[str]) -> Dict[str, Array]:
             key = _stem(path)
             if key in arrays:
                 raise FeatureError(f"{path!r}: two files give the key {key!r} (keys are the file names' stems)")
-            arrays[key] = Array(path, key, _load_npy(path))
+            arrays[key] = Array(path, key, _open_npy(path))
         return arrays
     path = paths[0]
     if path.endswith(".npz"):
@@ -129,90 +165,93 @@ def open_arrays(paths: Sequence[str]) -> Dict[str, Array]:
     return _open_torch(path)
 
 
-def _load_npy(path: str) -> np.ndarray:
+def _open_npy(path: str) -> np.memmap:
+    with open(path, "rb") as f:
+        shape, dtype = _npy_header(f, repr(path))
+        held = os.path.getsize(path) - f.tell()
+    _check_layout(repr(path), shape, dtype, held)
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:  # object arrays need pickle: refuse them
-        raise FeatureError(f"{path!r}: cannot be memory-mapped ({exc}); object arrays are not features") from None
+    except (ValueError, OSError) as exc:
+        raise FeatureError(f"{path!r}: numpy cannot map it ({exc})") from None
+
+
+def _npy_header(f, where: str):
+    """(shape, dtype) from the .npy header at ``f``'s position, read by numpy's
+    own header functions; ``f`` is left at the first data byte."""
+    try:
+        version = np.lib.format.read_magic(f)
+        # Versions 2 and 3 differ only in the header's text encoding (latin-1, utf-8): the same for ASCII.
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    except ValueError as exc:
+        raise FeatureError(f"{where}: not a .npy array, or its header is damaged ({exc})") from None
+    return shape, dtype
+
+
+def _check_layout(where: str, shape, dtype: np.dtype, held: int) -> None:
+    """Raises unless ``held``, the bytes after the header, are exactly the data the header describes."""
+    if dtype.hasobject:
+        raise FeatureError(f"{where}: holds Python objects (dtype {dtype}), which would need unpickling; "
+                           f"object arrays are not features")
+    needed = math.prod(shape) * dtype.itemsize
+    if held != needed:
+        problem = "truncated" if held < needed else "size mismatch"
+        raise FeatureError(f"{where}: {problem}: its header describes a {shape} {dtype} array of {needed} bytes, "
+                           f"but {held} bytes follow the header")
 
 
 def _open_npz(path: str) -> Dict[str, Array]:
     try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise FeatureError(f"{path!r}: not a valid .npz (zip) file") from None
-    arrays = {}
-    with archive:
-        for info in archive.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
-            key = info.filename[:-4]
-            mapped = _map_npz_member(path, info) if info.compress_type == zipfile.ZIP_STORED else None
-            loader = (lambda key=key: _read_npz_member(path, key))
-            arrays[key] = Array(path, key, mapped, _loader=loader)
-    return arrays
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise FeatureError(f"{path!r}: not a valid .npz (zip) file ({exc})") from None
+    keys = [name[:-len(".npy")] for name in names if name.endswith(".npy")]
+    if len(set(keys)) != len(keys):
+        raise FeatureError(f"{path!r}: the zip archive holds a member twice")
+    return {key: Array(path, key, _loader=lambda key=key: _read_npz_member(path, key)) for key in keys}
 
 
 def _read_npz_member(path: str, key: str) -> np.ndarray:
+    """Member ``key`` of the .npz ``path``, read whole by numpy's .npy reader
+    (``np.load``'s own) through ``zipfile``, which decompresses it and checks
+    its CRC-32 at the member's end. Its header is checked against the member's
+    size first, so a header that claims more rows is refused before reading."""
+    where = f"{path!r}, key {key!r}"
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return npz[key]
-    except ValueError as exc:
-        raise FeatureError(f"{path!r}, key {key!r}: cannot be read without pickle ({exc}); "
-                           f"object arrays are not features") from None
-
-
-def _map_npz_member(path: str, info: zipfile.ZipInfo) -> Optional[np.ndarray]:
-    """The uncompressed member ``info`` memory-mapped in place, or None when
-    that is not possible (then it is read into memory on first use)."""
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
-        if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            return None
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        try:
-            version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                     else np.lib.format.read_array_header_2_0(f))
-        except ValueError:
-            return None
-        if dtype.hasobject:
-            return None  # refused with a clear message when read
-        return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
-                         order="F" if fortran else "C")
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(key + ".npy")
+            with archive.open(info) as member:
+                shape, dtype = _npy_header(member, where)
+                _check_layout(where, shape, dtype, info.file_size - member.tell())
+            with archive.open(info) as member:
+                array = np.lib.format.read_array(member, allow_pickle=False)
+                member.read()  # on to the end, where zipfile compares the CRC-32
+    except FeatureError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        raise FeatureError(f"{where}: damaged zip member ({exc})") from None
+    return array
 
 
 def _open_safetensors(path: str) -> Dict[str, Array]:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise FeatureError(f"{path!r}: not a safetensors file (too short)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise FeatureError(f"{path!r}: not a safetensors file (header length {header_len} > file size)")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise FeatureError(f"{path!r}: not a safetensors file (bad JSON header)") from None
-    base = 8 + header_len
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise FeatureError(f"{path!r}: reading .safetensors files needs the safetensors package: "
+                           f"pip install safetensors (or pip install 'symile_kernels[train]')") from None
+    try:
+        handle = safe_open(path, framework="pt")
+        keys = list(handle.keys())
+    except Exception as exc:  # SafetensorError for every header the package refuses, OSError for the file
+        raise FeatureError(f"{path!r}: not a valid safetensors file ({exc})") from None
     arrays = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(meta.get("dtype"))
-        if dtype is None:
-            raise FeatureError(f"{path!r}, key {key!r}: unsupported safetensors dtype {meta.get('dtype')!r}")
-        shape = tuple(meta["shape"])
-        begin, end = meta["data_offsets"]
-        count = int(np.prod(shape)) if shape else 1
-        if end - begin != count * np.dtype(dtype).itemsize or base + end > size:
-            raise FeatureError(f"{path!r}, key {key!r}: data offsets do not match shape {shape} (truncated file?)")
-        data = (np.memmap(path, dtype=dtype, mode="r", offset=base + begin, shape=shape) if count
-                else np.zeros(shape, dtype))  # np.memmap refuses empty maps
-        arrays[key] = Array(path, key, data, bfloat16=meta["dtype"] == "BF16")
+    for key in keys:
+        try:
+            arrays[key] = Array(path, key, _SafetensorsTensor(handle, key))
+        except Exception as exc:  # e.g. a dtype torch cannot hold
+            raise FeatureError(f"{path!r}, key {key!r}: cannot be read ({exc})") from None
     return arrays
 
 
@@ -225,19 +264,13 @@ def _open_torch(path: str) -> Dict[str, Array]:
         raise FeatureError(f"{path!r}: must hold a dict of tensors; got {type(loaded).__name__}")
     arrays = {}
     for key, value in loaded.items():
+        if not isinstance(key, str):
+            raise FeatureError(f"{path!r}: key {key!r} is a {type(key).__name__}; feature keys must be strings")
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            arrays[key] = Array(path, str(key), list(value))
+            arrays[key] = Array(path, key, list(value))
         elif isinstance(value, torch.Tensor):
-            value = value.detach()
-            if value.dtype == torch.bfloat16:
-                arrays[key] = Array(path, str(key), value.view(torch.int16).numpy().view(np.uint16), bfloat16=True)
-            else:
-                try:
-                    arrays[key] = Array(path, str(key), value.numpy())
-                except TypeError:
-                    raise FeatureError(f"{path!r}, key {key!r}: dtype {value.dtype} has no numpy equivalent") from None
+            arrays[key] = Array(path, key, value.detach())
         else:
             raise FeatureError(f"{path!r}, key {key!r}: must be a tensor (or a list of split names); "
                                f"got {type(value).__name__}")
     return arrays
-

@@ -2,8 +2,9 @@
 
 The input is one 2-D float array per modality, all with the same N rows (row
 i of every array describes item i), in the files ``feature_files`` opens.
-``prepare`` checks them once, streaming over the rows so that only one chunk
-is in memory at a time:
+``prepare`` checks them once, streaming over the rows one chunk at a time
+(a mapped file stays on disk; an .npz member is in memory once read, see
+``feature_files``):
 
 - shapes, dtypes (float16/32/64 or bfloat16), row counts and the chosen keys;
 - a row that is NaN in every column means "this modality is missing for this
@@ -297,11 +298,10 @@ def _check_candidates(candidates: Array, target: Array) -> None:
 
 
 def _split_codes(array: Array, n: int) -> np.ndarray:
-    values = array.load()
     if len(array.shape) != 1 or array.shape[0] != n:
         raise FeatureError(f"{array.where}: split labels must be a 1-D array of {n} entries (one per row); "
                            f"got shape {array.shape}")
-    values = np.asarray(values)
+    values = array.values()
     if values.dtype.kind in "US":
         text = np.char.lower(np.char.strip(values.astype(str)))
         codes = np.full(n, -1, dtype=np.int64)
@@ -311,7 +311,7 @@ def _split_codes(array: Array, n: int) -> np.ndarray:
         codes = values.astype(np.int64)
     else:
         raise FeatureError(f"{array.where}: split labels must be strings (train, val, test) or the integers "
-                           f"0, 1, 2; got dtype {values.dtype}")
+                           f"0, 1, 2; got dtype {array.dtype_name}")
     bad = np.flatnonzero((codes < 0) | (codes > 2))
     if bad.size:
         raise FeatureError(f"{array.where}: row {bad[0]} has split label {values[bad[0]]!r}; expected train, val "

@@ -233,41 +233,57 @@ def to_device(batch: Dict[str, Dict[str, Tensor]], device: torch.device) -> Dict
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Dict[str, Dict[str, Tensor]],
                loss_fn: Callable) -> Tensor:
-    """One optimisation step on one batch; returns the detached loss (no host sync)."""
+    """One optimisation step on one batch; returns the detached loss, NaN when
+    the loss or any representation is not finite (no host sync: the caller
+    decides when to look)."""
     optimizer.zero_grad(set_to_none=True)
     reps, logit_scale = model(batch["inputs"], batch["missing"])
     loss = loss_fn(reps, logit_scale)
     loss.backward()
     optimizer.step()
-    return loss.detach()
+    # One value to watch instead of M tensors: the reps are finite exactly when this flag is set.
+    finite = torch.stack([torch.isfinite(r).all() for r in reps]).all()
+    return torch.where(finite, loss.detach(), torch.nan)
 
 
-@torch.no_grad()
-def scores(model: nn.Module, split: data.Split, index: Tensor, loss: str, device: torch.device) -> Tensor:
-    """(B, K) zero-shot scores of the rows ``index`` against every candidate.
+class NonFiniteError(RuntimeError):
+    """Training stopped: the loss or a representation became NaN or Inf."""
 
-    Symile: the MIP of the query representations with the candidate's.
-    CLIP: the sum over query modalities of the pairwise dot products with the
-    candidate (the query-query term is the same for every candidate).
-    """
-    encoders = unwrap(model)
-    candidates = encoders.encode(split.target, split.candidates.to(device),
-                                 torch.zeros(split.candidates.shape[0], device=device))
-    queries = [encoders.encode(m, split.inputs[m][index].to(device), split.missing[m][index].to(device))
-               for m in split.queries]
-    return retrieval.score_matrix(candidates, queries, loss)
+
+def _check_finite(loss: Tensor, epoch: int, step: int) -> None:
+    """Raises NonFiniteError unless the step's loss (from ``train_step``) is finite.
+
+    Reading it is a host sync, as the loss's own check of the logit scale
+    already is; the next step would fail on a NaN logit scale anyway, with a
+    message about tau instead of the cause."""
+    if not math.isfinite(float(loss)):
+        raise NonFiniteError(
+            f"training stopped at step {step} of epoch {epoch}: the loss or a representation became NaN or "
+            f"Inf. The inputs may be too large for float32 arithmetic (features near 3e38 overflow the "
+            f"encoders), or the learning rate too high (--lr)")
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: data.Split, loss: str, device: torch.device, batch_size: int = 4096) -> float:
-    """Zero-shot accuracy: fraction of rows whose argmax score is the true label."""
+    """Zero-shot accuracy: the fraction of rows whose true candidate ranks first
+    among every candidate (``retrieval.ranks``: a tie or a non-finite score
+    counts against the row).
+
+    Symile scores by the MIP of the query representations with the
+    candidate's; CLIP by the sum over query modalities of the pairwise dot
+    products with the candidate (the query-query term is the same for every
+    candidate)."""
+    encoders = unwrap(model)
     was_training = model.training
     model.eval()
+    candidates = encoders.encode(split.target, split.candidates.to(device),
+                                 torch.zeros(split.candidates.shape[0], device=device))
     correct = 0
     for start in range(0, len(split), batch_size):
         index = torch.arange(start, min(start + batch_size, len(split)))
-        pred = scores(model, split, index, loss, device).argmax(dim=1).cpu()
-        correct += int((pred == split.labels[index]).sum())
+        queries = [encoders.encode(m, split.inputs[m][index].to(device), split.missing[m][index].to(device))
+                   for m in split.queries]
+        correct += int((retrieval.ranks(candidates, queries, split.labels[index], loss) == 1).sum())
     model.train(was_training)
     return correct / len(split)
 
@@ -360,14 +376,16 @@ def train_run(config: RunConfig, progress=None) -> Tuple[Dict, Encoders]:
         model.train()
         start = time.perf_counter()
         final_loss = None
-        for _ in range(config.epochs):
+        for epoch in range(1, config.epochs + 1):
             total, steps = torch.zeros((), device=device), 0
             for index in batch_indices(len(train), config.batch_size, shuffle, context.rank, context.world_size):
-                # This process's share of the loss; the mean over processes is the global-batch loss.
+                # This process's share of the loss; the mean over processes is the global-batch loss,
+                # NaN on every process when one had a non-finite loss, so all of them stop alike.
                 loss = parallel.mean(train_step(model, optimizer, to_device(train.batch(index), device), loss_fn),
                                      context)
-                total += loss
                 steps += 1
+                _check_finite(loss, epoch, steps)
+                total += loss
                 if progress is not None:
                     progress.update(loss)
             final_loss = float(total) / steps
@@ -385,9 +403,7 @@ def evaluate_checkpoint(path: str, device: Optional[str] = None,
     """Loads a checkpoint written by ``save_checkpoint`` and evaluates it on its
     test split, drawn again from the stored seed. Returns (entry, model); the
     entry carries the checkpoint's train_seconds and ``"eval_only": True``."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path!r} is not a symile_kernels.train checkpoint (format {CHECKPOINT_FORMAT})")
+    checkpoint = _read_checkpoint(path)
     config = RunConfig.from_dict(checkpoint["config"])
     if device is not None:
         config.device = device
@@ -396,7 +412,11 @@ def evaluate_checkpoint(path: str, device: Optional[str] = None,
     config.validate()
     dev = torch.device(config.device)
     model = make_model(config)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"checkpoint {path!r}: its weights do not fit the model its config describes "
+                         f"({_one_line(exc)})") from None
     model.to(dev)
     entry = record(config, backends.resolve(config.backend, dev), evaluate_run(model, config, dev),
                    checkpoint["train_seconds"], checkpoint.get("final_train_loss"),
@@ -404,6 +424,26 @@ def evaluate_checkpoint(path: str, device: Optional[str] = None,
     entry["eval_only"] = True
     entry["checkpoint"] = str(path)
     return entry, model
+
+
+def _read_checkpoint(path: str) -> Dict:
+    """The dict ``save_checkpoint`` wrote; ValueError (one line, naming ``path``) for anything else."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file makes torch raise RuntimeError, EOFError, UnpicklingError, ...
+        raise ValueError(f"checkpoint {path!r} cannot be read: it is truncated, corrupt or not a torch file "
+                         f"({_one_line(exc)})") from None
+    fields_ok = isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict) and isinstance(
+        checkpoint.get("model"), dict) and isinstance(checkpoint.get("train_seconds"), (int, float))
+    if not fields_ok or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path!r} is not a symile_kernels.train checkpoint (format {CHECKPOINT_FORMAT})")
+    return checkpoint
+
+
+def _one_line(exc: Exception, limit: int = 240) -> str:
+    """``exc`` as one line of at most ``limit`` characters, for messages."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def save_checkpoint(path, model: nn.Module, config: RunConfig, entry: Dict) -> None:

@@ -20,9 +20,10 @@ run: same rows, same batches, same initialisation. ``--nan-prob Q`` writes
 rows as all NaN (missing) with probability Q: every modality of a training
 row, the query modalities of a test row.
 
-``.npz`` is written uncompressed, so the trainer memory-maps it; ``.pt``
-needs nothing more; ``.safetensors`` needs the optional ``safetensors``
-package.
+``.npz`` is written uncompressed (the trainer reads each member into memory
+when first used); ``.pt`` needs nothing more and stays memory-mapped;
+``.safetensors`` needs the optional ``safetensors`` package to write and to
+read, and is read lazily.
 """
 from __future__ import annotations
 

@@ -7,13 +7,31 @@ can wrap it unchanged (its gradient hooks see every parameter used in forward).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 ENCODERS = ("linear", "mlp")
+_EPS = 1e-12  # F.normalize's default
+
+
+def module_names(modalities: Sequence[str]) -> Dict[str, str]:
+    """modality key -> the name of its encoder in ``Encoders.encoders`` (and
+    in checkpoints' state dicts).
+
+    Keys are data: a feature file may name a modality "", "a.b" or "keys",
+    which ``nn.ModuleDict`` refuses (empty, dotted, or one of its attributes).
+    A key that torch takes and that is not all digits is its own name, so
+    checkpoints keep readable names; any other key is named by its position
+    in ``modalities``, a string of digits, which no kept key is.
+    """
+    probe = nn.ModuleDict()
+
+    def usable(key: str) -> bool:
+        return bool(key) and "." not in key and not key.isdigit() and not hasattr(probe, key)
+
+    return {key: key if usable(key) else str(position) for position, key in enumerate(modalities)}
 
 
 def _encoder(kind: str, in_features: int, d: int, hidden: int) -> nn.Module:
@@ -31,7 +49,8 @@ class Encoders(nn.Module):
     layout). Outputs are L2-normalised; ``logit_scale = log_tau.exp()``.
 
     Args:
-        input_sizes: modality name -> number of input features, in loss order.
+        input_sizes: modality name (any string; see ``module_names``) -> number
+            of input features, in loss order.
         d: representation size.
         encoder: "linear" or "mlp" (one hidden ReLU layer of ``hidden`` units).
         logit_scale_init: initial ``log_tau``.
@@ -45,13 +64,19 @@ class Encoders(nn.Module):
                  hidden: int = 64, logit_scale_init: float = math.log(1 / 0.07)):
         super().__init__()
         self.modalities = list(input_sizes)
-        self.encoders = nn.ModuleDict({m: _encoder(encoder, f + 1, d, hidden) for m, f in input_sizes.items()})
+        self.names = module_names(self.modalities)
+        self.encoders = nn.ModuleDict({self.names[m]: _encoder(encoder, f + 1, d, hidden)
+                                       for m, f in input_sizes.items()})
         self.log_tau = nn.Parameter(torch.tensor(float(logit_scale_init)))
 
     def encode(self, modality: str, x: Tensor, missing: Tensor) -> Tensor:
-        """(N, F) features and (N,) indicator -> (N, d) unit rows."""
-        z = self.encoders[modality](torch.cat([x, missing[:, None].to(x.dtype)], dim=1))
-        return F.normalize(z, dim=1)
+        """(N, F) features and (N,) indicator -> (N, d) unit rows; a row whose
+        norm is not finite (the encoder overflowed) comes out all NaN."""
+        z = self.encoders[self.names[modality]](torch.cat([x, missing[:, None].to(x.dtype)], dim=1))
+        norm = z.norm(2, 1, keepdim=True)
+        # F.normalize's arithmetic, except that where the norm overflows (inputs near float32's limit) it
+        # would give a silently constant all-zero row: NaN instead, which training and retrieval refuse.
+        return torch.where(torch.isfinite(norm), z / norm.clamp_min(_EPS), torch.nan)
 
     def forward(self, inputs: Dict[str, Tensor], missing: Dict[str, Tensor]) -> Tuple[List[Tensor], Tensor]:
         reps = [self.encode(m, inputs[m], missing[m]) for m in self.modalities]

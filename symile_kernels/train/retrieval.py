@@ -9,10 +9,15 @@ For each query item, the candidates of the target modality are ranked by
   for every candidate and left out).
 
 The rank of the true candidate is 1 + the number of other candidates that
-score strictly higher (a tie counts in the item's favour). From the ranks:
-top-k accuracy (rank <= k) for k = 1, 5, 10 and the mean reciprocal rank.
-Scores are formed in blocks of at most ``budget`` (queries x candidates)
-entries, so evaluation memory does not grow with the test set.
+score at least as high: a tie counts against the item, so constant scores
+give rank K, never a perfect score. A score that is not finite (NaN, Inf:
+representations that overflowed) ranks below every finite one: an item whose
+own score is not finite gets rank K, and a rival's non-finite score never
+counts above the item. The item's own score is read from the same score
+block as its rivals', so equal scores compare equal bit for bit. From the
+ranks: top-k accuracy (rank <= k) for k = 1, 5, 10 and the mean reciprocal
+rank. Scores are formed in blocks of at most ``budget`` (queries x
+candidates) entries, so evaluation memory does not grow with the test set.
 """
 from __future__ import annotations
 
@@ -36,20 +41,10 @@ def score_matrix(candidates: Tensor, queries: Sequence[Tensor], loss: str) -> Te
     return sum(q @ candidates.T for q in queries)
 
 
-def true_scores(candidates: Tensor, queries: Sequence[Tensor], labels: Tensor, loss: str) -> Tensor:
-    """(B,) score of each item's own candidate ``candidates[labels]``."""
-    own = candidates[labels]
-    if loss == "symile":
-        product = own
-        for q in queries:
-            product = product * q
-        return product.sum(dim=1)
-    return sum((q * own).sum(dim=1) for q in queries)
-
-
 def ranks(candidates: Tensor, queries: Sequence[Tensor], labels: Tensor, loss: str,
           budget: int = DEFAULT_BUDGET) -> Tensor:
-    """(B,) int64 rank (1 = best) of candidate ``labels[i]`` for item i.
+    """(B,) int64 rank (1 = best, K = last) of candidate ``labels[i]`` for item i
+    (ties and non-finite scores: see the module docstring).
 
     Never forms a score block of more than ``max(budget, 1)`` entries.
 
@@ -62,22 +57,31 @@ def ranks(candidates: Tensor, queries: Sequence[Tensor], labels: Tensor, loss: s
     count, b = candidates.shape[0], labels.shape[0]
     per_block = max(1, int(budget))
     width = min(count, per_block)
+    # Several candidate blocks only when width = per_block, and then one query per chunk: every
+    # chunk has all its own candidates in one block, its "home".
     height = max(1, per_block // width)
     out = torch.empty(b, dtype=torch.int64)
     for q0 in range(0, b, height):
         rows = slice(q0, min(q0 + height, b))
         part = [q[rows] for q in queries]
-        label = labels[rows].to(candidates.device)
-        own = true_scores(candidates, part, label, loss)
-        above = torch.zeros(label.shape[0], dtype=torch.int64, device=candidates.device)
+        home = int(labels[q0]) // width * width
+        label = labels[rows].to(candidates.device) - home
+        block = score_matrix(candidates[home:home + width], part, loss)
+        picked = torch.arange(label.shape[0], device=candidates.device)
+        own = block[picked, label]
+        block[picked, label] = -float("inf")  # the item's own candidate is not a rival
+        above = _at_least(block, own)
         for c0 in range(0, count, width):
-            block = score_matrix(candidates[c0:c0 + width], part, loss)
-            # The item's own candidate is not "another candidate", whatever rounding says.
-            inside = (label >= c0) & (label < c0 + block.shape[1])
-            block[inside.nonzero().squeeze(1), label[inside] - c0] = -float("inf")
-            above += (block > own[:, None]).sum(dim=1)
-        out[rows] = (above + 1).cpu()
+            if c0 != home:
+                above += _at_least(score_matrix(candidates[c0:c0 + width], part, loss), own)
+        rank = torch.where(torch.isfinite(own), above + 1, torch.full_like(above, count))
+        out[rows] = rank.cpu()
     return out
+
+
+def _at_least(block: Tensor, own: Tensor) -> Tensor:
+    """(b,) number of finite scores in each row of ``block`` (b, k) that are >= ``own`` (b,)."""
+    return ((block >= own[:, None]) & torch.isfinite(block)).sum(dim=1)
 
 
 def metrics(rank: Tensor, prefix: str = "") -> Dict[str, float]:
