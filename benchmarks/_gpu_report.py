@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from typing import Optional
 
 
 def read_rows(path: str) -> list[dict]:

@@ -1,7 +1,7 @@
 """The pair LSE fused with its gradient's parts (``ops.pair_lse_fused``, docs/math.md section 5),
 which the losses run when gradients are needed, against the recomputing backward of
 ``ops.pair_lse``: every backend with ``pair_lse_forward_grads`` that runs on the CPU here.
-(The oracle battery in tests/test_correctness.py runs the same path through the losses.)
+(The oracle battery and opcheck of tests/test_conformance.py run the same path through the losses.)
 """
 import pytest
 import torch
@@ -10,12 +10,12 @@ import torch.nn.functional as F
 import symile_kernels
 from symile_kernels import available_backends, backends
 
-from oracle_check import TOLERANCES, relative_error
+from harness import TOLERANCES, relative_error
 
 OPS = torch.ops.symile_kernels
 DTYPES = (torch.float64, torch.float32)
 FUSED = [name for name in available_backends("cpu") if name != "reference"
-         and backends.get(name).pair_lse_forward_grads is not None]
+         and backends.get(name).fuses_pair_forward()]
 
 
 def _pair_inputs(I, J, d, tau, dtype, seed):
@@ -73,16 +73,3 @@ def test_losses_run_the_fused_forward_only_when_gradients_are_needed(backend, mo
     reps[2].requires_grad_()  # only z: U (for da) where z is the anchor, V where it is a partner
     symile_kernels.Symile(backend=backend)(reps, torch.tensor(14.3)).backward()
     assert sorted(calls) == [(False, True), (False, True), (True, False)]
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_opcheck_fused_pair_ops(backend):
-    a, b = (torch.randn(9, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    pos = torch.randn(9, dtype=torch.float64, requires_grad=True)
-    tau = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(OPS.pair_lse_fused, (a, b, pos, tau, backend, [True, True, True, True]))
-    # needs that disagree with what autograd asks for: the backward recomputes the missing parts
-    torch.library.opcheck(OPS.pair_lse_fused, (a, b, pos, tau, backend, [False, True, False, False]))
-    if backend == "cpu":
-        torch.library.opcheck(OPS.cpu_pair_lse_forward_grads,
-                              (a.detach(), b.detach(), pos.detach(), tau.detach(), True, True))

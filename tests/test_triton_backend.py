@@ -1,12 +1,13 @@
-"""The Triton backend against the float64 oracle (docs/math.md section 6).
+"""What only the Triton backend has: its shared exponentials and their fallback, every
+configuration of its lists, its low-precision operands, its tuning and device rules.
 
-With CUDA the tests run the compiled kernels on the GPU at larger sizes. Without
-CUDA they run the same kernels on CPU tensors through Triton's interpreter at
-small sizes. ``TRITON_INTERPRET=1`` must be set before the kernels are
-decorated (when ``symile_kernels.triton`` is first imported), and setting it in
-this process would leak into other test modules, so ``test_interpreter_run``
-reruns this file in a child pytest with it set; in the parent the kernel tests
-skip with a pointer to that child, whose output shows each of them.
+The battery every backend passes (the oracle cases, opcheck, compile, determinism, ...) is
+tests/test_conformance.py. With CUDA the tests run the compiled kernels on the GPU at larger
+sizes. Without CUDA they run the same kernels on CPU tensors through Triton's interpreter at
+small sizes. ``TRITON_INTERPRET=1`` must be set before the kernels are decorated (when
+``symile_kernels.triton`` is first imported), and setting it in this process would leak into
+other test modules, so ``test_interpreter_run`` reruns this file and the conformance suite in
+a child pytest with it set; in the parent the kernel tests skip with a pointer to that child.
 """
 import os
 import subprocess
@@ -21,7 +22,7 @@ pytest.importorskip("triton")
 from symile_kernels import available_backends, backends, symile_loss  # noqa: E402
 from symile_kernels import chunked  # noqa: E402
 
-from harness import Case, _test_correctness, check_against_oracle, make_inputs, relative_error  # noqa: E402
+from harness import check_against_oracle, make_inputs, relative_error  # noqa: E402
 
 _CHILD_ENV = "SYMILE_KERNELS_TRITON_TEST_CHILD"
 CUDA = torch.cuda.is_available()
@@ -29,6 +30,7 @@ CHILD = not CUDA and os.environ.get(_CHILD_ENV) == "1" and os.environ.get("TRITO
 RUN_KERNELS = CUDA or CHILD
 DEVICE = "cuda" if CUDA else "cpu"
 
+ALL = (True, True, True, True)  # every gradient (the backward kernels' needs)
 kernels = pytest.mark.skipif(not RUN_KERNELS, reason="ran in the TRITON_INTERPRET=1 child of test_interpreter_run")
 
 
@@ -40,47 +42,6 @@ def gpu_only(test):
 # The interpreter evaluates log(0) on masked lanes in numpy; the kernels mask those results.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning",
                                         "ignore:invalid value encountered:RuntimeWarning")
-
-# (N, d, tau, dtype): the interpreter is slow (N <= 33, d <= 48); the GPU adds block-crossing sizes.
-# bf16 here means bf16 inputs to the public API (which computes in float32) at bf16 tolerances.
-CUBE_CASES = [(1, 3, 1.0, torch.float32), (7, 48, 100.0, torch.float32), (33, 3, 100.0, torch.float32),
-              (20, 48, 1.0, torch.float32), (7, 48, 100.0, torch.bfloat16)]
-if CUDA:
-    CUBE_CASES += [(N, d, tau, dtype) for N in (129, 257) for d in (3, 200, 256) for tau in (1.0, 100.0)
-                   for dtype in (torch.float32, torch.bfloat16)]
-N_CASES = [(3, 33, 48), (2, 33, 5), (4, 7, 3)] + ([(3, 1025, 59), (2, 4097, 256)] if CUDA else [])
-
-
-@kernels
-@pytest.mark.parametrize("N,d,tau,dtype", CUBE_CASES, ids=str)
-def test_cube_matches_oracle(N, d, tau, dtype):
-    _test_correctness("triton", Case(3, N, d, "unit", tau, dtype), device=DEVICE)
-
-
-@kernels
-@pytest.mark.parametrize("kind,tau", [("gaussian", 1.0), ("ties", 14.3), ("huge_row", 1.0)])
-def test_input_kinds(kind, tau):
-    _test_correctness("triton", Case(3, 13 if not CUDA else 131, 5, kind, tau, torch.float32), device=DEVICE)
-
-
-@kernels
-@pytest.mark.parametrize("M,N,d", [(4, 5, 3)] + ([(4, 23, 48), (5, 9, 17)] if CUDA else []))
-def test_rectangular_cube_from_folded_modalities(M, N, d):
-    # M > 3 folds modalities into x's rows: I = N^(M-2) rows against J = K = N.
-    _test_correctness("triton", Case(M, N, d, "unit", 14.3, torch.float32), device=DEVICE)
-
-
-@kernels
-@pytest.mark.parametrize("M,N,d", N_CASES)
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_n_sampling_and_pairs(M, N, d, dtype):
-    _test_correctness("triton", Case(M, N, d, "unit", 100.0, dtype, "n", seed=7), device=DEVICE)
-
-
-@kernels
-def test_clip_loss():
-    _test_correctness("triton", Case(3, 20, 48, "unit", 14.3, torch.float64, loss="clip"), device=DEVICE)
-
 
 def _adversarial(N: int, d: int) -> list:
     """Unit rows concentrated on one feature with alternating signs: logits near +-tau,
@@ -133,7 +94,7 @@ def test_low_precision_backend_functions(dtype, grad_scale):
     _close(L, L_ref, 2e-2)
     # Upstream gradients from rand, or at the mean loss's scale (1 / (3 N) per LSE).
     g = [torch.rand(n, device=DEVICE) / (3 * n if grad_scale == "loss" else 1) for n in (I, J, K)]
-    grads = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g)
+    grads = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g, ALL)
     assert [t.dtype for t in grads[:3]] == [dtype] * 3
     _close(grads, chunked.cube_lse_backward(*exact, tau.double().cpu(), *L_ref, *[v.double().cpu() for v in g]),
            5e-2)
@@ -188,11 +149,11 @@ def test_fp16_gradients_at_the_loss_scale(monkeypatch):
     L_ref = chunked.cube_lse_forward(*exact, tau.double().cpu())
     g = [torch.full((N,), (16 / 256) ** 2 / (3 * 256), device=DEVICE) for _ in range(3)]
     ref = chunked.cube_lse_backward(*exact, tau.double().cpu(), *L_ref, *[v.double().cpu() for v in g])
-    grads = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g)
+    grads = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g, ALL)
     _close(grads, ref, 5e-2)
     if not CUDA:  # the control: G in fp16 operands (the kernels before the fix) misses the tolerance
         monkeypatch.setattr(_launch, "grad_dot", lambda dtype: (tl.float16, None))
-        bad = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g)
+        bad = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g, ALL)
         assert max(relative_error(b, r) for b, r in zip(bad[:3], ref[:3])) > 5e-2
 
 
@@ -253,7 +214,7 @@ def test_rectangular_pair_lse(I, J, d):
     L_ref = chunked.pair_lse_forward(*exact)
     _close([L], [L_ref], 1e-5)
     gL = torch.rand(I, device=DEVICE)
-    _close(BACKEND.pair_lse_backward(a, b, pos, tau, L, gL),
+    _close(BACKEND.pair_lse_backward(a, b, pos, tau, L, gL, ALL),
            chunked.pair_lse_backward(*exact, L_ref, gL.double().cpu()), 1e-4)
 
 
@@ -276,35 +237,6 @@ def test_backward_skips_unneeded_passes():
     full = pair.pair_lse_backward(x, y, pos, tau, P, g[0])
     only_db = pair.pair_lse_backward(x, y, pos, tau, P, g[0], needs=(False, True, False, False))
     assert only_db[0] is None and only_db[2] is None and torch.equal(only_db[1], full[1])
-
-
-@kernels
-def test_float64_runs_the_chunked_code():
-    check_against_oracle("triton", make_inputs("unit", 3, 7, 3), 100.0, dtype=torch.float64, device=DEVICE)
-    check_against_oracle("triton", make_inputs("unit", 3, 7, 3), 100.0, dtype=torch.float64, device=DEVICE,
-                         negative_sampling="n")
-
-
-@kernels
-def test_deterministic():
-    reps = [r.float().to(DEVICE).requires_grad_() for r in make_inputs("unit", 3, 13 if not CUDA else 700, 40)]
-    tau = torch.tensor(30.0, device=DEVICE, requires_grad=True)
-    results = []
-    for _ in range(2):
-        loss = symile_loss(reps, tau, backend="triton")
-        results.append([loss.detach()] + list(torch.autograd.grad(loss, reps + [tau])))
-    for first, second in zip(*results):
-        assert torch.equal(first, second)
-
-
-@kernels
-def test_opcheck():
-    N, d = (5, 3) if not CUDA else (67, 40)
-    x, y, z = (torch.nn.functional.normalize(torch.randn(N, d), dim=1).to(DEVICE).requires_grad_() for _ in range(3))
-    tau = torch.tensor(14.3, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.symile_kernels.cube_lse.default, (x, y, z, tau, "triton"))
-    pos = (tau * (x * y).sum(1)).detach().requires_grad_()
-    torch.library.opcheck(torch.ops.symile_kernels.pair_lse.default, (x, y, pos, tau, "triton"))
 
 
 @kernels
@@ -344,7 +276,7 @@ def test_large_cube_against_chunked_float64(dtype):
     L_ref = chunked.cube_lse_forward(*exact, tau.double())
     _close(L, L_ref, tol_loss)
     g = [torch.rand(N, device="cuda") / N for _ in range(3)]
-    grads = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g)
+    grads = BACKEND.cube_lse_backward(x, y, z, tau, *L, *g, ALL)
     _close(grads, chunked.cube_lse_backward(*exact, tau.double(), *L_ref, *[v.double() for v in g]), tol_grad)
 
 
@@ -365,9 +297,10 @@ def test_interpreter_run():
     env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_ENV: "1"})
     env.pop(backends.ENV_VAR, None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-                           os.path.abspath(__file__)], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=900)
+    conformance = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_conformance.py")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+                           os.path.abspath(__file__), conformance], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
     print(done.stdout[-6000:])
     assert done.returncode == 0, f"interpreter run failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
     assert " passed" in done.stdout and " failed" not in done.stdout
