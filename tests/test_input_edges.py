@@ -5,8 +5,6 @@ import torch
 
 import symile_kernels as sk
 
-OPS = torch.ops.symile_kernels
-
 
 def _reps(n=4, d=3, dtype=torch.float32, grad=False):
     g = torch.Generator().manual_seed(0)
