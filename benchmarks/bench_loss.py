@@ -27,8 +27,8 @@ import sys
 
 import torch
 
-from timing import (DTYPES, machine_info, median_ms, memory_limit_bytes, mm_tflops,
-                                        model_flops, peak_bytes, reset_peak, sync)
+from timing import (DTYPES, loss_steps, machine_info, median_ms, memory_limit_bytes, mm_tflops,
+                    model_flops, peak_bytes, reset_peak, sync)
 
 
 def estimated_materialised_bytes(M: int, N: int, d: int, element_size: int) -> int:
@@ -77,16 +77,7 @@ def setup(config: dict):
     if config.get("frozen"):  # one modality frozen: its gradient pass is skipped (docs/math.md section 2)
         reps[-1].requires_grad_(False)
 
-    def forward():
-        with torch.no_grad():
-            fn(reps, tau)
-
-    def forward_backward():
-        fn(reps, tau).backward()
-        for t in reps + [tau]:
-            t.grad = None
-
-    return forward, forward_backward
+    return loss_steps(fn, reps, tau)
 
 
 def peak_above(fn, device: torch.device) -> int:

@@ -93,9 +93,9 @@ def test_gpu_matches_chunked_at_larger_n():
 @pytest.mark.parametrize("I,J,d", [(5, 70, 3), (66, 131, 130), (1000, 4096, 256)])
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
 def test_gpu_rectangular_pairs_match_chunked(I, J, d, dtype):
-    from symile_kernels import cuda as cuda_backend
+    from symile_kernels.cuda import BACKEND
 
-    check_rectangular_pairs(cuda_backend.pair_lse_forward, cuda_backend.pair_lse_backward, I, J, d, dtype,
+    check_rectangular_pairs(BACKEND.pair_lse_forward, BACKEND.pair_lse_backward, I, J, d, dtype,
                             1e-10 if dtype == torch.float64 else 1e-4, device="cuda")
 
 
