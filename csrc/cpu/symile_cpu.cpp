@@ -2,9 +2,11 @@
 //
 // Operators (namespace symile_kernels, CPU dispatch key):
 //   cpu_cube_lse_forward(x, y, z, tau) -> (La, Lb, Lc)
-//   cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc) -> (dx, dy, dz, dtau)
+//   cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, need_dx, need_dy, need_dz, need_dtau)
+//     -> (dx, dy, dz, dtau)
 //   cpu_pair_lse_forward(a, b, pos, tau) -> L
-//   cpu_pair_lse_backward(a, b, pos, tau, L, gL) -> (da, db, dpos, dtau)
+//   cpu_pair_lse_backward(a, b, pos, tau, L, gL, need_da, need_db, need_dpos, need_dtau)
+//     -> (da, db, dpos, dtau)
 // with the semantics of symile_kernels/backends.py. Their fake (meta) kernels are
 // registered in Python (symile_kernels/cpu.py).
 //
@@ -596,8 +598,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cube_lse_backward(const Tensor& x, co
                                                              const Tensor& tau, const Tensor& La,
                                                              const Tensor& Lb, const Tensor& Lc,
                                                              const Tensor& gLa, const Tensor& gLb,
-                                                             const Tensor& gLc) {
-  const bool need_dx = true, need_dy = true, need_dz = true, need_dtau = true;
+                                                             const Tensor& gLc, bool need_dx, bool need_dy,
+                                                             bool need_dz, bool need_dtau) {
   check_cube_inputs(x, y, z, tau);
   check_like(La, "La", x, "x", {x.size(0)});
   check_like(Lb, "Lb", x, "x", {y.size(0)});
@@ -780,9 +782,16 @@ class OrderedFold {
 // folded in i-block order (OrderedFold). Extra memory: a^T, (tau b)^T and db^T
 // (d x N, d x J, d x J), and per thread one tile, one d x BJ share and, only when
 // a share had to be parked, a d x J buffer.
+// Needs (da, db, dpos, dtau) skip what nobody wants: the P b product serves da and dtau, the
+// a^T P product (and db's fold) db alone; an unneeded output is an empty (0,) tensor.
+struct PairNeeds {
+  bool da, db, dpos, dtau;
+};
+
 template <typename scalar_t>
 void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, const Tensor& L,
-                          const Tensor& gL, Tensor& da, Tensor& db, Tensor& dpos, Tensor& dtau) {
+                          const Tensor& gL, PairNeeds needs, Tensor& da, Tensor& db, Tensor& dpos,
+                          Tensor& dtau) {
   const int64_t N = a.size(0), J = b.size(0), d = a.size(1);
   const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(J, kPairBlockJ);
   const int64_t n_iblocks = (N + BI - 1) / BI, n_jblocks = (J + BJ - 1) / BJ;
@@ -791,26 +800,29 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
   const scalar_t* gLp = gL.data_ptr<scalar_t>();
   const scalar_t* ap = a.data_ptr<scalar_t>();
   const scalar_t* bp = b.data_ptr<scalar_t>();
-  const Tensor aT = a.t().contiguous();
+  const bool need_Pb = needs.da || needs.dtau;
+  const Tensor aT = needs.db ? a.t().contiguous() : Tensor();
   const Tensor tbT = tau_transposed(b, tau);
-  const scalar_t* aTp = aT.data_ptr<scalar_t>();
+  const scalar_t* aTp = needs.db ? aT.data_ptr<scalar_t>() : nullptr;
   const scalar_t* tbTp = tbT.data_ptr<scalar_t>();
-  scalar_t* dap = da.data_ptr<scalar_t>();
-  scalar_t* dposp = dpos.data_ptr<scalar_t>();
-  Tensor dbT = at::empty({d, J}, b.options());
+  // P b of the owned rows: da's rows when da is wanted, else a scratch for dtau alone.
+  Tensor Pb = needs.da ? da : (need_Pb ? at::empty_like(a) : Tensor());
+  scalar_t* dap = need_Pb ? Pb.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dposp = needs.dpos ? dpos.data_ptr<scalar_t>() : nullptr;
+  Tensor dbT = needs.db ? at::empty({d, J}, b.options()) : Tensor();
   std::vector<double> dtau_part(n_iblocks, 0.0);
-  OrderedFold<scalar_t> db_fold(dbT.data_ptr<scalar_t>(), J, BJ, d);
+  OrderedFold<scalar_t> db_fold(needs.db ? dbT.data_ptr<scalar_t>() : nullptr, J, BJ, d);
 
   std::atomic<int64_t> next_block{0};
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, num_workers(n_iblocks), 1, [&](int64_t, int64_t) {
     SequentialBlas sequential_blas(caller_state);
     Tensor S = at::empty({BI * BJ}, a.options());
-    Tensor part = at::empty({d, BJ}, a.options());
+    Tensor part = needs.db ? at::empty({d, BJ}, a.options()) : Tensor();
     typename OrderedFold<scalar_t>::Parking parking;
     for (int64_t ib = next_block++; ib < n_iblocks; ib = next_block++) {
       const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
-      scalar_t* dab = dap + i0 * d;  // owned rows; hold P b until scaled by tau
+      scalar_t* dab = need_Pb ? dap + i0 * d : nullptr;  // owned rows; hold P b until scaled by tau
       for (int64_t jb = 0; jb < n_jblocks; ++jb) {
         const int64_t j0 = jb * BJ, bj = std::min(BJ, J - j0);
         scalar_t* Pp = S.data_ptr<scalar_t>();
@@ -819,43 +831,53 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
         for (int64_t ii = 0; ii < bi; ++ii) {
           const int64_t jj = i0 + ii - j0;
           if (jj >= 0 && jj < bj) {
-            dposp[i0 + ii] = Pp[ii * bj + jj];
+            if (needs.dpos) dposp[i0 + ii] = Pp[ii * bj + jj];
             Pp[ii * bj + jj] = 0;  // the diagonal's logit is pos, not tau <a, b>
           }
         }
         // da (+)= P b[j-block];  db[j-block]^T's share = a[i-block]^T P (d x bj).
-        tile_mm<scalar_t>(bi, d, bj, Pp, bj, bp + j0 * d, d, dab, d, /*accumulate=*/jb != 0);
-        scalar_t* partp = part.data_ptr<scalar_t>();
-        tile_mm<scalar_t>(d, bj, bi, aTp + i0, N, Pp, bj, partp, bj, /*accumulate=*/false);
-        db_fold.offer(parking, partp, ib, jb, a);
+        if (need_Pb) tile_mm<scalar_t>(bi, d, bj, Pp, bj, bp + j0 * d, d, dab, d, /*accumulate=*/jb != 0);
+        if (needs.db) {
+          scalar_t* partp = part.data_ptr<scalar_t>();
+          tile_mm<scalar_t>(d, bj, bi, aTp + i0, N, Pp, bj, partp, bj, /*accumulate=*/false);
+          db_fold.offer(parking, partp, ib, jb, a);
+        }
       }
-      db_fold.finish(parking, ib);
-      double t = 0;
-      for (int64_t ii = 0; ii < bi; ++ii) {
-        scalar_t row = 0;
-        for (int64_t c = 0; c < d; ++c) row += ap[(i0 + ii) * d + c] * dab[ii * d + c];
-        t += row;
+      if (needs.db) db_fold.finish(parking, ib);
+      if (needs.dtau) {
+        double t = 0;  // double: the terms cancel against the positive part's (as the cube's dtau)
+        for (int64_t ii = 0; ii < bi; ++ii) {
+          for (int64_t c = 0; c < d; ++c) t += static_cast<double>(ap[(i0 + ii) * d + c]) * dab[ii * d + c];
+        }
+        dtau_part[ib] = t;
       }
-      dtau_part[ib] = t;
-      for (int64_t e = 0; e < bi * d; ++e) dab[e] *= static_cast<scalar_t>(tau);
+      if (needs.da) {
+        for (int64_t e = 0; e < bi * d; ++e) dab[e] *= static_cast<scalar_t>(tau);
+      }
     }
   });
 
-  at::mul_out(db, dbT.t(), tau);
-  double t = 0;
-  for (int64_t ib = 0; ib < n_iblocks; ++ib) t += dtau_part[ib];
-  dtau.fill_(t);
+  if (needs.db) at::mul_out(db, dbT.t(), tau);
+  if (needs.dtau) {
+    double t = 0;
+    for (int64_t ib = 0; ib < n_iblocks; ++ib) t += dtau_part[ib];
+    dtau.fill_(t);
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> pair_lse_backward(const Tensor& a, const Tensor& b, const Tensor& pos,
                                                              const Tensor& tau, const Tensor& L,
-                                                             const Tensor& gL) {
+                                                             const Tensor& gL, bool need_da, bool need_db,
+                                                             bool need_dpos, bool need_dtau) {
   check_pair_inputs(a, b, pos, tau);
   check_like(L, "L", a, "a", {a.size(0)});
   check_like(gL, "gL", a, "a", {a.size(0)});
-  Tensor da = at::empty_like(a), db = at::empty_like(b), dpos = at::empty_like(pos), dtau = at::empty_like(tau);
+  const PairNeeds needs{need_da, need_db, need_dpos, need_dtau};
+  Tensor da = grad_output(a, need_da), db = grad_output(b, need_db), dpos = grad_output(pos, need_dpos);
+  Tensor dtau = grad_output(tau, need_dtau);
+  if (!(need_da || need_db || need_dpos || need_dtau)) return {da, db, dpos, dtau};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cpu_pair_lse_backward", [&] {
-    pair_backward_kernel<scalar_t>(a, b, pos, tau.item<double>(), L, gL, da, db, dpos, dtau);
+    pair_backward_kernel<scalar_t>(a, b, pos, tau.item<double>(), L, gL, needs, da, db, dpos, dtau);
   });
   return {da, db, dpos, dtau};
 }
@@ -1021,10 +1043,13 @@ Tensor tile_mm_test(const Tensor& A, const Tensor& B, Tensor C, bool accumulate)
 // (symile_kernels/ops.py) and the CUDA backend.
 TORCH_LIBRARY_FRAGMENT(symile_kernels, m) {
   m.def("cpu_cube_lse_forward(Tensor x, Tensor y, Tensor z, Tensor tau) -> (Tensor, Tensor, Tensor)");
+  // The bool flags: which gradients to compute (an unneeded one comes back as an empty (0,) tensor).
   m.def("cpu_cube_lse_backward(Tensor x, Tensor y, Tensor z, Tensor tau, Tensor La, Tensor Lb, Tensor Lc, "
-        "Tensor gLa, Tensor gLb, Tensor gLc) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor gLa, Tensor gLb, Tensor gLc, bool need_dx=True, bool need_dy=True, bool need_dz=True, "
+        "bool need_dtau=True) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_pair_lse_forward(Tensor a, Tensor b, Tensor pos, Tensor tau) -> Tensor");
-  m.def("cpu_pair_lse_backward(Tensor a, Tensor b, Tensor pos, Tensor tau, Tensor L, Tensor gL) "
+  m.def("cpu_pair_lse_backward(Tensor a, Tensor b, Tensor pos, Tensor tau, Tensor L, Tensor gL, "
+        "bool need_da=True, bool need_db=True, bool need_dpos=True, bool need_dtau=True) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_pair_lse_forward_grads(Tensor a, Tensor b, Tensor pos, Tensor tau, bool need_U, bool need_V) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
