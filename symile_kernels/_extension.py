@@ -42,8 +42,8 @@ def jit_build(label: str, sources: list, failure_hint: str, **load_kwargs) -> Op
         return f"JIT-building needs ninja ({exc}); pip install ninja"
     # A cached, up-to-date build loads in a fraction of a second; only a load still running
     # after _COMPILE_NOTICE_S is compiling, and only then is the one line printed.
-    # Its time depends on the machine (about 15 s for the CPU backend on 2 cores), so the line
-    # promises none; a second line gives the time it took.
+    # Its time depends on the machine and the backend, so the line promises none; a second line
+    # gives the time it took.
     notice = threading.Timer(_COMPILE_NOTICE_S, print, args=(
         f"symile_kernels: JIT-building the {label} from {os.path.dirname(str(sources[0]))} "
         "(once; later runs load the cached build)...",), kwargs={"file": sys.stderr, "flush": True})
