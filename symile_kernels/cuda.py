@@ -70,6 +70,9 @@ def nvcc_flags() -> list[str]:
 
 
 def _jit_build() -> Optional[str]:
+    # Before torch.utils.cpp_extension's CUDA_HOME is read: where nvcc is a wrapper script
+    # (/usr/local/bin/nvcc exec'ing the toolkit's), torch would infer a root without the headers.
+    _build.apply_cuda_home()
     from torch.utils.cpp_extension import CUDA_HOME
 
     if CUDA_HOME is None and shutil.which("nvcc") is None:
