@@ -32,5 +32,17 @@ def test_quickstart_prints_what_the_readme_says():
     assert done.stdout.splitlines() == printed.strip().splitlines(), done.stdout
 
 
+def test_ci_runs_the_readme_commands_literally():
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci_lines = {line.strip() for line in f}
+    readme = _readme()
+    install = re.search(r"\*\*Development\*\*: `([^`]+)`", readme).group(1)
+    tests = re.search(r"## Tests\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [install] + [line.split("  #")[0].strip() for line in tests.splitlines() if line.strip()]
+    assert len(commands) == 3
+    for command in commands:
+        assert command in ci_lines, command
+
+
 def test_readme_is_at_most_300_lines():
     assert len(_readme().splitlines()) <= 300
