@@ -1,5 +1,6 @@
 """One core's matrix-product rate at the CPU kernels' tile shapes: their own product
-path (csrc/cpu/tile_mm.h, through the internal op ``cpu_tile_mm_test``) against
+path (csrc/cpu/tile_mm.h, through the test-only op ``cpu_tile_mm_test`` of
+csrc/cpu/test_ops.cpp, JIT-built by tests/cpu_test_ops.py) against
 ``torch.mm`` on the same operands, single-threaded, median of ``--repeats`` runs of
 ``--calls`` products each.
 
@@ -14,11 +15,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
 from symile_kernels import cpu as cpu_backend
 from timing import median_ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import cpu_test_ops  # noqa: E402  (tests/: the test-only operators' loader)
 
 # (m, n, k) of the tile products: cube S = XY (tau z)^T, W = G z, dz^T = XY^T G at d = 64
 # and the pair kernels' S, da, db^T shares at d = 256.
@@ -37,9 +43,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    reason = cpu_backend.load_reason()
+    reason = cpu_backend.load_reason() or cpu_test_ops.load_reason()
     if reason is not None:
-        raise SystemExit(f"the C++ CPU backend is unavailable: {reason}")
+        raise SystemExit(f"the C++ CPU backend or its test operators are unavailable: {reason}")
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     print(f"one thread, {args.dtype}, median of {args.repeats} x {args.calls} products")

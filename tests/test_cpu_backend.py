@@ -172,3 +172,16 @@ def test_backend_is_listed_and_refuses_other_devices():
     assert "cpu" in symile_kernels.available_backends("cpu")
     reason = cpu_backend.BACKEND.unavailable_reason(torch.device("meta"))
     assert reason is not None and "CPU tensors only" in reason
+
+
+def test_production_library_has_no_test_operators():
+    # cpu_exp_test and cpu_tile_mm_test live in csrc/cpu/test_ops.cpp, built only for the tests
+    # (tests/cpu_test_ops.py): a fresh process that loads the backend alone does not have them.
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom symile_kernels import cpu\nassert cpu.load_reason() is None\n"
+            "print(sorted(n for n in ('cpu_exp_test', 'cpu_tile_mm_test', 'cpu_cube_lse_forward')\n"
+            "             if hasattr(torch.ops.symile_kernels, n)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['cpu_cube_lse_forward']"

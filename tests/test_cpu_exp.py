@@ -1,6 +1,7 @@
 """The CPU kernels' vectorised float32 exponential (csrc/cpu/vec_rows.h).
 
-Through the internal op ``symile_kernels::cpu_exp_test(x, isa)``: every
+Through the test-only op ``symile_kernels::cpu_exp_test(x, isa)`` (csrc/cpu/test_ops.cpp,
+built by tests/cpu_test_ops.py): every
 instruction set this CPU runs must be within 2 ulp of torch.exp evaluated in
 float64 and rounded to float32, on a sweep over [-110, 92] that covers the
 subnormal results, and exact on the special values. The kernels themselves are
@@ -17,8 +18,11 @@ import torch
 
 from symile_kernels import cpu as cpu_backend
 
-_REASON = cpu_backend.load_reason()
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU backend unavailable: {_REASON}")
+import cpu_test_ops
+
+# The production library (for the kernels), then the test-only operators built beside it.
+_REASON = cpu_backend.load_reason() or cpu_test_ops.load_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU test operators unavailable: {_REASON}")
 
 ISAS = ("avx512", "avx2", "scalar")
 

@@ -1,5 +1,6 @@
-"""The CPU kernels' tile product (csrc/cpu/tile_mm.h), through the internal op
-``symile_kernels::cpu_tile_mm_test(A, B, C, accumulate)``.
+"""The CPU kernels' tile product (csrc/cpu/tile_mm.h), through the test-only op
+``symile_kernels::cpu_tile_mm_test(A, B, C, accumulate)`` (csrc/cpu/test_ops.cpp, built by
+tests/cpu_test_ops.py).
 
 float32 goes through ATen's brgemm (oneDNN micro-kernels), float64 through
 addmm; both are checked against a float64 product at the kernels' tile shapes,
@@ -11,8 +12,11 @@ import torch
 
 from symile_kernels import cpu as cpu_backend
 
-_REASON = cpu_backend.load_reason()
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU backend unavailable: {_REASON}")
+import cpu_test_ops
+
+# The production library (for the kernels), then the test-only operators built beside it.
+_REASON = cpu_backend.load_reason() or cpu_test_ops.load_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU test operators unavailable: {_REASON}")
 
 # (m, n, k): the kernels' shapes (cube S, W, dz^T; pair S, da, db^T) and ragged ones.
 SHAPES = [(256, 256, 64), (256, 64, 256), (64, 256, 256), (37, 53, 19), (1, 1, 1), (5, 300, 7), (300, 3, 129)]
