@@ -68,6 +68,9 @@ def _cuda_extensions():
     if torch.version.cuda is None:
         print("symile_kernels: torch has no CUDA; skipping the CUDA extension", file=sys.stderr)
         return []
+    # The toolkit root from the real compiler when nvcc is a symlink or wrapper script, set before
+    # torch.utils.cpp_extension reads CUDA_HOME (symile_kernels/_build.py, resolve_cuda_home).
+    BUILD.apply_cuda_home()
     from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
 
     if CUDA_HOME is None:

@@ -189,12 +189,10 @@ def render(rows: list[dict]) -> str:
         elif r.get("kind") == "configs":
             out.append(f"- Triton configuration lists of {r.get('arch', '?')}: {r['how']}; {r.get('counts') or {}}; "
                        f"d = 256 takes {', '.join(r.get('headline') or []) or '-'}")
-        elif r.get("kind") == "pytest":
-            out.append(f"- pytest (`{r.get('command', '-')}`): {r['status']}; {r.get('summary', '')} "
-                       f"in {r.get('seconds', 0):.0f} s; log: tests.log")
-        elif r.get("kind") == "sanitizer":
-            out.append(f"- compute-sanitizer --tool {r['tool']} ({r['backend']}): {r['status']}; {r.get('summary', '')}"
-                       f" in {r.get('seconds', 0):.0f} s; log: sanitizer.log")
+        elif r.get("kind") in ("pytest", "sanitizer"):
+            what, log = ((f"pytest (`{r.get('command', '-')}`)", "tests.log") if r["kind"] == "pytest" else
+                         (f"compute-sanitizer --tool {r['tool']} ({r['backend']})", "sanitizer.log"))
+            out.append(f"- {what}: {r['status']}; {r.get('summary', '')} in {r.get('seconds', 0):.0f} s; log: {log}")
     out += ["", "## Correctness against the float64 oracle (docs/math.md section 6.1)", ""] + _check_table(rows)
     if (next((r for r in rows if r.get("kind") == "configs"), {}).get("counts")):
         out += ["", "Triton configurations launched by pinned oracle checks (each list of this GPU's "

@@ -28,7 +28,7 @@ import torch
 from _gpu_checks import MODES
 
 from peers import PEERS, peer_loss
-from timing import median_ms, model_flops, peak_bytes, reset_peak, sync
+from timing import loss_steps, median_ms, model_flops, peak_bytes, reset_peak, sync
 
 
 def loss_function(backend: str, sampling: str, M: int):
@@ -74,14 +74,7 @@ def _measure(config: dict) -> dict:
             .to(dtype).requires_grad_() for _ in range(M)]
     tau = torch.tensor(config["tau"], device=device, requires_grad=True)
 
-    def forward():
-        with torch.no_grad():
-            loss_fn(reps, tau)
-
-    def forward_backward():
-        loss_fn(reps, tau).backward()
-        for t in reps + [tau]:
-            t.grad = None
+    forward, forward_backward = loss_steps(loss_fn, reps, tau)
 
     sync(device)
     baseline = reset_peak(device)

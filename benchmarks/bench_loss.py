@@ -27,8 +27,8 @@ import sys
 
 import torch
 
-from timing import (DTYPES, machine_info, median_ms, memory_limit_bytes, mm_tflops,
-                                        model_flops, peak_bytes, reset_peak, sync)
+from timing import (DTYPES, loss_steps, machine_info, median_ms, memory_limit_bytes, mm_tflops,
+                    model_flops, peak_bytes, reset_peak, sync)
 
 
 def estimated_materialised_bytes(M: int, N: int, d: int, element_size: int) -> int:
@@ -74,19 +74,13 @@ def setup(config: dict):
     reps = [torch.nn.functional.normalize(torch.randn(N, d, device=device), dim=1).to(dtype).requires_grad_()
             for _ in range(M)]
     tau = torch.tensor(config["tau"], device=device, requires_grad=True)
-    if config.get("frozen"):  # one modality frozen: its gradient pass is skipped (docs/math.md section 2)
+    if config.get("frozen"):
+        # The last modality frozen and tau a fixed float: their gradient passes are skipped
+        # (docs/math.md section 2: no dz contraction, no dtau reduction).
         reps[-1].requires_grad_(False)
+        tau = float(config["tau"])
 
-    def forward():
-        with torch.no_grad():
-            fn(reps, tau)
-
-    def forward_backward():
-        fn(reps, tau).backward()
-        for t in reps + [tau]:
-            t.grad = None
-
-    return forward, forward_backward
+    return loss_steps(fn, reps, tau)
 
 
 def peak_above(fn, device: torch.device) -> int:
@@ -164,7 +158,7 @@ def markdown_table(rows: list[dict], mm_rate: "float | None") -> str:
     lines = ["| backend | M | N | d | dtype | sampling | fwd ms | fwd+bwd ms | peak MiB | model TFLOP/s | % of mm |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        r = dict(r, backend=r["backend"] + (" (last modality frozen)" if r.get("frozen") else ""))
+        r = dict(r, backend=r["backend"] + (" (last modality frozen, tau a float)" if r.get("frozen") else ""))
         if r["status"] != "ok":
             lines.append(f"| {r['backend']} | {r['M']} | {r['N']} | {r['d']} | {r['dtype']} | {_mode(r)} "
                          f"| {r['status']} | | | | |")
@@ -197,7 +191,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-mm", action="store_true", help="skip the dense matrix-product rate")
     parser.add_argument("--json", help="write the rows and machine info to this file")
     parser.add_argument("--frozen", action="store_true",
-                        help="also time each configuration with the last modality frozen (no gradient)")
+                        help="also time each configuration with the last modality frozen and tau a float "
+                             "(no gradient for either)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -60,6 +60,22 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
     return [time_ms(fn, device) for _ in range(repeats)]
 
 
+def loss_steps(loss_fn: Callable, reps: list, tau: "torch.Tensor | float") -> tuple[Callable[[], None], Callable[[], None]]:
+    """The two timed steps of a loss: a forward without autograd, and a forward+backward that
+    clears the gradients it made (so repeats do not accumulate them)."""
+    def forward():
+        with torch.no_grad():
+            loss_fn(reps, tau)
+
+    def forward_backward():
+        loss_fn(reps, tau).backward()
+        for t in reps + [tau]:
+            if isinstance(t, torch.Tensor):  # tau may be a float (bench_loss --frozen)
+                t.grad = None
+
+    return forward, forward_backward
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

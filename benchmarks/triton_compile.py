@@ -14,7 +14,7 @@ in bf16, and its base list then only at the bucket's largest size.
 
     python benchmarks/triton_compile.py [--jobs 2] [--mode bf16]   # prints the markdown table
 
-Lab code (tests/test_triton_compile.py and the README's table use it), not part of the package.
+Lab code (tests/test_triton_compile.py and the table in docs/kernels.md use it), not part of the package.
 """
 from __future__ import annotations
 

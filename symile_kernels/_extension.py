@@ -13,6 +13,7 @@ import importlib.util
 import os
 import sys
 import threading
+import time
 from typing import Callable, Optional
 
 import torch
@@ -41,10 +42,13 @@ def jit_build(label: str, sources: list, failure_hint: str, **load_kwargs) -> Op
         return f"JIT-building needs ninja ({exc}); pip install ninja"
     # A cached, up-to-date build loads in a fraction of a second; only a load still running
     # after _COMPILE_NOTICE_S is compiling, and only then is the one line printed.
+    # Its time depends on the machine and the backend, so the line promises none; a second line
+    # gives the time it took.
     notice = threading.Timer(_COMPILE_NOTICE_S, print, args=(
         f"symile_kernels: JIT-building the {label} from {os.path.dirname(str(sources[0]))} "
-        "(once, a minute or two)...",), kwargs={"file": sys.stderr, "flush": True})
+        "(once; later runs load the cached build)...",), kwargs={"file": sys.stderr, "flush": True})
     notice.daemon = True
+    start = time.perf_counter()
     notice.start()
     try:
         load(sources=[str(s) for s in sources], is_python_module=False, **load_kwargs)
@@ -53,6 +57,10 @@ def jit_build(label: str, sources: list, failure_hint: str, **load_kwargs) -> Op
         return f"JIT-building it failed ({failure_hint}): " + " | ".join(lines[-3:])
     finally:
         notice.cancel()
+    elapsed = time.perf_counter() - start
+    if elapsed > _COMPILE_NOTICE_S:  # the first line was printed
+        print(f"symile_kernels: built the {label} in {elapsed:.0f} s", file=sys.stderr,
+              flush=True)
     return None
 
 

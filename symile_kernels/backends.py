@@ -213,6 +213,10 @@ def _load(name: str) -> Optional[Backend]:
         module = importlib.import_module(_MODULES[name])
     except Exception as exc:  # a missing optional dependency or a failed build
         _load_errors[name] = f"importing {_MODULES[name]} failed: {type(exc).__name__}: {exc}"
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "triton":
+            _load_errors[name] += ("; install it with the package's extra, pip install 'symile_kernels[triton]' "
+                                   "(Triton >= 3.6; the backend runs on CUDA GPUs, and on the CPU only "
+                                   "through TRITON_INTERPRET=1 for tests)")
         return None
     _loaded[name] = module.BACKEND
     return module.BACKEND

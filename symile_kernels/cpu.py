@@ -7,9 +7,13 @@ dispatch key), with fake implementations registered here:
     x: (I, d), y: (J, d), z: (K, d), tau: 0-dim; float32 or float64, contiguous, CPU.
     La (I,), Lb (J,), Lc (K,): docs/math.md section 2's log-sum-exps of ``tau * T``, float64
     whatever the compute dtype (section 6.4).
-``cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc) -> (dx, dy, dz, dtau)``
+``cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, need_dx, need_dy, need_dz, need_dtau)
+-> (dx, dy, dz, dtau)``
+    each gradient shaped and typed like its input; one whose flag is False is skipped (its
+    pass is not run: docs/math.md section 2) and comes back as an empty (0,) tensor.
 ``cpu_pair_lse_forward(a, b, pos, tau) -> L`` (float64, like La) and
-``cpu_pair_lse_backward(a, b, pos, tau, L, gL) -> (da, db, dpos, dtau)``
+``cpu_pair_lse_backward(a, b, pos, tau, L, gL, need_da, need_db, need_dpos, need_dtau)
+-> (da, db, dpos, dtau)``, the flags as the cube's
 ``cpu_pair_lse_forward_grads(a, b, pos, tau, need_U, need_V) -> (L, U, V, Pd, rowdot)``
     as in ``symile_kernels.backends``.
 
@@ -50,22 +54,27 @@ def _jit_build() -> Optional[str]:
                      extra_cflags=compile_flags(), extra_ldflags=_build.openmp_flags(), verbose=False)
 
 
+def _grads_like(inputs, needs) -> tuple[Tensor, ...]:
+    """The backward ops' outputs as the fakes see them: like each input, or (0,) where not needed."""
+    return tuple(torch.empty_like(t) if need else t.new_empty(0) for t, need in zip(inputs, needs))
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("symile_kernels::cpu_cube_lse_forward")
     def _(x, y, z, tau):
         return tuple(t.new_empty(t.shape[0], dtype=torch.float64) for t in (x, y, z))
 
     @torch.library.register_fake("symile_kernels::cpu_cube_lse_backward")
-    def _(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc):
-        return torch.empty_like(x), torch.empty_like(y), torch.empty_like(z), torch.empty_like(tau)
+    def _(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, need_dx=True, need_dy=True, need_dz=True, need_dtau=True):
+        return _grads_like((x, y, z, tau), (need_dx, need_dy, need_dz, need_dtau))
 
     @torch.library.register_fake("symile_kernels::cpu_pair_lse_forward")
     def _(a, b, pos, tau):
         return a.new_empty(a.shape[0], dtype=torch.float64)
 
     @torch.library.register_fake("symile_kernels::cpu_pair_lse_backward")
-    def _(a, b, pos, tau, L, gL):
-        return torch.empty_like(a), torch.empty_like(b), torch.empty_like(pos), torch.empty_like(tau)
+    def _(a, b, pos, tau, L, gL, need_da=True, need_db=True, need_dpos=True, need_dtau=True):
+        return _grads_like((a, b, pos, tau), (need_da, need_db, need_dpos, need_dtau))
 
     @torch.library.register_fake("symile_kernels::cpu_pair_lse_forward_grads")
     def _(a, b, pos, tau, need_U, need_V):
@@ -82,18 +91,29 @@ def cube_lse_forward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor) -> tuple[Tens
     return tuple(_ops().cpu_cube_lse_forward(x, y, z, tau))
 
 
+_ALL = (True, True, True, True)
+
+
+def _needed(grads, needs) -> tuple:
+    """The op's outputs with the unneeded ones (empty (0,) tensors) as None."""
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
 def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, Lb: Tensor, Lc: Tensor,
-                      gLa: Tensor, gLb: Tensor, gLc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_ops().cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc))
+                      gLa: Tensor, gLb: Tensor, gLc: Tensor, needs=_ALL) -> tuple:
+    """(dx, dy, dz, dtau) like (x, y, z, tau); None where ``needs`` (four bools) is False."""
+    needs = tuple(bool(n) for n in needs)
+    return _needed(_ops().cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, *needs), needs)
 
 
 def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
     return _ops().cpu_pair_lse_forward(a, b, pos, tau)
 
 
-def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
-                      gL: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_ops().cpu_pair_lse_backward(a, b, pos, tau, L, gL))
+def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor, gL: Tensor, needs=_ALL) -> tuple:
+    """(da, db, dpos, dtau) like (a, b, pos, tau); None where ``needs`` (four bools) is False."""
+    needs = tuple(bool(n) for n in needs)
+    return _needed(_ops().cpu_pair_lse_backward(a, b, pos, tau, L, gL, *needs), needs)
 
 
 def pair_lse_forward_grads(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, need_U: bool,
@@ -116,13 +136,13 @@ class CpuBackend(Backend):
         return cube_lse_forward(x, y, z, tau)
 
     def cube_lse_backward(self, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, needs):
-        return cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc)
+        return cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, needs)
 
     def pair_lse_forward(self, a, b, pos, tau):
         return pair_lse_forward(a, b, pos, tau)
 
     def pair_lse_backward(self, a, b, pos, tau, L, gL, needs):
-        return pair_lse_backward(a, b, pos, tau, L, gL)
+        return pair_lse_backward(a, b, pos, tau, L, gL, needs)
 
     def pair_lse_forward_grads(self, a, b, pos, tau, need_U, need_V):
         return pair_lse_forward_grads(a, b, pos, tau, need_U, need_V)

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 from . import _build
 from ._extension import CompiledOps, jit_build
@@ -71,6 +70,9 @@ def nvcc_flags() -> list[str]:
 
 
 def _jit_build() -> Optional[str]:
+    # Before torch.utils.cpp_extension's CUDA_HOME is read: where nvcc is a wrapper script
+    # (/usr/local/bin/nvcc exec'ing the toolkit's), torch would infer a root without the headers.
+    _build.apply_cuda_home()
     from torch.utils.cpp_extension import CUDA_HOME
 
     if CUDA_HOME is None and shutil.which("nvcc") is None:
@@ -124,24 +126,6 @@ def math_mode(dtype: torch.dtype) -> int:
     return MODES["tf32"] if _tf32_allowed() else MODES["ieee"]
 
 
-def cube_lse_forward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(_ops().cuda_cube_lse_forward(x, y, z, tau, math_mode(x.dtype)))
-
-
-def cube_lse_backward(x: Tensor, y: Tensor, z: Tensor, tau: Tensor, La: Tensor, Lb: Tensor, Lc: Tensor,
-                      gLa: Tensor, gLb: Tensor, gLc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_ops().cuda_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, math_mode(x.dtype)))
-
-
-def pair_lse_forward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor) -> Tensor:
-    return _ops().cuda_pair_lse_forward(a, b, pos, tau, math_mode(a.dtype))
-
-
-def pair_lse_backward(a: Tensor, b: Tensor, pos: Tensor, tau: Tensor, L: Tensor,
-                      gL: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_ops().cuda_pair_lse_backward(a, b, pos, tau, L, gL, math_mode(a.dtype)))
-
-
 _device_reasons: dict = {}
 
 
@@ -183,17 +167,18 @@ class CudaBackend(Backend):
     def row_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype  # bf16/fp16 rows run tensor-core tiles unconverted (module docstring)
 
+    # The kernels compute every gradient (``needs`` is not passed down: the op drops what is not needed).
     def cube_lse_forward(self, x, y, z, tau):
-        return cube_lse_forward(x, y, z, tau)
+        return tuple(_ops().cuda_cube_lse_forward(x, y, z, tau, math_mode(x.dtype)))
 
-    def cube_lse_backward(self, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, needs):
-        return cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc)
+    def cube_lse_backward(self, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, needs=(True,) * 4):
+        return tuple(_ops().cuda_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, math_mode(x.dtype)))
 
     def pair_lse_forward(self, a, b, pos, tau):
-        return pair_lse_forward(a, b, pos, tau)
+        return _ops().cuda_pair_lse_forward(a, b, pos, tau, math_mode(a.dtype))
 
-    def pair_lse_backward(self, a, b, pos, tau, L, gL, needs):
-        return pair_lse_backward(a, b, pos, tau, L, gL)
+    def pair_lse_backward(self, a, b, pos, tau, L, gL, needs=(True,) * 4):
+        return tuple(_ops().cuda_pair_lse_backward(a, b, pos, tau, L, gL, math_mode(a.dtype)))
 
 
 BACKEND = CudaBackend()

@@ -35,10 +35,12 @@ TOLERANCES = {
     torch.float16: (2e-2, 5e-2),
 }
 
-# (kind, tau): unit rows at three temperatures, Gaussian rows, ties, one huge row.
-INPUT_KINDS = (("unit", 1.0), ("unit", 14.3), ("unit", 100.0), ("gaussian", 1.0), ("ties", 14.3), ("huge_row", 1.0))
+# (kind, tau): unit rows at three temperatures, Gaussian rows, ties, one huge row, and repeated
+# rows at a small tau (the tau gradient's cancellation, docs/math.md section 6.1).
+INPUT_KINDS = (("unit", 1.0), ("unit", 14.3), ("unit", 100.0), ("gaussian", 1.0), ("ties", 14.3), ("huge_row", 1.0),
+               ("repeated", 0.01))
 # Every kind make_inputs knows (docs/math.md section 6.1), the variants included.
-KINDS = ("unit", "gaussian", "ties", "ties_alternating", "huge_row", "huge_unit", "faint")
+KINDS = ("unit", "gaussian", "ties", "ties_alternating", "huge_row", "huge_unit", "faint", "repeated")
 
 
 def make_inputs(kind: str, M: int, N: int, d: int, generator: Optional[torch.Generator] = None) -> list[Tensor]:
@@ -50,7 +52,10 @@ def make_inputs(kind: str, M: int, N: int, d: int, generator: Optional[torch.Gen
     huge_row: Gaussian rows, each modality's middle row six times longer;
     huge_unit: unit rows, the first modality's middle row ten times longer (logits up to 10 tau);
     faint: unit rows near one direction (logits near tau) and one faint last-modality row
-    (logits near 0), so tiles span more than 30 nats (the kernels' second-exponential paths).
+    (logits near 0), so tiles span more than 30 nats (the kernels' second-exponential paths);
+    repeated: unit rows, every modality but the first one row repeated N times, so every logit
+    of anchor row i is the same and, at a small tau, the tau gradient is a small difference of
+    large sums (a float32 sum of N equal terms biases it).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown input kind {kind!r}; expected one of {KINDS}")
@@ -75,6 +80,9 @@ def make_inputs(kind: str, M: int, N: int, d: int, generator: Optional[torch.Gen
             r[N // 2] *= 6.0
     elif kind == "huge_unit":
         reps[0][N // 2] *= 10
+    elif kind == "repeated":
+        for r in reps[1:]:
+            r[:] = r[0]
     return reps
 
 

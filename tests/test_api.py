@@ -1,4 +1,5 @@
 """Public API: drop-in behaviour, dispatch, and the errors bad input gets."""
+import sys
 import warnings
 
 import pytest
@@ -67,6 +68,19 @@ def test_unavailable_backend_says_why():
     finally:
         backends.unregister("broken")
     assert "broken" not in backends.NAMES
+
+
+def test_missing_triton_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now fails as if it were not installed
+    for module in [m for m in sys.modules if m.startswith("symile_kernels.triton")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setattr(backends, "_loaded", {k: v for k, v in backends._loaded.items() if k != "triton"})
+    monkeypatch.setattr(backends, "_load_errors", {})
+    reason = backends.unavailable_reason("triton", torch.device("cpu"))
+    assert "ModuleNotFoundError" in reason, reason  # why
+    assert "pip install 'symile_kernels[triton]'" in reason and "CUDA" in reason, reason  # how
+    with pytest.raises(ValueError, match=r"symile_kernels\[triton\]"):
+        symile_loss(make_inputs("unit", 3, 4, 3), 2.0, backend="triton")
 
 
 def test_register_and_unregister_a_backend():

@@ -18,3 +18,11 @@ def test_bench_loss_writes_rows(tmp_path):
     assert all(r["status"] == "ok" and r["fwd_bwd_ms"] > 0 and r["peak_mb"] >= 0 for r in result["rows"])
     assert result["info"]["torch"]
     assert "| chunked | 3 | 6 | 3 | float32 |" in done.stdout
+
+
+def test_benchmarks_page_is_what_the_results_give():
+    # docs/benchmarks.md is generated from benchmarks/results/: a new result file without a rerun of
+    # the generator (python benchmarks/render_docs.py) fails here.
+    script = BENCH.parent / "render_docs.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import symile_kernels
 from symile_kernels import cpu as cpu_backend
 
-from harness import TOLERANCES, check_compile_matches_eager, make_inputs, rel
+from harness import TOLERANCES, make_inputs, rel
 
 _REASON = cpu_backend.load_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU backend unavailable: {_REASON}")
@@ -112,24 +112,6 @@ def test_opcheck_raw_cpp_ops():
     P = OPS.cpu_pair_lse_forward(a, b, pos, tau).float()
     torch.library.opcheck(OPS.cpu_pair_lse_forward, (a, b, pos, tau))
     torch.library.opcheck(OPS.cpu_pair_lse_backward, (a, b, pos, tau, P, g[0][:1].expand(9).contiguous()))
-
-
-def test_opcheck_generic_ops_with_cpu_backend():
-    x, y, z = (torch.randn(n, 5, dtype=torch.float64, requires_grad=True) for n in (7, 4, 6))
-    tau = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(OPS.cube_lse, (x, y, z, tau, "cpu"))
-    a, b = (torch.randn(9, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    pos = torch.randn(9, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(OPS.pair_lse, (a, b, pos, tau, "cpu"))
-
-
-@pytest.mark.parametrize("negative_sampling", ["n_squared", "n"])
-def test_torch_compile_fullgraph(negative_sampling):
-    def step(x, y, z, log_tau):
-        return 2 * symile_kernels.symile_loss([x, y, z], log_tau.exp(), negative_sampling=negative_sampling,
-                                              backend="cpu")
-
-    check_compile_matches_eager(step, make_reps(3, 9, 6, "unit", torch.float32))
 
 
 def _rss_bytes():

@@ -73,7 +73,7 @@ def test_exp_test_op_rejects_bad_arguments():
 
 _KERNELS_AT_ISA = """
 import torch
-from oracle_check import check_against_oracle, make_inputs
+from harness import check_against_oracle, make_inputs
 g = torch.Generator().manual_seed(0)
 check_against_oracle("cpu", make_inputs("unit", 3, 37, 20, g), 100.0, dtype=torch.float32)
 check_against_oracle("cpu", make_inputs("unit", 3, 300, 20, g), 100.0, dtype=torch.float32, negative_sampling="n")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from symile_kernels import chunked
 from symile_kernels import cpu as cpu_backend
 
-from oracle_check import INPUT_KINDS, TOLERANCES, check_against_oracle, make_inputs, relative_error
+from harness import INPUT_KINDS, TOLERANCES, check_against_oracle, make_inputs, relative_error
 
 _REASON = cpu_backend.load_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU backend unavailable: {_REASON}")

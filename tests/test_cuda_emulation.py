@@ -32,17 +32,20 @@ MODES = _build.MATH_MODES
 MODE_TOLERANCE = {"ieee": None, "tf32": "tf32", "bf16": torch.bfloat16}
 
 
-class _Emulated:
-    """The four Backend functions over the emulated launchers (CPU tensors)."""
+class _Emulated(Backend):
+    """The emulated launchers (CPU tensors) as backend "cuda_emu"; ``mode`` and ``num_sms`` are
+    read at each launch, so a test can change them after registering. The launchers compute every
+    gradient: ``needs`` is ignored, as the CUDA backend does."""
+
+    name = "cuda_emu"
 
     def __init__(self, lib: ctypes.CDLL, mode: int, num_sms: int):
         self.lib, self.mode, self.num_sms = lib, mode, num_sms
 
     SUFFIX = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
-    def backend(self, name: str = "cuda_emu") -> Backend:
-        """A Backend record over these launchers, for ``backends.register``."""
-        return Backend.from_namespace(name, self, accepts_low_precision=True)
+    def row_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype  # the launchers take bf16 and fp16 rows, as the CUDA kernels do
 
     def _fn(self, name: str, dtype: torch.dtype):
         return getattr(self.lib, f"emu_{name}_{self.SUFFIX[dtype]}")
@@ -73,7 +76,7 @@ class _Emulated:
         # ctypes passes pointers unchecked: the backward launchers read LSEs and gL in the compute dtype.
         assert all(v.dtype == tau.dtype for v in vectors), [v.dtype for v in vectors]
 
-    def cube_lse_backward(self, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc):
+    def cube_lse_backward(self, x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, needs=(True,) * 4):
         self._compute_dtype(tau, La, Lb, Lc, gLa, gLb, gLc)
         out = self._nan(x, y, z, tau)
         sizes = map(ctypes.c_int64, (x.shape[0], y.shape[0], z.shape[0], x.shape[1]))
@@ -91,7 +94,7 @@ class _Emulated:
         assert rc == 0, f"launcher returned {rc}"
         return out
 
-    def pair_lse_backward(self, a, b, pos, tau, L, gL):
+    def pair_lse_backward(self, a, b, pos, tau, L, gL, needs=(True,) * 4):
         self._compute_dtype(tau, L, gL)
         out = self._nan(a, b, pos, tau)
         sizes = map(ctypes.c_int64, (a.shape[0], b.shape[0], a.shape[1]))
@@ -114,7 +117,7 @@ def emulated(emu_lib, monkeypatch):
     """Registers the emulated kernels as backend "cuda_emu" for CPU tensors; returns a
     function that sets its mode and launch geometry."""
     state = _Emulated(emu_lib, 0, 2)
-    backends.register(state.backend(), replace=True)
+    backends.register(state, replace=True)
 
     def configure(mode: str = "ieee", num_sms: int = 2):
         state.mode, state.num_sms = MODES[mode], num_sms

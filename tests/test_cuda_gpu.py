@@ -1,8 +1,9 @@
 """The CUDA backend's compiled extension on a GPU (the GPU suite runs these: ``pytest -m gpu``).
 
 Against the float64 oracle at docs/math.md section 6's inputs and tolerances,
-in every math mode; opcheck, torch.compile, determinism, argument checks and
-memory. Skipped without a CUDA device.
+in every math mode; the raw ops' opcheck, argument checks and memory (the generic
+battery, opcheck of the loss ops, torch.compile and determinism included, is
+tests/test_conformance.py's). Skipped without a CUDA device.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from symile_kernels import backends, symile_loss
 
 from cuda_common import check_rectangular_pairs, gpu_only
-from harness import check_against_oracle, check_compile_matches_eager, make_inputs, relative_error
+from harness import check_against_oracle, make_inputs, relative_error
 
 
 GPU_CUBE_CASES = [(N, d, tau, dtype) for N, d in ((1, 3), (2, 1), (7, 48), (33, 200), (129, 3), (130, 256))
@@ -92,21 +93,10 @@ def test_gpu_matches_chunked_at_larger_n():
 @pytest.mark.parametrize("I,J,d", [(5, 70, 3), (66, 131, 130), (1000, 4096, 256)])
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
 def test_gpu_rectangular_pairs_match_chunked(I, J, d, dtype):
-    from symile_kernels import cuda as cuda_backend
+    from symile_kernels.cuda import BACKEND
 
-    check_rectangular_pairs(cuda_backend.pair_lse_forward, cuda_backend.pair_lse_backward, I, J, d, dtype,
+    check_rectangular_pairs(BACKEND.pair_lse_forward, BACKEND.pair_lse_backward, I, J, d, dtype,
                             1e-10 if dtype == torch.float64 else 1e-4, device="cuda")
-
-
-@gpu_only
-def test_gpu_deterministic():
-    reps = [r.to("cuda", torch.float32).requires_grad_() for r in make_inputs("unit", 3, 257, 96)]
-    runs = []
-    for _ in range(2):
-        loss = symile_loss(reps, 100.0, backend="cuda")
-        loss_n = symile_loss(reps, 100.0, backend="cuda", negative_sampling="n")
-        runs.append([loss.detach(), loss_n.detach()] + list(torch.autograd.grad(loss + loss_n, reps)))
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 @gpu_only
@@ -136,19 +126,6 @@ def test_gpu_opcheck(dtype):
     Lb16 = ops.cuda_cube_lse_forward(xb, yb, zb, tau32, 0)
     torch.library.opcheck(ops.cuda_cube_lse_backward, (xb, yb, zb, tau32, *(v.float() for v in Lb16),
                                                        *(v.float() for v in g), 0))
-    # The differentiable wrapper op with this backend.
-    from symile_kernels import ops as sk_ops
-
-    torch.library.opcheck(sk_ops.cube_lse, (x.requires_grad_(), y, z, tau, "cuda"))
-
-
-@gpu_only
-@pytest.mark.parametrize("negative_sampling", ["n_squared", "n"])
-def test_gpu_torch_compile_fullgraph(negative_sampling):
-    def step(x, y, z, log_tau):
-        return symile_loss([x, y, z], log_tau.exp(), negative_sampling=negative_sampling, backend="cuda")
-
-    check_compile_matches_eager(step, [r.to("cuda", torch.float32) for r in make_inputs("unit", 3, 33, 48)])
 
 
 @gpu_only

@@ -79,7 +79,7 @@ def emulated_backend(lib):
     from test_cuda_emulation import _Emulated
 
     state = _Emulated(lib, 0, 2)
-    backends.register(state.backend(), replace=True)
+    backends.register(state, replace=True)
     yield state
     backends.unregister("cuda_emu")
 

@@ -3,6 +3,7 @@ order, time guard, incremental output and verdict at tiny sizes with fake runner
 a fake clock. Timings are not checked: they are the suite's job."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,6 +59,8 @@ def test_cpu_smoke_runs_every_stage_in_order(tmp_path):
     assert max(i for i, k in enumerate(kinds) if k == "build") < kinds.index("mm") < first_bench
     assert rows[first_bench]["stage"] == "headline"
     assert first_bench < kinds.index("pytest") < max(i for i, k in enumerate(kinds) if k == "bench")
+    tests = rows[kinds.index("pytest")]  # the conformance battery ran (on chunked's CPU target) and passed
+    assert tests["ok"] and re.search(r"\b\d+ passed", tests["summary"]) and "failed" not in tests["summary"], tests
     jobs = [r for r in rows if r["kind"] == "check_job"]
     assert {(j["backend"], j["mode"]) for j in jobs} >= {("chunked", "fp32"), ("chunked", "bf16"), ("triton", "fp32")}
     # cpu and triton are optional (no C++ build or no Triton: recorded as unavailable).

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from oracle_check import check_against_oracle
+from harness import check_against_oracle
 from symile_kernels import chunked
 
 OPS = torch.ops.symile_kernels

@@ -22,6 +22,8 @@ import symile_kernels
 from symile_kernels.train import cli, loop, parallel
 from symile_kernels.train.loop import RunConfig
 
+from test_train import one_thread  # noqa: F401  (the trainer tests' autouse fixture: one torch thread)
+
 # The trainer's own CI configuration (tests/test_train.py: SMALL), at p_hat = 1.
 SMALL = ["--train-n", "2000", "--epochs", "2", "--test-n", "2000", "--batch-size", "100"]
 SMALL_CONFIG = dict(train_n=2000, epochs=2, test_n=2000, batch_size=100)
@@ -30,14 +32,6 @@ SMALL_CONFIG = dict(train_n=2000, epochs=2, test_n=2000, batch_size=100)
 BACKEND = "auto"
 DEADLINE_S = 180  # about 20 s on 2 busy cores; a hung collective must not hang CI
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _free_port() -> int:

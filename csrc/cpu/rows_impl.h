@@ -5,7 +5,8 @@
 // than Vec::W use std::exp.
 //
 // Vec provides: W (lanes), load, store, set1, add, sub, mul, fmadd(a, b, c) = a * b + c,
-// max, exp, hsum, hmax. No include guard: included once per instruction set.
+// max, exp, hsum, hmax, and a double accumulator Acc with acc_zero, acc_fma(acc, a, b)
+// (acc += a * b, exact products) and acc_sum. No include guard: included once per instruction set.
 
 inline float row_max(const float* s, int64_t n) {
   Vec m = Vec::set1(-std::numeric_limits<float>::infinity());
@@ -56,27 +57,52 @@ inline void exp_row_scale(float* s, int64_t n, float ref, float scale) {
 }
 
 // In place, the cube backward's shared form: s[k] <- e^(s[k] - ref) * (a + u * gv[k]).
-inline void g_row_shared(float* s, int64_t n, float ref, float a, float u, const float* gv) {
+// With kDot, also returns sum_k G[k] * S[k] (S the logits read, G the values written)
+// accumulated in double from exact double products: the tau gradient's share of the
+// row (docs/math.md section 2: dtau = sum G T), whose terms largely cancel against
+// the positive part, so float32 sums of them would bias it (Vec::Acc, vec_rows.h).
+template <bool kDot>
+inline double g_row_shared(float* s, int64_t n, float ref, float a, float u, const float* gv) {
   const Vec neg_ref = Vec::set1(-ref), a_v = Vec::set1(a), u_v = Vec::set1(u);
+  typename Vec::Acc acc = Vec::acc_zero();
   int64_t k = 0;
   for (; k + Vec::W <= n; k += Vec::W) {
-    const Vec e = Vec::exp(Vec::add(Vec::load(s + k), neg_ref));
-    Vec::store(s + k, Vec::mul(e, Vec::fmadd(u_v, Vec::load(gv + k), a_v)));
+    const Vec v = Vec::load(s + k);
+    const Vec g = Vec::mul(Vec::exp(Vec::add(v, neg_ref)), Vec::fmadd(u_v, Vec::load(gv + k), a_v));
+    if (kDot) Vec::acc_fma(acc, g, v);
+    Vec::store(s + k, g);
   }
-  for (; k < n; ++k) s[k] = std::exp(s[k] - ref) * (a + u * gv[k]);
+  double dot = kDot ? Vec::acc_sum(acc) : 0.0;
+  for (; k < n; ++k) {
+    const float g = std::exp(s[k] - ref) * (a + u * gv[k]);
+    if (kDot) dot += static_cast<double>(g) * s[k];
+    s[k] = g;
+  }
+  return dot;
 }
 
-// In place, the cube backward's two-exponential form: s[k] <- a e^(s[k] - ref) + gLc[k] e^(s[k] - Lc[k]).
-inline void g_row_two(float* s, int64_t n, float ref, float a, const float* Lc, const float* gLc) {
+// In place, the cube backward's two-exponential form: s[k] <- a e^(s[k] - ref) + gLc[k] e^(s[k] - Lc[k]);
+// with kDot, returns sum_k G[k] * S[k] as g_row_shared does.
+template <bool kDot>
+inline double g_row_two(float* s, int64_t n, float ref, float a, const float* Lc, const float* gLc) {
   const Vec neg_ref = Vec::set1(-ref), a_v = Vec::set1(a);
+  typename Vec::Acc acc = Vec::acc_zero();
   int64_t k = 0;
   for (; k + Vec::W <= n; k += Vec::W) {
     const Vec v = Vec::load(s + k);
     const Vec ea = Vec::exp(Vec::add(v, neg_ref));
     const Vec ec = Vec::exp(Vec::sub(v, Vec::load(Lc + k)));
-    Vec::store(s + k, Vec::fmadd(a_v, ea, Vec::mul(Vec::load(gLc + k), ec)));
+    const Vec g = Vec::fmadd(a_v, ea, Vec::mul(Vec::load(gLc + k), ec));
+    if (kDot) Vec::acc_fma(acc, g, v);
+    Vec::store(s + k, g);
   }
-  for (; k < n; ++k) s[k] = a * std::exp(s[k] - ref) + gLc[k] * std::exp(s[k] - Lc[k]);
+  double dot = kDot ? Vec::acc_sum(acc) : 0.0;
+  for (; k < n; ++k) {
+    const float g = a * std::exp(s[k] - ref) + gLc[k] * std::exp(s[k] - Lc[k]);
+    if (kDot) dot += static_cast<double>(g) * s[k];
+    s[k] = g;
+  }
+  return dot;
 }
 
 // out[k] = e^(x[k]) (the accuracy test's entry point; remainders use Vec::exp too,

@@ -2,9 +2,11 @@
 //
 // Operators (namespace symile_kernels, CPU dispatch key):
 //   cpu_cube_lse_forward(x, y, z, tau) -> (La, Lb, Lc)
-//   cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc) -> (dx, dy, dz, dtau)
+//   cpu_cube_lse_backward(x, y, z, tau, La, Lb, Lc, gLa, gLb, gLc, need_dx, need_dy, need_dz, need_dtau)
+//     -> (dx, dy, dz, dtau)
 //   cpu_pair_lse_forward(a, b, pos, tau) -> L
-//   cpu_pair_lse_backward(a, b, pos, tau, L, gL) -> (da, db, dpos, dtau)
+//   cpu_pair_lse_backward(a, b, pos, tau, L, gL, need_da, need_db, need_dpos, need_dtau)
+//     -> (da, db, dpos, dtau)
 // with the semantics of symile_kernels/backends.py. Their fake (meta) kernels are
 // registered in Python (symile_kernels/cpu.py).
 //
@@ -46,6 +48,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "tile_mm.h"
@@ -155,16 +158,39 @@ inline void exp_row_scale(scalar_t* s, int64_t n, scalar_t ref, scalar_t scale) 
   for (int64_t k = 0; k < n; ++k) s[k] = scale * std::exp(s[k] - ref);
 }
 
-// In place, backward's shared form: s[k] <- e^(s[k] - ref) * (a + u * gv[k]).
-template <typename scalar_t>
-inline void g_row_shared(scalar_t* s, int64_t n, scalar_t ref, scalar_t a, scalar_t u, const scalar_t* gv) {
-  for (int64_t k = 0; k < n; ++k) s[k] = std::exp(s[k] - ref) * (a + u * gv[k]);
+// In place, backward's shared form: s[k] <- e^(s[k] - ref) * (a + u * gv[k]). With kDot, returns
+// sum_k G[k] S[k] in double (S read, G written: the row's share of dtau, see the backward).
+template <bool kDot, typename scalar_t>
+inline double g_row_shared(scalar_t* s, int64_t n, scalar_t ref, scalar_t a, scalar_t u, const scalar_t* gv) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return vec::g_row_shared<kDot>(s, n, ref, a, u, gv);
+  } else {
+    double dot = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const scalar_t g = std::exp(s[k] - ref) * (a + u * gv[k]);
+      if (kDot) dot += g * s[k];
+      s[k] = g;
+    }
+    return dot;
+  }
 }
 
-// In place, backward's two-exponential form: s[k] <- a e^(s[k] - ref) + gLc[k] e^(s[k] - Lc[k]).
-template <typename scalar_t>
-inline void g_row_two(scalar_t* s, int64_t n, scalar_t ref, scalar_t a, const scalar_t* Lc, const scalar_t* gLc) {
-  for (int64_t k = 0; k < n; ++k) s[k] = a * std::exp(s[k] - ref) + gLc[k] * std::exp(s[k] - Lc[k]);
+// In place, backward's two-exponential form: s[k] <- a e^(s[k] - ref) + gLc[k] e^(s[k] - Lc[k]);
+// kDot as in g_row_shared.
+template <bool kDot, typename scalar_t>
+inline double g_row_two(scalar_t* s, int64_t n, scalar_t ref, scalar_t a, const scalar_t* Lc,
+                        const scalar_t* gLc) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return vec::g_row_two<kDot>(s, n, ref, a, Lc, gLc);
+  } else {
+    double dot = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const scalar_t g = a * std::exp(s[k] - ref) + gLc[k] * std::exp(s[k] - Lc[k]);
+      if (kDot) dot += g * s[k];
+      s[k] = g;
+    }
+    return dot;
+  }
 }
 
 // float32: the vectorised passes at the instruction set chosen at run time (vec_rows.h).
@@ -179,14 +205,6 @@ inline double exp_row_sum<float>(const float* s, int64_t n, float ref) { return 
 template <>
 inline void exp_row_scale<float>(float* s, int64_t n, float ref, float scale) {
   vec::exp_row_scale(s, n, ref, scale);
-}
-template <>
-inline void g_row_shared<float>(float* s, int64_t n, float ref, float a, float u, const float* gv) {
-  vec::g_row_shared(s, n, ref, a, u, gv);
-}
-template <>
-inline void g_row_two<float>(float* s, int64_t n, float ref, float a, const float* Lc, const float* gLc) {
-  vec::g_row_two(s, n, ref, a, Lc, gLc);
 }
 
 // ---------------------------------------------------------------------------
@@ -422,16 +440,27 @@ std::tuple<Tensor, Tensor, Tensor> cube_lse_forward(const Tensor& x, const Tenso
 // the g's. Tiles failing the check use two exponentials per element.
 // Then W[r] = sum_k G[r, k] z[k] (a tile product per k-block), dz += G^T XY (per i-block, then per slice;
 // held transposed, d x K, as XY^T @ G: tile_mm takes row-major operands, and XY^T is cheap to build),
-// and per row pair dx[i] += y[j] * W[r], dy[j] += x[i] * W[r],
-// dtau += <XY[r], W[r]> (= sum_k G T); dx, dy, dz are scaled by tau at the end.
+// and per row pair dx[i] += y[j] * W[r], dy[j] += x[i] * W[r]; dx, dy, dz are scaled by tau at the end.
+// dtau = sum G T = sum G S / tau is summed in double from the G pass itself (g_row_*<true>), not
+// from W: its terms largely cancel against the positive part's, so a float32 sum (W's over k, in
+// the tile product) leaves a bias that the cancellation exposes (y and z one repeated row each,
+// small tau: 8e-4 relative error). dx sums over every j, likewise in double per i-block.
+// Needs: which of dx, dy, dz, dtau the caller wants (docs/math.md section 2). A pass whose
+// results nobody needs is skipped: no W product without dx or dy, no dz product (nor XY^T)
+// without dz, no G . S sum without dtau. Unneeded outputs are empty (0,) tensors.
+struct CubeNeeds {
+  bool dx, dy, dz, dtau;
+};
+
 template <typename scalar_t>
 void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, double tau, const Tensor& La,
                           const Tensor& Lb, const Tensor& Lc, const Tensor& gLa, const Tensor& gLb,
-                          const Tensor& gLc, Tensor& dx, Tensor& dy, Tensor& dz, Tensor& dtau) {
+                          const Tensor& gLc, CubeNeeds needs, Tensor& dx, Tensor& dy, Tensor& dz, Tensor& dtau) {
   const int64_t I = x.size(0), J = y.size(0), K = z.size(0), d = x.size(1);
   const CubeBlocks blk = cube_blocks(I, J, K);
   const int64_t n_iblocks = (I + blk.BLOCK_I - 1) / blk.BLOCK_I;
   const int64_t n_slices = num_slices(n_iblocks);
+  const bool need_W = needs.dx || needs.dy;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* yp = y.data_ptr<scalar_t>();
   const scalar_t* Lap = La.data_ptr<scalar_t>();
@@ -444,14 +473,13 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
   const Tensor tzT = tau_transposed(z, tau);  // as in the forward: the same products, so the same S
   const scalar_t* tzTp = tzT.data_ptr<scalar_t>();
   const scalar_t* zp = z.data_ptr<scalar_t>();
-  const Tensor yT = y.t().contiguous();
-  const scalar_t* yTp = yT.data_ptr<scalar_t>();
+  const Tensor yT = needs.dz ? y.t().contiguous() : Tensor();
+  const scalar_t* yTp = needs.dz ? yT.data_ptr<scalar_t>() : nullptr;
 
-  dx.zero_();
-  Tensor dy_part = at::zeros({n_slices, J, d}, x.options());
-  Tensor dzT_part = at::zeros({n_slices, d, K}, x.options());
+  Tensor dy_part = needs.dy ? at::zeros({n_slices, J, d}, x.options()) : Tensor();
+  Tensor dzT_part = needs.dz ? at::zeros({n_slices, d, K}, x.options()) : Tensor();
   std::vector<double> dtau_part(n_slices, 0.0);
-  scalar_t* dxp = dx.data_ptr<scalar_t>();
+  scalar_t* dxp = needs.dx ? dx.data_ptr<scalar_t>() : nullptr;
 
   std::atomic<int64_t> next_slice{0};
   const at::ThreadLocalState caller_state;
@@ -459,28 +487,28 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
     SequentialBlas sequential_blas(caller_state);
     const int64_t R_max = blk.BLOCK_I * blk.BLOCK_J;
     Tensor XY = at::empty({R_max, d}, x.options());
-    Tensor XYT = at::empty({d, R_max}, x.options());  // XY^T: dz's left operand, row-major
     Tensor S = at::empty({R_max * blk.BLOCK_K}, x.options());
-    Tensor W = at::empty({R_max, d}, x.options());
+    // XY^T: dz's left operand, row-major; W: the i-block's G @ z rows.
+    Tensor XYT = needs.dz ? at::empty({d, R_max}, x.options()) : Tensor();
+    Tensor W = need_W ? at::empty({R_max, d}, x.options()) : Tensor();
     // dz^T of one i-block, folded into the slice's dz^T after its j-loop: two short float32 sums
     // instead of one over every (i, j) tile of the slice (3.7e-4 relative error at I = J = 4096).
-    Tensor dzT_blk = at::empty({d, K}, x.options());
+    Tensor dzT_blk = needs.dz ? at::empty({d, K}, x.options()) : Tensor();
     std::vector<scalar_t> mn(R_max), a(R_max), u(R_max), gv(blk.BLOCK_K);
+    std::vector<double> dx_blk(needs.dx ? blk.BLOCK_I * d : 0);  // the i-block's sum_j y[j] * W[(i, j)]
     for (int64_t s = next_slice++; s < n_slices; s = next_slice++) {
-      scalar_t* dyp = dy_part[s].data_ptr<scalar_t>();
-      Tensor dzTs = dzT_part[s];
-      scalar_t* dzTbp = dzT_blk.data_ptr<scalar_t>();
+      scalar_t* dyp = needs.dy ? dy_part[s].data_ptr<scalar_t>() : nullptr;
+      scalar_t* dzTbp = needs.dz ? dzT_blk.data_ptr<scalar_t>() : nullptr;
       double dtau_acc = 0;
       const auto blocks = slice_blocks(s, n_slices, n_iblocks);
       for (int64_t ib = blocks.first; ib < blocks.second; ++ib) {
         const int64_t i0 = ib * blk.BLOCK_I, bi = std::min(blk.BLOCK_I, I - i0);
+        std::fill(dx_blk.begin(), dx_blk.end(), 0.0);
         for (int64_t j0 = 0; j0 < J; j0 += blk.BLOCK_J) {
           const int64_t bj = std::min(blk.BLOCK_J, J - j0), R = bi * bj;
           scalar_t* XYp = XY.data_ptr<scalar_t>();
-          scalar_t* XYTp = XYT.data_ptr<scalar_t>();
-          scalar_t* Wp = W.data_ptr<scalar_t>();
           fill_xy(xp, yp, d, i0, bi, j0, bj, XYp);
-          fill_xy_t(xp, yTp, J, d, i0, bi, j0, bj, XYTp);
+          if (needs.dz) fill_xy_t(xp, yTp, J, d, i0, bi, j0, bj, XYT.data_ptr<scalar_t>());
           scalar_t Q = -std::numeric_limits<scalar_t>::infinity();
           for (int64_t r = 0; r < R; ++r) {
             const int64_t i = i0 + r / bj, j = j0 + r % bj;
@@ -498,53 +526,80 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
             for (int64_t k = 0; k < bk; ++k) Lc_min = std::min(Lc_min, Lcp[k0 + k]);
             if (Q - Lc_min <= kShareGap) {  // false for NaN too
               for (int64_t k = 0; k < bk; ++k) gv[k] = gLcp[k0 + k] * std::exp(Q - Lcp[k0 + k]);
-              for (int64_t r = 0; r < R; ++r) g_row_shared(Gp + r * bk, bk, mn[r], a[r], u[r], gv.data());
+              for (int64_t r = 0; r < R; ++r) {
+                scalar_t* row = Gp + r * bk;
+                dtau_acc += needs.dtau ? g_row_shared<true>(row, bk, mn[r], a[r], u[r], gv.data())
+                                       : g_row_shared<false>(row, bk, mn[r], a[r], u[r], gv.data());
+              }
             } else {
-              for (int64_t r = 0; r < R; ++r) g_row_two(Gp + r * bk, bk, mn[r], a[r], Lcp + k0, gLcp + k0);
+              for (int64_t r = 0; r < R; ++r) {
+                scalar_t* row = Gp + r * bk;
+                dtau_acc += needs.dtau ? g_row_two<true>(row, bk, mn[r], a[r], Lcp + k0, gLcp + k0)
+                                       : g_row_two<false>(row, bk, mn[r], a[r], Lcp + k0, gLcp + k0);
+              }
             }
             // W (+)= G @ z[k-block];  dz[k-block]^T (+)= XY^T @ G, columns k0.. of the d x K block.
-            tile_mm<scalar_t>(R, d, bk, Gp, bk, zp + k0 * d, d, Wp, d, /*accumulate=*/k0 != 0);
-            tile_mm<scalar_t>(d, bk, R, XYTp, R, Gp, bk, dzTbp + k0, K, /*accumulate=*/j0 != 0);
+            if (need_W) {
+              tile_mm<scalar_t>(R, d, bk, Gp, bk, zp + k0 * d, d, W.data_ptr<scalar_t>(), d, /*accumulate=*/k0 != 0);
+            }
+            if (needs.dz) {
+              tile_mm<scalar_t>(d, bk, R, XYT.data_ptr<scalar_t>(), R, Gp, bk, dzTbp + k0, K,
+                                /*accumulate=*/j0 != 0);
+            }
           }
+          if (!need_W) continue;
+          const scalar_t* Wp = W.data_ptr<scalar_t>();
           for (int64_t r = 0; r < R; ++r) {
             const int64_t i = i0 + r / bj, j = j0 + r % bj;
-            const scalar_t* xr = xp + i * d;
-            const scalar_t* yr = yp + j * d;
             const scalar_t* wr = Wp + r * d;
-            const scalar_t* xyr = XYp + r * d;
-            scalar_t* dxr = dxp + i * d;
-            scalar_t* dyr = dyp + j * d;
-            scalar_t t = 0;
-            for (int64_t c = 0; c < d; ++c) {
-              dxr[c] += yr[c] * wr[c];
-              dyr[c] += xr[c] * wr[c];
-              t += xyr[c] * wr[c];
+            if (needs.dx) {
+              const scalar_t* yr = yp + j * d;
+              double* dxr = dx_blk.data() + (i - i0) * d;
+              for (int64_t c = 0; c < d; ++c) dxr[c] += static_cast<double>(yr[c]) * wr[c];
             }
-            dtau_acc += t;
+            if (needs.dy) {
+              const scalar_t* xr = xp + i * d;
+              scalar_t* dyr = dyp + j * d;
+              for (int64_t c = 0; c < d; ++c) dyr[c] += xr[c] * wr[c];
+            }
           }
         }
-        dzTs.add_(dzT_blk);
+        if (needs.dx) {
+          for (int64_t e = 0; e < bi * d; ++e) dxp[i0 * d + e] = static_cast<scalar_t>(tau * dx_blk[e]);
+        }
+        if (needs.dz) dzT_part[s].add_(dzT_blk);
       }
       dtau_part[s] = dtau_acc;
     }
   });
 
-  dx.mul_(tau);
   // Slice partials, combined in slice order.
-  at::sum_out(dy, dy_part, {0});
-  dy.mul_(tau);
-  dz.copy_(dzT_part.sum(0).t());
-  dz.mul_(tau);
-  double t = 0;
-  for (int64_t s = 0; s < n_slices; ++s) t += dtau_part[s];
-  dtau.fill_(t);
+  if (needs.dy) {
+    at::sum_out(dy, dy_part, {0});
+    dy.mul_(tau);
+  }
+  if (needs.dz) {
+    dz.copy_(dzT_part.sum(0).t());
+    dz.mul_(tau);
+  }
+  if (needs.dtau) {
+    double t = 0;
+    for (int64_t s = 0; s < n_slices; ++s) t += dtau_part[s];
+    dtau.fill_(t / tau);  // the G pass summed G S = tau G T
+  }
+}
+
+// The output for a gradient: `like`'s shape when needed, else an empty (0,) tensor.
+inline Tensor grad_output(const Tensor& like, bool needed) {
+  return needed ? at::empty_like(like) : at::empty({0}, like.options());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> cube_lse_backward(const Tensor& x, const Tensor& y, const Tensor& z,
                                                              const Tensor& tau, const Tensor& La,
                                                              const Tensor& Lb, const Tensor& Lc,
                                                              const Tensor& gLa, const Tensor& gLb,
-                                                             const Tensor& gLc) {
+                                                             const Tensor& gLc, bool need_dx, bool need_dy,
+                                                             bool need_dz, bool need_dtau) {
   check_cube_inputs(x, y, z, tau);
   check_like(La, "La", x, "x", {x.size(0)});
   check_like(Lb, "Lb", x, "x", {y.size(0)});
@@ -552,9 +607,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cube_lse_backward(const Tensor& x, co
   check_like(gLa, "gLa", x, "x", {x.size(0)});
   check_like(gLb, "gLb", x, "x", {y.size(0)});
   check_like(gLc, "gLc", x, "x", {z.size(0)});
-  Tensor dx = at::empty_like(x), dy = at::empty_like(y), dz = at::empty_like(z), dtau = at::empty_like(tau);
+  const CubeNeeds needs{need_dx, need_dy, need_dz, need_dtau};
+  Tensor dx = grad_output(x, need_dx), dy = grad_output(y, need_dy), dz = grad_output(z, need_dz);
+  Tensor dtau = grad_output(tau, need_dtau);
+  if (!(need_dx || need_dy || need_dz || need_dtau)) return {dx, dy, dz, dtau};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cpu_cube_lse_backward", [&] {
-    cube_backward_kernel<scalar_t>(x, y, z, tau.item<double>(), La, Lb, Lc, gLa, gLb, gLc, dx, dy, dz, dtau);
+    cube_backward_kernel<scalar_t>(x, y, z, tau.item<double>(), La, Lb, Lc, gLa, gLb, gLc, needs, dx, dy, dz, dtau);
   });
   return {dx, dy, dz, dtau};
 }
@@ -724,9 +782,16 @@ class OrderedFold {
 // folded in i-block order (OrderedFold). Extra memory: a^T, (tau b)^T and db^T
 // (d x N, d x J, d x J), and per thread one tile, one d x BJ share and, only when
 // a share had to be parked, a d x J buffer.
+// Needs (da, db, dpos, dtau) skip what nobody wants: the P b product serves da and dtau, the
+// a^T P product (and db's fold) db alone; an unneeded output is an empty (0,) tensor.
+struct PairNeeds {
+  bool da, db, dpos, dtau;
+};
+
 template <typename scalar_t>
 void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, double tau, const Tensor& L,
-                          const Tensor& gL, Tensor& da, Tensor& db, Tensor& dpos, Tensor& dtau) {
+                          const Tensor& gL, PairNeeds needs, Tensor& da, Tensor& db, Tensor& dpos,
+                          Tensor& dtau) {
   const int64_t N = a.size(0), J = b.size(0), d = a.size(1);
   const int64_t BI = std::min(N, kPairBlockI), BJ = std::min(J, kPairBlockJ);
   const int64_t n_iblocks = (N + BI - 1) / BI, n_jblocks = (J + BJ - 1) / BJ;
@@ -735,26 +800,29 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
   const scalar_t* gLp = gL.data_ptr<scalar_t>();
   const scalar_t* ap = a.data_ptr<scalar_t>();
   const scalar_t* bp = b.data_ptr<scalar_t>();
-  const Tensor aT = a.t().contiguous();
+  const bool need_Pb = needs.da || needs.dtau;
+  const Tensor aT = needs.db ? a.t().contiguous() : Tensor();
   const Tensor tbT = tau_transposed(b, tau);
-  const scalar_t* aTp = aT.data_ptr<scalar_t>();
+  const scalar_t* aTp = needs.db ? aT.data_ptr<scalar_t>() : nullptr;
   const scalar_t* tbTp = tbT.data_ptr<scalar_t>();
-  scalar_t* dap = da.data_ptr<scalar_t>();
-  scalar_t* dposp = dpos.data_ptr<scalar_t>();
-  Tensor dbT = at::empty({d, J}, b.options());
+  // P b of the owned rows: da's rows when da is wanted, else a scratch for dtau alone.
+  Tensor Pb = needs.da ? da : (need_Pb ? at::empty_like(a) : Tensor());
+  scalar_t* dap = need_Pb ? Pb.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dposp = needs.dpos ? dpos.data_ptr<scalar_t>() : nullptr;
+  Tensor dbT = needs.db ? at::empty({d, J}, b.options()) : Tensor();
   std::vector<double> dtau_part(n_iblocks, 0.0);
-  OrderedFold<scalar_t> db_fold(dbT.data_ptr<scalar_t>(), J, BJ, d);
+  OrderedFold<scalar_t> db_fold(needs.db ? dbT.data_ptr<scalar_t>() : nullptr, J, BJ, d);
 
   std::atomic<int64_t> next_block{0};
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, num_workers(n_iblocks), 1, [&](int64_t, int64_t) {
     SequentialBlas sequential_blas(caller_state);
     Tensor S = at::empty({BI * BJ}, a.options());
-    Tensor part = at::empty({d, BJ}, a.options());
+    Tensor part = needs.db ? at::empty({d, BJ}, a.options()) : Tensor();
     typename OrderedFold<scalar_t>::Parking parking;
     for (int64_t ib = next_block++; ib < n_iblocks; ib = next_block++) {
       const int64_t i0 = ib * BI, bi = std::min(BI, N - i0);
-      scalar_t* dab = dap + i0 * d;  // owned rows; hold P b until scaled by tau
+      scalar_t* dab = need_Pb ? dap + i0 * d : nullptr;  // owned rows; hold P b until scaled by tau
       for (int64_t jb = 0; jb < n_jblocks; ++jb) {
         const int64_t j0 = jb * BJ, bj = std::min(BJ, J - j0);
         scalar_t* Pp = S.data_ptr<scalar_t>();
@@ -763,43 +831,53 @@ void pair_backward_kernel(const Tensor& a, const Tensor& b, const Tensor& pos, d
         for (int64_t ii = 0; ii < bi; ++ii) {
           const int64_t jj = i0 + ii - j0;
           if (jj >= 0 && jj < bj) {
-            dposp[i0 + ii] = Pp[ii * bj + jj];
+            if (needs.dpos) dposp[i0 + ii] = Pp[ii * bj + jj];
             Pp[ii * bj + jj] = 0;  // the diagonal's logit is pos, not tau <a, b>
           }
         }
         // da (+)= P b[j-block];  db[j-block]^T's share = a[i-block]^T P (d x bj).
-        tile_mm<scalar_t>(bi, d, bj, Pp, bj, bp + j0 * d, d, dab, d, /*accumulate=*/jb != 0);
-        scalar_t* partp = part.data_ptr<scalar_t>();
-        tile_mm<scalar_t>(d, bj, bi, aTp + i0, N, Pp, bj, partp, bj, /*accumulate=*/false);
-        db_fold.offer(parking, partp, ib, jb, a);
+        if (need_Pb) tile_mm<scalar_t>(bi, d, bj, Pp, bj, bp + j0 * d, d, dab, d, /*accumulate=*/jb != 0);
+        if (needs.db) {
+          scalar_t* partp = part.data_ptr<scalar_t>();
+          tile_mm<scalar_t>(d, bj, bi, aTp + i0, N, Pp, bj, partp, bj, /*accumulate=*/false);
+          db_fold.offer(parking, partp, ib, jb, a);
+        }
       }
-      db_fold.finish(parking, ib);
-      double t = 0;
-      for (int64_t ii = 0; ii < bi; ++ii) {
-        scalar_t row = 0;
-        for (int64_t c = 0; c < d; ++c) row += ap[(i0 + ii) * d + c] * dab[ii * d + c];
-        t += row;
+      if (needs.db) db_fold.finish(parking, ib);
+      if (needs.dtau) {
+        double t = 0;  // double: the terms cancel against the positive part's (as the cube's dtau)
+        for (int64_t ii = 0; ii < bi; ++ii) {
+          for (int64_t c = 0; c < d; ++c) t += static_cast<double>(ap[(i0 + ii) * d + c]) * dab[ii * d + c];
+        }
+        dtau_part[ib] = t;
       }
-      dtau_part[ib] = t;
-      for (int64_t e = 0; e < bi * d; ++e) dab[e] *= static_cast<scalar_t>(tau);
+      if (needs.da) {
+        for (int64_t e = 0; e < bi * d; ++e) dab[e] *= static_cast<scalar_t>(tau);
+      }
     }
   });
 
-  at::mul_out(db, dbT.t(), tau);
-  double t = 0;
-  for (int64_t ib = 0; ib < n_iblocks; ++ib) t += dtau_part[ib];
-  dtau.fill_(t);
+  if (needs.db) at::mul_out(db, dbT.t(), tau);
+  if (needs.dtau) {
+    double t = 0;
+    for (int64_t ib = 0; ib < n_iblocks; ++ib) t += dtau_part[ib];
+    dtau.fill_(t);
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> pair_lse_backward(const Tensor& a, const Tensor& b, const Tensor& pos,
                                                              const Tensor& tau, const Tensor& L,
-                                                             const Tensor& gL) {
+                                                             const Tensor& gL, bool need_da, bool need_db,
+                                                             bool need_dpos, bool need_dtau) {
   check_pair_inputs(a, b, pos, tau);
   check_like(L, "L", a, "a", {a.size(0)});
   check_like(gL, "gL", a, "a", {a.size(0)});
-  Tensor da = at::empty_like(a), db = at::empty_like(b), dpos = at::empty_like(pos), dtau = at::empty_like(tau);
+  const PairNeeds needs{need_da, need_db, need_dpos, need_dtau};
+  Tensor da = grad_output(a, need_da), db = grad_output(b, need_db), dpos = grad_output(pos, need_dpos);
+  Tensor dtau = grad_output(tau, need_dtau);
+  if (!(need_da || need_db || need_dpos || need_dtau)) return {da, db, dpos, dtau};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cpu_pair_lse_backward", [&] {
-    pair_backward_kernel<scalar_t>(a, b, pos, tau.item<double>(), L, gL, da, db, dpos, dtau);
+    pair_backward_kernel<scalar_t>(a, b, pos, tau.item<double>(), L, gL, needs, da, db, dpos, dtau);
   });
   return {da, db, dpos, dtau};
 }
@@ -965,10 +1043,13 @@ Tensor tile_mm_test(const Tensor& A, const Tensor& B, Tensor C, bool accumulate)
 // (symile_kernels/ops.py) and the CUDA backend.
 TORCH_LIBRARY_FRAGMENT(symile_kernels, m) {
   m.def("cpu_cube_lse_forward(Tensor x, Tensor y, Tensor z, Tensor tau) -> (Tensor, Tensor, Tensor)");
+  // The bool flags: which gradients to compute (an unneeded one comes back as an empty (0,) tensor).
   m.def("cpu_cube_lse_backward(Tensor x, Tensor y, Tensor z, Tensor tau, Tensor La, Tensor Lb, Tensor Lc, "
-        "Tensor gLa, Tensor gLb, Tensor gLc) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor gLa, Tensor gLb, Tensor gLc, bool need_dx=True, bool need_dy=True, bool need_dz=True, "
+        "bool need_dtau=True) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_pair_lse_forward(Tensor a, Tensor b, Tensor pos, Tensor tau) -> Tensor");
-  m.def("cpu_pair_lse_backward(Tensor a, Tensor b, Tensor pos, Tensor tau, Tensor L, Tensor gL) "
+  m.def("cpu_pair_lse_backward(Tensor a, Tensor b, Tensor pos, Tensor tau, Tensor L, Tensor gL, "
+        "bool need_da=True, bool need_db=True, bool need_dpos=True, bool need_dtau=True) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_pair_lse_forward_grads(Tensor a, Tensor b, Tensor pos, Tensor tau, bool need_U, bool need_V) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -60,6 +60,10 @@ struct Vec {
   static Vec exp(Vec a) { return {std::exp(a.v)}; }
   static float hsum(Vec a) { return a.v; }
   static float hmax(Vec a) { return a.v; }
+  using Acc = double;
+  static Acc acc_zero() { return 0.0; }
+  static void acc_fma(Acc& acc, Vec a, Vec b) { acc += static_cast<double>(a.v) * b.v; }
+  static double acc_sum(Acc acc) { return acc; }
 };
 #include "rows_impl.h"
 }  // namespace scalar
@@ -106,6 +110,23 @@ struct Vec {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // Double accumulator: the lanes widened to double (a float32 product is exact in double).
+  struct Acc {
+    __m256d lo, hi;
+  };
+  static Acc acc_zero() { return {_mm256_setzero_pd(), _mm256_setzero_pd()}; }
+  static void acc_fma(Acc& acc, Vec a, Vec b) {
+    acc.lo = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a.v)),
+                             _mm256_cvtps_pd(_mm256_castps256_ps128(b.v)), acc.lo);
+    acc.hi = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(a.v, 1)),
+                             _mm256_cvtps_pd(_mm256_extractf128_ps(b.v, 1)), acc.hi);
+  }
+  static double acc_sum(Acc acc) {
+    const __m256d s = _mm256_add_pd(acc.lo, acc.hi);
+    __m128d t = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    t = _mm_add_sd(t, _mm_unpackhi_pd(t, t));
+    return _mm_cvtsd_f64(t);
+  }
 };
 #include "vec_exp.h"
 #include "rows_impl.h"
@@ -136,6 +157,18 @@ struct Vec {
   static Vec exp(Vec a);
   static float hsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
   static float hmax(Vec a) { return _mm512_reduce_max_ps(a.v); }
+  // Double accumulator, as avx2's.
+  struct Acc {
+    __m512d lo, hi;
+  };
+  static Acc acc_zero() { return {_mm512_setzero_pd(), _mm512_setzero_pd()}; }
+  static void acc_fma(Acc& acc, Vec a, Vec b) {
+    acc.lo = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a.v)),
+                             _mm512_cvtps_pd(_mm512_castps512_ps256(b.v)), acc.lo);
+    acc.hi = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(a.v, 1)),
+                             _mm512_cvtps_pd(_mm512_extractf32x8_ps(b.v, 1)), acc.hi);
+  }
+  static double acc_sum(Acc acc) { return _mm512_reduce_add_pd(_mm512_add_pd(acc.lo, acc.hi)); }
 };
 #include "vec_exp.h"
 #include "rows_impl.h"
@@ -197,11 +230,13 @@ inline double exp_row_col_sum(const float* s, int64_t n, float ref, float w, flo
 inline void exp_row_scale(float* s, int64_t n, float ref, float scale) {
   SYMILE_VEC_DISPATCH(active_isa(), exp_row_scale(s, n, ref, scale))
 }
-inline void g_row_shared(float* s, int64_t n, float ref, float a, float u, const float* gv) {
-  SYMILE_VEC_DISPATCH(active_isa(), g_row_shared(s, n, ref, a, u, gv))
+template <bool kDot>
+inline double g_row_shared(float* s, int64_t n, float ref, float a, float u, const float* gv) {
+  SYMILE_VEC_DISPATCH(active_isa(), g_row_shared<kDot>(s, n, ref, a, u, gv))
 }
-inline void g_row_two(float* s, int64_t n, float ref, float a, const float* Lc, const float* gLc) {
-  SYMILE_VEC_DISPATCH(active_isa(), g_row_two(s, n, ref, a, Lc, gLc))
+template <bool kDot>
+inline double g_row_two(float* s, int64_t n, float ref, float a, const float* Lc, const float* gLc) {
+  SYMILE_VEC_DISPATCH(active_isa(), g_row_two<kDot>(s, n, ref, a, Lc, gLc))
 }
 // e^x elementwise at a given (supported) instruction set: the accuracy test's entry point.
 inline void exp_array(Isa isa, const float* x, int64_t n, float* out) { SYMILE_VEC_DISPATCH(isa, exp_array(x, n, out)) }
