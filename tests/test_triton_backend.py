@@ -292,6 +292,20 @@ def test_unavailable_on_cpu_without_interpreter(monkeypatch):
         assert backends.resolve("auto", torch.device("cpu")) != "triton"
 
 
+@pytest.mark.skipif(CHILD, reason="the parent only")
+def test_an_older_triton_names_the_version_needed():
+    # A fresh process, as the version is checked when symile_kernels.triton is first imported.
+    code = ("import torch, triton; triton.__version__ = '3.5.1'; from symile_kernels import backends; "
+            "print(backends.unavailable_reason('triton', torch.device('cpu')))")
+    env = {k: v for k, v in os.environ.items() if k != backends.ENV_VAR}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "needs triton >= 3.6, found triton 3.5.1" in done.stdout
+    from symile_kernels.triton import _launch
+
+    assert _launch.triton_version("3.9.0+git0c3a7e1") == (3, 9) and _launch.TRITON_VERSION >= _launch.MIN_TRITON
+
+
 @pytest.mark.skipif(CUDA or CHILD, reason="the CPU parent only; with CUDA the tests run directly")
 def test_interpreter_run():
     env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_ENV: "1"})

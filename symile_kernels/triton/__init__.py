@@ -8,8 +8,8 @@
   element and pass shared across the anchors (docs/math.md sections 2 and 5).
 * ``pair.py``: the tiled row LSE of "n" sampling and M = 2 (docs/math.md section 3).
 * ``_launch.py``: configuration lists (``kernel_configs()``, ``pinned_config``),
-  tuning and the dtype policy; ``_compile.py``: compiles every kernel for
-  sm_80/sm_90 without a GPU.
+  tuning and the dtype policy (benchmarks/triton_compile.py, outside the
+  package, compiles every kernel for sm_80/sm_90 without a GPU).
 
 Devices: CUDA tensors run compiled kernels, tuned (each configuration of the
 list timed) once per feature size, dtype and precision on the first call with at
@@ -37,12 +37,21 @@ import os
 from typing import Optional
 
 import torch
-import triton  # noqa: F401  (a missing Triton makes the backend unavailable, with the import error)
+import triton  # a missing Triton makes the backend unavailable, with the import error
 
 from .. import chunked
 from ..backends import Backend
-from . import _launch, cube, pair
-from ._launch import interpret_as, kernel_configs, launch_list, pinned_config
+from . import _launch
+
+if _launch.TRITON_VERSION < _launch.MIN_TRITON:
+    # Raised before the kernels are decorated (an older Triton fails there less clearly); the registry
+    # gives this message as the backend's unavailable_reason.
+    _NEEDED = ".".join(map(str, _launch.MIN_TRITON))
+    raise ImportError(f"the triton backend needs triton >= {_NEEDED}, found triton {triton.__version__}: "
+                      f"pip install 'triton>={_NEEDED}' (or a torch >= 2.11, which pins one)")
+
+from . import cube, pair  # noqa: E402
+from ._launch import interpret_as, kernel_configs, launch_list, pinned_config  # noqa: E402
 
 __all__ = ["BACKEND", "interpret_as", "kernel_configs", "launch_list", "pinned_config"]
 

@@ -10,14 +10,64 @@ import contextlib
 import functools
 import itertools
 import os
+import re
 from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 
+
+def triton_version(text: str = triton.__version__) -> tuple:
+    """(major, minor) of a Triton version string ("3.6.0", "3.9.0+git1234" -> (3, 6), (3, 9))."""
+    found = re.match(r"(\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+TRITON_VERSION = triton_version()
+# The Triton releases whose compilers the configuration lists are checked on (.ci/run compiles every
+# kernel under each: tests/test_triton_compile.py), oldest first: 3.6 is torch 2.11's pin, 3.9 the
+# newest. A Triton older than the first makes the backend unavailable with the version it needs
+# (symile_kernels/triton/__init__.py); any other takes the newest release here not above it
+# (``triton_release``), by which both TRITON_CONFIGS and the compile check's spill pins are chosen.
+TRITON_RELEASES = ((3, 6), (3, 9))
+MIN_TRITON = TRITON_RELEASES[0]
+
+
+def triton_release(version: tuple = TRITON_VERSION) -> tuple:
+    """The entry of TRITON_RELEASES whose checks a Triton of ``version`` (major, minor) follows."""
+    return max((r for r in TRITON_RELEASES if r <= version), default=MIN_TRITON)
+
+
+# Configuration lists that a release's compiler needs in place of cube.py's and pair.py's (the one
+# place where configurations depend on the Triton version): {release: {list name: configurations}}.
+# Triton 3.6 stages pair_fwd's 64 x 32 x 512 float32 (TF32) tiles in 260 KiB of shared memory, over
+# sm_90's 227 KiB per block (3.9: 196 KiB); 64 x 16 keeps two stages and wgmma and takes 196 KiB,
+# spill-free in every mode (64 x 32 in one stage took 164 KiB but spilled 12 KiB in IEEE float32).
+TRITON_CONFIGS = {
+    (3, 6): {"pair_fwd/sm90/xlarge": [triton.Config(dict(BLOCK_M=64, BLOCK_N=16), num_warps=8, num_stages=2)]},
+}
+
 # True when the kernels of this subpackage were decorated in interpreter mode.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if INTERPRETED:
+    def loop_bound(x):
+        """A kernel loop's runtime bound x (a scalar int32/int64 tensor: an argument such as J, or a
+        program's start or stop; or a Python int) as the Python int that the interpreter's ``range``
+        needs. The interpreter holds a scalar as a 1-element array, which Triton 3.6 converts with
+        ``int()``, refused by numpy >= 2.4 for arrays of one dimension (Triton 3.9 squeezes it first);
+        ``item()`` reads the same integer, so every loop runs the same iterations on every Triton."""
+        if isinstance(x, int):
+            return x
+        return int(x.handle.data.item())
+else:
+    @triton.jit
+    def loop_bound(x):
+        """Compiled kernels: the bound x (a scalar int32/int64) itself, inlined. Loops keep runtime
+        bounds rather than constexpr ones: one compiled kernel serves every problem size."""
+        return x
 
 # Tile rows whose shared exponential would lose a column or an LSE term take a
 # fallback path with their own exponential (see cube.py); these are the widest
@@ -161,8 +211,12 @@ _INTERPRET_AS: list = [None]
 
 
 def register(kernel: str, lists: dict) -> None:
+    """Adds ``kernel``'s lists {"<arch>/<bucket>" or "interpreter": [triton.Config, ...]}, each replaced
+    by its TRITON_CONFIGS entry for the installed Triton's release where it has one."""
+    replaced = TRITON_CONFIGS.get(triton_release(), {})
     for suffix, configs in lists.items():
-        _CONFIGS[f"{kernel}/{suffix}"] = list(configs)
+        name = f"{kernel}/{suffix}"
+        _CONFIGS[name] = list(replaced.get(name, configs))
 
 
 def kernel_configs() -> dict:

@@ -95,7 +95,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch as _cfg
-from ._launch import BACKWARD_SHARE_SPREAD, FORWARD_SHARE_SPREAD, LOG2E
+from ._launch import BACKWARD_SHARE_SPREAD, FORWARD_SHARE_SPREAD, LOG2E, loop_bound
 from ._segments import (_add_rows, _load_rows, seg_accumulate, seg_dot_t, seg_products, seg_products_dot,
                         seg_rows_t, seg_store, seg_zeros)
 
@@ -191,14 +191,14 @@ def _cube_fwd_kernel(X, Y, Z, TAU, LA_M, LA_S, LB_M, LB_S, LC_M, LC_S, I, J, K, 
     lc_row = (pid_i.to(tl.int64) * tl.num_programs(1) + pid_s) * K
     la_m = tl.full((BLOCK_P,), NEG_INF, tl.float32)  # (max, sum) over (j, k) so far, per row p = (i, j)
     la_s = tl.zeros((BLOCK_P,), tl.float32)
-    for j0 in range(j_start, j_stop, BLOCK_J):
+    for j0 in range(loop_bound(j_start), loop_bound(j_stop), BLOCK_J):
         j_idx = j0 + offs_p % BLOCK_J
         p_valid = i_valid & (j_idx < j_stop)
         # The row products once per (i-block, j-block), reused by every k-block.
         xy = seg_products(X, Y, i_idx, j_idx, p_valid, D, SEGS, DOT_DTYPE)
         r_max = tl.full((BLOCK_P,), NEG_INF, tl.float32)  # online LSE over k of row p
         r_sum = tl.zeros((BLOCK_P,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, loop_bound(K), BLOCK_K):
             k_idx = k0 + tl.arange(0, BLOCK_K)
             k_valid = k_idx < K
             T, _ = seg_dot_t(xy, Z, k_idx, k_valid, D, SEGS, DOT_DTYPE, PRECISION)
@@ -272,13 +272,13 @@ def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_P
     j_stop = tl.minimum(j_start + J_PER_SPLIT, J)
     ux_row0 = pid_sj.to(tl.int64) * I  # the program's rows of UX_PART
     uy_row0 = pid_si.to(tl.int64) * J  # the program's rows of UY_PART
-    for i0 in range(i_start, i_stop, BLOCK_I):
+    for i0 in range(loop_bound(i_start), loop_bound(i_stop), BLOCK_I):
         i_idx = i0 + offs_p // BLOCK_J
         i_valid = i_idx < i_stop
         la_p = tl.load(LA + i_idx, mask=i_valid, other=float("inf"))
         gla_p = tl.load(GLA + i_idx, mask=i_valid, other=0.0).to(tl.float32)
         ux = seg_zeros(BLOCK_I, SEGS)
-        for j0 in range(j_start, j_stop, BLOCK_J):
+        for j0 in range(loop_bound(j_start), loop_bound(j_stop), BLOCK_J):
             j_idx = j0 + offs_p % BLOCK_J
             p_valid = i_valid & (j_idx < j_stop)
             lb_p = tl.load(LB + j_idx, mask=p_valid, other=float("inf"))
@@ -290,7 +290,7 @@ def _cube_bwd_rows_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, UX_PART, UY_P
             c0 = tl.max(tl.where(p_valid, ref, NEG_INF), axis=0)
             u = _exp(tl.where(p_valid, ref, c0) - c0)  # <= 1
             w = seg_zeros(BLOCK_P, SEGS)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(0, loop_bound(K), BLOCK_K):
                 k_idx = k0 + tl.arange(0, BLOCK_K)
                 k_valid = k_idx < K
                 T, zt = seg_dot_t(xy, Z, k_idx, k_valid, D, SEGS, DOT_DTYPE, PRECISION)
@@ -346,7 +346,7 @@ def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K
     v = _exp(tl.where(k_valid, lc_k, c1) - c1)  # <= 1
     i_start = pid_s.to(tl.int64) * I_PER_SPLIT
     i_stop = tl.minimum(i_start + I_PER_SPLIT, I)
-    for i0 in range(i_start, i_stop, BLOCK_I):
+    for i0 in range(loop_bound(i_start), loop_bound(i_stop), BLOCK_I):
         i_blk = i0 + tl.arange(0, BLOCK_I)
         ib_valid = i_blk < i_stop
         la_i = tl.load(LA + i_blk, mask=ib_valid, other=float("inf"))
@@ -355,7 +355,7 @@ def _cube_bwd_dz_kernel(X, Y, Z, TAU, LA, LB, LC, GLA, GLB, GLC, V_PART, I, J, K
         A_i = gla_i * _exp(tl.where(ib_valid, tl.minimum(c1 - la_i, SHARE_SPREAD), NEG_INF))
         i_idx = i0 + offs_p // BLOCK_J
         i_valid = i_idx < i_stop
-        for j0 in range(0, J, BLOCK_J):
+        for j0 in range(0, loop_bound(J), BLOCK_J):
             j_blk = j0 + tl.arange(0, BLOCK_J)
             jb_valid = j_blk < J
             lb_j = tl.load(LB + j_blk, mask=jb_valid, other=float("inf"))

@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch as _cfg
+from ._launch import loop_bound
 from ._segments import seg_accumulate_rows, seg_rows_dot_t, seg_store, seg_zeros
 from .cube import _exp
 
@@ -51,7 +52,7 @@ def _pair_fwd_kernel(A, B, POS, TAU, L_M, L_S, I, J, D,
     r_valid = rows < I
     m = tl.full((BLOCK_M,), NEG_INF, tl.float32)
     s = tl.zeros((BLOCK_M,), tl.float32)
-    for j0 in range(0, J, BLOCK_N):
+    for j0 in range(0, loop_bound(J), BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         l, _ = _pair_logits(A, B, POS, tau, rows, r_valid, cols, cols < J, D, SEGS, PRECISION, DOT_DTYPE)
         new = tl.maximum(m, tl.max(l, axis=1))
@@ -84,7 +85,7 @@ def _pair_bwd_rows_kernel(A, B, POS, TAU, L, GL, UA, DPOS, I, J, D,
     r_valid = rows < I
     u = seg_zeros(BLOCK_M, SEGS)
     dpos = tl.zeros((BLOCK_M,), tl.float32)
-    for j0 in range(0, J, BLOCK_N):
+    for j0 in range(0, loop_bound(J), BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         c_valid = cols < J
         P, P_diag = _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D, SEGS, PRECISION, DOT_DTYPE)
@@ -104,7 +105,7 @@ def _pair_bwd_cols_kernel(A, B, POS, TAU, L, GL, UB, I, J, D,
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_valid = cols < J
     u = seg_zeros(BLOCK_N, SEGS)
-    for i0 in range(0, I, BLOCK_M):
+    for i0 in range(0, loop_bound(I), BLOCK_M):
         rows = (i0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         r_valid = rows < I
         P, _ = _pair_P(A, B, POS, L, GL, tau, rows, r_valid, cols, c_valid, D, SEGS, PRECISION, DOT_DTYPE)
@@ -122,6 +123,7 @@ def _configs(shapes) -> list:
 # at each bucket's largest feature size (128, 256, 512 = 256 + 256) these shapes compile with at
 # most 24 bytes of stack in bf16; the "xlarge" backward lists take 16-32 rows (no wgmma on sm_90).
 # Multi-segment sizes spill more on some lists (tests/test_triton_compile.py pins every case).
+# Triton 3.6 runs pair_fwd/sm90/xlarge from its own list (_launch.TRITON_CONFIGS: shared memory).
 _PAIR_LISTS = {
     "pair_fwd": {
         "sm90/small": _configs([(128, 64, 8, 3), (64, 64, 4, 3)]),

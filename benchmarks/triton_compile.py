@@ -12,7 +12,9 @@ mode, and the backward kernels in bf16 also at sizes that take three to five fea
 sizes of three or more segments: it compiles at the largest of them in every mode and at the others
 in bf16, and its base list then only at the bucket's largest size.
 
-    python -m symile_kernels.triton._compile [--jobs 2] [--mode bf16]   # prints the markdown table
+    python benchmarks/triton_compile.py [--jobs 2] [--mode bf16]   # prints the markdown table
+
+Lab code (tests/test_triton_compile.py and the table in docs/kernels.md use it), not part of the package.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ from concurrent.futures import ProcessPoolExecutor
 import triton
 import triton.language as tl
 
-from . import _launch, cube, pair
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
+
+from symile_kernels.triton import _launch, cube, pair  # noqa: E402
 
 KERNELS = {**cube.KERNELS, **pair.KERNELS}
 # Per-block shared memory limits (opt-in maximum): sm_80 163 KiB, sm_90 227 KiB.
