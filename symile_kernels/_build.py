@@ -13,7 +13,7 @@ import shutil
 import sys
 from typing import Callable, Mapping, Optional
 
-CPU_SOURCES = ("csrc/cpu/symile_cpu.cpp",)  # relative to source_root()
+CPU_SOURCES = ("csrc/cpu/binding.cpp", "csrc/cpu/cube.cpp", "csrc/cpu/pair.cpp")  # relative to source_root()
 CUDA_SOURCE_DIR = "csrc/cuda"
 CUDA_SOURCES = ("binding.cpp", "cube.cu", "pair.cu")  # in CUDA_SOURCE_DIR
 

@@ -1,4 +1,4 @@
-"""The "cpu" backend: fused C++ kernels (csrc/cpu/symile_cpu.cpp) for CPU tensors.
+"""The "cpu" backend: fused C++ kernels (csrc/cpu/: cube.cpp, pair.cpp, binding.cpp) for CPU tensors.
 
 The kernels are torch operators in the ``symile_kernels`` namespace (CPU
 dispatch key), with fake implementations registered here:
@@ -40,7 +40,7 @@ from .backends import Backend
 from .ops import _forward_grads_like as forward_grads_like
 
 EXTENSION = "symile_kernels._cpu_kernels"
-_SOURCE = Path(_build.source_root(Path(__file__).resolve().parent)) / _build.CPU_SOURCES[0]
+_SOURCES = [Path(_build.source_root(Path(__file__).resolve().parent)) / name for name in _build.CPU_SOURCES]
 _OPS = ("cpu_cube_lse_forward", "cpu_cube_lse_backward", "cpu_pair_lse_forward", "cpu_pair_lse_backward",
         "cpu_pair_lse_forward_grads")
 
@@ -50,7 +50,7 @@ def compile_flags() -> list[str]:
 
 
 def _jit_build() -> Optional[str]:
-    return jit_build("C++ CPU backend", [_SOURCE], "a C++17 compiler is needed", name="symile_kernels_cpu",
+    return jit_build("C++ CPU backend", _SOURCES, "a C++17 compiler is needed", name="symile_kernels_cpu",
                      extra_cflags=compile_flags(), extra_ldflags=_build.openmp_flags(), verbose=False)
 
 

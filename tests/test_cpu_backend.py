@@ -1,4 +1,4 @@
-"""The fused C++ CPU backend (backend="cpu", csrc/cpu/symile_cpu.cpp) against the float64 oracle.
+"""The fused C++ CPU backend (backend="cpu", csrc/cpu/) against the float64 oracle.
 
 Skipped as a whole, with the reason, when the extension can neither be loaded
 nor JIT-built here.

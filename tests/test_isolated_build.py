@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from symile_kernels import _build
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +35,7 @@ def test_isolated_wheel_is_pure_python_and_installs(tmp_path):
     assert len(wheels) == 1, log
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert "symile_kernels/ops.py" in names
-    assert "symile_kernels/csrc/cpu/symile_cpu.cpp" in names  # for the JIT build on first use
+    assert all(f"symile_kernels/{name}" in names for name in _build.CPU_SOURCES)  # for the JIT build on first use
     assert "symile_kernels/csrc/cuda/cube.cu" in names
     assert not [n for n in names if n.endswith((".so", ".pyd"))], names
     assert "-py3-none-any.whl" in wheels[0].name, wheels[0].name

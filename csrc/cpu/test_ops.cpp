@@ -1,5 +1,5 @@
 // Test-only operators of the CPU kernels' building blocks, kept out of the production library
-// (symile_kernels._cpu_kernels, built from symile_cpu.cpp): tests/cpu_test_ops.py JIT-builds this
+// (symile_kernels._cpu_kernels, built from binding.cpp, cube.cpp, pair.cpp): tests/cpu_test_ops.py JIT-builds this
 // file on its own, as the library "symile_kernels_cpu_test_ops", for tests/test_cpu_exp.py,
 // tests/test_cpu_tile_mm.py and benchmarks/tile_rate.py.
 //   cpu_exp_test(x, isa) -> e^x through vec_rows.h's exponential at instruction set isa

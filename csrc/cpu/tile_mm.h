@@ -1,4 +1,4 @@
-// One thread's tile product for the CPU kernels (symile_cpu.cpp):
+// One thread's tile product for the CPU kernels (cube.cpp, pair.cpp):
 //   C (m x n, row stride ldc) = [C +] A (m x k, lda) @ B (k x n, ldb), all row-major.
 //
 // float32 goes through ATen's batch-reduce GEMM, at::native::cpublas::brgemm: oneDNN's
