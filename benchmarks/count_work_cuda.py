@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc" / "cuda"
 MODES = {"ieee": 0, "tf32": 1, "bf16": 2}
-_SOURCES = ("cube.cu", "pair.cu", "tile.cuh", "plan.h", "launch.h", "static_switch.h", "emu/cuda_emu.h",
+_SOURCES = ("cube.cu", "pair.cu", "device.cuh", "tile.cuh", "tile_engines.cuh", "tile_loaders.cuh", "plan.h", "launch.h", "static_switch.h", "emu/cuda_emu.h",
             "emu/emu_shim.cpp")
 
 

@@ -187,7 +187,7 @@ def test_z_tiles_copy_through_cp_async(kernels, arch):
 
 
 def test_wmma_bf16_tiles_compile_without_spills(tmp_path):
-    # The WMMA fragments (-DSK_BF16_WMMA, csrc/cuda/tile.cuh kBf16Ldmatrix) stay buildable to compare:
+    # The WMMA fragments (-DSK_BF16_WMMA, csrc/cuda/tile_engines.cuh kBf16Ldmatrix) stay buildable to compare:
     # pair.cu built with them for sm_80 has HMMA but no LDSM in its bf16 kernels, and no spills.
     if NVCC is None or _cuobjdump() is None:
         pytest.skip("nvcc or cuobjdump not found")

@@ -37,7 +37,7 @@ constexpr int kSmemAlign = 128;
 // rather than a cap of its own choosing (left free, it capped several kernels at 128 and
 // spilled). Every kernel compiles without spills (tests/test_cuda_sass.py). The pair
 // kernels fit 128 registers: two CTAs per SM. So does the cube forward (ldmatrix fragments; with
-// float32 rows in TF32 tiles it spilled 32 bytes at 128 on sm_80 until opaque_tid() (tile.cuh)
+// float32 rows in TF32 tiles it spilled 32 bytes at 128 on sm_80 until opaque_tid() (tile_engines.cuh)
 // stopped ptxas holding hoisted thread-index addresses: 94 registers since). The backward
 // passes fit 128 with their own, smaller tiles
 // (cube_backward_config: 32 pair rows in pass "pairs", 32 rows of z in pass "z"; with the
