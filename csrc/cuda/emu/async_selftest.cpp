@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "../tile.cuh"
+#include "tile.cuh"  // through -I csrc/cuda, as the kernels see it
 
 namespace {
 

@@ -6,7 +6,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../launch.h"
+#include "launch.h"  // through -I csrc/cuda, as the kernels see it
 
 namespace {
 
