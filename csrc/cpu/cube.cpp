@@ -62,6 +62,17 @@ CubeBlocks cube_blocks(int64_t I, int64_t J, int64_t K) {
   return b;
 }
 
+// A worker's tile workspaces, from ATen's allocator (64-byte aligned rows for the micro-kernels):
+// XY, the (i, j) block's row products (R_max x d), and S, its logits (R_max x BLOCK_K).
+struct TileWorkspace {
+  int64_t R_max;
+  Tensor XY, S;
+  TileWorkspace(const CubeBlocks& blk, int64_t d, const at::TensorOptions& options)
+      : R_max(blk.BLOCK_I * blk.BLOCK_J),
+        XY(at::empty({R_max, d}, options)),
+        S(at::empty({R_max * blk.BLOCK_K}, options)) {}
+};
+
 // XY[(ii, jj)] = x[i0 + ii] * y[j0 + jj] for a bi x bj block: (bi * bj, d), row-major.
 template <typename scalar_t>
 void fill_xy(const scalar_t* x, const scalar_t* y, int64_t d, int64_t i0, int64_t bi, int64_t j0, int64_t bj,
@@ -128,10 +139,9 @@ void cube_forward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, doub
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, num_workers(n_slices), 1, [&](int64_t, int64_t) {
     SequentialBlas sequential_blas(caller_state);
-    const int64_t R_max = blk.BLOCK_I * blk.BLOCK_J;
-    // Workspaces from ATen's allocator: 64-byte aligned rows for the micro-kernels.
-    Tensor XY = at::empty({R_max, d}, x.options());
-    Tensor S = at::empty({R_max * blk.BLOCK_K}, x.options());
+    const TileWorkspace ws(blk, d, x.options());
+    const int64_t R_max = ws.R_max;
+    const Tensor &XY = ws.XY, &S = ws.S;
     std::vector<scalar_t> rm(R_max), w(R_max), cs(blk.BLOCK_K);
     std::vector<double> rs(R_max);
     for (int64_t s = next_slice++; s < n_slices; s = next_slice++) {
@@ -278,9 +288,9 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, num_workers(n_slices), 1, [&](int64_t, int64_t) {
     SequentialBlas sequential_blas(caller_state);
-    const int64_t R_max = blk.BLOCK_I * blk.BLOCK_J;
-    Tensor XY = at::empty({R_max, d}, x.options());
-    Tensor S = at::empty({R_max * blk.BLOCK_K}, x.options());
+    const TileWorkspace ws(blk, d, x.options());
+    const int64_t R_max = ws.R_max;
+    const Tensor &XY = ws.XY, &S = ws.S;
     // XY^T: dz's left operand, row-major; W: the i-block's G @ z rows.
     Tensor XYT = needs.dz ? at::empty({d, R_max}, x.options()) : Tensor();
     Tensor W = need_W ? at::empty({R_max, d}, x.options()) : Tensor();
