@@ -73,6 +73,21 @@ struct TileWorkspace {
         S(at::empty({R_max * blk.BLOCK_K}, options)) {}
 };
 
+// Runs body(ws, next_slice) once per worker thread, each with its own TileWorkspace, the caller's
+// thread-local state and a sequential BLAS (the workers are the parallelism); the workers take
+// slices from the shared counter next_slice.
+template <typename Body>
+void on_workers(int64_t n_slices, const CubeBlocks& blk, int64_t d, const at::TensorOptions& options,
+                Body body) {
+  std::atomic<int64_t> next_slice{0};
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, num_workers(n_slices), 1, [&](int64_t, int64_t) {
+    SequentialBlas sequential_blas(caller_state);
+    const TileWorkspace ws(blk, d, options);
+    body(ws, next_slice);
+  });
+}
+
 // XY[(ii, jj)] = x[i0 + ii] * y[j0 + jj] for a bi x bj block: (bi * bj, d), row-major.
 template <typename scalar_t>
 void fill_xy(const scalar_t* x, const scalar_t* y, int64_t d, int64_t i0, int64_t bi, int64_t j0, int64_t bj,
@@ -135,11 +150,7 @@ void cube_forward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, doub
   std::vector<double> Lb_m(n_slices * J, -kInf), Lb_s(n_slices * J, 0.0);
   std::vector<double> Lc_m(n_slices * K, -kInf), Lc_s(n_slices * K, 0.0);
 
-  std::atomic<int64_t> next_slice{0};
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, num_workers(n_slices), 1, [&](int64_t, int64_t) {
-    SequentialBlas sequential_blas(caller_state);
-    const TileWorkspace ws(blk, d, x.options());
+  on_workers(n_slices, blk, d, x.options(), [&](const TileWorkspace& ws, std::atomic<int64_t>& next_slice) {
     const int64_t R_max = ws.R_max;
     const Tensor &XY = ws.XY, &S = ws.S;
     std::vector<scalar_t> rm(R_max), w(R_max), cs(blk.BLOCK_K);
@@ -284,11 +295,7 @@ void cube_backward_kernel(const Tensor& x, const Tensor& y, const Tensor& z, dou
   std::vector<double> dtau_part(n_slices, 0.0);
   scalar_t* dxp = needs.dx ? dx.data_ptr<scalar_t>() : nullptr;
 
-  std::atomic<int64_t> next_slice{0};
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, num_workers(n_slices), 1, [&](int64_t, int64_t) {
-    SequentialBlas sequential_blas(caller_state);
-    const TileWorkspace ws(blk, d, x.options());
+  on_workers(n_slices, blk, d, x.options(), [&](const TileWorkspace& ws, std::atomic<int64_t>& next_slice) {
     const int64_t R_max = ws.R_max;
     const Tensor &XY = ws.XY, &S = ws.S;
     // XY^T: dz's left operand, row-major; W: the i-block's G @ z rows.
