@@ -339,22 +339,34 @@ def _forward_grads_like(a: Tensor, b: Tensor, pos: Tensor, need_U: bool, need_V:
 # turns autograd off around its op (this Function is the autograd; under torch.func's transforms the
 # op's registered one would run too) and calls the op's OpOverload, which torch.compile traces.
 
-def _function(op: str, setup, backward) -> type:
-    """An autograd.Function whose forward is ``torch.ops.symile_kernels.<op>`` and whose
-    setup_context and backward are the op's own."""
-    overload = getattr(torch.ops.symile_kernels, op).default
-
-    def forward(*args):
+class _CubeLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(x, y, z, tau, backend):
         with torch.no_grad():
-            return overload(*args)
+            return torch.ops.symile_kernels.cube_lse.default(x, y, z, tau, backend)
 
-    return type(f"_{op}", (torch.autograd.Function,), dict(
-        forward=staticmethod(forward), setup_context=staticmethod(setup), backward=staticmethod(backward)))
+    setup_context = staticmethod(_cube_setup)
+    backward = staticmethod(_cube_backward)
 
 
-_CubeLSE = _function("cube_lse", _cube_setup, _cube_backward)  # (x, y, z, tau, backend)
-_PairLSE = _function("pair_lse", _pair_setup, _pair_backward)  # (a, b, pos, tau, backend)
-_PairLSEFused = _function("pair_lse_fused", _fused_setup, _fused_backward)  # (a, b, pos, tau, backend, needs)
+class _PairLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(a, b, pos, tau, backend):
+        with torch.no_grad():
+            return torch.ops.symile_kernels.pair_lse.default(a, b, pos, tau, backend)
+
+    setup_context = staticmethod(_pair_setup)
+    backward = staticmethod(_pair_backward)
+
+
+class _PairLSEFused(torch.autograd.Function):
+    @staticmethod
+    def forward(a, b, pos, tau, backend, needs):
+        with torch.no_grad():
+            return torch.ops.symile_kernels.pair_lse_fused.default(a, b, pos, tau, backend, needs)
+
+    setup_context = staticmethod(_fused_setup)
+    backward = staticmethod(_fused_backward)
 
 
 def _first_order_function(op) -> type:
