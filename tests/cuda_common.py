@@ -68,13 +68,10 @@ def _torch_cuda_headers(stub_dir: Path) -> "list[str] | None":
     paths = include_paths()
     if not any((Path(p) / "c10" / "cuda" / "CUDAGuard.h").exists() for p in paths) or NVCC is None:
         return None
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    homes = [os.environ.get("CUDA_HOME"), CUDA_HOME, str(Path(NVCC).resolve().parent.parent), "/usr/local/cuda"]
-    found = [Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").exists()]
-    if not found:
+    home = _build.resolve_cuda_home()  # what the builds use (a wrapper nvcc followed to its toolkit)
+    if home is None or not (Path(home) / "include" / "cuda_runtime.h").exists():
         return None
-    cuda_include = found[0]
+    cuda_include = Path(home) / "include"
     flags = []
     if not any((Path(p) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for p in paths):
         stub = stub_dir / "c10" / "cuda" / "impl"
